@@ -1,0 +1,1 @@
+"""The CDK app (aws-cdk-lib v2): constructs own resources and grants, stacks compose them."""

@@ -1,0 +1,3 @@
+from nitrovault.cli import main
+
+main()

@@ -1,0 +1,27 @@
+"""The ``nitrovault`` command line.
+
+Each verb group lives in its own module and is registered here; this module only composes them.
+Exit codes: 0 success, 1 a check failed (invalid document, denied key, bad receipt), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from nitrovault.cli import attest_cmd, local_cmd, seal_cmd
+
+app = typer.Typer(
+    name="nitrovault",
+    help="Serve torch models inside AWS Nitro Enclaves with attested key release.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(attest_cmd.app, name="attest", help="Verify AWS Nitro attestation documents.")
+app.add_typer(local_cmd.app, name="local", help="The local stand-ins: fake NSM, KMS emulator, local stack.")
+app.command("seal")(seal_cmd.seal)
+app.command("inspect")(seal_cmd.inspect)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,5 @@
+"""``nitrovault local kms`` (placeholder: filled in by the KMS emulator work)."""
+
+
+def kms() -> None:
+    raise NotImplementedError

@@ -1,0 +1,190 @@
+"""The one error tree of nitrovault.
+
+Every failure a caller can act on is a subclass of :class:`NitrovaultError`. Errors are translated at
+each boundary exactly once: botocore errors become :class:`KeyReleaseError` in ``nitrovault.kms.client``,
+domain errors become gRPC status codes in one table in the serving layer, and the sealed format has a
+single opaque failure (:class:`SealedModelError`) so that it is no decryption oracle.
+
+::
+
+    NitrovaultError                      diagnostics() -> str, never secret material
+    ├── ConfigError                      bad or unknown configuration keys, bad CLI input
+    ├── AttestationError                 an attestation document failed verification
+    │   ├── MalformedDocumentError         step 1: not CBOR / not COSE_Sign1 / wrong header
+    │   ├── InvalidPayloadError            step 2: payload field missing, wrong type or size
+    │   ├── UntrustedRootError             step 3: the trust root is not the pinned one
+    │   ├── CertificateChainError          steps 3-5: chain does not validate to the root
+    │   │   └── CertificateExpiredError      a certificate is outside its validity at the given time
+    │   ├── SignatureError                 step 6: the COSE signature does not verify
+    │   ├── DebugModeError                 PCR0 is all zeros and unsafe_allow_debug was not set
+    │   └── ExpectationError               a verified document is not the one the caller expects
+    │       ├── PCRMismatchError
+    │       ├── NonceMismatchError
+    │       ├── PublicKeyMismatchError
+    │       ├── UserDataMismatchError
+    │       └── DocumentTooOldError
+    ├── EnvelopeError                    CMS (CiphertextForRecipient) could not be opened
+    │   └── UnsupportedAlgorithmError      an algorithm other than RSAES-OAEP-SHA256 / AES-256-CBC
+    ├── KeyReleaseError                  KMS refused or failed to release key material
+    │   ├── KeyAccessDeniedError           AccessDeniedException (policy, PCRs, principal)
+    │   ├── KeyNotFoundError               NotFoundException
+    │   ├── KeyUnavailableError            DisabledException / KeyUnavailableException / pending deletion
+    │   ├── InvalidCiphertextError         InvalidCiphertextException (bad blob or encryption context)
+    │   └── KmsTransportError              endpoint unreachable, throttled, 5xx
+    ├── SealedModelError                 the sealed model could not be opened (one opaque failure)
+    ├── PolicyError                      a key policy document is malformed
+    └── NsmError                         the NSM device (real or local) answered with an error
+"""
+
+from __future__ import annotations
+
+
+class NitrovaultError(Exception):
+    """Base of every nitrovault error.
+
+    ``str(err)`` is a one-line summary safe to print; :meth:`diagnostics` adds the failed step and a
+    hint. Neither ever contains key material, plaintext or tokens.
+    """
+
+    step: str = "nitrovault"
+    hint: str = ""
+
+    def diagnostics(self) -> str:
+        lines = [f"{self.step}: {self}"]
+        if self.hint:
+            lines.append(f"hint: {self.hint}")
+        return "\n".join(lines)
+
+
+class ConfigError(NitrovaultError):
+    step = "config"
+
+
+# -- attestation -------------------------------------------------------------------------------------
+
+
+class AttestationError(NitrovaultError):
+    step = "attestation"
+
+
+class MalformedDocumentError(AttestationError):
+    step = "decode"
+
+
+class InvalidPayloadError(AttestationError):
+    step = "payload"
+
+
+class UntrustedRootError(AttestationError):
+    step = "root"
+    hint = "the trust root must be the pinned AWS Nitro Enclaves Root G1, or one given with --root"
+
+
+class CertificateChainError(AttestationError):
+    step = "chain"
+
+
+class CertificateExpiredError(CertificateChainError):
+    step = "validity"
+    hint = "recorded documents only verify at a pinned time (--at); live ones expire after ~3 hours"
+
+
+class SignatureError(AttestationError):
+    step = "signature"
+
+
+class DebugModeError(AttestationError):
+    step = "debug-mode"
+    hint = "debug enclaves have all-zero PCRs and prove nothing; opt in with unsafe_allow_debug only in tests"
+
+
+class ExpectationError(AttestationError):
+    step = "expectation"
+
+
+class PCRMismatchError(ExpectationError):
+    step = "pcr"
+
+
+class NonceMismatchError(ExpectationError):
+    step = "nonce"
+
+
+class PublicKeyMismatchError(ExpectationError):
+    step = "public-key"
+
+
+class UserDataMismatchError(ExpectationError):
+    step = "user-data"
+
+
+class DocumentTooOldError(ExpectationError):
+    step = "freshness"
+
+
+# -- key release ---------------------------------------------------------------------------------------
+
+
+class EnvelopeError(NitrovaultError):
+    step = "cms"
+
+
+class UnsupportedAlgorithmError(EnvelopeError):
+    step = "cms-algorithm"
+
+
+class KeyReleaseError(NitrovaultError):
+    step = "key-release"
+    #: The KMS error code (``__type``) when KMS answered, else ``None``.
+    code: str | None = None
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class KeyAccessDeniedError(KeyReleaseError):
+    code = "AccessDeniedException"
+    hint = "the key policy did not allow this principal with these measurements (PCRs)"
+
+
+class KeyNotFoundError(KeyReleaseError):
+    code = "NotFoundException"
+
+
+class KeyUnavailableError(KeyReleaseError):
+    code = "DisabledException"
+
+
+class InvalidCiphertextError(KeyReleaseError):
+    code = "InvalidCiphertextException"
+
+
+class KmsTransportError(KeyReleaseError):
+    step = "kms-transport"
+
+
+# -- sealed models, policies, NSM -----------------------------------------------------------------------
+
+
+class SealedModelError(NitrovaultError):
+    """The one opaque failure of the sealed format: which check failed is deliberately not said."""
+
+    step = "unseal"
+
+    def __init__(self, message: str = "sealed model is invalid or was tampered with") -> None:
+        super().__init__(message)
+
+
+class PolicyError(NitrovaultError):
+    step = "policy"
+
+
+class NsmError(NitrovaultError):
+    step = "nsm"
+
+    def __init__(self, message: str, *, code: str = "InternalError") -> None:
+        super().__init__(message)
+        #: the NSM error name (InvalidArgument, InvalidIndex, ReadOnlyIndex, ...)
+        self.code = code
