@@ -1,0 +1,47 @@
+# nitrovault — the two commands that matter: `make run` (the local stack, end to end) and `make test`.
+# Set-up is idempotent: the virtualenv is (re)built only when pyproject.toml or the lock file changes.
+# torch is installed first and pinned (a CPU build); an unpinned torch pulls a multi-GB CUDA build.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+EXTRAS := model,demo,dev,infra
+export JSII_SILENCE_WARNING_DEPRECATED_NODE_VERSION := 1
+
+.PHONY: venv run test lint bench synth lock clean
+
+$(STAMP): pyproject.toml requirements/lock.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -c requirements/lock.txt -e '.[$(EXTRAS)]'
+	touch $@
+
+venv: $(STAMP)
+
+## The main job: the local stack serving a sealed model end to end, then exit.
+run: venv
+	$(BIN)/nitrovault local up --once
+
+## The whole test suite (lint first: it is cheap and catches what tests do not).
+test: venv
+	$(BIN)/ruff check .
+	$(BIN)/python scripts/gen_protos.py --check
+	$(BIN)/python scripts/gen_sealed_vectors.py --check
+	$(BIN)/pytest
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+## Benchmarks: one JSON object per line, each with `name` and `ratio` against a baseline of the same run.
+bench: venv
+	$(BIN)/python -m bench.run
+
+## Re-pin every dependency (after changing pyproject.toml).
+lock: venv
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^-e ' > requirements/lock.txt
+
+clean:
+	rm -rf $(VENV) .nitrovault cdk.out .pytest_cache .ruff_cache .mypy_cache

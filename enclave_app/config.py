@@ -1,0 +1,150 @@
+"""The enclave's one measured configuration file.
+
+The file is baked into the enclave image, so it is covered by PCR2 (and PCR0): trust roots, the KMS key,
+the region, the model identity and the limits can never be supplied by the (untrusted) parent at run time.
+Unknown keys are rejected, so a typo cannot silently fall back to a default.
+
+Example (JSON)::
+
+    {
+      "model_id": "all-minilm-l6-v2", "model_version": "1", "handler": "sentence-embedding",
+      "kms_key_arn": "arn:aws:kms:us-east-1:111122223333:key/...", "region": "us-east-1",
+      "encryption_context": {"model": "all-minilm-l6-v2", "version": "1"}
+    }
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from nitrovault.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Ports:
+    """vsock ports (DESIGN.md): the parent is CID 3, the enclave serves inference on ``inference``."""
+
+    #: CID of the parent instance (always 3 on Nitro).
+    parent_cid: int = 3
+    #: vsock port the enclave's gRPC server is reached on (through the in-enclave relay).
+    inference: int = 5000
+    #: parent vsock port of the KMS proxy (vsock-proxy in production).
+    kms_proxy: int = 8000
+    #: parent vsock port of the host services (credentials, sealed model, status, audit sink).
+    host_services: int = 8001
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Serving limits, enforced inside the enclave."""
+
+    #: largest accepted request message, in bytes.
+    max_request_bytes: int = 4 * 1024 * 1024
+    #: largest response message, in bytes.
+    max_response_bytes: int = 8 * 1024 * 1024
+    #: most items (texts or rows) in one call.
+    max_batch: int = 64
+    #: requests that may wait for a worker; beyond it calls get RESOURCE_EXHAUSTED.
+    queue_depth: int = 64
+    #: model workers; 0 means one per vCPU the enclave has.
+    workers: int = 0
+
+
+@dataclass(frozen=True)
+class EnclaveConfig:
+    """Everything the enclave trusts, field by field."""
+
+    #: the model's id; must equal the sealed model's encryption context ``model``.
+    model_id: str
+    #: the model's version; must equal the sealed model's encryption context ``version``.
+    model_version: str
+    #: the registered model handler (``sentence-embedding`` or ``generic:<architecture>``).
+    handler: str
+    #: the KMS key that wraps the model's data key (full ARN; never an alias, which the parent could move).
+    kms_key_arn: str
+    #: AWS region of the KMS key.
+    region: str
+    #: the encryption context the sealed model must carry, exactly.
+    encryption_context: Mapping[str, str]
+    #: SHA-256 (hex) of the sealed header the enclave accepts; empty accepts any model sealed under the key
+    #: with the right encryption context.
+    sealed_digest: str = ""
+    #: KMS endpoint as boto3 sees it inside the enclave; empty means ``https://kms.<region>.amazonaws.com``
+    #: resolved to the in-enclave forwarder.
+    kms_endpoint_url: str = ""
+    #: local TCP port of the in-enclave forwarder to the parent's KMS proxy (0: no forwarder).
+    kms_forwarder_port: int = 0
+    #: the NSM device: ``/dev/nsm`` in production, ``unix:PATH`` for the local stand-in.
+    nsm: str = "/dev/nsm"
+    #: how the enclave reaches vsock: ``vsock`` in production, ``unix:DIR`` maps (cid, port) to sockets in DIR.
+    vsock: str = "vsock"
+    ports: Ports = field(default_factory=Ports)
+    limits: Limits = field(default_factory=Limits)
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> EnclaveConfig:
+        values = _checked(cls, data)
+        values["ports"] = Ports(**_checked(Ports, data.get("ports", {})))
+        values["limits"] = Limits(**_checked(Limits, data.get("limits", {})))
+        context = values.get("encryption_context")
+        if not isinstance(context, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in context.items()
+        ):
+            raise ConfigError("encryption_context must be an object of strings")
+        values["encryption_context"] = MappingProxyType(dict(context))
+        if not str(values.get("kms_key_arn", "")).startswith("arn:aws"):
+            raise ConfigError("kms_key_arn must be a full key ARN")
+        return cls(**values)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> EnclaveConfig:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"cannot read enclave config {path}: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError("enclave config must be a JSON object")
+        return cls.from_mapping(data)
+
+    def to_json(self) -> str:
+        def plain(obj: Any) -> Any:
+            if hasattr(obj, "__dataclass_fields__"):
+                return {f.name: plain(getattr(obj, f.name)) for f in fields(obj)}
+            if isinstance(obj, Mapping):
+                return {k: plain(v) for k, v in obj.items()}
+            return obj
+
+        return json.dumps(plain(self), indent=2, sort_keys=True) + "\n"
+
+
+def _checked(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{cls.__name__} section must be an object")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} key(s): {', '.join(unknown)}")
+    nested = {"ports", "limits"}
+    out: dict[str, Any] = {}
+    for name, f in known.items():
+        if name in nested or name not in data:
+            continue
+        value = data[name]
+        expected = {"str": str, "int": int, "Mapping[str, str]": Mapping}.get(str(f.type))
+        if expected is not None and (not isinstance(value, expected) or isinstance(value, bool)):
+            raise ConfigError(f"{cls.__name__}.{name} must be {str(f.type)}")
+        out[name] = value
+    missing = [n for n, f in known.items() if n not in out and n not in nested and _required(f)]
+    if missing:
+        raise ConfigError(f"missing {cls.__name__} key(s): {', '.join(missing)}")
+    return out
+
+
+def _required(f: Any) -> bool:
+    return f.default is MISSING and f.default_factory is MISSING
