@@ -32,6 +32,8 @@ class Ports:
 
     #: CID of the parent instance (always 3 on Nitro).
     parent_cid: int = 3
+    #: CID the enclave is started with (``nitro-cli run-enclave --enclave-cid``).
+    enclave_cid: int = 16
     #: vsock port the enclave's gRPC server is reached on (through the in-enclave relay).
     inference: int = 5000
     #: parent vsock port of the KMS proxy (vsock-proxy in production).
@@ -54,6 +56,12 @@ class Limits:
     queue_depth: int = 64
     #: model workers; 0 means one per vCPU the enclave has.
     workers: int = 0
+    #: longest text accepted by Embed, in characters.
+    max_text_chars: int = 8192
+    #: most elements in one input tensor.
+    max_tensor_elements: int = 1 << 22
+    #: largest sealed model the enclave accepts from the parent, in bytes.
+    max_model_bytes: int = 8 << 30
 
 
 @dataclass(frozen=True)
@@ -80,10 +88,6 @@ class EnclaveConfig:
     kms_endpoint_url: str = ""
     #: local TCP port of the in-enclave forwarder to the parent's KMS proxy (0: no forwarder).
     kms_forwarder_port: int = 0
-    #: the NSM device: ``/dev/nsm`` in production, ``unix:PATH`` for the local stand-in.
-    nsm: str = "/dev/nsm"
-    #: how the enclave reaches vsock: ``vsock`` in production, ``unix:DIR`` maps (cid, port) to sockets in DIR.
-    vsock: str = "vsock"
     ports: Ports = field(default_factory=Ports)
     limits: Limits = field(default_factory=Limits)
 
@@ -138,7 +142,7 @@ def _checked(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
         value = data[name]
         expected = {"str": str, "int": int, "Mapping[str, str]": Mapping}.get(str(f.type))
         if expected is not None and (not isinstance(value, expected) or isinstance(value, bool)):
-            raise ConfigError(f"{cls.__name__}.{name} must be {str(f.type)}")
+            raise ConfigError(f"{cls.__name__}.{name} must be {f.type!s}")
         out[name] = value
     missing = [n for n, f in known.items() if n not in out and n not in nested and _required(f)]
     if missing:

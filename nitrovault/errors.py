@@ -33,7 +33,13 @@ single opaque failure (:class:`SealedModelError`) so that it is no decryption or
     │   └── KmsTransportError              endpoint unreachable, throttled, 5xx
     ├── SealedModelError                 the sealed model could not be opened (one opaque failure)
     ├── PolicyError                      a key policy document is malformed
-    └── NsmError                         the NSM device (real or local) answered with an error
+    ├── NsmError                         the NSM device (real or local) answered with an error
+    ├── AccessError                      a caller was refused; ``reason`` is for the audit log ONLY
+    │   ├── AuthenticationError            bad/missing bearer token          -> UNAUTHENTICATED
+    │   ├── PermissionDeniedError          valid token, scope does not allow -> PERMISSION_DENIED
+    │   └── QuotaExceededError             rate or daily quota used up       -> RESOURCE_EXHAUSTED (retry_after_s)
+    ├── ReceiptError                     a response receipt failed verification (``reason`` names the check)
+    └── AuditError                       an audit record was refused (raw inputs/outputs, bad value types)
 """
 
 from __future__ import annotations
@@ -188,3 +194,52 @@ class NsmError(NitrovaultError):
         super().__init__(message)
         #: the NSM error name (InvalidArgument, InvalidIndex, ReadOnlyIndex, ...)
         self.code = code
+
+
+# -- access control, receipts, audit ----------------------------------------------------------------------
+
+
+class AccessError(NitrovaultError):
+    """A caller was refused. ``str(err)`` is generic on purpose (it may reach the peer as a status
+    message); ``reason`` says which check failed and goes to the audit log only, never to the peer."""
+
+    step = "access"
+    generic_message = "access denied"
+
+    def __init__(self, reason: str, message: str | None = None) -> None:
+        super().__init__(message or self.generic_message)
+        #: short machine-readable cause for the audit log ("expired", "unknown-kid", "scope", ...)
+        self.reason = reason
+
+
+class AuthenticationError(AccessError):
+    step = "authentication"
+    generic_message = "invalid token"
+
+
+class PermissionDeniedError(AccessError):
+    step = "authorization"
+    generic_message = "permission denied"
+
+
+class QuotaExceededError(AccessError):
+    step = "quota"
+    generic_message = "quota exceeded"
+
+    def __init__(self, reason: str, *, retry_after_s: float) -> None:
+        super().__init__(reason)
+        #: seconds after which the same call would be accepted (the retry-after hint)
+        self.retry_after_s = retry_after_s
+
+
+class ReceiptError(NitrovaultError):
+    step = "receipt"
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        #: which check failed: malformed, attestation, no-key, other-key, signature, pcr0, response
+        self.reason = reason
+
+
+class AuditError(NitrovaultError):
+    step = "audit"

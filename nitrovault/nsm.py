@@ -11,7 +11,9 @@ CBOR-encoded ``Request`` in, one CBOR-encoded ``Response`` out, both serde *exte
 
 :class:`Nsm` is the pure codec; it never touches a device. :class:`DeviceTransport` is the production
 transport (the ``/dev/nsm`` ioctl, used only inside an enclave); ``nitrovault.local.nsm.LocalNsmDevice``
-is the local one. Both satisfy :class:`NsmTransport`, so enclave code runs unchanged over either.
+is the local one, in process or behind :class:`UnixSocketTransport` (length-framed CBOR over a unix
+socket, for a local enclave process that must not import ``nitrovault.local``). All satisfy
+:class:`NsmTransport`, so enclave code runs unchanged over any of them.
 
 Invariants:
 
@@ -37,6 +39,8 @@ import ctypes
 import errno
 import fcntl
 import os
+import socket
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -55,6 +59,7 @@ __all__ = [
     "NsmDescription",
     "NsmTransport",
     "PcrState",
+    "UnixSocketTransport",
 ]
 
 #: Largest ``user_data`` / ``nonce`` / ``public_key`` the NSM accepts (AWS CDDL ``bytes .size (0..1024)``).
@@ -233,13 +238,13 @@ def _str(value: object) -> str:
 
 
 class _IoVec(ctypes.Structure):
-    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]  # noqa: RUF012 (ctypes API)
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
 
 
 class _NsmMessage(ctypes.Structure):
     """``struct nsm_message { struct iovec request; struct iovec response; }`` (nsm-api driver)."""
 
-    _fields_ = [("request", _IoVec), ("response", _IoVec)]  # noqa: RUF012 (ctypes API)
+    _fields_ = [("request", _IoVec), ("response", _IoVec)]
 
 
 def _iowr(magic: int, nr: int, size: int) -> int:
@@ -288,3 +293,42 @@ class DeviceTransport:
         if not 0 < length <= MAX_RESPONSE_LEN:
             raise NsmError("NSM returned an impossible response length", code="InvalidResponse")
         return resp_buf.raw[:length]
+
+
+class UnixSocketTransport:
+    """The local stand-in's transport: the same CBOR request/response, over a unix socket.
+
+    Used by the enclave process when it runs locally (served by ``nitrovault.local.nsm_service``), so the
+    enclave never imports ``nitrovault.local``. Framing, per call on a fresh connection: a 4-byte
+    big-endian length, then the bytes; the answer comes back framed the same way.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, timeout: float = 10.0) -> None:
+        self._path = os.fspath(path)
+        self._timeout = timeout
+
+    def call(self, request: bytes) -> bytes:
+        if len(request) > MAX_REQUEST_LEN:
+            raise NsmError("request too large for the NSM", code="InputTooLarge")
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(self._timeout)
+                sock.connect(self._path)
+                sock.sendall(struct.pack(">I", len(request)) + request)
+                (length,) = struct.unpack(">I", _recv_exact(sock, 4))
+                if not 0 < length <= MAX_RESPONSE_LEN:
+                    raise NsmError("NSM returned an impossible response length", code="InvalidResponse")
+                return _recv_exact(sock, length)
+        except OSError as exc:
+            raise NsmError(f"local NSM socket failed ({type(exc).__name__})", code="InternalError") from None
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    chunks: list[bytes] = []
+    while n:
+        chunk = sock.recv(n)
+        if not chunk:
+            raise NsmError("local NSM closed the connection early", code="InvalidResponse")
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)

@@ -90,7 +90,14 @@ def test_argv_matches_the_systemd_unit() -> None:
 
 def test_argv_custom_port_config_and_china() -> None:
     argv = vsock_proxy_argv("cn-north-1", local_port=8100, config_path="/run/nv/proxy.yaml")
-    assert argv == ["vsock-proxy", "8100", "kms.cn-north-1.amazonaws.com.cn", "443", "--config", "/run/nv/proxy.yaml"]
+    assert argv == [
+        "vsock-proxy",
+        "8100",
+        "kms.cn-north-1.amazonaws.com.cn",
+        "443",
+        "--config",
+        "/run/nv/proxy.yaml",
+    ]
 
 
 @pytest.mark.parametrize("port", [0, -1, 65536, True])

@@ -37,7 +37,7 @@ import hmac
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from urllib.parse import parse_qsl, quote
 
 from nitrovault.errors import KeyReleaseError
@@ -127,7 +127,8 @@ def verify_request(
     # Step 1: the Authorization header.
     auth = lower.get("authorization")
     if not auth:
-        raise KeyReleaseError("Request is missing Authentication Token", code="MissingAuthenticationTokenException")
+        raise KeyReleaseError("Request is missing Authentication Token",
+                              code="MissingAuthenticationTokenException")
     match = _AUTH_RE.match(auth.strip())
     if match is None:
         raise KeyReleaseError("Authorization header is not a valid AWS4-HMAC-SHA256 header",
@@ -151,7 +152,7 @@ def verify_request(
     # Step 3: the credential scope.
     amz_date = lower.get("x-amz-date", "")
     try:
-        signed_at = datetime.strptime(amz_date, _AMZ_DATE).replace(tzinfo=timezone.utc)
+        signed_at = datetime.strptime(amz_date, _AMZ_DATE).replace(tzinfo=UTC)
     except ValueError:
         raise KeyReleaseError("x-amz-date is missing or malformed",
                               code="IncompleteSignatureException") from None

@@ -112,7 +112,7 @@ class Store:
         with self.lock:
             return self._keys.get(key_id)
 
-    def keys(self) -> list[KeyRecord]:
+    def all_keys(self) -> list[KeyRecord]:
         with self.lock:
             return sorted(self._keys.values(), key=lambda k: (k.creation_date, k.key_id))
 

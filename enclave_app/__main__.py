@@ -1,0 +1,3 @@
+from enclave_app.main import main
+
+raise SystemExit(main())

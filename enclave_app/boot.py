@@ -1,0 +1,124 @@
+"""The enclave's boot sequence: credentials and ciphertext from the parent, key from KMS, weights into
+memory, then ready.
+
+1. Fetch AWS credentials and the sealed model from the parent's host services (both untrusted: KMS
+   enforces the attestation condition whatever credentials are used, and the weights are authenticated
+   by AEAD under the released key).
+2. Check the sealed header against the measured config (encryption context, optional digest pin).
+3. Attest and release the data key (:mod:`enclave_app.key_release`).
+4. Unseal straight into tensors (no plaintext is written anywhere), zero the data key.
+5. Build the model handler and warm it up.
+
+Any failure raises a :class:`BootFailure` carrying a coarse, non-secret reason for the parent and the
+failed step; the caller reports it and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import BinaryIO, Protocol
+
+from enclave_app.config import EnclaveConfig
+from enclave_app.key_release import release_data_key
+from enclave_app.models import ModelHandler, load_handler
+from nitrovault.envelope import SealedModel, zeroize
+from nitrovault.errors import (
+    ConfigError,
+    KeyAccessDeniedError,
+    KeyReleaseError,
+    NitrovaultError,
+    SealedModelError,
+)
+from nitrovault.kms import AwsCredentials, KmsClient
+from nitrovault.nsm import Nsm
+
+
+class HostServices(Protocol):
+    """What the enclave asks of the parent during boot (``enclave_app.host`` implements it over vsock)."""
+
+    def credentials(self) -> AwsCredentials: ...
+
+    def sealed_model(self, model_id: str) -> BinaryIO: ...
+
+
+@dataclass(frozen=True)
+class BootTimings:
+    fetch_s: float
+    attestation_s: float
+    kms_s: float
+    unseal_s: float
+    model_load_s: float
+    total_s: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: round(v, 4) for k, v in self.__dict__.items()}
+
+
+@dataclass(frozen=True)
+class BootResult:
+    handler: ModelHandler
+    sealed_digest: str
+    timings: BootTimings
+
+
+class BootFailure(Exception):
+    """Boot failed at ``step``; ``reason`` is coarse and safe to hand to the parent."""
+
+    def __init__(self, step: str, reason: str) -> None:
+        super().__init__(f"{step}: {reason}")
+        self.step = step
+        self.reason = reason
+
+
+def boot(
+    config: EnclaveConfig,
+    *,
+    host: HostServices,
+    nsm: Nsm,
+    kms_factory: Callable[[AwsCredentials], KmsClient],
+) -> BootResult:
+    started = time.perf_counter()
+    step = "fetch"
+    try:
+        credentials = host.credentials()
+        sealed = SealedModel.open(host.sealed_model(config.model_id))
+        fetched = time.perf_counter()
+
+        step = "key-release"
+        data_key, release = release_data_key(config, sealed.header, nsm=nsm, kms=kms_factory(credentials))
+
+        step = "unseal"
+        unseal_started = time.perf_counter()
+        try:
+            tensors = sealed.load_tensors(data_key)
+            metadata = sealed.metadata(data_key)
+        finally:
+            zeroize(data_key)
+        unsealed = time.perf_counter()
+
+        step = "model-load"
+        handler = load_handler(config.handler, tensors, metadata)
+        handler.warm_up()
+        loaded = time.perf_counter()
+    except KeyAccessDeniedError as err:
+        raise BootFailure(step, f"KMS denied the key: {err.code}") from err
+    except KeyReleaseError as err:
+        raise BootFailure(step, f"key release failed: {type(err).__name__} {err.code or ''}".strip()) from err
+    except SealedModelError as err:
+        raise BootFailure(step, "sealed model is invalid or was tampered with") from err
+    except (ConfigError, NitrovaultError) as err:
+        raise BootFailure(step, f"{type(err).__name__}") from err
+    except OSError as err:
+        raise BootFailure(step, f"I/O error ({type(err).__name__})") from err
+
+    timings = BootTimings(
+        fetch_s=fetched - started,
+        attestation_s=release.attestation_s,
+        kms_s=release.kms_s,
+        unseal_s=unsealed - unseal_started,
+        model_load_s=loaded - unsealed,
+        total_s=loaded - started,
+    )
+    return BootResult(handler=handler, sealed_digest=sealed.header.digest, timings=timings)

@@ -1,0 +1,110 @@
+"""The enclave's composition: relays, gRPC server, boot, serve until told to stop.
+
+``run`` is called by a composition root that picks how vsock is reached and which NSM transport is used:
+``python -m enclave_app`` in production (real ``AF_VSOCK``, ``/dev/nsm``), the local stack's runner
+(``nitrovault.local.enclave``) locally (unix sockets, the local NSM service). Everything below that choice
+is the same code.
+
+In-enclave plumbing (all through :class:`nitrovault.transport.Relay`)::
+
+    vsock(enclave_cid, inference)  ──► unix RUN/grpc.sock       (the gRPC server)
+    unix RUN/host.sock             ──► vsock(3, host_services)  (credentials, sealed model, status)
+    tcp 127.0.0.1:kms_forwarder    ──► vsock(3, kms_proxy)      (boto3 → KMS, TLS end to end)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from enclave_app.boot import BootFailure, boot
+from enclave_app.config import EnclaveConfig
+from enclave_app.host import HostClient
+from enclave_app.server import EnclaveServer, ServingModel
+from nitrovault.kms import AwsCredentials, KmsClient, kms_client_from_env
+from nitrovault.nsm import Nsm, NsmTransport
+from nitrovault.transport import AddressMap, Relay, TcpAddress, UnixAddress, VsockAddress
+
+log = logging.getLogger("enclave")
+
+
+def _say(event: str, **fields: object) -> None:
+    """One JSON line on stdout per boot event (the parent logs it; nothing secret is ever in it)."""
+    print(json.dumps({"event": event, **fields}), flush=True)
+
+
+async def run(
+    config: EnclaveConfig, *, mapping: AddressMap, nsm_transport: NsmTransport, run_dir: Path
+) -> int:
+    run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    ports = config.ports
+    grpc_sock = run_dir / "grpc.sock"
+    host_sock = run_dir / "host.sock"
+    relays = [
+        Relay(VsockAddress(ports.enclave_cid, ports.inference), UnixAddress(str(grpc_sock)), mapping=mapping),
+        Relay(
+            UnixAddress(str(host_sock)), VsockAddress(ports.parent_cid, ports.host_services), mapping=mapping
+        ),
+    ]
+    if config.kms_forwarder_port:
+        relays.append(
+            Relay(
+                TcpAddress("127.0.0.1", config.kms_forwarder_port),
+                VsockAddress(ports.parent_cid, ports.kms_proxy),
+                mapping=mapping,
+            )
+        )
+    nsm = Nsm(nsm_transport)
+    server = EnclaveServer(config, nsm, str(grpc_sock))
+    await server.start()
+    for relay in relays:
+        await relay.start()
+    host = HostClient(f"unix:{host_sock}", max_model_bytes=config.limits.max_model_bytes)
+    endpoint = config.kms_endpoint_url or None
+
+    def kms_factory(credentials: AwsCredentials) -> KmsClient:
+        return KmsClient(kms_client_from_env(config.region, endpoint_url=endpoint, credentials=credentials))
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    exit_code = 0
+    try:
+        _say("booting", model=config.model_id, version=config.model_version)
+        await asyncio.to_thread(host.report, "BOOTING", step="boot")
+        try:
+            result = await asyncio.to_thread(boot, config, host=host, nsm=nsm, kms_factory=kms_factory)
+        except BootFailure as failure:
+            _say("boot-failed", step=failure.step, reason=failure.reason)
+            await asyncio.to_thread(host.report, "FAILED", reason=failure.reason, step=failure.step)
+            return 3
+        await server.serve(ServingModel(result.handler, result.sealed_digest))
+        timings = result.timings.as_dict()
+        _say("serving", sealed_digest=result.sealed_digest, timings=timings)
+        await asyncio.to_thread(host.report, "SERVING", reason=json.dumps(timings), step="serving")
+        await stop.wait()
+    finally:
+        for relay in relays:
+            await relay.close()
+        await server.stop()
+        host.close()
+    return exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Production entry: ``python -m enclave_app /etc/nitrovault/enclave.json`` (inside the image)."""
+    from nitrovault.nsm import DeviceTransport
+    from nitrovault.transport import DIRECT
+
+    args = sys.argv[1:] if argv is None else argv
+    config_path = args[0] if args else "/etc/nitrovault/enclave.json"
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    config = EnclaveConfig.load(config_path)
+    return asyncio.run(
+        run(config, mapping=DIRECT, nsm_transport=DeviceTransport(), run_dir=Path("/run/nitrovault"))
+    )

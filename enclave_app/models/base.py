@@ -1,0 +1,40 @@
+"""The interface every model handler implements."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from nitrovault.errors import NitrovaultError
+
+
+class ModelLoadError(NitrovaultError):
+    """The unsealed tensors do not fit the configured handler (missing keys, bad metadata)."""
+
+    step = "model-load"
+
+
+class UnsupportedCallError(NitrovaultError):
+    """The model cannot serve this method (e.g. ``Embed`` on a classifier)."""
+
+    step = "model-call"
+
+
+class InvalidInputError(NitrovaultError):
+    """The caller's input does not fit the model (names, dtypes, shapes)."""
+
+    step = "model-input"
+
+
+class ModelHandler(Protocol):
+    #: what ``Info`` reports, e.g. ``sentence-embedding``
+    kind: str
+
+    def warm_up(self) -> None: ...
+
+    def embed(self, texts: Sequence[str], *, normalize: bool) -> np.ndarray: ...
+
+    def infer(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...

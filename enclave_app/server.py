@@ -1,0 +1,232 @@
+"""The enclave's gRPC server: ``nitrovault.v1.Inference`` plus standard health checking and reflection.
+
+Invariants:
+
+* Health says NOT_SERVING until boot has unsealed and warmed up the model; calls before then get
+  UNAVAILABLE.
+* Model work runs on a pool sized to the enclave's vCPUs behind an admission bound
+  (``workers + queue_depth``); beyond it calls get RESOURCE_EXHAUSTED at once instead of queueing without
+  limit. A call whose deadline has passed by the time a worker is free is not run.
+* Request and response sizes are bounded by gRPC options and by per-item checks (texts, tensor elements).
+* Errors become status codes in one table (:mod:`enclave_app.status`); no exception text leaves the
+  enclave, only a code and, for internal errors, a correlation id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+import nitrovault
+from enclave_app.config import EnclaveConfig
+from enclave_app.models import ModelHandler
+from enclave_app.models.base import InvalidInputError
+from enclave_app.status import NotReadyError, OverloadedError, abort_with
+from nitrovault.nsm import Nsm
+from nitrovault.rpc.gen.nitrovault.v1 import inference_pb2 as pb
+from nitrovault.rpc.gen.nitrovault.v1 import inference_pb2_grpc as pb_grpc
+from nitrovault.rpc.tensors import from_numpy, to_numpy
+
+T = TypeVar("T")
+SERVICE = "nitrovault.v1.Inference"
+#: PCRs reported by Info: the image (0, 1, 2), the parent's role and instance (3, 4), the signer (8).
+INFO_PCRS = (0, 1, 2, 3, 4, 8)
+MAX_NONCE = 64
+
+
+@dataclass(frozen=True)
+class ServingModel:
+    handler: ModelHandler
+    sealed_digest: str
+
+
+class InferenceService(pb_grpc.InferenceServicer):
+    def __init__(self, config: EnclaveConfig, nsm: Nsm) -> None:
+        self.config = config
+        self.nsm = nsm
+        self.model: ServingModel | None = None
+        workers = config.limits.workers or os.cpu_count() or 1
+        self.workers = workers
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="model")
+        self._admitted = 0
+        self._capacity = workers + config.limits.queue_depth
+        self._pcrs: dict[int, bytes] | None = None
+
+    # -- admission -------------------------------------------------------------------------------------
+
+    async def _run(self, context: grpc.aio.ServicerContext, fn: Callable[[], T]) -> T:
+        if self._admitted >= self._capacity:
+            raise OverloadedError("queue full")
+        self._admitted += 1
+        try:
+            loop = asyncio.get_running_loop()
+
+            def guarded() -> T:
+                remaining = context.time_remaining()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError
+                return fn()
+
+            return await loop.run_in_executor(self._pool, guarded)
+        finally:
+            self._admitted -= 1
+
+    def _serving(self) -> ServingModel:
+        if self.model is None:
+            raise NotReadyError("model not loaded")
+        return self.model
+
+    def _check_model(self, requested: str) -> None:
+        if requested and requested not in (self.config.model_id, self._model_name()):
+            raise InvalidInputError("unknown model")
+
+    def _model_name(self) -> str:
+        return f"{self.config.model_id}@{self.config.model_version}"
+
+    # -- RPCs ------------------------------------------------------------------------------------------
+
+    async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
+        return await _guard(context, self._embed(request, context))
+
+    async def _embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
+        model = self._serving()
+        self._check_model(request.model)
+        texts: Sequence[str] = list(request.texts)
+        limits = self.config.limits
+        if not texts:
+            raise InvalidInputError("no texts")
+        if len(texts) > limits.max_batch:
+            raise InvalidInputError(f"at most {limits.max_batch} texts per call")
+        if any(len(t) > limits.max_text_chars for t in texts):
+            raise InvalidInputError(f"texts are limited to {limits.max_text_chars} characters")
+        vectors = await self._run(context, lambda: model.handler.embed(texts, normalize=request.normalize))
+        return pb.EmbedResponse(
+            model_id=self._model_name(), embeddings=from_numpy("embeddings", vectors.astype(np.float32))
+        )
+
+    async def Infer(self, request: pb.InferRequest, context: grpc.aio.ServicerContext) -> pb.InferResponse:
+        return await _guard(context, self._infer(request, context))
+
+    async def _infer(self, request: pb.InferRequest, context: grpc.aio.ServicerContext) -> pb.InferResponse:
+        model = self._serving()
+        self._check_model(request.model)
+        if request.WhichOneof("body") != "inputs":
+            raise InvalidInputError("sealed payloads are not supported yet; send inputs")
+        limits = self.config.limits
+        inputs: dict[str, torch.Tensor] = {}
+        for tensor in request.inputs.tensors:
+            wire = to_numpy(tensor, max_elements=limits.max_tensor_elements)
+            if wire.name in inputs:
+                raise InvalidInputError("duplicate input name")
+            value = torch.from_numpy(wire.array.copy())
+            inputs[wire.name or "x"] = value.view(torch.bfloat16) if wire.bfloat16 else value
+        if not inputs:
+            raise InvalidInputError("no input tensors")
+        if any(t.dim() and t.shape[0] > limits.max_batch for t in inputs.values()):
+            raise InvalidInputError(f"at most {limits.max_batch} rows per call")
+        outputs = await self._run(context, lambda: model.handler.infer(inputs))
+        wire_out = []
+        for name, value in outputs.items():
+            value = value.detach().contiguous()
+            if value.dtype == torch.bfloat16:
+                wire_out.append(from_numpy(name, value.view(torch.uint16).numpy(), bfloat16=True))
+            else:
+                wire_out.append(from_numpy(name, value.numpy()))
+        return pb.InferResponse(model_id=self._model_name(), outputs=pb.Tensors(tensors=wire_out))
+
+    async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
+        return await _guard(context, self._info())
+
+    async def _info(self) -> pb.InfoResponse:
+        model = self._serving()
+        if self._pcrs is None:
+            self._pcrs = {i: self.nsm.describe_pcr(i).data for i in INFO_PCRS}
+        limits = self.config.limits
+        return pb.InfoResponse(
+            model_id=self.config.model_id,
+            model_version=self.config.model_version,
+            sealed_digest=model.sealed_digest,
+            pcrs=self._pcrs,
+            enclave_version=nitrovault.__version__,
+            max_batch=limits.max_batch,
+            limits=pb.Limits(
+                max_request_bytes=limits.max_request_bytes,
+                max_response_bytes=limits.max_response_bytes,
+                max_tensor_elements=limits.max_tensor_elements,
+                max_text_chars=limits.max_text_chars,
+                max_inflight=self._capacity,
+            ),
+        )
+
+    async def Attest(self, request: pb.AttestRequest, context: grpc.aio.ServicerContext) -> pb.AttestResponse:
+        return await _guard(context, self._attest(request))
+
+    async def _attest(self, request: pb.AttestRequest) -> pb.AttestResponse:
+        if len(request.nonce) > MAX_NONCE:
+            raise InvalidInputError(f"nonce is limited to {MAX_NONCE} bytes")
+        document = await asyncio.to_thread(self.nsm.attestation, nonce=request.nonce or None)
+        return pb.AttestResponse(document=document)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+async def _guard(context: grpc.aio.ServicerContext, work: Awaitable[T]) -> T:
+    try:
+        return await work
+    except Exception as err:
+        await abort_with(context, err)
+        raise AssertionError("unreachable") from None
+
+
+class EnclaveServer:
+    """The gRPC server on a unix socket (the in-enclave relay carries vsock to it)."""
+
+    def __init__(self, config: EnclaveConfig, nsm: Nsm, socket_path: str) -> None:
+        limits = config.limits
+        self.socket_path = socket_path
+        self.service = InferenceService(config, nsm)
+        self.health = health_aio.HealthServicer()
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", limits.max_request_bytes),
+                ("grpc.max_send_message_length", limits.max_response_bytes),
+                ("grpc.max_concurrent_streams", 256),
+            ]
+        )
+        pb_grpc.add_InferenceServicer_to_server(self.service, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server,
+        )
+        self.server.add_insecure_port(f"unix:{socket_path}")
+
+    async def start(self) -> None:
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.start()
+        os.chmod(self.socket_path, 0o600)
+
+    async def serve(self, model: ServingModel) -> None:
+        self.service.model = model
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float = 2.0) -> None:
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.stop(grace)
+        self.service.close()
+
+    async def _set_health(self, status: Any) -> None:
+        await self.health.set("", status)
+        await self.health.set(SERVICE, status)

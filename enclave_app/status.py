@@ -1,0 +1,60 @@
+"""Domain errors → gRPC status codes, in one table.
+
+No exception text leaves the enclave except the messages of errors whose text is written for the caller
+(input validation); everything else gets a fixed message and, for unexpected errors, a correlation id
+that also appears in the enclave's log next to the real cause.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import grpc
+
+from enclave_app.models.base import InvalidInputError, UnsupportedCallError
+from nitrovault.errors import NitrovaultError
+from nitrovault.rpc.tensors import TensorFormatError
+
+log = logging.getLogger(__name__)
+
+
+class NotReadyError(NitrovaultError):
+    step = "not-ready"
+
+
+class OverloadedError(NitrovaultError):
+    step = "overloaded"
+
+
+#: (error class, status code, whether the error's own text may be sent to the caller)
+TABLE: tuple[tuple[type[BaseException], grpc.StatusCode, bool], ...] = (
+    (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT, True),
+    (TensorFormatError, grpc.StatusCode.INVALID_ARGUMENT, True),
+    (UnsupportedCallError, grpc.StatusCode.UNIMPLEMENTED, True),
+    (NotReadyError, grpc.StatusCode.UNAVAILABLE, False),
+    (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED, False),
+    (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED, False),
+)
+
+_FIXED = {
+    grpc.StatusCode.UNAVAILABLE: "enclave is not serving yet",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "too many requests in flight; retry later",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "deadline exceeded",
+}
+
+
+def status_for(err: BaseException) -> tuple[grpc.StatusCode, str]:
+    for cls, code, public in TABLE:
+        if isinstance(err, cls):
+            return code, (str(err) if public else _FIXED[code])
+    correlation = uuid.uuid4().hex[:16]
+    log.error("internal error %s: %s", correlation, type(err).__name__, exc_info=err)
+    return grpc.StatusCode.INTERNAL, f"internal error (correlation id {correlation})"
+
+
+async def abort_with(context: grpc.aio.ServicerContext, err: BaseException) -> None:
+    if isinstance(err, grpc.aio.AbortError):
+        raise err
+    code, message = status_for(err)
+    await context.abort(code, message)

@@ -1,0 +1,30 @@
+"""Who may call and how much: bearer-token verification and per-subject quotas, enforced in the enclave.
+
+* :mod:`nitrovault.access.tokens`: :class:`TokenVerifier` (JWT ES256/EdDSA/RS256 against a baked JWKS,
+  scopes per method and model) and :class:`TokenIssuer` for the local stack.
+* :mod:`nitrovault.access.quota`: :class:`QuotaLedger` (token bucket + daily windows, tiers, bounded memory).
+
+Both are pure: time is a parameter, nothing here does I/O except the local issuer's key files. Failures
+are :class:`~nitrovault.errors.AccessError` subclasses whose ``reason`` goes to the audit log only.
+"""
+
+from nitrovault.access.quota import QuotaLedger, QuotaPolicy, QuotaState, QuotaTiers
+from nitrovault.access.tokens import (
+    Principal,
+    TokenIssuer,
+    TokenVerifier,
+    generate_issuer_keys,
+    load_issuer,
+)
+
+__all__ = [
+    "Principal",
+    "QuotaLedger",
+    "QuotaPolicy",
+    "QuotaState",
+    "QuotaTiers",
+    "TokenIssuer",
+    "TokenVerifier",
+    "generate_issuer_keys",
+    "load_issuer",
+]

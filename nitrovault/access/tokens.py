@@ -1,0 +1,428 @@
+"""Bearer tokens: verify signed JWTs inside the enclave, issue them for the local stack.
+
+Invariants (enforced by :class:`TokenVerifier`, in this order):
+
+1. the token is at most :data:`MAX_TOKEN_BYTES` (8 KiB) of ASCII, three dot-separated parts;
+2. its header names a ``kid`` that is in the baked JWKS (unknown kid: failure, no key fetching ever) and
+   an ``alg`` equal to the one algorithm that key allows: ES256 (EC P-256), EdDSA (OKP Ed25519) or RS256
+   (RSA >= 2048 bits). ``none`` and HS* never verify: there is no code path that accepts them;
+3. the JWS signature verifies under that key (PyJWT's ``PyJWS``: the cryptography is a library's);
+4. the claims: ``iss`` equals the configured issuer; ``aud`` (string or list) contains the audience;
+   ``exp`` (required) is after now - leeway; ``nbf`` (optional) is before now + leeway; ``iat`` (required)
+   is a number before now + leeway and not after ``exp``; ``sub`` is a non-empty string; ``scope`` (optional)
+   is a space-separated string; ``tier`` and ``jti`` are optional strings;
+5. the scopes allow ``method`` on ``model`` (grammar below).
+
+Failures of 1-4 raise :class:`~nitrovault.errors.AuthenticationError` (UNAUTHENTICATED), of 5
+:class:`~nitrovault.errors.PermissionDeniedError` (PERMISSION_DENIED). ``str(err)`` is always the generic
+"invalid token" / "permission denied"; ``err.reason`` names the failed check for the audit log only.
+
+Why claims are checked here and not by ``jwt.decode``: time is a parameter (``clock``) and PyJWT reads the
+system clock; and the audit log needs the precise reason, which we get by checking each claim ourselves.
+
+Scope grammar (``scope`` claim, RFC 8693 style, space-separated)::
+
+    scope       = scope-token *( SP scope-token )
+    scope-token = "info" / "attest" / action ":" model
+    action      = "infer" / "embed"
+    model       = "*" / model-id          ; model-id: the enclave config's model_id, exactly
+
+``Info`` and ``Attest`` are allowed for every valid token ("info"/"attest" scopes are accepted and
+ignored); ``Infer`` needs ``infer:<model>`` or ``infer:*``; ``Embed`` needs ``embed:<model>`` or
+``embed:*``. Unknown scope tokens are ignored (forward compatible), an unknown method is denied.
+
+Example::
+
+    verifier = TokenVerifier("https://issuer.example", "nitrovault", jwks)
+    principal = verifier.verify(token, method="Embed", model="all-minilm-l6-v2")
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import math
+import os
+import secrets
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+from nitrovault.errors import AuthenticationError, ConfigError, PermissionDeniedError
+
+__all__ = [
+    "ALGORITHMS",
+    "MAX_TOKEN_BYTES",
+    "Principal",
+    "TokenIssuer",
+    "TokenVerifier",
+    "generate_issuer_keys",
+    "jwk_thumbprint",
+    "load_issuer",
+    "required_scopes",
+]
+
+Clock = Callable[[], datetime]
+
+MAX_TOKEN_BYTES = 8 * 1024
+#: The only algorithms that ever verify, keyed by what the JWKS entry is.
+ALGORITHMS = frozenset({"ES256", "EdDSA", "RS256"})
+MIN_RSA_BITS = 2048
+#: method (last segment of the gRPC path, any case) -> scope action; ``None``: any valid token may call it.
+METHOD_ACTIONS: Mapping[str, str | None] = MappingProxyType(
+    {"infer": "infer", "embed": "embed", "info": None, "attest": None}
+)
+_MAX_SUBJECT = 256
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a verified token speaks for."""
+
+    subject: str  #: ``sub``
+    scopes: frozenset[str]  #: the ``scope`` claim, split
+    tier: str | None  #: ``tier`` claim: quota tier; ``None`` means the config's default tier
+    token_id: str | None  #: ``jti``, for the audit log
+    expires_at: datetime  #: ``exp``, aware UTC
+
+
+# -- JWKS -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Key:
+    kid: str
+    alg: str
+    key: Any  # a cryptography public key object
+
+
+def _alg_for(jwk: Mapping[str, Any]) -> str:
+    """The one algorithm a JWK may be used with, from its ``kty``/``crv`` (and ``alg`` when present)."""
+    kty, crv = jwk.get("kty"), jwk.get("crv")
+    if kty == "EC" and crv == "P-256":
+        alg = "ES256"
+    elif kty == "OKP" and crv == "Ed25519":
+        alg = "EdDSA"
+    elif kty == "RSA":
+        alg = "RS256"
+    else:
+        raise ConfigError(f"JWKS key {jwk.get('kid')!r}: unsupported key type {kty}/{crv}")
+    declared = jwk.get("alg")
+    if declared is not None and declared != alg:
+        raise ConfigError(f"JWKS key {jwk.get('kid')!r}: alg {declared!r} does not fit a {kty} key ({alg})")
+    if jwk.get("use") not in (None, "sig"):
+        raise ConfigError(f"JWKS key {jwk.get('kid')!r}: use must be 'sig'")
+    if any(name in jwk for name in ("d", "p", "q", "dp", "dq", "qi", "k")):
+        raise ConfigError(f"JWKS key {jwk.get('kid')!r} holds private material: bake only public keys")
+    return alg
+
+
+def _load_jwks(jwks: Mapping[str, Any]) -> dict[str, _Key]:
+    entries = jwks.get("keys")
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError("JWKS must be an object with a non-empty 'keys' list")
+    keys: dict[str, _Key] = {}
+    for entry in entries:
+        if not isinstance(entry, Mapping):
+            raise ConfigError("JWKS keys must be objects")
+        kid = entry.get("kid")
+        if not isinstance(kid, str) or not kid:
+            raise ConfigError("every JWKS key needs a non-empty string 'kid'")
+        if kid in keys:
+            raise ConfigError(f"duplicate kid {kid!r} in JWKS")
+        alg = _alg_for(entry)
+        try:
+            key = jwt.PyJWK(dict(entry), algorithm=alg).key
+        except (jwt.PyJWKError, jwt.InvalidKeyError, ValueError, TypeError) as exc:
+            raise ConfigError(f"JWKS key {kid!r} cannot be loaded: {type(exc).__name__}") from None
+        if isinstance(key, rsa.RSAPublicKey) and key.key_size < MIN_RSA_BITS:
+            raise ConfigError(f"JWKS key {kid!r}: RSA keys must have at least {MIN_RSA_BITS} bits")
+        if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey):
+            raise ConfigError(f"JWKS key {kid!r} is not a public key")
+        keys[kid] = _Key(kid, alg, key)
+    return keys
+
+
+def required_scopes(method: str, model: str) -> frozenset[str] | None:
+    """Scopes any one of which allows ``method`` on ``model``; ``None``: every valid token may call it.
+
+    Raises :class:`PermissionDeniedError` (reason ``unknown-method``) for a method outside the grammar.
+    """
+    name = method.rsplit("/", 1)[-1].lower()
+    if name not in METHOD_ACTIONS:
+        raise PermissionDeniedError("unknown-method")
+    action = METHOD_ACTIONS[name]
+    if action is None:
+        return None
+    return frozenset({f"{action}:{model}", f"{action}:*"})
+
+
+# -- verification ------------------------------------------------------------------------------------------
+
+
+def _number(claims: Mapping[str, Any], name: str, *, required: bool) -> float | None:
+    value = claims.get(name)
+    if value is None:
+        if required:
+            raise AuthenticationError(f"missing-{name}")
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise AuthenticationError(f"bad-{name}")
+    return float(value)
+
+
+class TokenVerifier:
+    """Checks bearer tokens against the issuer, audience and JWKS baked into the measured config."""
+
+    def __init__(self, issuer: str, audience: str, jwks: Mapping[str, Any], *, leeway_s: float = 30,
+                 clock: Clock = _utc_now) -> None:
+        if not issuer or not audience:
+            raise ConfigError("issuer and audience must not be empty")
+        if not 0 <= leeway_s <= 300:
+            raise ConfigError("leeway_s must be between 0 and 300 seconds")
+        self._issuer = issuer
+        self._audience = audience
+        self._keys = _load_jwks(jwks)
+        self._leeway = float(leeway_s)
+        self._clock = clock
+        self._jws = jwt.PyJWS(algorithms=sorted(ALGORITHMS))
+
+    @property
+    def kids(self) -> frozenset[str]:
+        return frozenset(self._keys)
+
+    def verify(self, token: str, *, method: str, model: str) -> Principal:
+        """Run checks 1-5 (module docstring); return the principal or raise an ``AccessError``."""
+        principal = self.authenticate(token)
+        allowed = required_scopes(method, model)
+        if allowed is not None and not (allowed & principal.scopes):
+            raise PermissionDeniedError("scope")
+        return principal
+
+    def authenticate(self, token: str) -> Principal:
+        """Checks 1-4 only: who is calling, regardless of what they call."""
+        # 1. size and shape
+        if not isinstance(token, str) or len(token) > MAX_TOKEN_BYTES:
+            raise AuthenticationError("too-large")
+        if not token.isascii() or token.count(".") != 2:
+            raise AuthenticationError("malformed")
+        # 2. kid and alg from the (not yet trusted) header
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise AuthenticationError("malformed") from None
+        kid = header.get("kid")
+        if not isinstance(kid, str) or kid not in self._keys:
+            raise AuthenticationError("unknown-kid")
+        key = self._keys[kid]
+        if header.get("alg") != key.alg:
+            raise AuthenticationError("wrong-alg")
+        # 3. signature, with exactly the key's one algorithm allowed
+        try:
+            payload = self._jws.decode(token, key.key, algorithms=[key.alg])
+        except jwt.InvalidSignatureError:
+            raise AuthenticationError("bad-signature") from None
+        except jwt.PyJWTError:
+            raise AuthenticationError("malformed") from None
+        try:
+            claims = json.loads(payload)
+        except (ValueError, UnicodeDecodeError):
+            raise AuthenticationError("malformed") from None
+        if not isinstance(claims, dict):
+            raise AuthenticationError("malformed")
+        # 4. claims
+        return self._check_claims(claims)
+
+    def _check_claims(self, claims: Mapping[str, Any]) -> Principal:
+        if claims.get("iss") != self._issuer:
+            raise AuthenticationError("wrong-issuer")
+        aud = claims.get("aud")
+        audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
+        if self._audience not in [a for a in audiences if isinstance(a, str)]:
+            raise AuthenticationError("wrong-audience")
+        now = self._clock().timestamp()
+        exp = _number(claims, "exp", required=True)
+        nbf = _number(claims, "nbf", required=False)
+        iat = _number(claims, "iat", required=True)
+        assert exp is not None and iat is not None  # noqa: S101 -- narrowed by required=True
+        if now > exp + self._leeway:
+            raise AuthenticationError("expired")
+        if nbf is not None and now + self._leeway < nbf:
+            raise AuthenticationError("not-yet-valid")
+        if now + self._leeway < iat or iat > exp:
+            raise AuthenticationError("bad-iat")
+        sub = claims.get("sub")
+        if not isinstance(sub, str) or not sub or len(sub) > _MAX_SUBJECT:
+            raise AuthenticationError("bad-subject")
+        scope = claims.get("scope", "")
+        if not isinstance(scope, str):
+            raise AuthenticationError("bad-scope")
+        tier, jti = claims.get("tier"), claims.get("jti")
+        if tier is not None and not isinstance(tier, str):
+            raise AuthenticationError("bad-tier")
+        if jti is not None and not isinstance(jti, str):
+            raise AuthenticationError("bad-jti")
+        return Principal(
+            subject=sub,
+            scopes=frozenset(scope.split()),
+            tier=tier,
+            token_id=jti,
+            expires_at=datetime.fromtimestamp(exp, UTC),
+        )
+
+
+# -- issuing (local stack) ---------------------------------------------------------------------------------
+
+PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def public_jwk(key: PrivateKey | ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey | rsa.RSAPublicKey,
+               kid: str | None = None) -> dict[str, str]:
+    """The public JWK of ``key`` with ``kid`` (default: its RFC 7638 thumbprint) and ``alg``/``use``."""
+    pub = key.public_key() if isinstance(key, PrivateKey) else key
+    if isinstance(pub, ed25519.Ed25519PublicKey):
+        raw = pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        jwk = {"kty": "OKP", "crv": "Ed25519", "x": _b64url(raw)}
+        alg = "EdDSA"
+    elif isinstance(pub, ec.EllipticCurvePublicKey) and isinstance(pub.curve, ec.SECP256R1):
+        numbers = pub.public_numbers()
+        jwk = {"kty": "EC", "crv": "P-256", "x": _b64url(numbers.x.to_bytes(32, "big")),
+               "y": _b64url(numbers.y.to_bytes(32, "big"))}
+        alg = "ES256"
+    elif isinstance(pub, rsa.RSAPublicKey):
+        rn = pub.public_numbers()
+        jwk = {"kty": "RSA", "e": _b64url(rn.e.to_bytes((rn.e.bit_length() + 7) // 8, "big")),
+               "n": _b64url(rn.n.to_bytes((rn.n.bit_length() + 7) // 8, "big"))}
+        alg = "RS256"
+    else:
+        raise ConfigError("issuer keys must be Ed25519, EC P-256 or RSA")
+    return {**jwk, "kid": kid or jwk_thumbprint(jwk), "alg": alg, "use": "sig"}
+
+
+def jwk_thumbprint(jwk: Mapping[str, str]) -> str:
+    """RFC 7638 JWK thumbprint (SHA-256, base64url) of the key's required members."""
+    members = {"OKP": ("crv", "kty", "x"), "EC": ("crv", "kty", "x", "y"), "RSA": ("e", "kty", "n")}
+    names = members.get(jwk.get("kty", ""))
+    if names is None:
+        raise ConfigError(f"no thumbprint for key type {jwk.get('kty')!r}")
+    canonical = json.dumps({n: jwk[n] for n in names}, separators=(",", ":"), sort_keys=True)
+    return _b64url(hashlib.sha256(canonical.encode()).digest())
+
+
+class TokenIssuer:
+    """Signs tokens for the local stack (production tokens come from the owner's own issuer)."""
+
+    def __init__(self, key: PrivateKey, kid: str, issuer: str, audience: str, *, clock: Clock = _utc_now,
+                 rng: Callable[[int], bytes] = os.urandom) -> None:
+        self._jwk = public_jwk(key, kid)
+        self._key = key
+        self._kid = kid
+        self._alg = self._jwk["alg"]
+        self._issuer = issuer
+        self._audience = audience
+        self._clock = clock
+        self._rng = rng
+
+    @property
+    def jwks(self) -> dict[str, Any]:
+        """A JWKS holding just this issuer's public key."""
+        return {"keys": [self._jwk]}
+
+    def issue(self, subject: str, scopes: Iterable[str], ttl: timedelta | float,
+              tier: str | None = None) -> str:
+        """A signed token for ``subject`` valid from now for ``ttl`` (a timedelta or seconds)."""
+        seconds = ttl.total_seconds() if isinstance(ttl, timedelta) else float(ttl)
+        if not subject or seconds <= 0:
+            raise ConfigError("a token needs a subject and a positive ttl")
+        scope_list = list(scopes)
+        if any(not s or any(c.isspace() for c in s) for s in scope_list):
+            raise ConfigError("scopes must be non-empty and contain no whitespace")
+        now = int(self._clock().timestamp())
+        claims: dict[str, Any] = {
+            "iss": self._issuer, "aud": self._audience, "sub": subject,
+            "iat": now, "nbf": now, "exp": now + math.ceil(seconds),
+            "jti": self._rng(16).hex(), "scope": " ".join(scope_list),
+        }
+        if tier is not None:
+            claims["tier"] = tier
+        return jwt.encode(claims, self._key, algorithm=self._alg, headers={"kid": self._kid, "typ": "JWT"})
+
+
+# -- local key files ----------------------------------------------------------------------------------------
+
+_KEY_FILE = "issuer.key"
+_JWKS_FILE = "jwks.json"
+_META_FILE = "issuer.json"
+LOCAL_ISSUER = "nitrovault-local"
+LOCAL_AUDIENCE = "nitrovault"
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def generate_issuer_keys(directory: Path | str, *, issuer: str = LOCAL_ISSUER, audience: str = LOCAL_AUDIENCE,
+                         rotate: bool = False) -> tuple[Path, Path]:
+    """Create (or keep) the local issuer's Ed25519 key; return ``(private key file, jwks.json)``.
+
+    ``DIR/issuer.key`` (PKCS#8 PEM, 0600) is the current signing key, ``DIR/jwks.json`` the public keys to
+    bake into the enclave config, ``DIR/issuer.json`` names the current kid, issuer and audience. An existing
+    key is kept; ``rotate=True`` makes a new current key and keeps the old public keys in the JWKS, so
+    tokens signed before the rotation verify until they expire.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key_path, jwks_path, meta_path = directory / _KEY_FILE, directory / _JWKS_FILE, directory / _META_FILE
+    if key_path.exists() and jwks_path.exists() and meta_path.exists() and not rotate:
+        return key_path, jwks_path
+    old_keys: list[dict[str, Any]] = []
+    if jwks_path.exists():
+        old_keys = list(json.loads(jwks_path.read_text()).get("keys", []))
+    key = ed25519.Ed25519PrivateKey.generate()
+    jwk = public_jwk(key)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    _write(key_path, pem, 0o600)
+    keys = [jwk, *[k for k in old_keys if k.get("kid") != jwk["kid"]]]
+    _write(jwks_path, (json.dumps({"keys": keys}, indent=2) + "\n").encode(), 0o644)
+    meta = {"kid": jwk["kid"], "issuer": issuer, "audience": audience}
+    _write(meta_path, (json.dumps(meta, indent=2) + "\n").encode(), 0o644)
+    return key_path, jwks_path
+
+
+def load_issuer(directory: Path | str, *, clock: Clock = _utc_now) -> TokenIssuer:
+    """The :class:`TokenIssuer` of a directory made by :func:`generate_issuer_keys`."""
+    directory = Path(directory)
+    try:
+        meta = json.loads((directory / _META_FILE).read_text())
+        key = serialization.load_pem_private_key((directory / _KEY_FILE).read_bytes(), password=None)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"no usable issuer keys in {directory}: {type(exc).__name__}") from None
+    if not isinstance(key, PrivateKey):
+        raise ConfigError("issuer.key is not an Ed25519, EC or RSA private key")
+    return TokenIssuer(key, meta["kid"], meta["issuer"], meta["audience"], clock=clock)

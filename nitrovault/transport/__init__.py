@@ -1,0 +1,44 @@
+"""Sockets, vsock and the bounded relay.
+
+Production code only sees the address types; the :class:`AddressMap` (``DIRECT`` for real ``AF_VSOCK``,
+``nitrovault.local.vsock.LocalVsockMap`` locally) is chosen at the composition root.
+
+::
+
+    parse_address("vsock:16:5000") -> VsockAddress(16, 5000)
+    await open_connection(address, mapping) -> (StreamReader, StreamWriter)
+    await start_server(address, client_connected_cb, mapping) -> Listener(.bound, .close())
+    Relay(listen, target, mapping=..., max_connections=256, idle_timeout=300.0,
+          buffer_size=65536, connect_timeout=5.0)   # await .start() / .close(); .bound, .stats
+    run_relay(listen, target, ...)                  # blocking, until SIGINT/SIGTERM
+"""
+
+from nitrovault.transport.address import (
+    DIRECT,
+    Address,
+    AddressMap,
+    DirectMap,
+    TcpAddress,
+    UnixAddress,
+    VsockAddress,
+    parse_address,
+)
+from nitrovault.transport.relay import Relay, RelayStats, run_relay
+from nitrovault.transport.streams import Listener, open_connection, start_server
+
+__all__ = [
+    "DIRECT",
+    "Address",
+    "AddressMap",
+    "DirectMap",
+    "Listener",
+    "Relay",
+    "RelayStats",
+    "TcpAddress",
+    "UnixAddress",
+    "VsockAddress",
+    "open_connection",
+    "parse_address",
+    "run_relay",
+    "start_server",
+]

@@ -1,0 +1,3 @@
+from parent_app.main import main
+
+raise SystemExit(main())

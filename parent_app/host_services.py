@@ -1,0 +1,107 @@
+"""The host services the parent offers the enclave over vsock: credentials, sealed model bytes, status.
+
+The enclave's status reports are the parent's only view of why it is not serving: they carry a coarse
+reason and the failed step (never a secret), and are kept as the latest :class:`EnclaveStatus`, written
+atomically to a JSON status file for operators and the local stack.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from nitrovault.errors import ConfigError
+from nitrovault.rpc.gen.nitrovault.v1 import host_pb2 as pb
+from nitrovault.rpc.gen.nitrovault.v1 import host_pb2_grpc as pb_grpc
+from parent_app.host_sources import CredentialsSource, ModelSource
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EnclaveStatus:
+    state: str
+    reason: str
+    step: str
+    at: float
+
+
+class HostServices(pb_grpc.HostServicesServicer):
+    def __init__(
+        self,
+        *,
+        credentials: CredentialsSource,
+        models: ModelSource,
+        region: str,
+        status_file: Path | None = None,
+        on_status: Callable[[EnclaveStatus], None] | None = None,
+    ) -> None:
+        self._credentials = credentials
+        self._models = models
+        self._region = region
+        self._status_file = status_file
+        self._on_status = on_status
+        self.status = EnclaveStatus("BOOTING", "", "", time.time())
+
+    async def GetCredentials(
+        self, request: pb.CredentialsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Credentials:
+        try:
+            creds = self._credentials.get()
+        except (ConfigError, OSError, ValueError, KeyError) as err:
+            log.error("credentials unavailable: %s", type(err).__name__)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "credentials unavailable")
+            raise
+        expiration = Timestamp()
+        if creds.expiration is not None:
+            expiration.FromDatetime(creds.expiration)
+        return pb.Credentials(
+            access_key_id=creds.access_key_id,
+            secret_access_key=creds.secret_access_key,
+            session_token=creds.session_token,
+            expiration=expiration,
+            region=self._region,
+        )
+
+    async def FetchSealedModel(
+        self, request: pb.FetchRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.Chunk]:
+        try:
+            total = self._models.size(request.model_id)
+        except ConfigError:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "no such sealed model")
+            raise
+        offset = min(request.offset, total)
+        length = total - offset if request.length == 0 else min(request.length, total - offset)
+        for data in self._models.read(request.model_id, offset, length):
+            yield pb.Chunk(data=data, offset=offset, total_size=total)
+            offset += len(data)
+
+    async def ReportStatus(self, request: pb.StatusReport, context: grpc.aio.ServicerContext) -> pb.Ack:
+        state = pb.StatusReport.State.Name(request.state)
+        self.status = EnclaveStatus(state, request.reason[:512], request.step[:64], time.time())
+        log.info("enclave status %s step=%s reason=%s", state, self.status.step, self.status.reason)
+        self.write_status()
+        if self._on_status is not None:
+            self._on_status(self.status)
+        return pb.Ack()
+
+    def mark(self, state: str, reason: str = "", step: str = "") -> None:
+        """Record a status the parent itself observed (e.g. the enclave process exited)."""
+        self.status = EnclaveStatus(state, reason, step, time.time())
+        self.write_status()
+
+    def write_status(self) -> None:
+        if self._status_file is None:
+            return
+        tmp = self._status_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self.status)))
+        os.replace(tmp, self._status_file)

@@ -1,0 +1,162 @@
+"""The parent's composition: public bridge, relays to the enclave, host services, enclave supervision.
+
+``run`` is called by a composition root that picks how vsock is reached: ``python -m parent_app`` in
+production (real ``AF_VSOCK``), the local stack's runner (``nitrovault.local.parent``) locally. Plumbing::
+
+    public gRPC (bridge) ──► unix RUN/enclave.sock ──► relay ──► vsock(enclave_cid, inference)
+    vsock(3, host_services) ──► relay ──► unix RUN/host.sock (HostServices gRPC)
+    vsock(3, kms_proxy) ──► relay ──► KMS (local only; AWS's vsock-proxy in production)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import grpc
+
+from nitrovault.errors import ConfigError
+from nitrovault.rpc.gen.nitrovault.v1 import host_pb2_grpc
+from nitrovault.transport import AddressMap, Relay, UnixAddress, VsockAddress, parse_address
+from parent_app.bridge import Bridge, TlsConfig
+from parent_app.config import ParentConfig
+from parent_app.host_services import HostServices
+from parent_app.host_sources import (
+    CredentialsSource,
+    DirectoryModels,
+    ImdsCredentials,
+    ModelSource,
+    S3Models,
+    StaticCredentials,
+)
+from parent_app.supervisor import (
+    EnclaveLauncher,
+    NitroCliLauncher,
+    ProcessLauncher,
+    Supervisor,
+    SupervisorState,
+)
+
+log = logging.getLogger("parent")
+
+
+def _credentials(config: ParentConfig) -> CredentialsSource:
+    kind = config.credentials.get("kind")
+    if kind == "static":
+        return StaticCredentials(Path(config.credentials["file"]))
+    if kind == "imds":
+        return ImdsCredentials()
+    raise ConfigError(f"unknown credentials kind {kind!r}")
+
+
+def _models(config: ParentConfig) -> ModelSource:
+    kind = config.models.get("kind")
+    if kind == "directory":
+        return DirectoryModels(Path(config.models["path"]))
+    if kind == "s3":
+        import boto3
+
+        return S3Models(config.models["bucket"], config.models.get("prefix", ""), boto3.client("s3"))
+    raise ConfigError(f"unknown models kind {kind!r}")
+
+
+def _launcher(config: ParentConfig) -> EnclaveLauncher:  # type: ignore[type-arg]
+    kind = config.enclave.get("kind")
+    if kind == "process":
+        return ProcessLauncher(config.enclave_argv())
+    if kind == "nitro-cli":
+        return NitroCliLauncher(
+            config.enclave["eif"],
+            int(config.enclave["cpu_count"]),
+            int(config.enclave["memory_mib"]),
+            config.enclave_cid,
+        )
+    raise ConfigError(f"unknown enclave kind {kind!r}")
+
+
+async def run(config: ParentConfig, *, mapping: AddressMap, stop: asyncio.Event | None = None) -> int:
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    enclave_sock = run_dir / "enclave.sock"
+    host_sock = run_dir / "host.sock"
+    host = HostServices(
+        credentials=_credentials(config),
+        models=_models(config),
+        region=config.region,
+        status_file=run_dir / "status.json",
+    )
+    host.write_status()
+    host_server = grpc.aio.server(options=[("grpc.max_send_message_length", 8 << 20)])
+    host_pb2_grpc.add_HostServicesServicer_to_server(host, host_server)
+    host_server.add_insecure_port(f"unix:{host_sock}")
+    relays = [
+        Relay(
+            UnixAddress(str(enclave_sock)),
+            VsockAddress(config.enclave_cid, config.inference_port),
+            mapping=mapping,
+            connect_timeout=1.0,
+        ),
+        Relay(VsockAddress(3, config.host_services_port), UnixAddress(str(host_sock)), mapping=mapping),
+    ]
+    if config.kms_proxy_target:
+        relays.append(
+            Relay(
+                VsockAddress(3, config.kms_proxy_port),
+                parse_address(config.kms_proxy_target),
+                mapping=mapping,
+            )
+        )
+    tls = TlsConfig.from_files(config.tls_cert, config.tls_key) if config.tls_cert else None
+    bridge = Bridge(
+        config.listen,
+        f"unix:{enclave_sock}",
+        tls=tls,
+        max_concurrent_calls=config.max_concurrent_calls,
+        max_message_bytes=config.max_message_bytes,
+    )
+
+    def on_state(state: SupervisorState) -> None:
+        if state in (SupervisorState.BACKOFF, SupervisorState.STARTING) and host.status.state == "SERVING":
+            host.mark("RESTARTING", "enclave exited", "supervisor")
+
+    supervisor = Supervisor(_launcher(config), stable_after=config.stable_after_s, on_state=on_state)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await host_server.start()
+    for relay in relays:
+        await relay.start()
+    port = await bridge.start()
+    print(f"parent listening on {config.listen if config.listen.startswith('unix:') else port}", flush=True)
+    supervising = asyncio.create_task(supervisor.run())
+    try:
+        await stop.wait()
+    finally:
+        await supervisor.stop()
+        supervising.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await supervising
+        await bridge.stop(1.0)
+        for relay in relays:
+            await relay.close()
+        await host_server.stop(1.0)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Production entry: ``python -m parent_app /etc/nitrovault/parent.json``."""
+    from nitrovault.transport import DIRECT
+
+    args = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    try:
+        config = ParentConfig.load(args[0] if args else "/etc/nitrovault/parent.json")
+        return asyncio.run(run(config, mapping=DIRECT))
+    except ConfigError as err:
+        print(err.diagnostics(), file=sys.stderr)
+        return 2

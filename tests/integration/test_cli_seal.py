@@ -1,0 +1,168 @@
+"""``nitrovault seal`` / ``nitrovault inspect`` in process (offline keys, and KMS through a stub client)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from nitrovault.cli import app
+from nitrovault.envelope import SealedModel
+from nitrovault.errors import KeyAccessDeniedError
+
+KEY = bytes(range(32))
+runner = CliRunner()
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> Path:
+    path = tmp_path / "model.safetensors"
+    save_file({"secret.layer.weight": torch.randn(300, 7), "bias": torch.randn(5).bfloat16()}, str(path))
+    return path
+
+
+@pytest.fixture
+def keyfiles(tmp_path: Path) -> list[str]:
+    (tmp_path / "dk.bin").write_bytes(KEY)
+    (tmp_path / "wk.bin").write_bytes(b"wrapped-blob")
+    return ["--data-key-file", str(tmp_path / "dk.bin"), "--wrapped-key-file", str(tmp_path / "wk.bin")]
+
+
+def test_seal_offline_then_inspect(tmp_path: Path, model: Path, keyfiles: list[str]) -> None:
+    out = tmp_path / "model.sealed"
+    args = ["seal", str(model), "--key-id", "alias/m", "--context", "model=m", "--context", "version=3"]
+    result = runner.invoke(app, [*args, "-o", str(out), "--chunk-size", "4096", *keyfiles])
+    assert result.exit_code == 0, result.output
+    sealed = SealedModel.open(out)
+    assert result.stdout.strip().splitlines()[-1] == sealed.header.digest.hex()
+    assert dict(sealed.header.encryption_context) == {"model": "m", "version": "3"}
+    assert sealed.header.wrapped_key == b"wrapped-blob" and sealed.header.chunk_size == 4096
+    assert sealed.load_tensors(KEY)["secret.layer.weight"].shape == (300, 7)
+
+    shown = runner.invoke(app, ["inspect", str(out), "--json"])
+    assert shown.exit_code == 0, shown.output
+    info = json.loads(shown.stdout)
+    assert info["digest"] == sealed.header.digest.hex() and info["key_id"] == "alias/m"
+    assert info["chunk_count"] == sealed.header.chunk_count and info["payload_size"] == 300 * 7 * 4 + 10
+    text = runner.invoke(app, ["inspect", str(out)])
+    assert text.exit_code == 0 and "alias/m" in text.stdout and "model=m, version=3" in text.stdout
+    for output in (shown.stdout, text.stdout):
+        assert "secret.layer" not in output and "bias" not in output
+
+
+def test_inspect_of_tampered_header_exits_1(tmp_path: Path, model: Path, keyfiles: list[str]) -> None:
+    out = tmp_path / "model.sealed"
+    assert (
+        runner.invoke(app, ["seal", str(model), "--key-id", "k", "-o", str(out), "-q", *keyfiles]).exit_code
+        == 0
+    )
+    data = bytearray(out.read_bytes())
+    data[9] ^= 1  # the version field
+    out.write_bytes(bytes(data))
+    result = runner.invoke(app, ["inspect", str(out)])
+    assert result.exit_code == 1 and "tampered" in result.stderr
+
+
+def test_key_files_go_together(tmp_path: Path, model: Path, keyfiles: list[str]) -> None:
+    result = runner.invoke(
+        app, ["seal", str(model), "--key-id", "k", "-o", str(tmp_path / "o"), *keyfiles[:2]]
+    )
+    assert result.exit_code == 2
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_context_is_a_usage_error(tmp_path: Path, model: Path, keyfiles: list[str]) -> None:
+    out = tmp_path / "o"
+    result = runner.invoke(
+        app, ["seal", str(model), "--key-id", "k", "--context", "novalue", "-o", str(out), *keyfiles]
+    )
+    assert result.exit_code == 2 and not out.exists()
+
+
+def test_bad_input_exits_2_and_leaves_nothing(tmp_path: Path, keyfiles: list[str]) -> None:
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x02" + bytes(7) + b"{]")
+    result = runner.invoke(
+        app, ["seal", str(bad), "--key-id", "k", "-o", str(tmp_path / "o"), "-q", *keyfiles]
+    )
+    assert result.exit_code == 2 and not (tmp_path / "o").exists()
+
+
+@dataclass
+class _DataKey:
+    plaintext: bytes
+    ciphertext_blob: bytes
+    key_id: str
+
+
+def test_seal_with_kms_generate_data_key(
+    tmp_path: Path, model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GenerateDataKey on the key with the context; the blob and the key ARN KMS answered go in the header."""
+    calls: list[dict[str, Any]] = []
+
+    class StubKmsClient:
+        def __init__(self, boto_client: object) -> None:
+            self.boto_client = boto_client
+
+        def generate_data_key(
+            self, key_id: str, *, encryption_context: dict[str, str], number_of_bytes: int
+        ) -> _DataKey:
+            calls.append({"key_id": key_id, "context": encryption_context, "n": number_of_bytes})
+            return _DataKey(KEY, b"kms-ciphertext-blob", "arn:aws:kms:eu-west-1:111122223333:key/abc")
+
+    def kms_client_from_env(
+        region: str | None, endpoint_url: str | None = None, credentials: object = None
+    ) -> object:
+        calls.append({"region": region, "endpoint": endpoint_url})
+        return object()
+
+    stub = ModuleType("nitrovault.kms")
+    stub.KmsClient = StubKmsClient  # type: ignore[attr-defined]
+    stub.kms_client_from_env = kms_client_from_env  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "nitrovault.kms", stub)
+    out = tmp_path / "m.sealed"
+    args = ["seal", str(model), "--key-id", "alias/m", "--context", "model=m", "-o", str(out)]
+    result = runner.invoke(
+        app, [*args, "--region", "eu-west-1", "--kms-endpoint", "http://127.0.0.1:9", "-q"]
+    )
+    assert result.exit_code == 0, result.output
+    assert calls == [
+        {"region": "eu-west-1", "endpoint": "http://127.0.0.1:9"},
+        {"key_id": "alias/m", "context": {"model": "m"}, "n": 32},
+    ]
+    header = SealedModel.open(out).header
+    assert header.wrapped_key == b"kms-ciphertext-blob"
+    assert header.key_id == "arn:aws:kms:eu-west-1:111122223333:key/abc"
+    assert torch.equal(SealedModel.open(out).load_tensors(KEY)["bias"], load_file(str(model))["bias"])
+
+
+def test_kms_refusal_exits_1_and_writes_nothing(
+    tmp_path: Path, model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class DenyingKmsClient:
+        def __init__(self, boto_client: object) -> None:
+            pass
+
+        def generate_data_key(self, key_id: str, **kw: object) -> _DataKey:
+            raise KeyAccessDeniedError("access denied")
+
+    stub = ModuleType("nitrovault.kms")
+    stub.KmsClient = DenyingKmsClient  # type: ignore[attr-defined]
+    stub.kms_client_from_env = lambda region, endpoint_url=None, credentials=None: object()  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "nitrovault.kms", stub)
+    out = tmp_path / "m.sealed"
+    args = ["seal", str(model), "--key-id", "alias/m", "-o", str(out), "-q"]
+    result = runner.invoke(app, [*args, "--region", "eu-west-1"])
+    assert result.exit_code == 1 and "access denied" in result.stderr
+    assert not out.exists()
+    no_region = runner.invoke(app, args)  # AWS_* variables are stripped by the autouse fixture
+    assert no_region.exit_code == 2 and "region" in no_region.stderr
