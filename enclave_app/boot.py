@@ -18,7 +18,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import BinaryIO, Protocol
+from pathlib import Path
+from typing import Protocol
 
 from enclave_app.config import EnclaveConfig
 from enclave_app.key_release import release_data_key
@@ -40,7 +41,7 @@ class HostServices(Protocol):
 
     def credentials(self) -> AwsCredentials: ...
 
-    def sealed_model(self, model_id: str) -> BinaryIO: ...
+    def sealed_model(self, model_id: str) -> Path: ...
 
 
 @dataclass(frozen=True)
@@ -121,4 +122,4 @@ def boot(
         model_load_s=loaded - unsealed,
         total_s=loaded - started,
     )
-    return BootResult(handler=handler, sealed_digest=sealed.header.digest, timings=timings)
+    return BootResult(handler=handler, sealed_digest=sealed.header.digest.hex(), timings=timings)

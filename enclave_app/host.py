@@ -2,16 +2,17 @@
 
 Nothing the parent returns is trusted for more than it is: credentials only let KMS evaluate the key
 policy (which demands our attestation anyway); the sealed model is ciphertext that must authenticate under
-the released key. The sealed model is received into memory (the enclave has no disk), bounded by the
-measured config's ``max_model_bytes``, with offsets and sizes checked chunk by chunk.
+the released key. The sealed model (ciphertext) is received into the run directory, which is RAM in an
+enclave (it has no disk), bounded by the measured config's ``max_model_bytes``, with offsets and sizes
+checked chunk by chunk; a partial download is removed.
 """
 
 from __future__ import annotations
 
-import io
+import contextlib
 import logging
-import tempfile
-from typing import BinaryIO
+import os
+from pathlib import Path
 
 import grpc
 
@@ -21,12 +22,13 @@ from nitrovault.rpc.gen.nitrovault.v1 import host_pb2 as pb
 from nitrovault.rpc.gen.nitrovault.v1 import host_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
-#: in-memory spool before the received ciphertext moves to the (RAM-backed, in an enclave) temp dir
-SPOOL_BYTES = 64 << 20
 
 
 class HostClient:
-    def __init__(self, target: str, *, max_model_bytes: int, timeout: float = 30.0) -> None:
+    def __init__(
+        self, target: str, *, download_dir: Path, max_model_bytes: int, timeout: float = 30.0
+    ) -> None:
+        self._download_dir = download_dir
         self._channel = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", 8 << 20)])
         self._stub = pb_grpc.HostServicesStub(self._channel)
         self._max = max_model_bytes
@@ -41,8 +43,20 @@ class HostClient:
             raise BootFailure("credentials", "parent returned no credentials")
         return AwsCredentials(creds.access_key_id, creds.secret_access_key, creds.session_token or None)
 
-    def sealed_model(self, model_id: str) -> BinaryIO:
-        spool: BinaryIO = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 - returned
+    def sealed_model(self, model_id: str) -> Path:
+        path = self._download_dir / "model.sealed"
+        try:
+            with path.open("wb") as out:
+                os.chmod(path, 0o600)
+                self._download(model_id, out)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            raise
+        return path
+
+    def _download(self, model_id: str, out: object) -> None:
+        write = out.write  # type: ignore[attr-defined]
         expected_total: int | None = None
         received = 0
         try:
@@ -56,18 +70,11 @@ class HostClient:
                 received += len(chunk.data)
                 if received > expected_total:
                     raise BootFailure("fetch", "sealed model stream longer than announced")
-                spool.write(chunk.data)
+                write(chunk.data)
         except grpc.RpcError as err:
-            spool.close()
             raise BootFailure("fetch", f"cannot fetch the sealed model ({err.code().name})") from None
-        except BootFailure:
-            spool.close()
-            raise
         if expected_total is None or received != expected_total:
-            spool.close()
             raise BootFailure("fetch", "sealed model stream ended early")
-        spool.seek(0, io.SEEK_SET)
-        return spool
 
     def report(self, state: str, *, reason: str = "", step: str = "") -> None:
         """Best effort: a parent that does not listen cannot stop the enclave from serving or failing."""

@@ -15,6 +15,7 @@ In-enclave plumbing (all through :class:`nitrovault.transport.Relay`)::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -41,6 +42,9 @@ async def run(
     config: EnclaveConfig, *, mapping: AddressMap, nsm_transport: NsmTransport, run_dir: Path
 ) -> int:
     run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for stale in ("grpc.sock", "host.sock", "model.sealed"):  # left by a killed predecessor
+        with contextlib.suppress(FileNotFoundError):
+            (run_dir / stale).unlink()
     ports = config.ports
     grpc_sock = run_dir / "grpc.sock"
     host_sock = run_dir / "host.sock"
@@ -63,7 +67,9 @@ async def run(
     await server.start()
     for relay in relays:
         await relay.start()
-    host = HostClient(f"unix:{host_sock}", max_model_bytes=config.limits.max_model_bytes)
+    host = HostClient(
+        f"unix:{host_sock}", download_dir=run_dir, max_model_bytes=config.limits.max_model_bytes
+    )
     endpoint = config.kms_endpoint_url or None
 
     def kms_factory(credentials: AwsCredentials) -> KmsClient:

