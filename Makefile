@@ -39,6 +39,15 @@ lint: venv
 bench: venv
 	$(BIN)/python -m bench.run
 
+## Synthesize the CDK app into cdk.out/ (cdk-nag runs too). The PCR manifest is the image build's
+## pcr-manifest.json when present, else the test fixture (fine for CI, never for a deploy);
+## more context: make synth CDK_CONTEXT="-c account=123456789012 -c region=eu-west-1".
+PCR_MANIFEST ?= $(if $(wildcard pcr-manifest.json),pcr-manifest.json,tests/infra/pcr-manifest.sample.json)
+CDK_CONTEXT  ?=
+synth: venv
+	rm -rf cdk.out
+	$(BIN)/python -m infra.app -c pcrManifest=$(PCR_MANIFEST) $(CDK_CONTEXT)
+
 ## Re-pin every dependency (after changing pyproject.toml).
 lock: venv
 	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^-e ' > requirements/lock.txt

@@ -2,7 +2,8 @@
 
 No exception text leaves the enclave except the messages of errors whose text is written for the caller
 (input validation); everything else gets a fixed message and, for unexpected errors, a correlation id
-that also appears in the enclave's log next to the real cause.
+that also appears in the enclave's log next to the real cause. The correlation id travels in the status
+message and in the trailing metadata key :data:`CORRELATION_KEY`.
 """
 
 from __future__ import annotations
@@ -44,17 +45,28 @@ _FIXED = {
 }
 
 
-def status_for(err: BaseException) -> tuple[grpc.StatusCode, str]:
+#: trailing metadata key carrying the correlation id of an INTERNAL error
+CORRELATION_KEY = "x-correlation-id"
+
+
+def classify(err: BaseException) -> tuple[grpc.StatusCode, str, str | None]:
+    """The status code, the message safe for the peer and, for unexpected errors, a correlation id."""
     for cls, code, public in TABLE:
         if isinstance(err, cls):
-            return code, (str(err) if public else _FIXED[code])
+            return code, (str(err) if public else _FIXED[code]), None
     correlation = uuid.uuid4().hex[:16]
     log.error("internal error %s: %s", correlation, type(err).__name__, exc_info=err)
-    return grpc.StatusCode.INTERNAL, f"internal error (correlation id {correlation})"
+    return grpc.StatusCode.INTERNAL, f"internal error (correlation id {correlation})", correlation
+
+
+def status_for(err: BaseException) -> tuple[grpc.StatusCode, str]:
+    code, message, _ = classify(err)
+    return code, message
 
 
 async def abort_with(context: grpc.aio.ServicerContext, err: BaseException) -> None:
     if isinstance(err, grpc.aio.AbortError):
         raise err
-    code, message = status_for(err)
-    await context.abort(code, message)
+    code, message, correlation = classify(err)
+    trailing = ((CORRELATION_KEY, correlation),) if correlation else ()
+    await context.abort(code, message, trailing)

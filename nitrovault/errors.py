@@ -33,11 +33,13 @@ single opaque failure (:class:`SealedModelError`) so that it is no decryption or
     │   └── KmsTransportError              endpoint unreachable, throttled, 5xx
     ├── SealedModelError                 the sealed model could not be opened (one opaque failure)
     ├── PolicyError                      a key policy document is malformed
+    ├── EifError                         an enclave image file (.eif) is truncated, corrupt or not an EIF
     ├── NsmError                         the NSM device (real or local) answered with an error
     ├── AccessError                      a caller was refused; ``reason`` is for the audit log ONLY
     │   ├── AuthenticationError            bad/missing bearer token          -> UNAUTHENTICATED
     │   ├── PermissionDeniedError          valid token, scope does not allow -> PERMISSION_DENIED
-    │   └── QuotaExceededError             rate or daily quota used up       -> RESOURCE_EXHAUSTED (retry_after_s)
+    │   └── QuotaExceededError             rate/daily quota used up -> RESOURCE_EXHAUSTED (retry_after_s)
+    ├── ClientError                      a call made by nitrovault.client failed (gRPC ``code`` name, ``details``)
     ├── ReceiptError                     a response receipt failed verification (``reason`` names the check)
     └── AuditError                       an audit record was refused (raw inputs/outputs, bad value types)
 """
@@ -187,6 +189,10 @@ class PolicyError(NitrovaultError):
     step = "policy"
 
 
+class EifError(NitrovaultError):
+    step = "eif"
+
+
 class NsmError(NitrovaultError):
     step = "nsm"
 
@@ -243,3 +249,23 @@ class ReceiptError(NitrovaultError):
 
 class AuditError(NitrovaultError):
     step = "audit"
+
+
+# -- client ------------------------------------------------------------------------------------------------
+
+
+class ClientError(NitrovaultError):
+    """A call made by :mod:`nitrovault.client` failed: the gRPC status ``code`` name (``UNAVAILABLE``,
+    ``INVALID_ARGUMENT``, ...) and the server's ``details``, which by the enclave's contract never hold
+    exception text or secrets (internal errors carry only a correlation id)."""
+
+    step = "rpc"
+
+    def __init__(self, code: str, details: str, *, correlation_id: str | None = None) -> None:
+        super().__init__(f"{code}: {details}" if details else code)
+        #: the gRPC status code name, e.g. ``RESOURCE_EXHAUSTED``
+        self.code = code
+        #: the status details as the server sent them
+        self.details = details
+        #: the enclave's correlation id for an INTERNAL error (look it up in the enclave's log), if sent
+        self.correlation_id = correlation_id

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from nitrovault.cli import attest_cmd, local_cmd, seal_cmd
+from nitrovault.cli import attest_cmd, audit_cmd, local_cmd, receipt_cmd, seal_cmd, token_cmd
 
 app = typer.Typer(
     name="nitrovault",
@@ -19,6 +19,9 @@ app = typer.Typer(
 )
 app.add_typer(attest_cmd.app, name="attest", help="Verify AWS Nitro attestation documents.")
 app.add_typer(local_cmd.app, name="local", help="The local stand-ins: fake NSM, KMS emulator, local stack.")
+app.add_typer(token_cmd.app, name="token", help="Issuer keys and bearer tokens for the local stack.")
+app.add_typer(receipt_cmd.app, name="receipt", help="Verify response receipts offline.")
+app.add_typer(audit_cmd.app, name="audit", help="Verify the enclave's audit log.")
 app.command("seal")(seal_cmd.seal)
 app.command("inspect")(seal_cmd.inspect)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,8 +26,9 @@ from nitrovault.nsm import UnixSocketTransport
 
 
 def network_interfaces() -> list[str]:
+    """Interfaces of *this process's* network namespace (``/sys/class/net`` shows the mount's, not ours)."""
     try:
-        return sorted(os.listdir("/sys/class/net"))
+        return sorted(name for _, name in socket.if_nameindex())
     except OSError:
         return []
 

@@ -21,6 +21,7 @@ Steps (each printed as it runs; a failure names its step and exits non-zero):
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -100,7 +101,9 @@ class Paths:
 
     @property
     def run(self) -> Path:
-        return self.home / "run"
+        """Sockets live under /tmp, named after the home folder: unix socket paths must stay short."""
+        tag = hashlib.sha256(str(self.home.resolve()).encode()).hexdigest()[:12]
+        return Path(tempfile.gettempdir()) / f"nitrovault-{tag}"
 
     @property
     def logs(self) -> Path:
@@ -209,7 +212,7 @@ class LocalStack:
         isolate: bool = True,
     ) -> None:
         self.paths = Paths(home)
-        self.console = console or Console(highlight=False)
+        self.console = console or Console(highlight=False, soft_wrap=True)
         self.steps = Steps(self.console)
         self.keep_policy = keep_policy
         self.listen = listen
@@ -238,29 +241,26 @@ class LocalStack:
             self.nsm_server = None
 
     def _spawn(self, name: str, argv: list[str], *, ready: re.Pattern[str], timeout: float) -> re.Match[str]:
+        """Start ``argv`` with its output in ``logs/NAME.log``; wait until the log matches ``ready``."""
         self.paths.logs.mkdir(parents=True, exist_ok=True)
-        log = (self.paths.logs / f"{name}.log").open("ab")
-        proc = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=log, cwd=REPO_ROOT, start_new_session=True
-        )
+        log_path = self.paths.logs / f"{name}.log"
+        with log_path.open("ab") as log:
+            start = log.tell()
+            proc = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, start_new_session=True
+            )
         self.processes.append(proc)
-        assert proc.stdout is not None
         deadline = time.monotonic() + timeout
-        os.set_blocking(proc.stdout.fileno(), False)
-        buffer = b""
         while time.monotonic() < deadline:
-            chunk = proc.stdout.read()
-            if chunk:
-                buffer += chunk
-                match = ready.search(buffer.decode(errors="replace"))
-                if match:
-                    return match
-            elif proc.poll() is not None:
-                raise StackError(
-                    name, f"exited with code {proc.returncode}; see {self.paths.logs / name}.log"
-                )
+            with log_path.open("rb") as f:
+                f.seek(start)
+                match = ready.search(f.read().decode(errors="replace"))
+            if match:
+                return match
+            if proc.poll() is not None:
+                raise StackError(name, f"exited with code {proc.returncode}; see {log_path}")
             time.sleep(0.05)
-        raise StackError(name, f"not ready after {timeout:.0f}s; see {self.paths.logs / name}.log")
+        raise StackError(name, f"not ready after {timeout:.0f}s; see {log_path}")
 
     # -- steps -----------------------------------------------------------------------------------------
 

@@ -201,7 +201,9 @@ class Relay:
         try:
             await self._serve(reader, writer)
         except asyncio.CancelledError:
-            raise
+            # close() cancels us; asyncio's stream callback would log a cancelled handler as an error.
+            if not self._closing:
+                raise
         except Exception:  # a relay must outlive any one connection; the error carries no payload bytes
             log.exception("relay %s: connection handler failed", self.listen)
         finally:

@@ -1,0 +1,198 @@
+"""The CDK app entry point: ``python -m infra.app -c pcrManifest=pcr-manifest.json`` (or ``make synth``).
+
+Context keys (``-c key=value``, or ``cdk.json``):
+
+========================  ==========================================================================
+``pcrManifest``           **required**: the image build's ``pcr-manifest.json``
+``account``               12-digit account (else ``CDK_DEFAULT_ACCOUNT``, else the placeholder
+                          ``111122223333``, with a warning: fine for synth, wrong for deploy)
+``region``                region (else ``CDK_DEFAULT_REGION``, else ``us-east-1``)
+``certificateArn``        ACM certificate for the TLS listener (placeholder + warning when absent)
+``modelId``, ``modelVersion``   the model's encryption context (default ``model`` / ``1``)
+``namePrefix``            IAM role names and alias prefix (default ``nitrovault``)
+``instanceType``          enclave-enabled Nitro instance type (default ``m6i.xlarge``)
+``enclaveMemoryMib``, ``enclaveCpuCount``   allocator size (default 4096 / 2)
+``keyAdminArns``          comma-separated extra key administrators (roles/users of the account)
+``deployRoleArn``         CloudFormation's deploy role (default: the CDK bootstrap ``cfn-exec-role``)
+``canaryCiphertext``      base64 KMS ciphertext for the identity canary (default: a dummy blob)
+``availabilityZones``     comma-separated AZ names (default: looked up by the ``cdk`` CLI)
+``internetFacing``        ``true`` for a public load balancer (default internal)
+``clientCidr``            who may reach the listener (default the VPC)
+``nag``                   ``false`` to skip the cdk-nag AwsSolutions checks (default on)
+``unsafeAllowDebugPcrs``  ``true`` lets all-zero (debug) PCRs into the key policy: NEVER in production
+========================  ==========================================================================
+
+Invariants: the PCRs come only from the manifest; anything that weakens the key policy is named
+``unsafe*`` and logs a warning; the cdk-nag AwsSolutions pack runs on every synth unless disabled.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+os.environ.setdefault("JSII_SILENCE_WARNING_DEPRECATED_NODE_VERSION", "1")
+
+from aws_cdk import App, Aspects, cx_api
+from cdk_nag import AwsSolutionsChecks
+
+from infra.nag import apply_suppressions
+from infra.pcr_manifest import load_pcr_manifest
+from infra.stacks.nitrovault_stack import NitrovaultStack, NitrovaultStackProps
+from nitrovault.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+PLACEHOLDER_ACCOUNT = "111122223333"
+PLACEHOLDER_CERTIFICATE = "arn:aws:acm:{region}:{account}:certificate/00000000-0000-0000-0000-000000000000"
+STACK_NAME = "Nitrovault"
+_ACCOUNT = re.compile(r"\d{12}")
+_TRUE = {"true", "1", "yes"}
+_FALSE = {"false", "0", "no", ""}
+
+
+def _flag(value: object, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ConfigError(f"context {name} must be true or false, not {value!r}")
+
+
+def _int(value: object, name: str) -> int:
+    try:
+        return int(str(value))
+    except ValueError:
+        raise ConfigError(f"context {name} must be an integer, not {value!r}") from None
+
+
+def props_from_context(ctx: Mapping[str, Any], env: Mapping[str, str] | None = None) -> NitrovaultStackProps:
+    """Build the stack props from CDK context (``ctx``) and the CDK CLI's environment (``env``)."""
+    env = os.environ if env is None else env
+    path = ctx.get("pcrManifest")
+    if not path:
+        raise ConfigError("context pcrManifest is required: -c pcrManifest=path/to/pcr-manifest.json")
+    unsafe = _flag(ctx.get("unsafeAllowDebugPcrs", False), "unsafeAllowDebugPcrs")
+    manifest = load_pcr_manifest(path, unsafe_allow_debug_pcrs=unsafe)
+    account = str(ctx.get("account") or env.get("CDK_DEFAULT_ACCOUNT") or "")
+    if not account:
+        account = PLACEHOLDER_ACCOUNT
+        log.warning(
+            "no account given (-c account=...): using the placeholder %s; do not deploy this", account
+        )
+    if not _ACCOUNT.fullmatch(account):
+        raise ConfigError(f"context account must be 12 digits, not {account!r}")
+    region = str(ctx.get("region") or env.get("CDK_DEFAULT_REGION") or "us-east-1")
+    certificate = str(ctx.get("certificateArn") or "")
+    if not certificate:
+        certificate = PLACEHOLDER_CERTIFICATE.format(region=region, account=account)
+        log.warning("no certificateArn given: using a placeholder certificate ARN; deploy will fail")
+    admins = [a.strip() for a in str(ctx.get("keyAdminArns") or "").split(",") if a.strip()]
+    return NitrovaultStackProps(
+        account=account,
+        region=region,
+        manifest=manifest,
+        certificate_arn=certificate,
+        model_id=str(ctx.get("modelId") or "model"),
+        model_version=str(ctx.get("modelVersion") or "1"),
+        name_prefix=str(ctx.get("namePrefix") or "nitrovault"),
+        instance_type=str(ctx.get("instanceType") or "m6i.xlarge"),
+        enclave_memory_mib=_int(ctx.get("enclaveMemoryMib", 4096), "enclaveMemoryMib"),
+        enclave_cpu_count=_int(ctx.get("enclaveCpuCount", 2), "enclaveCpuCount"),
+        extra_admin_arns=tuple(admins),
+        deploy_role_arn=str(ctx["deployRoleArn"]) if ctx.get("deployRoleArn") else None,
+        canary_ciphertext_b64=str(ctx.get("canaryCiphertext") or ""),
+        availability_zones=tuple(
+            z.strip() for z in str(ctx.get("availabilityZones") or "").split(",") if z.strip()
+        ),
+        internet_facing=_flag(ctx.get("internetFacing", False), "internetFacing"),
+        client_cidr=str(ctx["clientCidr"]) if ctx.get("clientCidr") else None,
+        unsafe_allow_debug_pcrs=unsafe,
+        tags={"project": "nitrovault", "model": str(ctx.get("modelId") or "model")},
+    )
+
+
+_CONTEXT_KEYS = (
+    "pcrManifest",
+    "account",
+    "region",
+    "certificateArn",
+    "modelId",
+    "modelVersion",
+    "namePrefix",
+    "instanceType",
+    "enclaveMemoryMib",
+    "enclaveCpuCount",
+    "keyAdminArns",
+    "deployRoleArn",
+    "canaryCiphertext",
+    "availabilityZones",
+    "internetFacing",
+    "clientCidr",
+    "nag",
+    "unsafeAllowDebugPcrs",
+)
+
+
+def build_app(
+    context: Mapping[str, Any] | None = None, *, outdir: str | None = None
+) -> tuple[App, NitrovaultStack]:
+    """The app with its one stack and (unless ``nag=false``) the cdk-nag AwsSolutions checks."""
+    app = App(context=dict(context or {}), outdir=outdir)
+    ctx = {k: app.node.try_get_context(k) for k in _CONTEXT_KEYS}
+    props = props_from_context({k: v for k, v in ctx.items() if v is not None})
+    stack = NitrovaultStack(app, STACK_NAME, props=props)
+    apply_suppressions(stack)
+    if _flag(ctx.get("nag") if ctx.get("nag") is not None else True, "nag"):
+        Aspects.of(app).add(AwsSolutionsChecks(verbose=True))
+    return app, stack
+
+
+def parse_argv(argv: Sequence[str]) -> dict[str, str]:
+    """``-c key=value`` / ``--context key=value`` pairs, as the ``cdk`` CLI takes them."""
+    context: dict[str, str] = {}
+    items = iter(argv)
+    for arg in items:
+        if arg in ("-c", "--context"):
+            pair = next(items, "")
+        elif arg.startswith("--context="):
+            pair = arg.split("=", 1)[1]
+        else:
+            raise ConfigError(f"unexpected argument {arg!r} (use -c key=value)")
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"context must be key=value, not {pair!r}")
+        context[key] = value
+    return context
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        context = parse_argv(sys.argv[1:] if argv is None else argv)
+        app, _ = build_app(context, outdir=os.environ.get("CDK_OUTDIR") or "cdk.out")
+    except ConfigError as exc:
+        raise SystemExit(exc.diagnostics()) from None
+    assembly = app.synth()
+    errors = [
+        f"{message.id}: {message.entry.data}"
+        for stack in assembly.stacks
+        for message in stack.messages
+        if message.level == cx_api.SynthesisMessageLevel.ERROR
+    ]
+    if errors:
+        raise SystemExit(
+            "synthesis has errors (cdk-nag findings need a fix or a reasoned suppression):\n"
+            + "\n".join(errors)
+        )
+
+
+if __name__ == "__main__":
+    main()

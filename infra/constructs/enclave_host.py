@@ -1,0 +1,325 @@
+"""The enclave hosts: a launch template for an enclave-enabled Nitro instance, an Auto Scaling group
+over several AZs, and a Network Load Balancer with a TLS listener in front.
+
+Invariants:
+
+* The instance role (``.role``) has an explicit name, so its literal ARN can be written into the model
+  key's release statement before CloudFormation creates it (:attr:`role_arn`).
+* Instances: Nitro Enclaves enabled, IMDSv2 required with a hop limit of 1 (a container or the enclave
+  relay cannot reach IMDS through an extra hop), encrypted EBS volumes, no SSH key pair (SSM Session
+  Manager only), placed in the private isolated subnets.
+* User data installs the Nitro Enclaves CLI, sizes the allocator from the props, writes the vsock-proxy
+  allowlist for the region's KMS endpoint only (:func:`parent_app.vsock_proxy.kms_allowlist`) and
+  installs systemd units for the parent app and the enclave. Region, sizes and names are validated or
+  typed values, never free text, so nothing can inject shell through them.
+* The load balancer terminates client TLS with the given certificate (TLS 1.3 policy) and health-checks
+  the parent's gRPC port over TCP; the Auto Scaling group uses those ELB health checks.
+
+The enclave image and the parent's wheelhouse are read from the weights store at boot (there is no
+internet route: see ``docs/deploy.md``).
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from collections.abc import Sequence
+
+from aws_cdk import Duration, Stack
+from aws_cdk import aws_autoscaling as autoscaling
+from aws_cdk import aws_ec2 as ec2
+from aws_cdk import aws_elasticloadbalancingv2 as elbv2
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_logs as logs
+from aws_cdk import aws_s3 as s3
+from constructs import Construct
+
+from parent_app.vsock_proxy import DEFAULT_CONFIG_PATH, kms_allowlist, vsock_proxy_argv
+
+ALLOCATOR_PATH = "/etc/nitro_enclaves/allocator.yaml"
+INSTALL_DIR = "/opt/nitrovault"
+EIF_PATH = f"{INSTALL_DIR}/enclave.eif"
+WHEELHOUSE = f"{INSTALL_DIR}/wheelhouse"
+PROXY_DROPIN_DIR = "/etc/systemd/system/nitro-enclaves-vsock-proxy.service.d"
+#: The parent's and the enclave supervisor's commands (EIF path and sizes are appended for the enclave).
+DEFAULT_PARENT_COMMAND = (f"{INSTALL_DIR}/venv/bin/python", "-m", "parent_app")
+DEFAULT_ENCLAVE_COMMAND = (f"{INSTALL_DIR}/venv/bin/python", "-m", "parent_app.supervisor")
+_ROLE_NAME = re.compile(r"[A-Za-z0-9+=,.@_-]{1,64}")
+
+
+def _heredoc(path: str, content: str) -> list[str]:
+    """Shell lines writing ``content`` to ``path`` verbatim (quoted delimiter: no expansion)."""
+    if "NITROVAULT_EOF" in content:
+        raise ValueError("file content must not contain the heredoc delimiter")
+    return [f"cat > {shlex.quote(path)} <<'NITROVAULT_EOF'", content.rstrip("\n"), "NITROVAULT_EOF"]
+
+
+def allocator_yaml(memory_mib: int, cpu_count: int) -> str:
+    """``/etc/nitro_enclaves/allocator.yaml`` for the given enclave size."""
+    if memory_mib < 64 or cpu_count < 2 or cpu_count % 2:
+        raise ValueError("the enclave needs >= 64 MiB and an even number (>= 2) of vCPUs (full cores)")
+    return f"---\nmemory_mib: {memory_mib}\ncpu_count: {cpu_count}\n"
+
+
+def systemd_unit(description: str, argv: Sequence[str], *, after: Sequence[str], log_file: str) -> str:
+    """A hardened ``Restart=always`` service unit running ``argv`` (quoted, never a shell)."""
+    return "\n".join(
+        [
+            "[Unit]",
+            f"Description={description}",
+            f"After={' '.join(after)}",
+            f"Requires={' '.join(after)}",
+            "",
+            "[Service]",
+            "ExecStart=" + " ".join(shlex.quote(a) for a in argv),
+            "Restart=always",
+            "RestartSec=2",
+            f"StandardOutput=append:{log_file}",
+            f"StandardError=append:{log_file}",
+            "NoNewPrivileges=yes",
+            "ProtectSystem=full",
+            "",
+            "[Install]",
+            "WantedBy=multi-user.target",
+            "",
+        ]
+    )
+
+
+class EnclaveHost(Construct):
+    """``.role``, ``.role_arn`` (literal), ``.launch_template``, ``.asg``, ``.nlb``, ``.target_group``."""
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        vpc: ec2.IVpc,
+        vpc_cidr: str,
+        host_subnets: ec2.SubnetSelection,
+        role_name: str,
+        weights_bucket: s3.IBucket,
+        certificate_arn: str,
+        parent_log_group: logs.ILogGroup,
+        enclave_log_group: logs.ILogGroup,
+        access_log_bucket: s3.IBucket,
+        instance_type: str = "m6i.xlarge",
+        enclave_memory_mib: int = 4096,
+        enclave_cpu_count: int = 2,
+        grpc_port: int = 50051,
+        listener_port: int = 443,
+        client_cidr: str | None = None,
+        internet_facing: bool = False,
+        min_capacity: int = 2,
+        max_capacity: int = 4,
+        model_id: str = "model",
+        parent_command: Sequence[str] = DEFAULT_PARENT_COMMAND,
+        enclave_command: Sequence[str] = DEFAULT_ENCLAVE_COMMAND,
+        volume_size_gib: int = 64,
+    ) -> None:
+        super().__init__(scope, construct_id)
+        if not _ROLE_NAME.fullmatch(role_name):
+            raise ValueError(f"not an IAM role name: {role_name!r}")
+        stack = Stack.of(self)
+        region = stack.region
+        self.role_arn = f"arn:aws:iam::{stack.account}:role/{role_name}"
+
+        self.role = iam.Role(
+            self,
+            "InstanceRole",
+            role_name=role_name,
+            assumed_by=iam.ServicePrincipal("ec2.amazonaws.com"),
+            description="nitrovault enclave host: the only role the model key releases to (with attestation)",
+            managed_policies=[iam.ManagedPolicy.from_aws_managed_policy_name("AmazonSSMManagedInstanceCore")],
+        )
+        parent_log_group.grant_write(self.role)
+        enclave_log_group.grant_write(self.role)
+
+        host_sg = ec2.SecurityGroup(
+            self, "HostSg", vpc=vpc, description="nitrovault enclave hosts", allow_all_outbound=True
+        )
+        lb_sg = ec2.SecurityGroup(
+            self,
+            "LoadBalancerSg",
+            vpc=vpc,
+            description="nitrovault gRPC load balancer",
+            allow_all_outbound=False,
+        )
+        lb_sg.add_ingress_rule(
+            ec2.Peer.ipv4(client_cidr or vpc_cidr), ec2.Port.tcp(listener_port), "gRPC over TLS"
+        )
+        lb_sg.add_egress_rule(host_sg, ec2.Port.tcp(grpc_port), "to the parent bridge")
+        host_sg.add_ingress_rule(lb_sg, ec2.Port.tcp(grpc_port), "from the load balancer")
+
+        user_data = ec2.UserData.for_linux()
+        user_data.add_commands(
+            *self._boot_script(
+                region=region,
+                bucket_name=weights_bucket.bucket_name,
+                memory_mib=enclave_memory_mib,
+                cpu_count=enclave_cpu_count,
+                parent_command=parent_command,
+                enclave_command=enclave_command,
+                model_id=model_id,
+                grpc_port=grpc_port,
+                parent_log_group=parent_log_group.log_group_name,
+                enclave_log_group=enclave_log_group.log_group_name,
+            )
+        )
+
+        self.launch_template = ec2.LaunchTemplate(
+            self,
+            "LaunchTemplate",
+            instance_type=ec2.InstanceType(instance_type),
+            machine_image=ec2.MachineImage.latest_amazon_linux2023(),
+            nitro_enclave_enabled=True,
+            require_imdsv2=True,
+            http_tokens=ec2.LaunchTemplateHttpTokens.REQUIRED,
+            http_put_response_hop_limit=1,
+            http_endpoint=True,
+            role=self.role,
+            security_group=host_sg,
+            user_data=user_data,
+            detailed_monitoring=True,
+            block_devices=[
+                ec2.BlockDevice(
+                    device_name="/dev/xvda",
+                    volume=ec2.BlockDeviceVolume.ebs(
+                        volume_size_gib,
+                        encrypted=True,
+                        volume_type=ec2.EbsDeviceVolumeType.GP3,
+                        delete_on_termination=True,
+                    ),
+                )
+            ],
+        )
+
+        self.asg = autoscaling.AutoScalingGroup(
+            self,
+            "Asg",
+            vpc=vpc,
+            vpc_subnets=host_subnets,
+            launch_template=self.launch_template,
+            min_capacity=min_capacity,
+            max_capacity=max_capacity,
+            health_checks=autoscaling.HealthChecks.with_additional_checks(
+                additional_types=[autoscaling.AdditionalHealthCheckType.ELB],
+                grace_period=Duration.minutes(10),
+            ),
+        )
+
+        self.nlb = elbv2.NetworkLoadBalancer(
+            self,
+            "Nlb",
+            vpc=vpc,
+            internet_facing=internet_facing,
+            vpc_subnets=(
+                ec2.SubnetSelection(subnet_type=ec2.SubnetType.PUBLIC) if internet_facing else host_subnets
+            ),
+            security_groups=[lb_sg],
+            cross_zone_enabled=True,
+        )
+        self.nlb.log_access_logs(access_log_bucket, "nlb")
+        self.target_group = elbv2.NetworkTargetGroup(
+            self,
+            "Targets",
+            vpc=vpc,
+            port=grpc_port,
+            protocol=elbv2.Protocol.TCP,
+            targets=[self.asg],
+            deregistration_delay=Duration.seconds(30),
+            health_check=elbv2.HealthCheck(
+                protocol=elbv2.Protocol.TCP,
+                port=str(grpc_port),
+                interval=Duration.seconds(10),
+                healthy_threshold_count=3,
+                unhealthy_threshold_count=3,
+            ),
+        )
+        self.nlb.add_listener(
+            "Tls",
+            port=listener_port,
+            protocol=elbv2.Protocol.TLS,
+            certificates=[elbv2.ListenerCertificate.from_arn(certificate_arn)],
+            ssl_policy=elbv2.SslPolicy.TLS13_RES,
+            alpn_policy=elbv2.AlpnPolicy.HTTP2_ONLY,
+            default_target_groups=[self.target_group],
+        )
+
+    @staticmethod
+    def _boot_script(
+        *,
+        region: str,
+        bucket_name: str,
+        memory_mib: int,
+        cpu_count: int,
+        parent_command: Sequence[str],
+        enclave_command: Sequence[str],
+        model_id: str,
+        grpc_port: int,
+        parent_log_group: str,
+        enclave_log_group: str,
+    ) -> list[str]:
+        allowlist = kms_allowlist(region)  # validates the region too
+        proxy_argv = vsock_proxy_argv(region)
+        proxy_dropin = "\n".join(
+            ["[Service]", "ExecStart=", "ExecStart=/usr/bin/" + " ".join(shlex.quote(a) for a in proxy_argv)]
+        )
+        enclave_argv = [
+            *enclave_command,
+            "--eif",
+            EIF_PATH,
+            "--cpu-count",
+            str(cpu_count),
+            "--memory-mib",
+            str(memory_mib),
+        ]
+        parent_argv = [*parent_command, "--listen", f"tcp:0.0.0.0:{grpc_port}", "--model-id", model_id]
+        agent_config = (
+            '{"logs": {"logs_collected": {"files": {"collect_list": ['
+            f'{{"file_path": "/var/log/nitrovault/parent.log", "log_group_name": "{parent_log_group}", '
+            '"log_stream_name": "{instance_id}"}, '
+            f'{{"file_path": "/var/log/nitrovault/enclave.log", "log_group_name": "{enclave_log_group}", '
+            '"log_stream_name": "{instance_id}"}]}}}}'
+        )
+        lines = [
+            "set -euo pipefail",
+            "dnf install -y aws-nitro-enclaves-cli aws-nitro-enclaves-cli-devel",
+            "dnf install -y amazon-cloudwatch-agent python3.11",
+            f"mkdir -p {INSTALL_DIR} /var/log/nitrovault {PROXY_DROPIN_DIR}",
+            *_heredoc(ALLOCATOR_PATH, allocator_yaml(memory_mib, cpu_count)),
+            *_heredoc(DEFAULT_CONFIG_PATH, allowlist),
+            *_heredoc(f"{PROXY_DROPIN_DIR}/kms-only.conf", proxy_dropin),
+            *_heredoc("/opt/aws/amazon-cloudwatch-agent/etc/nitrovault.json", agent_config),
+            # The enclave image and the parent's wheelhouse come from the weights store (no internet route).
+            f'aws s3 cp "s3://{bucket_name}/enclave/nitrovault.eif" {EIF_PATH}',
+            f'aws s3 cp "s3://{bucket_name}/artifacts/parent-wheelhouse.tar.gz" {WHEELHOUSE}.tar.gz',
+            f"mkdir -p {WHEELHOUSE} && tar -xzf {WHEELHOUSE}.tar.gz -C {WHEELHOUSE}",
+            f"python3.11 -m venv {INSTALL_DIR}/venv",
+            f"{INSTALL_DIR}/venv/bin/pip install --no-index --find-links {WHEELHOUSE} nitrovault",
+            *_heredoc(
+                "/etc/systemd/system/nitrovault-enclave.service",
+                systemd_unit(
+                    "nitrovault enclave (supervised)",
+                    enclave_argv,
+                    after=["nitro-enclaves-allocator.service", "nitro-enclaves-vsock-proxy.service"],
+                    log_file="/var/log/nitrovault/enclave.log",
+                ),
+            ),
+            *_heredoc(
+                "/etc/systemd/system/nitrovault-parent.service",
+                systemd_unit(
+                    "nitrovault parent (gRPC bridge, host services)",
+                    parent_argv,
+                    after=["nitrovault-enclave.service"],
+                    log_file="/var/log/nitrovault/parent.log",
+                ),
+            ),
+            "/opt/aws/amazon-cloudwatch-agent/bin/amazon-cloudwatch-agent-ctl -a fetch-config -m ec2 -s "
+            "-c file:/opt/aws/amazon-cloudwatch-agent/etc/nitrovault.json",
+            "systemctl daemon-reload",
+            "systemctl enable --now nitro-enclaves-allocator.service",
+            "systemctl enable --now nitro-enclaves-vsock-proxy.service",
+            "systemctl enable --now nitrovault-enclave.service nitrovault-parent.service",
+        ]
+        return lines

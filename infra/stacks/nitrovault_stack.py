@@ -1,0 +1,147 @@
+"""The one deployable stack: composes the constructs, defines no resource itself.
+
+Order matters only through explicit dependencies: the model key names the enclave host role, the
+operator roles and CloudFormation's deploy role by literal ARN, so the key depends on the constructs that
+create them; the identity canary's role is deliberately *not* in the key policy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from aws_cdk import CfnOutput, Environment, Stack, Tags
+from aws_cdk import aws_logs as logs
+from constructs import Construct
+
+from infra.constructs.enclave_host import EnclaveHost
+from infra.constructs.identity_canary import IdentityCanary
+from infra.constructs.model_key import ModelKey
+from infra.constructs.network import Network
+from infra.constructs.observability import Observability
+from infra.constructs.operators import OperatorRoles
+from infra.constructs.weights_store import WeightsStore
+from infra.pcr_manifest import PcrManifest
+
+
+@dataclass(frozen=True)
+class NitrovaultStackProps:
+    """Everything the stack needs; built from CDK context by :mod:`infra.app`."""
+
+    #: the 12-digit account and the region to deploy into (both literal: the key policy needs them)
+    account: str
+    region: str
+    #: the reviewed enclave image's measurements
+    manifest: PcrManifest
+    #: ACM certificate for the load balancer's TLS listener
+    certificate_arn: str
+    #: model identity, bound as the encryption context {"model": ..., "version": ...}
+    model_id: str = "model"
+    model_version: str = "1"
+    #: prefix of every IAM role name and of the key alias
+    name_prefix: str = "nitrovault"
+    instance_type: str = "m6i.xlarge"
+    enclave_memory_mib: int = 4096
+    enclave_cpu_count: int = 2
+    #: extra key administrators (existing roles/users of the account), besides the created admin role
+    extra_admin_arns: Sequence[str] = ()
+    #: the role CloudFormation deploys with; it must stay a key administrator to update the policy
+    deploy_role_arn: str | None = None
+    #: base64 KMS ciphertext (the wrapped data key from a sealed model's header) for the canary to try
+    canary_ciphertext_b64: str = ""
+    #: AZ names for the VPC (at least two); empty: the CDK CLI looks them up for the account
+    availability_zones: Sequence[str] = ()
+    internet_facing: bool = False
+    client_cidr: str | None = None
+    log_retention: logs.RetentionDays = logs.RetentionDays.ONE_YEAR
+    unsafe_allow_debug_pcrs: bool = False
+    tags: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def encryption_context(self) -> dict[str, str]:
+        return {"model": self.model_id, "version": self.model_version}
+
+    @property
+    def admin_deploy_role_arn(self) -> str:
+        return self.deploy_role_arn or (
+            f"arn:aws:iam::{self.account}:role/cdk-hnb659fds-cfn-exec-role-{self.account}-{self.region}"
+        )
+
+
+class NitrovaultStack(Stack):
+    """Exposes its constructs: ``.model_key``, ``.store``, ``.network``, ``.observability``, ``.host``,
+    ``.canary``, ``.operators``."""
+
+    def __init__(self, scope: Construct, construct_id: str, *, props: NitrovaultStackProps) -> None:
+        manifest = props.manifest
+        description = (
+            f"nitrovault: model {props.model_id} v{props.model_version} served from attested Nitro Enclaves"
+            f" (image {manifest.image_digest or 'unknown'}, commit {manifest.source_commit or 'unknown'})"
+        )
+        super().__init__(
+            scope,
+            construct_id,
+            env=Environment(account=props.account, region=props.region),
+            description=description[:1024],
+        )
+        self.observability = Observability(self, "Observability", retention=props.log_retention)
+        flow_logs = self.observability.log_group("FlowLogs", "/nitrovault/vpc-flow")
+        self.network = Network(
+            self,
+            "Network",
+            flow_log_group=flow_logs,
+            public_subnets=props.internet_facing,
+            availability_zones=props.availability_zones or None,
+        )
+        self.store = WeightsStore(self, "WeightsStore")
+        self.operators = OperatorRoles(self, "Operators", name_prefix=props.name_prefix)
+        self.store.grant_write(self.operators.sealer_role)
+        self.host = EnclaveHost(
+            self,
+            "EnclaveHost",
+            vpc=self.network.vpc,
+            vpc_cidr=self.network.cidr,
+            host_subnets=self.network.host_subnets,
+            role_name=f"{props.name_prefix}-enclave-host",
+            weights_bucket=self.store.bucket,
+            certificate_arn=props.certificate_arn,
+            parent_log_group=self.observability.parent_logs,
+            enclave_log_group=self.observability.enclave_logs,
+            access_log_bucket=self.store.log_bucket,
+            instance_type=props.instance_type,
+            enclave_memory_mib=props.enclave_memory_mib,
+            enclave_cpu_count=props.enclave_cpu_count,
+            internet_facing=props.internet_facing,
+            client_cidr=props.client_cidr,
+            model_id=props.model_id,
+        )
+        self.store.grant_read(self.host.role)
+        self.model_key = ModelKey(
+            self,
+            "ModelKey",
+            account_id=props.account,
+            admin_arns=[self.operators.admin_arn, props.admin_deploy_role_arn, *props.extra_admin_arns],
+            sealer_arns=[self.operators.sealer_arn],
+            enclave_role_arns=[self.host.role_arn],
+            pcrs=manifest.pcrs,
+            encryption_context=props.encryption_context,
+            principals_created_by=[self.operators, self.host.role],
+            unsafe_allow_debug_pcrs=props.unsafe_allow_debug_pcrs,
+            alias_name=f"alias/{props.name_prefix}/{props.model_id}",
+        )
+        self.canary = IdentityCanary(
+            self,
+            "IdentityCanary",
+            model_key_arn=self.model_key.key.key_arn,
+            role_name=f"{props.name_prefix}-identity-canary",
+            observability=self.observability,
+            encryption_context=props.encryption_context,
+            ciphertext_b64=props.canary_ciphertext_b64,
+        )
+        CfnOutput(self, "ModelKeyArn", value=self.model_key.key.key_arn)
+        CfnOutput(self, "WeightsBucket", value=self.store.bucket.bucket_name)
+        CfnOutput(self, "LoadBalancerDns", value=self.host.nlb.load_balancer_dns_name)
+        CfnOutput(self, "EnclaveRoleArn", value=self.host.role_arn)
+        CfnOutput(self, "SealerRoleArn", value=self.operators.sealer_arn)
+        for key, value in props.tags.items():
+            Tags.of(self).add(key, value)

@@ -1,0 +1,181 @@
+"""Receipts: sign, encode, verify against a local attestation document; each step has its own failure."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import cbor2
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from nitrovault.errors import ReceiptError
+from nitrovault.local.nsm import LocalNsmDevice
+from nitrovault.local.pki import LocalPki
+from nitrovault.nsm import Nsm
+from nitrovault.receipts import (
+    USER_DATA_MAGIC,
+    Receipt,
+    ReceiptSigner,
+    enclave_user_data,
+    key_id,
+    public_key_from_user_data,
+    verify_receipt,
+)
+
+NOW = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
+PCR0 = bytes(range(48))
+SEALED = hashlib.sha256(b"sealed header").digest()
+REQUEST, RESPONSE = b"\x0a\x05hello", b"\x12\x08embedding"
+
+
+@dataclass(frozen=True)
+class Enclave:
+    key: ed25519.Ed25519PrivateKey
+    document: bytes
+    root: x509.Certificate
+
+
+def make_enclave(pki: LocalPki, *, pcr0: bytes = PCR0, user_data: bytes | None = None,
+                 key: ed25519.Ed25519PrivateKey | None = None) -> Enclave:
+    key = key or ed25519.Ed25519PrivateKey.generate()
+    device = LocalNsmDevice(pki, pcrs={0: pcr0, 1: b"\x01" * 48, 2: b"\x02" * 48}, clock=lambda: NOW)
+    data = enclave_user_data(key.public_key()) if user_data is None else user_data
+    return Enclave(key, Nsm(device).attestation(user_data=data), pki.root)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> LocalPki:
+    return LocalPki.ensure(tmp_path_factory.mktemp("pki"), clock=lambda: NOW)
+
+
+@pytest.fixture(scope="module")
+def enclave(pki: LocalPki) -> Enclave:
+    return make_enclave(pki)
+
+
+def signer_for(enclave: Enclave, *, pcr0: bytes = PCR0) -> ReceiptSigner:
+    return ReceiptSigner(enclave.key, model_id="all-minilm-l6-v2", sealed_digest=SEALED, pcr0=pcr0,
+                         clock=lambda: NOW + timedelta(hours=5))
+
+
+def verify(enclave: Enclave, data: bytes, response: bytes | None = RESPONSE, *,
+           document: bytes | None = None) -> Receipt:
+    return verify_receipt(data, attestation_doc=document or enclave.document, root=enclave.root, at=NOW,
+                          response=response)
+
+
+def reason(enclave: Enclave, data: bytes, response: bytes | None = RESPONSE, **kw: bytes) -> str:
+    with pytest.raises(ReceiptError) as info:
+        verify(enclave, data, response, **kw)
+    return info.value.reason
+
+
+def test_receipt_fields_and_roundtrip(enclave: Enclave) -> None:
+    signer = signer_for(enclave)
+    receipt = signer.sign("alice", "Embed", REQUEST, RESPONSE)
+    assert receipt.sequence == 0 and signer.sign("alice", "Embed", REQUEST, RESPONSE).sequence == 1
+    assert receipt.key_id == hashlib.sha256(
+        enclave.key.public_key().public_bytes_raw()).digest()[:16].hex() == key_id(enclave.key.public_key())
+    assert receipt.request_sha256 == hashlib.sha256(REQUEST).digest()
+    assert receipt.time == NOW + timedelta(hours=5)
+    assert receipt.receipt_id == f"{receipt.key_id}:0"
+    data = receipt.to_bytes()
+    assert Receipt.from_bytes(data) == receipt
+    assert len(data) < 512
+
+
+def test_receipt_verifies(enclave: Enclave) -> None:
+    data = signer_for(enclave).sign("alice", "Embed", REQUEST, RESPONSE).to_bytes()
+    verified = verify(enclave, data)
+    assert (verified.subject, verified.method, verified.pcr0) == ("alice", "Embed", PCR0)
+    verify(enclave, data, response=None)  # response not checked
+
+
+def test_altered_response(enclave: Enclave) -> None:
+    data = signer_for(enclave).sign("alice", "Embed", REQUEST, RESPONSE).to_bytes()
+    assert reason(enclave, data, RESPONSE + b"!") == "response"
+
+
+def test_other_enclave_key(enclave: Enclave, pki: LocalPki) -> None:
+    other = make_enclave(pki)
+    data = signer_for(other).sign("alice", "Embed", REQUEST, RESPONSE).to_bytes()
+    assert reason(enclave, data) == "other-key"
+
+
+def test_forged_signature_same_key_id(enclave: Enclave) -> None:
+    receipt = signer_for(enclave).sign("alice", "Embed", REQUEST, RESPONSE)
+    body = cbor2.loads(receipt.body)
+    body["sub"] = "mallory"
+    forged_body = cbor2.dumps(body, canonical=True)
+    forged = cbor2.dumps([forged_body, receipt.signature], canonical=True)
+    assert reason(enclave, forged) == "signature"
+
+
+def test_pcr0_mismatch(enclave: Enclave) -> None:
+    data = signer_for(enclave, pcr0=b"\x07" * 48).sign("alice", "Embed", REQUEST, RESPONSE).to_bytes()
+    assert reason(enclave, data) == "pcr0"
+
+
+def test_attestation_failure(enclave: Enclave, tmp_path: Path) -> None:
+    data = signer_for(enclave).sign("alice", "Embed", REQUEST, RESPONSE).to_bytes()
+    other_root = LocalPki.ensure(tmp_path / "other", clock=lambda: NOW).root
+    with pytest.raises(ReceiptError) as info:
+        verify_receipt(data, attestation_doc=enclave.document, root=other_root, at=NOW, response=RESPONSE)
+    assert info.value.reason == "attestation"
+    with pytest.raises(ReceiptError) as late:
+        verify_receipt(data, attestation_doc=enclave.document, root=enclave.root, at=NOW + timedelta(hours=4))
+    assert late.value.reason == "attestation"
+
+
+def test_document_without_key(enclave: Enclave, pki: LocalPki) -> None:
+    data = signer_for(enclave).sign("alice", "Embed", REQUEST, RESPONSE).to_bytes()
+    bare = make_enclave(pki, key=enclave.key, user_data=b"something else")
+    assert reason(enclave, data, document=bare.document) == "no-key"
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda d: d[:-1],
+    lambda d: d + b"\x00",
+    lambda d: b"\xa0",
+    lambda d: cbor2.dumps([cbor2.loads(d)[0]]),
+    lambda d: cbor2.dumps([cbor2.dumps({**cbor2.loads(cbor2.loads(d)[0]), "extra": 1}, canonical=True),
+                           cbor2.loads(d)[1]]),
+    lambda d: cbor2.dumps([cbor2.loads(d)[0], cbor2.loads(d)[1][:63]]),
+    lambda d: cbor2.dumps([cbor2.dumps({**cbor2.loads(cbor2.loads(d)[0]), "pcr0": b"\x01" * 32},
+                                       canonical=True), cbor2.loads(d)[1]]),
+    lambda d: cbor2.dumps([cbor2.dumps({**cbor2.loads(cbor2.loads(d)[0]), "seq": True}, canonical=True),
+                           cbor2.loads(d)[1]]),
+])
+def test_malformed(enclave: Enclave, mutate: object) -> None:
+    data = signer_for(enclave).sign("alice", "Embed", REQUEST, RESPONSE).to_bytes()
+    mutated = mutate(data)  # type: ignore[operator]
+    with pytest.raises(ReceiptError) as info:
+        Receipt.from_bytes(mutated)
+    assert info.value.reason == "malformed"
+
+
+def test_non_canonical_body_is_rejected(enclave: Enclave) -> None:
+    receipt = signer_for(enclave).sign("alice", "Embed", REQUEST, RESPONSE)
+    body = cbor2.loads(receipt.body)
+    reordered = cbor2.dumps(dict(reversed(list(body.items()))))  # same map, non-canonical key order
+    assert reordered != receipt.body
+    with pytest.raises(ReceiptError, match="deterministic"):
+        Receipt.from_bytes(cbor2.dumps([reordered, receipt.signature], canonical=True))
+
+
+def test_user_data_layout() -> None:
+    key = ed25519.Ed25519PrivateKey.generate()
+    data = enclave_user_data(key.public_key())
+    assert data == USER_DATA_MAGIC + b"\x01\x20" + key.public_key().public_bytes_raw()
+    # room for more keys: unknown entries are skipped
+    extended = data + b"\x02\x03abc"
+    assert public_key_from_user_data(extended).public_bytes_raw() == key.public_key().public_bytes_raw()
+    for bad in (None, b"", b"other", USER_DATA_MAGIC, data[:-1], data + data[len(USER_DATA_MAGIC):],
+                USER_DATA_MAGIC + b"\x01\x05abcde"):
+        with pytest.raises(ReceiptError) as info:
+            public_key_from_user_data(bad)
+        assert info.value.reason == "no-key"
