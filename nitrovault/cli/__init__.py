@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from nitrovault.cli import attest_cmd, audit_cmd, local_cmd, receipt_cmd, seal_cmd, token_cmd
+from nitrovault.cli import attest_cmd, audit_cmd, client_cmd, local_cmd, receipt_cmd, review_cmd, seal_cmd, token_cmd
 
 app = typer.Typer(
     name="nitrovault",
@@ -24,6 +24,9 @@ app.add_typer(receipt_cmd.app, name="receipt", help="Verify response receipts of
 app.add_typer(audit_cmd.app, name="audit", help="Verify the enclave's audit log.")
 app.command("seal")(seal_cmd.seal)
 app.command("inspect")(seal_cmd.inspect)
+app.command("review")(review_cmd.review)
+app.command("embed")(client_cmd.embed)
+app.command("infer")(client_cmd.infer)
 
 
 def main() -> None:

@@ -1,0 +1,813 @@
+"""The key-policy reviewer: who can obtain plaintext key material, under which measurements? Pure.
+
+Input is a parsed key policy (or a CloudFormation template's ``AWS::KMS::Key`` resources), optionally with
+the image's :class:`~nitrovault.policy.manifest.PcrManifest`; output is a :class:`KeyReview` per key: one
+:class:`Grant` row per (statement, principal, action) that can yield plaintext or escalate to it, and the
+:class:`Finding` list. File and folder reading lives in ``nitrovault.cli.review_cmd`` (the I/O shell).
+
+How a claim is established:
+
+1. **Static reading** of each ``Allow`` statement: which plaintext-yielding actions it covers (wildcards and
+   ``NotAction`` included, :data:`PLAINTEXT_ACTIONS`), which principals, and how its
+   ``kms:RecipientAttestation:*`` conditions are written (operator, set prefix, ``IfExists``, value shape).
+2. **Proof with the evaluator** that the KMS emulator uses (:func:`~nitrovault.policy.evaluate_key_policy`):
+   for every principal and action the reviewer builds the request KMS would build -- with the
+   encryption context the statement itself demands, so the check is not vacuous -- and evaluates it
+   (a) without an attestation document, (b) with *foreign* PCRs (:data:`PROBE_PCRS`, values no real image
+   has), (c) with the manifest's PCRs. "X can Decrypt without attestation" is reported only as
+   ``proved`` when (a) is allowed; "any enclave can decrypt" when (b) is.
+3. **Comparison** of the bound PCR values with the manifest: match, MISMATCH, or debug zeros.
+
+Invariants:
+
+* Reviewing never raises on a policy that :func:`~nitrovault.policy.parse_policy` accepts; a malformed
+  policy raises :class:`~nitrovault.errors.PolicyError`.
+* The policy of :func:`nitrovault.policy.build.model_key_policy` with a matching manifest has no finding.
+* Account principals are assumed to delegate to IAM (the evaluator's worst case): a reviewer cannot see
+  the account's IAM policies, so it must assume they allow.
+* ``GenerateRandom`` is not reviewed: it takes no key, so no key policy governs it.
+
+What this cannot prove: anything outside the key policy (IAM policies, grants already created, SCPs), and
+whether the manifest describes the code you reviewed (that is the reproducible build's job).
+
+Example::
+
+    >>> from nitrovault.policy import parse_policy
+    >>> review = review_policy({"Version": "2012-10-17", "Statement": [{"Effect": "Allow",
+    ...     "Principal": {"AWS": "arn:aws:iam::111122223333:root"}, "Action": "kms:*", "Resource": "*"}]},
+    ...     key="default")
+    >>> sorted({f.category for f in review.findings})
+    ['context-unconstrained', 'escalation', 'plaintext-without-attestation', 'root-delegation']
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from nitrovault.policy.conditions import ConditionClause, wildcard_match
+from nitrovault.policy.evaluate import (
+    Policy,
+    Statement,
+    build_request_context,
+    evaluate_key_policy,
+    parse_policy,
+)
+from nitrovault.policy.manifest import DEBUG_ZERO_PCRS, REQUIRED_PCRS, PcrManifest
+
+__all__ = [
+    "CATEGORIES",
+    "ESCALATION_ACTIONS",
+    "PLAINTEXT_ACTIONS",
+    "PROBE_PCRS",
+    "Finding",
+    "Grant",
+    "KeyReview",
+    "Review",
+    "TemplateEnv",
+    "keys_from_template",
+    "render_intrinsics",
+    "review_policy",
+    "review_template",
+]
+
+Severity = Literal["critical", "high", "medium"]
+SEVERITY_ORDER: Mapping[str, int] = {"critical": 3, "high": 2, "medium": 1}
+
+#: The issue's finding vocabulary; every finding has exactly one of these.
+CATEGORIES = (
+    "plaintext-without-attestation",
+    "root-delegation",
+    "wildcard-principal",
+    "pcr-pattern-match",
+    "pcr-malformed",
+    "debug-pcr",
+    "set-operator-misuse",
+    "negated-element",
+    "escalation",
+    "manifest-mismatch",
+    "context-unconstrained",
+    "weak-binding",
+)
+
+#: Actions whose answer carries plaintext key material (or re-wraps it under a key the caller may own).
+#: GenerateDataKey/GenerateDataKeyPair return a *new* key in plaintext ("plaintext to caller");
+#: Decrypt, ReEncryptFrom and DeriveSharedSecret release what this key protects.
+PLAINTEXT_ACTIONS = (
+    "kms:Decrypt",
+    "kms:ReEncryptFrom",
+    "kms:DeriveSharedSecret",
+    "kms:GenerateDataKey",
+    "kms:GenerateDataKeyPair",
+)
+_TO_CALLER = ("kms:GenerateDataKey", "kms:GenerateDataKeyPair")
+#: Actions that let a principal give itself (or anyone) the above: grants, or a new policy.
+ESCALATION_ACTIONS = ("kms:CreateGrant", "kms:PutKeyPolicy")
+#: Management actions that make a principal a key administrator.
+_ADMIN_MARKERS = ("kms:PutKeyPolicy", "kms:ScheduleKeyDeletion", "kms:DisableKey")
+#: An action no policy names: a statement covering it (and Decrypt) covers everything (``kms:*``).
+_UNNAMED_ACTION = "kms:NitrovaultReviewUnnamedAction"
+
+_ATTESTATION_PREFIX = "kms:recipientattestation:"
+_CONTEXT_PREFIX = "kms:encryptioncontext:"
+_PCR_KEY = re.compile(r"kms:recipientattestation:pcr(\d+)", re.IGNORECASE)
+_IMAGE_KEY = "kms:recipientattestation:imagesha384"
+_HEX96 = re.compile(r"[0-9a-f]{96}")
+_ROOT_ARN = re.compile(r"arn:([^:]+):iam::([^:]+):root")
+_ACCOUNT_ID = re.compile(r"\d{12}")
+_PINNING_OPERATORS = ("StringEquals", "StringEqualsIgnoreCase")
+
+#: Foreign measurements for the "any enclave" proof: derived from a fixed label so the review is
+#: deterministic, and (being SHA-384 outputs of a label no build hashes) equal to no real image's PCRs.
+PROBE_PCRS: Mapping[int, bytes] = {
+    i: hashlib.sha384(f"nitrovault-review-foreign-pcr{i}".encode()).digest() for i in (0, 1, 2, 3, 4, 8)
+}
+_OUTSIDER_ACCOUNT = "999988887777"
+
+
+# -- results ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem. ``rule_id`` is stable across releases; ``message`` never carries key material."""
+
+    rule_id: str
+    category: str
+    severity: Severity
+    key: str
+    statement: str
+    message: str
+    principal: str | None = None
+    #: True when the evaluator confirmed the claim (see the module docstring)
+    proved: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "rule_id": self.rule_id,
+            "category": self.category,
+            "severity": self.severity,
+            "key": self.key,
+            "statement": self.statement,
+            "principal": self.principal,
+            "message": self.message,
+            "proved": self.proved,
+        }
+
+
+Verdict = Literal["attested-release", "plaintext-to-caller", "unattested-plaintext", "escalation"]
+
+
+@dataclass(frozen=True)
+class Grant:
+    """Who may do what under which measurements: one row of the review table."""
+
+    statement: str
+    principal: str
+    actions: tuple[str, ...]
+    #: condition operators and keys, e.g. ``StringEqualsIgnoreCase(PCR0,PCR1,PCR2)``; never values
+    conditions: str
+    #: PCRn -> "match" / "MISMATCH" / "debug-zeros" / "bound" (no manifest) / "malformed"
+    measurements: Mapping[str, str]
+    verdict: Verdict
+    #: evaluator answers: allowed without attestation / with foreign PCRs / with the manifest's PCRs
+    unattested: bool
+    foreign_pcrs: bool
+    manifest_pcrs: bool | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "statement": self.statement,
+            "principal": self.principal,
+            "actions": list(self.actions),
+            "conditions": self.conditions,
+            "measurements": dict(self.measurements),
+            "verdict": self.verdict,
+            "allowed_without_attestation": self.unattested,
+            "allowed_with_foreign_pcrs": self.foreign_pcrs,
+            "allowed_with_manifest_pcrs": self.manifest_pcrs,
+        }
+
+
+@dataclass(frozen=True)
+class KeyReview:
+    key: str
+    source: str
+    grants: tuple[Grant, ...]
+    findings: tuple[Finding, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "source": self.source,
+            "grants": [g.as_dict() for g in self.grants],
+            "findings": len(self.findings),
+        }
+
+
+@dataclass(frozen=True)
+class Review:
+    keys: tuple[KeyReview, ...]
+    manifest: PcrManifest | None = None
+
+    @property
+    def findings(self) -> tuple[Finding, ...]:
+        return tuple(f for k in self.keys for f in k.findings)
+
+    def as_dict(self) -> dict[str, Any]:
+        manifest = None
+        if self.manifest is not None:
+            manifest = {**self.manifest.to_json_dict(), "debug_pcrs": list(self.manifest.debug_pcrs)}
+        return {
+            "manifest": manifest,
+            "keys": [k.as_dict() for k in self.keys],
+            "findings": [f.as_dict() for f in self.findings],
+        }
+
+
+# -- static reading of a statement ------------------------------------------------------------------------
+
+
+def _covers(statement: Statement, action: str) -> bool:
+    if statement.actions is not None:
+        return any(wildcard_match(a, action, ignore_case=True) for a in statement.actions)
+    assert statement.not_actions is not None
+    return not any(wildcard_match(a, action, ignore_case=True) for a in statement.not_actions)
+
+
+def _full_wildcard(statement: Statement) -> bool:
+    return _covers(statement, _UNNAMED_ACTION) and _covers(statement, "kms:Decrypt")
+
+
+def _principals(statement: Statement) -> list[str]:
+    """Principals as labels: ``*``, account roots (normalised to ARNs), role/user ARNs, ``NOT(...)``."""
+    if statement.principal is not None:
+        if statement.principal.everyone:
+            return ["*"]
+        out = [f"arn:aws:iam::{p}:root" if _ACCOUNT_ID.fullmatch(p) else p for p in statement.principal.aws]
+        return out + [f"service:{s}" for s in statement.principal.service]
+    assert statement.not_principal is not None
+    return ["*"]  # NotPrincipal in an Allow: everyone but a few, reviewed as everyone
+
+
+def _probe_arn(label: str) -> str | None:
+    """A caller ARN that the principal ``label`` covers, for the evaluator (None: not probeable)."""
+    if label == "*":
+        return f"arn:aws:iam::{_OUTSIDER_ACCOUNT}:role/nitrovault-review-anyone"
+    root = _ROOT_ARN.fullmatch(label)
+    if root:  # any IAM identity of the account, via delegation
+        return f"arn:{root.group(1)}:iam::{root.group(2)}:role/nitrovault-review-iam-delegate"
+    if label.startswith("arn:"):
+        return label
+    return None
+
+
+def _is_root(label: str) -> bool:
+    return _ROOT_ARN.fullmatch(label) is not None
+
+
+@dataclass(frozen=True)
+class _Attestation:
+    clauses: tuple[ConditionClause, ...]
+    #: PCR index -> the policy values bound by a pinning operator (ImageSha384 counts as PCR0)
+    bound: Mapping[int, tuple[str, ...]]
+    summary: str
+
+
+def _attestation(statement: Statement) -> _Attestation:
+    clauses = tuple(c for c in statement.conditions if c.key.lower().startswith(_ATTESTATION_PREFIX))
+    bound: dict[int, tuple[str, ...]] = {}
+    for c in clauses:
+        if c.base not in _PINNING_OPERATORS and c.base != "StringLike":
+            continue
+        if c.negated:
+            continue
+        index = _pcr_index(c.key)
+        if index is not None:
+            bound[index] = bound.get(index, ()) + c.values
+    ops: dict[str, list[str]] = {}
+    for c in statement.conditions:
+        short = c.key.split(":")[-1] if c.key.lower().startswith(_ATTESTATION_PREFIX) else c.key
+        ops.setdefault(c.operator, []).append(short)
+    summary = "; ".join(f"{op}({','.join(keys)})" for op, keys in ops.items()) or "none"
+    return _Attestation(clauses, bound, summary)
+
+
+def _pcr_index(key: str) -> int | None:
+    if key.lower() == _IMAGE_KEY:
+        return 0
+    match = _PCR_KEY.fullmatch(key)
+    return int(match.group(1)) if match else None
+
+
+def _encryption_context(statement: Statement) -> dict[str, str]:
+    """A context satisfying the statement's own positive encryption-context conditions."""
+    context: dict[str, str] = {}
+    for c in statement.conditions:
+        if c.negated or c.base not in (*_PINNING_OPERATORS, "StringLike"):
+            continue
+        if c.key.lower().startswith(_CONTEXT_PREFIX):
+            name = c.key[len(_CONTEXT_PREFIX) :]
+            context[name] = c.values[0].replace("*", "x").replace("?", "x")
+    return context
+
+
+def _has_context_condition(statement: Statement) -> bool:
+    return any(
+        not c.negated
+        and not c.if_exists
+        and c.base in _PINNING_OPERATORS
+        and c.key.lower().startswith(_CONTEXT_PREFIX)
+        for c in statement.conditions
+    )
+
+
+# -- the review -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Collector:
+    key: str
+    findings: dict[tuple[str, str, str | None], Finding] = field(default_factory=dict)
+
+    def add(
+        self,
+        rule_id: str,
+        category: str,
+        severity: Severity,
+        statement: str,
+        message: str,
+        principal: str | None = None,
+        proved: bool = False,
+    ) -> None:
+        assert category in CATEGORIES, category
+        slot = (rule_id, statement, principal)
+        if slot not in self.findings:
+            self.findings[slot] = Finding(
+                rule_id, category, severity, self.key, statement, message, principal, proved
+            )
+        elif proved:
+            self.prove(rule_id, statement, principal)
+
+    def prove(self, rule_id: str, statement: str, principal: str | None = None) -> None:
+        """Mark a finding as confirmed by the evaluator (no-op when there is no such finding)."""
+        slot = (rule_id, statement, principal)
+        if slot in self.findings:
+            self.findings[slot] = replace(self.findings[slot], proved=True)
+
+
+def _check_attestation_clauses(
+    out: _Collector, statement: Statement, att: _Attestation, manifest: PcrManifest | None
+) -> dict[str, str]:
+    """Static checks of the attestation conditions; returns the measurements column."""
+    label = statement.label
+    measurements: dict[str, str] = {}
+    for c in att.clauses:
+        name = c.key.split(":")[-1]
+        if c.if_exists:
+            out.add(
+                "NV-ATT-IFEXISTS", "set-operator-misuse", "critical", label,
+                f"{c.operator} on {name}: a request WITHOUT an attestation document satisfies it",
+            )
+        if c.set_operator is not None:
+            out.add(
+                "NV-ATT-SETOP", "set-operator-misuse", "high", label,
+                f"{c.operator} on {name}: single-valued attestation keys take no set operator; "
+                "ForAnyValue/ForAllValues make the binding bypassable",
+            )
+        if c.negated:
+            out.add(
+                "NV-ATT-NEGATED", "negated-element", "high", label,
+                f"{c.operator} on {name}: a negated operator admits every other measurement",
+            )
+        if c.base == "StringLike" and any("*" in v or "?" in v for v in c.values):
+            out.add(
+                "NV-ATT-PATTERN", "pcr-pattern-match", "high", label,
+                f"StringLike with a wildcard on {name}: a pattern admits other images",
+            )
+        if c.base not in (*_PINNING_OPERATORS, "StringLike", "Null"):
+            out.add(
+                "NV-ATT-OPERATOR", "weak-binding", "high", label,
+                f"{c.operator} on {name}: use StringEqualsIgnoreCase to pin a measurement",
+            )
+        if c.base == "Null" or c.negated:
+            continue
+        index = _pcr_index(c.key)
+        for value in c.values:
+            if not _HEX96.fullmatch(value):
+                hint = " (stray '0x' prefix)" if value.lower().startswith("0x") else ""
+                out.add(
+                    "NV-PCR-MALFORMED", "pcr-malformed", "high", label,
+                    f"{name} value is not 96 lower-case hex digits{hint}: it never matches a real PCR",
+                )
+                measurements[name] = "malformed"
+                continue
+            if index in DEBUG_ZERO_PCRS and not any(bytes.fromhex(value)):
+                out.add(
+                    "NV-PCR-DEBUG", "debug-pcr", "critical", label,
+                    f"{name} is all zeros: that is a DEBUG-mode enclave, which anyone can run with any code",
+                )
+                measurements[name] = "debug-zeros"
+                continue
+            if manifest is None or index is None:
+                measurements.setdefault(name, "bound")
+            elif index not in manifest.pcrs:
+                out.add(
+                    "NV-MANIFEST-EXTRA", "manifest-mismatch", "medium", label,
+                    f"{name} is bound but the manifest has no PCR{index}: the reviewed image is unknown here",
+                )
+                measurements[name] = "MISMATCH"
+            elif value != manifest.pcr_hex(index):
+                out.add(
+                    "NV-MANIFEST-MISMATCH", "manifest-mismatch", "high", label,
+                    f"{name} does not match the manifest: the policy releases to a different image",
+                )
+                measurements[name] = "MISMATCH"
+            else:
+                measurements.setdefault(name, "match")
+
+    only_null = bool(att.clauses) and all(c.base == "Null" for c in att.clauses)
+    if only_null:
+        out.add(
+            "NV-ATT-NULL-ONLY", "weak-binding", "critical", label,
+            "attestation conditions are Null-only: they test that a document is present, not which image",
+        )
+        return measurements
+    image_bound = [i for i in (0, 1, 2) if i in att.bound]
+    if not image_bound:
+        out.add(
+            "NV-BIND-NO-IMAGE", "weak-binding", "critical", label,
+            "no image measurement (PCR0/1/2 or ImageSha384) is bound: any enclave code qualifies",
+        )
+    else:
+        missing = [f"PCR{i}" for i in REQUIRED_PCRS if i not in att.bound]
+        if missing:
+            out.add(
+                "NV-BIND-MISSING-PCR", "weak-binding", "medium", label,
+                f"{' and '.join(missing)} not bound: bind PCR0, PCR1 and PCR2 (defence in depth)",
+            )
+    if manifest is not None:
+        for index in manifest.pcrs:
+            if index not in att.bound and index not in REQUIRED_PCRS:
+                out.add(
+                    "NV-MANIFEST-UNBOUND", "weak-binding", "medium", label,
+                    f"the manifest has PCR{index} but the statement does not bind it",
+                )
+    return measurements
+
+
+def review_policy(
+    policy: Mapping[str, Any] | str | bytes | Policy,
+    *,
+    key: str = "policy",
+    source: str = "",
+    manifest: PcrManifest | None = None,
+    key_arn: str | None = None,
+    probe_pcrs: Mapping[int, bytes] = PROBE_PCRS,
+) -> KeyReview:
+    """Review one key policy; :class:`~nitrovault.errors.PolicyError` when it is malformed.
+
+    ``probe_pcrs`` are the "foreign" measurements (a parameter so tests can pass their own randomness).
+    """
+    parsed = policy if isinstance(policy, Policy) else parse_policy(policy)
+    arn = key_arn or f"arn:aws:kms:us-east-1:{_OUTSIDER_ACCOUNT}:key/{key}"
+    out = _Collector(key)
+    grants: list[Grant] = []
+
+    if manifest is not None and manifest.is_debug:
+        names = ", ".join(f"PCR{i}" for i in manifest.debug_pcrs)
+        out.add(
+            "NV-MANIFEST-DEBUG", "debug-pcr", "critical", "manifest",
+            f"the manifest's {names} are all zeros: a debug-mode image; never bind a production key to it",
+        )
+
+    admins: set[str] = set()
+    for statement in parsed.statements:
+        # administrators are named for management; a kms:* grant is judged on its own (NV-KMS-STAR)
+        if statement.effect != "Allow" or _full_wildcard(statement):
+            continue
+        if any(_covers(statement, a) for a in _ADMIN_MARKERS):
+            admins.update(p for p in _principals(statement) if p != "*" and not _is_root(p))
+
+    def allowed(action: str, who: str, ctx: Mapping[str, str], pcrs: Mapping[int, bytes] | None) -> bool:
+        request = build_request_context(action, who, arn, ctx, pcrs)
+        return evaluate_key_policy(parsed, request).allowed
+
+    for statement in parsed.statements:
+        if statement.effect != "Allow":
+            continue
+        label = statement.label
+        plaintext = [a for a in PLAINTEXT_ACTIONS if _covers(statement, a)]
+        escalation = [a for a in ESCALATION_ACTIONS if _covers(statement, a)]
+        if not plaintext and not escalation:
+            continue
+        if statement.not_actions is not None and plaintext:
+            out.add(
+                "NV-NOTACTION", "negated-element", "medium", label,
+                f"NotAction leaves plaintext actions allowed: {', '.join(plaintext)}",
+            )
+        if statement.not_principal is not None and plaintext:
+            out.add(
+                "NV-NOTPRINCIPAL", "negated-element", "high", label,
+                "NotPrincipal in an Allow grants plaintext actions to everyone not listed",
+            )
+        att = _attestation(statement)
+        full = _full_wildcard(statement)
+        measurements = _check_attestation_clauses(out, statement, att, manifest) if att.clauses else {}
+        context = _encryption_context(statement)
+        for principal in _principals(statement):
+            who = _probe_arn(principal)
+            if who is None:
+                continue
+            root, everyone = _is_root(principal), principal == "*"
+            if full and not root and principal not in admins:
+                out.add(
+                    "NV-KMS-STAR", "escalation", "high", label,
+                    "kms:* (or an equivalent wildcard) to a principal that is not a key administrator",
+                    principal,
+                )
+            elif full and principal in admins:
+                out.add(
+                    "NV-KMS-STAR-ADMIN", "escalation", "high", label,
+                    "kms:* to a key administrator: administration and plaintext in one principal", principal
+                )
+            for action in escalation:
+                if action == "kms:PutKeyPolicy" and principal in admins and not (root or everyone):
+                    continue  # the documented break-glass path: a logged policy change, not a decrypt
+                out.add(
+                    "NV-ESCALATION", "escalation", "critical" if (root or everyone) else "high", label,
+                    f"{action} lets this principal grant itself plaintext access", principal,
+                )
+            for action in plaintext:
+                unattested = allowed(action, who, context, None)
+                foreign = allowed(action, who, context, probe_pcrs)
+                expected = allowed(action, who, context, manifest.pcrs) if manifest is not None else None
+                if att.clauses:
+                    verdict: Verdict = "attested-release"
+                elif action in _TO_CALLER:
+                    verdict = "plaintext-to-caller"
+                else:
+                    verdict = "unattested-plaintext"
+                grants.append(
+                    Grant(label, principal, (action,), att.summary, measurements, verdict,
+                          unattested, foreign, expected)
+                )
+                _judge(out, statement, principal, action, verdict, unattested, foreign, root, everyone)
+                if verdict == "attested-release" and expected is False:
+                    out.prove("NV-MANIFEST-MISMATCH", label)
+
+    # Administrators must not be able to decrypt, with or without an enclave.
+    for admin in sorted(admins):
+        who = _probe_arn(admin)
+        if who is None:
+            continue
+        contexts = [_encryption_context(s) for s in parsed.statements if s.effect == "Allow"] or [{}]
+        pcr_sets: list[Mapping[int, bytes] | None] = [None, probe_pcrs]
+        if manifest is not None:
+            pcr_sets.append(manifest.pcrs)
+        if any(allowed("kms:Decrypt", who, ctx, pcrs) for ctx in contexts for pcrs in pcr_sets):
+            out.add(
+                "NV-ADMIN-DECRYPT", "escalation", "high", "policy",
+                "a key administrator can also Decrypt: administration and use must be separate", admin, True,
+            )
+
+    # Defence in depth: an explicit Deny of Decrypt without attestation, for everyone.
+    outsider = f"arn:aws:iam::{_OUTSIDER_ACCOUNT}:role/nitrovault-review-anyone"
+    decision = evaluate_key_policy(parsed, build_request_context("kms:Decrypt", outsider, arn, {}, None))
+    if not decision.deny:
+        out.add(
+            "NV-NO-DENY", "plaintext-without-attestation", "medium", "policy",
+            "no explicit Deny of kms:Decrypt without an attestation document (add one for everyone: "
+            'Condition {"Null": {"kms:RecipientAttestation:PCR0": "true"}})',
+        )
+
+    findings = sorted(
+        out.findings.values(), key=lambda f: (-SEVERITY_ORDER[f.severity], f.statement, f.rule_id)
+    )
+    return KeyReview(key, source, tuple(grants), tuple(findings))
+
+
+def _judge(
+    out: _Collector,
+    statement: Statement,
+    principal: str,
+    action: str,
+    verdict: Verdict,
+    unattested: bool,
+    foreign: bool,
+    root: bool,
+    everyone: bool,
+) -> None:
+    """Findings for one (statement, principal, plaintext action) from the static reading and the proofs."""
+    label = statement.label
+    short = action.split(":")[1]
+    if root:
+        out.add(
+            "NV-ROOT-DELEGATION", "root-delegation", "critical" if verdict != "attested-release" else "high",
+            label,
+            f"the account principal is allowed {short}: any IAM identity an IAM policy allows can use it",
+            principal, unattested or foreign,
+        )
+    if everyone and verdict != "attested-release":
+        out.add(
+            "NV-WILDCARD-PRINCIPAL", "wildcard-principal", "critical", label,
+            f'"*" principal is allowed {short} without attestation conditions', principal, unattested,
+        )
+    if verdict == "plaintext-to-caller":
+        if root or everyone or not _has_context_condition(statement):
+            out.add(
+                "NV-DATAKEY-UNCONSTRAINED",
+                "context-unconstrained",
+                "high" if (root or everyone) else "medium",
+                label,
+                f"{short} returns a plaintext data key: restrict it to one sealing role AND the model's "
+                "encryption context (kms:EncryptionContext:*)",
+                principal, unattested,
+            )
+        return
+    if verdict == "unattested-plaintext" and unattested:
+        out.add(
+            "NV-PLAINTEXT-UNATTESTED", "plaintext-without-attestation", "critical" if everyone else "high",
+            label, f"{principal} can {short} without any attestation (proved by evaluation)", principal, True,
+        )
+    elif verdict == "unattested-plaintext" and foreign:
+        out.add(
+            "NV-ANY-ENCLAVE", "weak-binding", "critical", label,
+            f"{principal} can {short} from ANY enclave image (proved with foreign PCRs)", principal, True,
+        )
+    elif verdict == "unattested-plaintext":  # e.g. guarded only by keys the probe cannot satisfy
+        out.add(
+            "NV-PLAINTEXT-UNATTESTED", "plaintext-without-attestation", "critical" if everyone else "high",
+            label, f"{principal} is allowed {short} without attestation conditions (not proved: other "
+            "conditions or a Deny stopped the probe)", principal, False,
+        )
+    if verdict == "attested-release":
+        if unattested:
+            out.add(
+                "NV-ATT-BYPASS", "plaintext-without-attestation", "critical", label,
+                f"{principal} can {short} WITHOUT an attestation document despite the attestation "
+                "conditions (proved by evaluation)",
+                principal, True,
+            )
+        elif foreign:
+            out.add(
+                "NV-ANY-ENCLAVE", "weak-binding", "critical", label,
+                f"{principal} can {short} from an enclave with foreign PCRs (proved by evaluation)",
+                principal, True,
+            )
+
+
+# -- CloudFormation ---------------------------------------------------------------------------------------
+
+_PSEUDO = {"AWS::Partition": "aws", "AWS::URLSuffix": "amazonaws.com", "AWS::NoValue": ""}
+
+
+@dataclass(frozen=True)
+class TemplateEnv:
+    """What intrinsics resolve against: the template's resources and parameters, the account and region."""
+
+    resources: Mapping[str, Any]
+    parameters: Mapping[str, Any]
+    account: str | None
+    region: str | None
+
+
+def _ref(name: str, env: TemplateEnv) -> str:
+    if name in _PSEUDO:
+        return _PSEUDO[name]
+    if name == "AWS::AccountId":
+        return env.account or "<AccountId>"
+    if name == "AWS::Region":
+        return env.region or "<Region>"
+    if name.startswith("AWS::"):
+        return f"<{name[5:]}>"
+    param = env.parameters.get(name)
+    if isinstance(param, Mapping) and isinstance(param.get("Default"), str):
+        return str(param["Default"])
+    return f"<{name}>"
+
+
+def _get_att(logical: str, attribute: str, env: TemplateEnv) -> str:
+    resource = env.resources.get(logical)
+    kind = resource.get("Type") if isinstance(resource, Mapping) else None
+    props = resource.get("Properties", {}) if isinstance(resource, Mapping) else {}
+    if attribute == "Arn" and kind in ("AWS::IAM::Role", "AWS::IAM::User"):
+        noun = "role" if kind == "AWS::IAM::Role" else "user"
+        name_key = "RoleName" if noun == "role" else "UserName"
+        name = props.get(name_key) if isinstance(props, Mapping) else None
+        rendered = render_intrinsics(name, env) if name is not None else logical
+        account = env.account or "<AccountId>"
+        return f"arn:aws:iam::{account}:{noun}/{rendered}"
+    return f"<{logical}.{attribute}>"
+
+
+def _sub(template: str, variables: Mapping[str, Any], env: TemplateEnv) -> str:
+    def one(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name.startswith("!"):
+            return "${" + name[1:] + "}"
+        if name in variables:
+            return str(render_intrinsics(variables[name], env))
+        if "." in name:
+            logical, attribute = name.split(".", 1)
+            return _get_att(logical, attribute, env)
+        return _ref(name, env)
+
+    return re.sub(r"\$\{([^}]+)\}", one, template)
+
+
+def render_intrinsics(value: Any, env: TemplateEnv) -> Any:
+    """Replace CloudFormation intrinsics with readable strings (``Ref AWS::AccountId`` -> the account or
+    ``<AccountId>``; a role's ``Fn::GetAtt Arn`` -> ``arn:aws:iam::<AccountId>:role/<LogicalId>``)."""
+    if isinstance(value, list):
+        return [render_intrinsics(v, env) for v in value]
+    if not isinstance(value, Mapping):
+        return value
+    if len(value) == 1:
+        (name, arg), = value.items()
+        if name == "Ref" and isinstance(arg, str):
+            return _ref(arg, env)
+        if name == "Fn::GetAtt":
+            parts = arg.split(".", 1) if isinstance(arg, str) else list(arg)
+            if len(parts) == 2:
+                return _get_att(str(parts[0]), str(render_intrinsics(parts[1], env)), env)
+        if name == "Fn::Join" and isinstance(arg, list) and len(arg) == 2 and isinstance(arg[1], list):
+            return str(arg[0]).join(str(render_intrinsics(v, env)) for v in arg[1])
+        if name == "Fn::Sub":
+            if isinstance(arg, str):
+                return _sub(arg, {}, env)
+            if isinstance(arg, list) and len(arg) == 2 and isinstance(arg[1], Mapping):
+                return _sub(str(arg[0]), arg[1], env)
+        if name == "Fn::Select" and isinstance(arg, list) and len(arg) == 2:
+            items = render_intrinsics(arg[1], env)
+            if isinstance(items, list) and str(arg[0]).isdigit() and int(arg[0]) < len(items):
+                return items[int(arg[0])]
+        if name == "Fn::ImportValue":
+            return f"<ImportValue:{render_intrinsics(arg, env)}>"
+        if name.startswith("Fn::"):
+            return f"<{name[4:]}>"
+    return {k: render_intrinsics(v, env) for k, v in value.items()}
+
+
+def keys_from_template(
+    template: Mapping[str, Any], *, account: str | None = None, region: str | None = None
+) -> list[tuple[str, dict[str, Any]]]:
+    """Every ``AWS::KMS::Key``'s ``KeyPolicy`` as ``(logical id, rendered policy)``, in template order."""
+    resources = template.get("Resources")
+    if not isinstance(resources, Mapping):
+        return []
+    params = template.get("Parameters")
+    env = TemplateEnv(resources, params if isinstance(params, Mapping) else {}, account, region)
+    keys = []
+    for logical, resource in resources.items():
+        if not isinstance(resource, Mapping) or resource.get("Type") != "AWS::KMS::Key":
+            continue
+        props = resource.get("Properties")
+        policy = props.get("KeyPolicy") if isinstance(props, Mapping) else None
+        if policy is None:  # KMS then applies its default policy: root kms:*
+            policy = _DEFAULT_KEY_POLICY
+        rendered = render_intrinsics(policy, env)
+        keys.append((str(logical), rendered if isinstance(rendered, dict) else {"Statement": rendered}))
+    return keys
+
+
+_DEFAULT_KEY_POLICY = {
+    "Version": "2012-10-17",
+    "Statement": [
+        {
+            "Sid": "Enable IAM User Permissions (KMS default)",
+            "Effect": "Allow",
+            "Principal": {"AWS": {"Fn::Sub": "arn:${AWS::Partition}:iam::${AWS::AccountId}:root"}},
+            "Action": "kms:*",
+            "Resource": "*",
+        }
+    ],
+}
+
+
+def review_template(
+    template: Mapping[str, Any],
+    *,
+    source: str = "template",
+    manifest: PcrManifest | None = None,
+    account: str | None = None,
+    region: str | None = None,
+) -> list[KeyReview]:
+    """Review every KMS key of a CloudFormation template (a key without KeyPolicy gets KMS's default)."""
+    reviews = []
+    for logical, policy in keys_from_template(template, account=account, region=region):
+        key_arn = f"arn:aws:kms:{region or 'us-east-1'}:{account or _OUTSIDER_ACCOUNT}:key/{logical}"
+        name = f"{source}/{logical}"
+        reviews.append(review_policy(policy, key=name, source=source, manifest=manifest, key_arn=key_arn))
+    return reviews
+
+
+def worst(findings: Iterable[Finding]) -> str | None:
+    """The highest severity among ``findings`` (None when there are none)."""
+    levels: Sequence[Finding] = list(findings)
+    if not levels:
+        return None
+    return max(levels, key=lambda f: SEVERITY_ORDER[f.severity]).severity

@@ -1,0 +1,475 @@
+"""The policy reviewer: the model policy reviews clean; each finding kind is triggered by one minimal bad
+policy and absent from a close good variant; claims are proved with the evaluator."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any
+
+import pytest
+
+from nitrovault.errors import PolicyError
+from nitrovault.policy.build import model_key_policy
+from nitrovault.policy.manifest import PcrManifest
+from nitrovault.policy.review import (
+    CATEGORIES,
+    KeyReview,
+    TemplateEnv,
+    keys_from_template,
+    render_intrinsics,
+    review_policy,
+    review_template,
+)
+
+ACCT = "111122223333"
+ADMIN = f"arn:aws:iam::{ACCT}:role/admin"
+SEALER = f"arn:aws:iam::{ACCT}:role/sealer"
+ENCLAVE = f"arn:aws:iam::{ACCT}:role/enclave"
+PCRS = {i: hashlib.sha384(f"image-pcr{i}".encode()).digest() for i in (0, 1, 2)}
+MANIFEST = PcrManifest(pcrs=PCRS)
+CONTEXT = {"model": "m", "version": "1"}
+CTX_COND = {f"kms:EncryptionContext:{k}": v for k, v in CONTEXT.items()}
+
+
+def pcr_cond(pcrs: dict[int, bytes] | None = None) -> dict[str, str]:
+    return {f"kms:RecipientAttestation:PCR{i}": v.hex() for i, v in (pcrs or PCRS).items()}
+
+
+DENY = {
+    "Sid": "DenyDecryptWithoutAttestation",
+    "Effect": "Deny",
+    "Principal": {"AWS": "*"},
+    "Action": "kms:Decrypt",
+    "Resource": "*",
+    "Condition": {"Null": {"kms:RecipientAttestation:PCR0": "true"}},
+}
+
+
+def release(condition: dict[str, Any] | None = None, principal: Any = None, sid: str = "Release") -> dict:
+    cond = (
+        {"StringEquals": CTX_COND, "StringEqualsIgnoreCase": pcr_cond()} if condition is None else condition
+    )
+    stmt: dict[str, Any] = {
+        "Sid": sid,
+        "Effect": "Allow",
+        "Principal": principal if principal is not None else {"AWS": ENCLAVE},
+        "Action": "kms:Decrypt",
+        "Resource": "*",
+    }
+    if cond:
+        stmt["Condition"] = cond
+    return stmt
+
+
+def policy(*statements: dict[str, Any], deny: bool = True) -> dict[str, Any]:
+    return {"Version": "2012-10-17", "Statement": [*statements, *([DENY] if deny else [])]}
+
+
+def rules(review: KeyReview) -> set[str]:
+    return {f.rule_id for f in review.findings}
+
+
+def the_model_policy(pcrs: dict[int, bytes] = PCRS) -> dict[str, Any]:
+    return model_key_policy(
+        account_id=ACCT,
+        admin_arns=[ADMIN],
+        sealer_arns=[SEALER],
+        enclave_role_arns=[ENCLAVE],
+        pcrs=pcrs,
+        encryption_context=CONTEXT,
+    )
+
+
+# -- the policy we deploy ---------------------------------------------------------------------------------
+
+
+def test_model_key_policy_reviews_clean_with_matching_manifest() -> None:
+    review = review_policy(the_model_policy(), key="model", manifest=MANIFEST)
+    assert review.findings == ()
+    verdicts = {(g.statement, g.principal, g.actions, g.verdict) for g in review.grants}
+    assert ("ReleaseToAttestedEnclave", ENCLAVE, ("kms:Decrypt",), "attested-release") in verdicts
+    assert ("SealModel", SEALER, ("kms:GenerateDataKey",), "plaintext-to-caller") in verdicts
+    release_row = next(g for g in review.grants if g.verdict == "attested-release")
+    # proved: only the manifest's image gets the key; no attestation or foreign PCRs do not
+    assert (release_row.unattested, release_row.foreign_pcrs, release_row.manifest_pcrs) == (
+        False,
+        False,
+        True,
+    )
+    assert dict(release_row.measurements) == {"PCR0": "match", "PCR1": "match", "PCR2": "match"}
+
+
+def test_model_key_policy_with_optional_pcrs_reviews_clean() -> None:
+    pcrs = {**PCRS, 3: hashlib.sha384(b"role").digest(), 8: hashlib.sha384(b"cert").digest()}
+    review = review_policy(the_model_policy(pcrs), manifest=PcrManifest(pcrs=pcrs))
+    assert review.findings == ()
+
+
+def test_manifest_mismatch_is_found_and_proved() -> None:
+    other = PcrManifest(pcrs={**PCRS, 2: hashlib.sha384(b"edited enclave code").digest()})
+    review = review_policy(the_model_policy(), manifest=other)
+    (finding,) = review.findings
+    assert (finding.rule_id, finding.category, finding.statement) == (
+        "NV-MANIFEST-MISMATCH",
+        "manifest-mismatch",
+        "ReleaseToAttestedEnclave",
+    )
+    assert finding.proved  # the evaluator denies the manifest's image
+    row = next(g for g in review.grants if g.verdict == "attested-release")
+    assert row.measurements["PCR2"] == "MISMATCH" and row.measurements["PCR0"] == "match"
+
+
+def test_review_without_manifest_still_clean_and_reports_bound() -> None:
+    review = review_policy(the_model_policy())
+    assert review.findings == ()
+    row = next(g for g in review.grants if g.verdict == "attested-release")
+    assert set(row.measurements.values()) == {"bound"} and row.manifest_pcrs is None
+
+
+def test_random_foreign_pcrs_give_the_same_verdicts() -> None:
+    probe = {i: os.urandom(48) for i in (0, 1, 2, 3, 4, 8)}
+    review = review_policy(the_model_policy(), manifest=MANIFEST, probe_pcrs=probe)
+    assert review.findings == ()
+    weak = policy(release({"StringEqualsIgnoreCase": {"kms:RecipientAttestation:PCR3": "ab" * 48}}))
+    assert "NV-BIND-NO-IMAGE" in rules(review_policy(weak, probe_pcrs=probe))
+
+
+# -- the AWS default key policy and the documented Nitro example ------------------------------------------
+
+
+def test_aws_default_key_policy_is_critical() -> None:
+    default = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Sid": "Enable IAM User Permissions",
+                "Effect": "Allow",
+                "Principal": {"AWS": f"arn:aws:iam::{ACCT}:root"},
+                "Action": "kms:*",
+                "Resource": "*",
+            }
+        ],
+    }
+    review = review_policy(default)
+    root = [f for f in review.findings if f.rule_id == "NV-ROOT-DELEGATION"]
+    assert root and root[0].severity == "critical" and root[0].proved
+    assert root[0].principal == f"arn:aws:iam::{ACCT}:root"
+    assert {"NV-ESCALATION", "NV-PLAINTEXT-UNATTESTED", "NV-NO-DENY"} <= rules(review)
+
+
+def test_bare_account_id_is_root_delegation() -> None:
+    bare = policy(release({}, principal={"AWS": ACCT}), deny=False)
+    finding = next(f for f in review_policy(bare).findings if f.rule_id == "NV-ROOT-DELEGATION")
+    assert finding.principal == f"arn:aws:iam::{ACCT}:root" and finding.severity == "critical"
+
+
+def test_aws_documented_nitro_example_policy() -> None:
+    # AWS KMS Developer Guide, conditions-nitro-enclave.html (facts §3.3): ImageSha384 only.
+    example = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Sid": "Enable enclave data processing",
+                "Effect": "Allow",
+                "Principal": {"AWS": f"arn:aws:iam::{ACCT}:role/data-processing"},
+                "Action": [
+                    "kms:Decrypt",
+                    "kms:DeriveSharedSecret",
+                    "kms:GenerateDataKey",
+                    "kms:GenerateDataKeyPair",
+                    "kms:GenerateRandom",
+                ],
+                "Resource": "*",
+                "Condition": {
+                    "StringEqualsIgnoreCase": {"kms:RecipientAttestation:ImageSha384": PCRS[0].hex()}
+                },
+            }
+        ],
+    }
+    review = review_policy(example, manifest=MANIFEST)
+    assert rules(review) == {"NV-BIND-MISSING-PCR", "NV-NO-DENY"}
+    assert {g.verdict for g in review.grants} == {"attested-release"}
+    assert all(g.measurements == {"ImageSha384": "match"} for g in review.grants)
+    assert not any(g.unattested or g.foreign_pcrs for g in review.grants)
+
+
+# -- one minimal bad policy per finding kind, one close good variant --------------------------------------
+
+GOOD = policy(release())
+
+BAD: dict[str, dict[str, Any]] = {
+    "NV-WILDCARD-PRINCIPAL": policy(release({}, principal="*")),
+    "NV-KMS-STAR": policy(
+        release(), {"Effect": "Allow", "Principal": {"AWS": SEALER}, "Action": "kms:*", "Resource": "*"}
+    ),
+    "NV-KMS-STAR-ADMIN": policy(
+        release(),
+        {"Effect": "Allow", "Principal": {"AWS": ADMIN}, "Action": ["kms:*"], "Resource": "*"},
+        {"Effect": "Allow", "Principal": {"AWS": ADMIN}, "Action": "kms:PutKeyPolicy", "Resource": "*"},
+    ),
+    "NV-ADMIN-DECRYPT": policy(
+        release(principal={"AWS": [ENCLAVE, ADMIN]}),
+        {
+            "Effect": "Allow",
+            "Principal": {"AWS": ADMIN},
+            "Action": ["kms:PutKeyPolicy", "kms:DescribeKey"],
+            "Resource": "*",
+        },
+    ),
+    "NV-PLAINTEXT-UNATTESTED": policy(release({"StringEquals": CTX_COND}), deny=False),
+    "NV-ANY-ENCLAVE": policy(release({"StringEquals": CTX_COND})),
+    "NV-ATT-IFEXISTS": policy(release({"StringEqualsIgnoreCaseIfExists": pcr_cond()}), deny=False),
+    "NV-ATT-BYPASS": policy(release({"StringEqualsIgnoreCaseIfExists": pcr_cond()}), deny=False),
+    "NV-ATT-SETOP": policy(release({"ForAnyValue:StringEqualsIgnoreCase": pcr_cond()})),
+    "NV-ATT-NEGATED": policy(
+        release(
+            {
+                "StringEqualsIgnoreCase": pcr_cond({1: PCRS[1], 2: PCRS[2]}),
+                "StringNotEquals": {"kms:RecipientAttestation:PCR0": "ab" * 48},
+            }
+        )
+    ),
+    "NV-ATT-PATTERN": policy(
+        release(
+            {
+                "StringEqualsIgnoreCase": pcr_cond({1: PCRS[1], 2: PCRS[2]}),
+                "StringLike": {"kms:RecipientAttestation:PCR0": PCRS[0].hex()[:10] + "*"},
+            }
+        )
+    ),
+    "NV-ATT-OPERATOR": policy(
+        release(
+            {
+                "StringEqualsIgnoreCase": pcr_cond(),
+                "NumericGreaterThan": {"kms:RecipientAttestation:PCR4": "0"},
+            }
+        )
+    ),
+    "NV-ATT-NULL-ONLY": policy(release({"Null": {"kms:RecipientAttestation:PCR0": "false"}})),
+    "NV-PCR-MALFORMED": policy(
+        release(
+            {"StringEqualsIgnoreCase": {**pcr_cond(), "kms:RecipientAttestation:PCR0": "0x" + PCRS[0].hex()}}
+        )
+    ),
+    "NV-PCR-DEBUG": policy(
+        release({"StringEqualsIgnoreCase": {**pcr_cond(), "kms:RecipientAttestation:PCR0": "00" * 48}})
+    ),
+    "NV-MANIFEST-EXTRA": policy(
+        release({"StringEqualsIgnoreCase": {**pcr_cond(), "kms:RecipientAttestation:PCR8": "cd" * 48}})
+    ),
+    "NV-BIND-MISSING-PCR": policy(release({"StringEqualsIgnoreCase": pcr_cond({0: PCRS[0]})})),
+    "NV-BIND-NO-IMAGE": policy(
+        release({"StringEqualsIgnoreCase": {"kms:RecipientAttestation:PCR3": "ab" * 48}})
+    ),
+    "NV-DATAKEY-UNCONSTRAINED": policy(
+        release(),
+        {
+            "Sid": "Seal",
+            "Effect": "Allow",
+            "Principal": {"AWS": SEALER},
+            "Action": "kms:GenerateDataKey",
+            "Resource": "*",
+        },
+    ),
+    "NV-NOTACTION": policy(
+        release(),
+        {
+            "Effect": "Allow",
+            "Principal": {"AWS": ENCLAVE},
+            "NotAction": ["kms:Encrypt", "kms:Create*", "kms:Put*"],
+            "Resource": "*",
+            "Condition": {"StringEqualsIgnoreCase": pcr_cond()},
+        },
+    ),
+    "NV-NOTPRINCIPAL": policy({**release(), "Principal": None, "NotPrincipal": {"AWS": ADMIN}}),
+    "NV-ESCALATION": policy(
+        release(),
+        {"Effect": "Allow", "Principal": {"AWS": SEALER}, "Action": "kms:CreateGrant", "Resource": "*"},
+    ),
+    "NV-NO-DENY": policy(release(), deny=False),
+    "NV-ROOT-DELEGATION": policy(release(principal={"AWS": f"arn:aws:iam::{ACCT}:root"})),
+}
+BAD["NV-NOTPRINCIPAL"]["Statement"][0].pop("Principal")
+
+#: one close good variant per kind: the same statement written safely (the rule must NOT fire)
+CLOSE: dict[str, dict[str, Any]] = {
+    "NV-WILDCARD-PRINCIPAL": policy(release(principal="*")),  # "*" but pinned to the image
+    "NV-KMS-STAR": policy(
+        release(),
+        {"Effect": "Allow", "Principal": {"AWS": SEALER}, "Action": "kms:Describe*", "Resource": "*"},
+    ),
+    "NV-ADMIN-DECRYPT": the_model_policy(),
+    "NV-ATT-IFEXISTS": GOOD,
+    "NV-ATT-PATTERN": policy(
+        release(
+            {
+                "StringEqualsIgnoreCase": pcr_cond({1: PCRS[1], 2: PCRS[2]}),
+                "StringLike": {"kms:RecipientAttestation:PCR0": PCRS[0].hex()},
+            }
+        )
+    ),
+    "NV-PCR-MALFORMED": policy(
+        release({"StringEqualsIgnoreCase": {**pcr_cond(), "kms:RecipientAttestation:PCR0": PCRS[0].hex()}})
+    ),
+    "NV-DATAKEY-UNCONSTRAINED": policy(
+        release(),
+        {
+            "Sid": "Seal",
+            "Effect": "Allow",
+            "Principal": {"AWS": SEALER},
+            "Action": "kms:GenerateDataKey",
+            "Resource": "*",
+            "Condition": {"StringEquals": CTX_COND},
+        },
+    ),
+    "NV-ESCALATION": the_model_policy(),  # PutKeyPolicy for administrators is the break-glass path
+    "NV-NO-DENY": GOOD,
+}
+
+
+@pytest.mark.parametrize("rule_id", sorted(BAD))
+def test_each_rule_fires_on_its_minimal_bad_policy(rule_id: str) -> None:
+    review = review_policy(BAD[rule_id], manifest=MANIFEST)
+    assert rule_id in rules(review), [f.rule_id for f in review.findings]
+    assert all(f.category in CATEGORIES for f in review.findings)
+    assert all(f.severity in ("critical", "high", "medium") for f in review.findings)
+
+
+@pytest.mark.parametrize("rule_id", sorted(CLOSE))
+def test_each_rule_stays_silent_on_its_close_good_variant(rule_id: str) -> None:
+    assert rule_id not in rules(review_policy(CLOSE[rule_id], manifest=MANIFEST))
+
+
+def test_good_release_policy_is_clean() -> None:
+    assert review_policy(GOOD, manifest=MANIFEST).findings == ()
+
+
+def test_unattested_decrypt_is_proved_and_deny_turns_it_into_any_enclave() -> None:
+    no_deny = review_policy(BAD["NV-PLAINTEXT-UNATTESTED"])
+    finding = next(f for f in no_deny.findings if f.rule_id == "NV-PLAINTEXT-UNATTESTED")
+    assert finding.proved and finding.principal == ENCLAVE and finding.severity == "high"
+    with_deny = review_policy(BAD["NV-ANY-ENCLAVE"])
+    assert "NV-PLAINTEXT-UNATTESTED" not in rules(with_deny)
+    row = next(g for g in with_deny.grants if g.statement == "Release")
+    assert (row.unattested, row.foreign_pcrs) == (False, True)
+
+
+def test_unattested_statement_guarded_by_unmodelled_keys_is_reported_unproved() -> None:
+    vpc = policy(release({"StringEquals": {"aws:SourceVpc": "vpc-1234"}}), deny=False)
+    finding = next(f for f in review_policy(vpc).findings if f.rule_id == "NV-PLAINTEXT-UNATTESTED")
+    assert not finding.proved and finding.severity == "high"
+
+
+def test_null_only_and_ifexists_are_proved_bypasses() -> None:
+    null_only = review_policy(BAD["NV-ATT-NULL-ONLY"])
+    assert next(f for f in null_only.findings if f.rule_id == "NV-ANY-ENCLAVE").proved
+    if_exists = review_policy(BAD["NV-ATT-IFEXISTS"])
+    bypass = next(f for f in if_exists.findings if f.rule_id == "NV-ATT-BYPASS")
+    assert bypass.proved and bypass.severity == "critical"
+
+
+def test_debug_manifest_is_a_critical_finding() -> None:
+    debug = PcrManifest(pcrs={0: bytes(48), 1: bytes(48), 2: bytes(48)})
+    finding = next(
+        f for f in review_policy(GOOD, manifest=debug).findings if f.rule_id == "NV-MANIFEST-DEBUG"
+    )
+    assert finding.severity == "critical" and finding.category == "debug-pcr"
+
+
+def test_manifest_pcr8_unbound_is_weak_binding() -> None:
+    signed = PcrManifest(pcrs={**PCRS, 8: hashlib.sha384(b"cert").digest()})
+    assert rules(review_policy(GOOD, manifest=signed)) == {"NV-MANIFEST-UNBOUND"}
+
+
+def test_pcr_values_never_appear_in_findings() -> None:
+    for bad in BAD.values():
+        for finding in review_policy(bad, manifest=MANIFEST).findings:
+            assert PCRS[0].hex()[:16] not in finding.message
+
+
+def test_malformed_policy_raises_policy_error() -> None:
+    with pytest.raises(PolicyError):
+        review_policy({"Statement": [{"Effect": "Maybe"}]})
+
+
+# -- CloudFormation ---------------------------------------------------------------------------------------
+
+TEMPLATE: dict[str, Any] = {
+    "Resources": {
+        "EnclaveRole": {"Type": "AWS::IAM::Role", "Properties": {}},
+        "ModelKey": {
+            "Type": "AWS::KMS::Key",
+            "Properties": {
+                "KeyPolicy": {
+                    "Version": "2012-10-17",
+                    "Statement": [
+                        {
+                            "Effect": "Allow",
+                            "Action": "kms:*",
+                            "Resource": "*",
+                            "Principal": {
+                                "AWS": {
+                                    "Fn::Join": [
+                                        "",
+                                        [
+                                            "arn:",
+                                            {"Ref": "AWS::Partition"},
+                                            ":iam::",
+                                            {"Ref": "AWS::AccountId"},
+                                            ":root",
+                                        ],
+                                    ]
+                                }
+                            },
+                        },
+                        {**release(), "Principal": {"AWS": {"Fn::GetAtt": ["EnclaveRole", "Arn"]}}},
+                    ],
+                }
+            },
+        },
+        "DefaultKey": {"Type": "AWS::KMS::Key", "Properties": {"Description": "no policy"}},
+        "Bucket": {"Type": "AWS::S3::Bucket"},
+    }
+}
+
+
+def test_intrinsics_render_readably() -> None:
+    env = TemplateEnv(TEMPLATE["Resources"], {"Stage": {"Default": "prod"}}, None, None)
+    assert render_intrinsics({"Fn::Sub": "arn:${AWS::Partition}:iam::${AWS::AccountId}:role/x"}, env) == (
+        "arn:aws:iam::<AccountId>:role/x"
+    )
+    assert (
+        render_intrinsics({"Fn::Sub": ["${A}-${Stage}", {"A": {"Ref": "AWS::Region"}}]}, env)
+        == "<Region>-prod"
+    )
+    assert (
+        render_intrinsics({"Fn::GetAtt": "EnclaveRole.Arn"}, env)
+        == "arn:aws:iam::<AccountId>:role/EnclaveRole"
+    )
+    assert render_intrinsics({"Fn::GetAtt": ["Bucket", "Arn"]}, env) == "<Bucket.Arn>"
+    assert render_intrinsics({"Ref": "Bucket"}, env) == "<Bucket>"
+    assert render_intrinsics({"Fn::ImportValue": "x"}, env) == "<ImportValue:x>"
+    resolved = TemplateEnv({}, {}, ACCT, "eu-west-1")
+    assert render_intrinsics({"Fn::Sub": "${AWS::AccountId}/${AWS::Region}"}, resolved) == f"{ACCT}/eu-west-1"
+
+
+def test_template_keys_are_all_reviewed() -> None:
+    keys = keys_from_template(TEMPLATE)
+    assert [name for name, _ in keys] == ["ModelKey", "DefaultKey"]
+    reviews = review_template(TEMPLATE, source="stack.template.json", manifest=MANIFEST)
+    model, default = reviews
+    assert model.key == "stack.template.json/ModelKey"
+    root = next(f for f in model.findings if f.rule_id == "NV-ROOT-DELEGATION")
+    assert root.principal == "arn:aws:iam::<AccountId>:root" and root.severity == "critical"
+    release_row = next(g for g in model.grants if g.statement == "Release")
+    assert release_row.principal == "arn:aws:iam::<AccountId>:role/EnclaveRole"
+    assert release_row.manifest_pcrs is True
+    # a key without KeyPolicy gets KMS's default policy: root kms:*
+    assert "NV-ROOT-DELEGATION" in rules(default)
+
+
+def test_template_account_is_resolved_when_known() -> None:
+    (model, _) = review_template(TEMPLATE, manifest=MANIFEST, account=ACCT)
+    root = next(f for f in model.findings if f.rule_id == "NV-ROOT-DELEGATION")
+    assert root.principal == f"arn:aws:iam::{ACCT}:root"
