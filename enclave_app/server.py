@@ -6,7 +6,8 @@ Invariants:
   UNAVAILABLE.
 * Model work runs on a pool sized to the enclave's vCPUs behind an admission bound
   (``workers + queue_depth``); beyond it calls get RESOURCE_EXHAUSTED at once instead of queueing without
-  limit. A call whose deadline has passed by the time a worker is free is not run.
+  limit. A slot is held until the model work really ends (a caller that gave up does not free a busy
+  worker). A call whose deadline has passed by the time a worker is free is not run.
 * Request and response sizes are bounded by gRPC options and by per-item checks (texts, tensor elements).
 * Errors become status codes in one table (:mod:`enclave_app.status`); no exception text leaves the
   enclave, only a code and, for internal errors, a correlation id.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -59,27 +61,38 @@ class InferenceService(pb_grpc.InferenceServicer):
         workers = config.limits.workers or os.cpu_count() or 1
         self.workers = workers
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="model")
+        # Counted from admission until the model work has really finished (or was cancelled before it
+        # started), so a call abandoned by its caller keeps its slot while a worker still runs it.
         self._admitted = 0
+        self._admitted_lock = threading.Lock()
         self._capacity = workers + config.limits.queue_depth
         self._pcrs: dict[int, bytes] | None = None
 
     # -- admission -------------------------------------------------------------------------------------
 
     async def _run(self, context: grpc.aio.ServicerContext, fn: Callable[[], T]) -> T:
-        if self._admitted >= self._capacity:
-            raise OverloadedError("queue full")
-        self._admitted += 1
+        with self._admitted_lock:
+            if self._admitted >= self._capacity:
+                raise OverloadedError("queue full")
+            self._admitted += 1
+
+        def guarded() -> T:
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError
+            return fn()
+
         try:
-            loop = asyncio.get_running_loop()
+            future = self._pool.submit(guarded)
+        except BaseException:
+            self._release()
+            raise
+        # Runs in the worker thread when the work ends, or at once if a cancelled call's work never started.
+        future.add_done_callback(lambda _: self._release())
+        return await asyncio.wrap_future(future)
 
-            def guarded() -> T:
-                remaining = context.time_remaining()
-                if remaining is not None and remaining <= 0:
-                    raise TimeoutError
-                return fn()
-
-            return await loop.run_in_executor(self._pool, guarded)
-        finally:
+    def _release(self) -> None:
+        with self._admitted_lock:
             self._admitted -= 1
 
     def _serving(self) -> ServingModel:
@@ -127,10 +140,11 @@ class InferenceService(pb_grpc.InferenceServicer):
         inputs: dict[str, torch.Tensor] = {}
         for tensor in request.inputs.tensors:
             wire = to_numpy(tensor, max_elements=limits.max_tensor_elements)
-            if wire.name in inputs:
+            name = wire.name or "x"
+            if name in inputs:
                 raise InvalidInputError("duplicate input name")
             value = torch.from_numpy(wire.array.copy())
-            inputs[wire.name or "x"] = value.view(torch.bfloat16) if wire.bfloat16 else value
+            inputs[name] = value.view(torch.bfloat16) if wire.bfloat16 else value
         if not inputs:
             raise InvalidInputError("no input tensors")
         if any(t.dim() and t.shape[0] > limits.max_batch for t in inputs.values()):
@@ -205,7 +219,7 @@ class EnclaveServer:
                 ("grpc.max_concurrent_streams", 256),
             ]
         )
-        pb_grpc.add_InferenceServicer_to_server(self.service, self.server)
+        pb_grpc.add_InferenceServicer_to_server(self.service, self.server)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),

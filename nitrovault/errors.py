@@ -39,7 +39,7 @@ single opaque failure (:class:`SealedModelError`) so that it is no decryption or
     │   ├── AuthenticationError            bad/missing bearer token          -> UNAUTHENTICATED
     │   ├── PermissionDeniedError          valid token, scope does not allow -> PERMISSION_DENIED
     │   └── QuotaExceededError             rate/daily quota used up -> RESOURCE_EXHAUSTED (retry_after_s)
-    ├── ClientError                      a call made by nitrovault.client failed (gRPC ``code`` name, ``details``)
+    ├── ClientError                      a nitrovault.client call failed (gRPC ``code`` name, ``details``)
     ├── ReceiptError                     a response receipt failed verification (``reason`` names the check)
     └── AuditError                       an audit record was refused (raw inputs/outputs, bad value types)
 """

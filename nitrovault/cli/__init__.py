@@ -8,7 +8,16 @@ from __future__ import annotations
 
 import typer
 
-from nitrovault.cli import attest_cmd, audit_cmd, client_cmd, local_cmd, receipt_cmd, review_cmd, seal_cmd, token_cmd
+from nitrovault.cli import (
+    attest_cmd,
+    audit_cmd,
+    client_cmd,
+    local_cmd,
+    receipt_cmd,
+    review_cmd,
+    seal_cmd,
+    token_cmd,
+)
 
 app = typer.Typer(
     name="nitrovault",

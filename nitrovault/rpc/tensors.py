@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -74,6 +75,7 @@ def to_numpy(tensor: pb.Tensor, *, max_elements: int) -> WireArray:
 
 def from_numpy(name: str, array: np.ndarray, *, bfloat16: bool = False) -> pb.Tensor:
     array = np.ascontiguousarray(array)
+    wire: Any  # a DType value; the generated stubs type the enum's members loosely
     if bfloat16:
         if array.dtype != np.uint16:
             raise TensorFormatError("bfloat16 tensors are passed as their raw uint16 words")
