@@ -1,0 +1,147 @@
+"""Serving benchmarks over the real local stack (``python -m bench.run serving``).
+
+* ``bridge_vs_direct_rps``: requests per second of a small call (``Embed`` of one short sentence through
+  the MiniLM the stack serves) through parent bridge + relays + enclave, over the same call made directly
+  to the enclave's gRPC server socket, both measured in this run with the same concurrency. Target >= 0.8.
+* ``bridge_added_latency_us``: p50 latency of ``Info`` (no model work, so the transport dominates) through
+  the bridge minus direct, sequential calls. Target <= 500 us on loopback.
+* ``cold_start``: seconds from the enclave process's start to SERVING, split into the boot steps the
+  enclave reports, with the ratio of the whole to loading the plain model in a fresh process (same
+  handler code, plaintext safetensors, no attestation, no KMS, no decryption).
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from nitrovault.client import NitrovaultClient
+from nitrovault.local.stack import LocalStack
+
+DURATION_S = 5.0
+CONCURRENCY = 4
+LATENCY_CALLS = 400
+
+
+def _rps(target: str, call: Callable[[NitrovaultClient], object]) -> tuple[float, list[float]]:
+    latencies: list[float] = []
+    lock = threading.Lock()
+    stop_at = time.monotonic() + DURATION_S
+
+    def worker() -> None:
+        with NitrovaultClient(target, timeout=30) as client:
+            call(client)  # warm the channel
+            mine = []
+            while time.monotonic() < stop_at:
+                t = time.perf_counter()
+                call(client)
+                mine.append(time.perf_counter() - t)
+            with lock:
+                latencies.extend(mine)
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=worker) for _ in range(CONCURRENCY)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return len(latencies) / (time.monotonic() - started), latencies
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _sequential(target: str, call: Callable[[NitrovaultClient], object]) -> list[float]:
+    with NitrovaultClient(target, timeout=30) as client:
+        for _ in range(50):
+            call(client)
+        out = []
+        for _ in range(LATENCY_CALLS):
+            t = time.perf_counter()
+            call(client)
+            out.append(time.perf_counter() - t)
+    return out
+
+
+PLAIN_LOAD = """
+import json, sys, time
+from pathlib import Path
+from safetensors.torch import load_file
+from enclave_app.models import load_handler
+from nitrovault.local.stack import demo_model_source
+source, metadata = demo_model_source()
+handler = load_handler("sentence-embedding", load_file(source), metadata)
+handler.warm_up()
+"""
+
+
+def _plain_load_s() -> float:
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", PLAIN_LOAD], check=True, capture_output=True)
+    return time.perf_counter() - started
+
+
+def run() -> Iterator[dict[str, Any]]:
+    with tempfile.TemporaryDirectory(prefix="nv-bench-") as tmp:
+        stack = LocalStack(Path(tmp), listen="127.0.0.1:50151")
+        try:
+            boot = stack.start()
+            bridged = stack.listen
+            direct = f"unix:{stack.paths.run / 'enclave' / 'grpc.sock'}"
+
+            def embed(c: NitrovaultClient) -> object:
+                return c.embed(["a small request"])
+
+            rps_direct, lat_direct = _rps(direct, embed)
+            rps_bridge, lat_bridge = _rps(bridged, embed)
+            yield {
+                "name": "bridge_vs_direct_rps",
+                "call": "Embed(1 sentence)",
+                "concurrency": CONCURRENCY,
+                "direct_rps": round(rps_direct, 1),
+                "bridge_rps": round(rps_bridge, 1),
+                "direct_p50_ms": round(_pct(lat_direct, 0.5) * 1e3, 3),
+                "direct_p99_ms": round(_pct(lat_direct, 0.99) * 1e3, 3),
+                "bridge_p50_ms": round(_pct(lat_bridge, 0.5) * 1e3, 3),
+                "bridge_p99_ms": round(_pct(lat_bridge, 0.99) * 1e3, 3),
+                "ratio": round(rps_bridge / rps_direct, 3),
+                "target": ">= 0.8",
+            }
+
+            def info(c: NitrovaultClient) -> object:
+                return c.info()
+
+            seq_direct = _sequential(direct, info)
+            seq_bridge = _sequential(bridged, info)
+            p50_direct = statistics.median(seq_direct)
+            p50_bridge = statistics.median(seq_bridge)
+            added_us = (p50_bridge - p50_direct) * 1e6
+            yield {
+                "name": "bridge_added_latency_us",
+                "call": "Info",
+                "direct_p50_us": round(p50_direct * 1e6, 1),
+                "bridge_p50_us": round(p50_bridge * 1e6, 1),
+                "added_p50_us": round(added_us, 1),
+                "ratio": round(p50_bridge / p50_direct, 3),
+                "target": "added <= 500 us",
+            }
+        finally:
+            stack.close()
+    plain = _plain_load_s()
+    whole = boot.get("since_process_start_s", boot.get("total_s", 0.0))
+    yield {
+        "name": "cold_start",
+        "seconds": round(whole, 3),
+        "steps": {k.removesuffix("_s"): v for k, v in boot.items() if k != "since_process_start_s"},
+        "plain_load_seconds": round(plain, 3),
+        "ratio": round(whole / plain, 3),
+    }

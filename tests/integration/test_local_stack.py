@@ -1,0 +1,176 @@
+"""The local stack end to end, through the real processes: KMS emulator, local NSM, parent (bridge,
+relays, host services, supervisor) and the enclave in its own network namespace.
+
+One stack is started for the module (it takes ~15 s); the tests then drive it like a client would,
+and break it the way an operator or an attacker would.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from nitrovault.client import NitrovaultClient
+from nitrovault.errors import ClientError
+from nitrovault.local.stack import REPO_ROOT, LocalStack
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _enclave_pids(home: Path) -> list[int]:
+    marker = str(home / "enclave.json").encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"nitrovault.local.enclave" in cmdline and marker in cmdline:
+                pids.append(int(entry.name))
+    return pids
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    home = tmp_path_factory.mktemp("stack")
+    local = LocalStack(home, listen=f"127.0.0.1:{_free_port()}")
+    try:
+        local.start()
+        yield local
+    finally:
+        local.close()
+
+
+@pytest.fixture
+def client(stack: LocalStack) -> Iterator[NitrovaultClient]:
+    with NitrovaultClient(stack.listen, timeout=30) as c:
+        yield c
+
+
+def test_serves_the_sealed_model_through_the_bridge(stack: LocalStack, client: NitrovaultClient) -> None:
+    vectors = client.embed(["A man is eating food.", "A man is eating a piece of bread.", "The sky."])
+    assert vectors.shape == (3, 384)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert vectors[0] @ vectors[1] > 0.6 > vectors[0] @ vectors[2]
+    info = client.info()
+    assert info.model_id == "all-minilm-l6-v2"
+    assert info.pcrs[0] == stack.pcrs[0]
+
+
+def test_attestation_through_the_bridge_verifies_against_the_local_root(
+    stack: LocalStack, client: NitrovaultClient
+) -> None:
+    from nitrovault.attestation import load_root
+
+    verified = client.attest_verified(
+        root=load_root(stack.paths.pki / "root.pem"), at=datetime.now(UTC), expect_pcrs={0: stack.pcrs[0]}
+    )
+    assert verified.document.pcrs[2] == stack.pcrs[2]
+
+
+def test_bad_requests_get_clean_status_codes(stack: LocalStack, client: NitrovaultClient) -> None:
+    with pytest.raises(ClientError) as too_long:
+        client.embed(["x" * 10_000])
+    assert too_long.value.code == "INVALID_ARGUMENT"
+    with pytest.raises(ClientError) as oversized:
+        client.embed(["y" * 5000] * 1000)  # ~5 MB: over the enclave's request limit
+    assert oversized.value.code == "RESOURCE_EXHAUSTED"
+    with pytest.raises(ClientError) as empty:
+        client.embed([])
+    assert empty.value.code == "INVALID_ARGUMENT"
+    with grpc.insecure_channel(stack.listen) as channel:
+        garbage = channel.unary_unary("/nitrovault.v1.Inference/Embed")
+        with pytest.raises(grpc.RpcError) as malformed:
+            garbage(b"\xff\xff\xff\xff not a protobuf", timeout=10)
+    assert malformed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "protobuf" not in (malformed.value.details() or "")
+    assert client.embed(["still serving"]).shape == (1, 384)
+
+
+def test_32_concurrent_clients_without_errors(stack: LocalStack) -> None:
+    errors: list[BaseException] = []
+    calls = [0] * 32
+    stop_at = time.monotonic() + 4.0
+
+    def worker(i: int) -> None:
+        try:
+            with NitrovaultClient(stack.listen, timeout=30) as c:
+                while time.monotonic() < stop_at:
+                    assert c.embed([f"client {i} call {calls[i]}"]).shape == (1, 384)
+                    calls[i] += 1
+        except BaseException as err:  # noqa: BLE001 - collected and asserted below
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert errors == []
+    assert all(n >= 1 for n in calls)
+
+
+def test_killed_enclave_gives_unavailable_then_recovers(stack: LocalStack, client: NitrovaultClient) -> None:
+    pids = _enclave_pids(stack.paths.home)
+    assert pids, "enclave process not found"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    time.sleep(0.2)
+    started = time.monotonic()
+    with pytest.raises(ClientError) as down:
+        client.embed(["anyone there?"])
+    assert down.value.code == "UNAVAILABLE"
+    assert time.monotonic() - started < 1.0
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            assert client.embed(["back again"]).shape == (1, 384)
+            break
+        except ClientError as err:
+            assert err.code == "UNAVAILABLE"
+            time.sleep(0.5)
+    else:
+        pytest.fail("the stack did not recover after the enclave was killed")
+    assert set(_enclave_pids(stack.paths.home)).isdisjoint(pids)
+
+
+def test_edited_enclave_code_gets_no_key(tmp_path: Path) -> None:
+    """Bind the key to the code, edit one line of enclave_app, keep the policy: KMS must deny."""
+    tree = tmp_path / "tree"
+    for name in ("nitrovault", "enclave_app", "parent_app", "requirements"):
+        shutil.copytree(REPO_ROOT / name, tree / name, ignore=shutil.ignore_patterns("__pycache__"))
+    home = tmp_path / "home"
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    base = [sys.executable, "-m", "nitrovault", "local", "up", "--once", "--home", str(home)]
+    port = ["--listen", f"127.0.0.1:{_free_port()}"]
+    first = subprocess.run(base + port, cwd=tree, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stdout + first.stderr
+    boot = tree / "enclave_app" / "boot.py"
+    boot.write_text(boot.read_text() + "\n# one edited line\n")
+    port = ["--listen", f"127.0.0.1:{_free_port()}"]
+    second = subprocess.run(
+        [*base, "--keep-policy", *port], cwd=tree, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert second.returncode != 0
+    assert "key-release" in second.stdout
+    assert "AccessDeniedException" in second.stdout
