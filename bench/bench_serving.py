@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+
 from nitrovault.client import NitrovaultClient
 from nitrovault.local.stack import LocalStack
 
@@ -92,7 +94,7 @@ def _plain_load_s() -> float:
 
 def run() -> Iterator[dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="nv-bench-") as tmp:
-        stack = LocalStack(Path(tmp), listen="127.0.0.1:50151")
+        stack = LocalStack(Path(tmp), listen="127.0.0.1:50151", console=Console(stderr=True))
         try:
             boot = stack.start()
             bridged = stack.listen

@@ -8,11 +8,14 @@ Invariants:
 
 * No payload is deserialised: both the server handler and the upstream stub use identity
   (de)serialisers, so messages are opaque ``bytes`` end to end. The bridge imports no protobuf module.
-* Every call is handled as **stream-stream**. gRPC's wire format does not depend on cardinality (a
+* Any call can be handled as **stream-stream**. gRPC's wire format does not depend on cardinality (a
   unary call is a stream of one message each way), so one generic stream-stream relay carries
   unary-unary, unary-stream, stream-unary and stream-stream calls without knowing which a method is;
   the enclave's real handler enforces the cardinality. (The same design as Go's ``mwitkow/grpc-proxy``;
-  there is no library for it in Python, hence this module.)
+  there is no library for it in Python, hence this module.) Methods named in ``unary_methods`` (by
+  default the inference API and the health check) take a unary fast path: grpc.aio's streaming
+  machinery costs about a millisecond per call, the unary path a fraction of it. A method wrongly
+  listed as unary fails cleanly (the client sees an error), it never mixes up messages.
 * The incoming call's remaining time becomes the upstream timeout; cancelling the incoming call
   cancels the upstream call.
 * Invocation metadata is forwarded except pseudo-headers, hop-by-hop headers and ``grpc-`` reserved
@@ -80,6 +83,17 @@ HOP_BY_HOP = frozenset(
 
 Metadata = tuple[tuple[str, str | bytes], ...]
 
+#: Methods forwarded on the unary fast path (their cardinality is part of the public API, not a payload).
+DEFAULT_UNARY_METHODS = frozenset(
+    {
+        "/nitrovault.v1.Inference/Infer",
+        "/nitrovault.v1.Inference/Embed",
+        "/nitrovault.v1.Inference/Info",
+        "/nitrovault.v1.Inference/Attest",
+        "/grpc.health.v1.Health/Check",
+    }
+)
+
 
 def forwardable_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> Metadata:
     """The metadata one hop may pass to the next (pure)."""
@@ -141,6 +155,7 @@ class Bridge:
         max_message_bytes: int = 8 * MiB,
         max_streams_per_connection: int = 100,
         connect_timeout: float = 0.25,
+        unary_methods: Iterable[str] = DEFAULT_UNARY_METHODS,
     ) -> None:
         for name, value in (
             ("max_concurrent_calls", max_concurrent_calls),
@@ -160,6 +175,7 @@ class Bridge:
         self.max_message_bytes = max_message_bytes
         self.max_streams_per_connection = max_streams_per_connection
         self.connect_timeout = connect_timeout
+        self.unary_methods = frozenset(unary_methods)
         self._in_flight = 0
         self._server: grpc.aio.Server | None = None
         self._channel: grpc.aio.Channel | None = None
@@ -239,6 +255,49 @@ class Bridge:
         finally:
             self._in_flight -= 1
 
+    async def forward_unary(
+        self, method: str, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]
+    ) -> bytes:
+        if self._in_flight >= self.max_concurrent_calls:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "bridge is at its concurrent call limit")
+        self._in_flight += 1
+        try:
+            channel = await self._checked_channel(context)
+            call = channel.unary_unary(method)(
+                request,
+                timeout=context.time_remaining(),
+                metadata=grpc.aio.Metadata(*forwardable_metadata(context.invocation_metadata())),
+                wait_for_ready=False,
+            )
+            try:
+                response: bytes = await call
+            except grpc.aio.AioRpcError as err:
+                await context.abort(
+                    err.code(), err.details() or "", forwardable_metadata(err.trailing_metadata())
+                )
+                raise  # unreachable: abort raises
+            finally:
+                call.cancel()
+            initial = await call.initial_metadata()
+            if initial:
+                await context.send_initial_metadata(forwardable_metadata(initial))
+            context.set_trailing_metadata(forwardable_metadata(await call.trailing_metadata()))
+            return response
+        finally:
+            self._in_flight -= 1
+
+    async def _checked_channel(self, context: grpc.aio.ServicerContext[bytes, bytes]) -> grpc.aio.Channel:
+        channel = self._channel
+        if channel is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "bridge is stopping")
+            raise AssertionError("unreachable")
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+        if not await self._upstream_ready(channel, remaining):
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "enclave is unavailable")
+        return channel
+
     async def _upstream_ready(self, channel: grpc.aio.Channel, remaining: float | None) -> bool:
         state = channel.get_state(try_to_connect=True)
         if state is grpc.ChannelConnectivity.READY:
@@ -253,15 +312,7 @@ class Bridge:
     async def _relay(
         self, method: str, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]
     ) -> None:
-        channel = self._channel
-        if channel is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "bridge is stopping")
-            return
-        remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
-        if not await self._upstream_ready(channel, remaining):
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "enclave is unavailable")
+        channel = await self._checked_channel(context)
         remaining = context.time_remaining()
         call = channel.stream_stream(method)(
             requests,
@@ -299,6 +350,12 @@ class _PassThrough(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpcio ship
         method: Any = handler_call_details.method
         name = method.decode() if isinstance(method, bytes) else str(method)
         bridge = self._bridge
+        if name in bridge.unary_methods:
+
+            async def unary(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+                return await bridge.forward_unary(name, request, context)
+
+            return grpc.unary_unary_rpc_method_handler(unary)
 
         async def behavior(
             requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]

@@ -9,7 +9,7 @@ import asyncio
 import datetime
 import functools
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,7 +134,23 @@ class Stack:
             await self.enclave.stop(None)
 
 
+#: The unary test methods; every test runs twice: once on the generic stream path, once on the unary path.
+UNARY_TEST_METHODS = frozenset(
+    f"/test.Echo/{name}" for name in ("Unary", "Slow", "Hold", "Denied", "Big")
+)
+_unary_methods: frozenset[str] = frozenset()
+
+
+@pytest.fixture(autouse=True, params=["stream-path", "unary-path"])
+def forwarding_path(request: pytest.FixtureRequest) -> Iterator[str]:
+    global _unary_methods
+    _unary_methods = UNARY_TEST_METHODS if request.param == "unary-path" else frozenset()
+    yield request.param
+    _unary_methods = frozenset()
+
+
 async def make_stack(tmp_path: Path, *, enclave_up: bool = True, **bridge_kw: Any) -> Stack:
+    bridge_kw.setdefault("unary_methods", _unary_methods)
     obs = Observed()
     sock = tmp_path / "enclave.sock"
     enclave = await start_enclave(sock, obs) if enclave_up else None
@@ -414,7 +430,7 @@ async def test_tls_listener(tmp_path: Path) -> None:
     obs = Observed()
     sock = tmp_path / "enclave.sock"
     enclave = await start_enclave(sock, obs)
-    bridge = Bridge("127.0.0.1:0", f"unix:{sock}", tls=TlsConfig(cert, key))
+    bridge = Bridge("127.0.0.1:0", f"unix:{sock}", tls=TlsConfig(cert, key), unary_methods=_unary_methods)
     port = await bridge.start()
     assert port > 0
     override = (("grpc.ssl_target_name_override", "bridge.nitrovault.test"),)
