@@ -1,4 +1,4 @@
-"""nitrovault: serve torch models inside AWS Nitro Enclaves; weights, architecture and outputs stay the owner's.
+"""nitrovault: serve torch models inside AWS Nitro Enclaves; weights, architecture, outputs stay the owner's.
 
 The shared core. ``enclave_app`` runs inside the enclave, ``parent_app`` on the (untrusted) parent,
 ``infra`` is the CDK app, and ``nitrovault.local`` holds the local stand-ins (vsock over unix sockets,

@@ -148,7 +148,7 @@ def _write_private(path: Path, text: str) -> None:
 
 
 def ensure_principals(path: Path) -> dict[str, dict[str, str]]:
-    """``{"admin": {"akid", "secret", "arn"}, ...}``; the emulator's ``--principals`` file is derived from it."""
+    """``{"admin": {"akid", "secret", "arn"}, ...}``; the emulator's principals file is derived from it."""
     if path.is_file():
         data: dict[str, dict[str, str]] = json.loads(path.read_text())
         if set(data) == set(ROLES):

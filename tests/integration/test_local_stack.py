@@ -118,7 +118,7 @@ def test_32_concurrent_clients_without_errors(stack: LocalStack) -> None:
                 while time.monotonic() < stop_at:
                     assert c.embed([f"client {i} call {calls[i]}"]).shape == (1, 384)
                     calls[i] += 1
-        except BaseException as err:  # noqa: BLE001 - collected and asserted below
+        except BaseException as err:  # collected and asserted below
             errors.append(err)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(32)]
