@@ -5,7 +5,8 @@ Deterministic: a fixed data key, a fixed "random" source (SHA-256 in counter mod
 the salt and nonce prefix, and a plain model written byte by byte here (not with the safetensors
 library, whose exact output could change between versions and cause false drift).
 
-The positive vector ``model.sealed`` decodes to the tensors of ``model.safetensors``. Each negative
+The positive vector ``model.sealed`` decodes to the tensors of ``model-plain.st`` (safetensors bytes;
+named so that no model-file pattern ignores or flags it). Each negative
 vector breaks one thing and must fail with SealedModelError:
 
 * ``header_byte_flipped``: one byte of the wrapped key flipped (the header still parses; its digest,
@@ -127,7 +128,7 @@ def generate() -> dict[str, bytes]:
     )
     last = h.chunk_count - 1
     files = {
-        "model.safetensors": plain,
+        "model-plain.st": plain,
         "model.sealed": sealed,
         "header_byte_flipped.sealed": _flip(sealed, wrapped_at + 3),
         "chunk_byte_flipped.sealed": _flip(sealed, h.chunk_offset(first_payload + 1) + 5),
@@ -155,7 +156,7 @@ def generate() -> dict[str, bytes]:
         "data_key": DATA_KEY.hex(),
         "positive": {
             "file": "model.sealed",
-            "plain": "model.safetensors",
+            "plain": "model-plain.st",
             "digest": h.digest.hex(),
             "key_id": KEY_ID,
             "encryption_context": CONTEXT,
