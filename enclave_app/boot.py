@@ -79,6 +79,7 @@ def boot(
     host: HostServices,
     nsm: Nsm,
     kms_factory: Callable[[AwsCredentials], KmsClient],
+    user_data: bytes | None = None,
 ) -> BootResult:
     started = time.perf_counter()
     step = "fetch"
@@ -88,7 +89,9 @@ def boot(
         fetched = time.perf_counter()
 
         step = "key-release"
-        data_key, release = release_data_key(config, sealed.header, nsm=nsm, kms=kms_factory(credentials))
+        data_key, release = release_data_key(
+            config, sealed.header, nsm=nsm, kms=kms_factory(credentials), user_data=user_data
+        )
 
         step = "unseal"
         unseal_started = time.perf_counter()

@@ -9,8 +9,16 @@ Example (JSON)::
     {
       "model_id": "all-minilm-l6-v2", "model_version": "1", "handler": "sentence-embedding",
       "kms_key_arn": "arn:aws:kms:us-east-1:111122223333:key/...", "region": "us-east-1",
-      "encryption_context": {"model": "all-minilm-l6-v2", "version": "1"}
+      "encryption_context": {"model": "all-minilm-l6-v2", "version": "1"},
+      "access": {"issuer": "https://issuer.example", "audience": "nitrovault",
+                 "jwks": {"keys": [{"kty": "OKP", "crv": "Ed25519", "x": "...", "kid": "k1"}]},
+                 "tiers": {"default": {"rate_per_s": 50, "burst": 100}}, "default_tier": "default"},
+      "audit": {"checkpoint_every": 100, "max_buffered": 10000}
     }
+
+Access is **fail closed**: a config without ``access.issuer`` loads (so tools can inspect it), but the
+enclave refuses to boot with it and its server refuses every call (``UNAUTHENTICATED``, audit reason
+``no-issuer``). There is no anonymous serving mode.
 """
 
 from __future__ import annotations
@@ -23,7 +31,13 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from nitrovault.access import QuotaPolicy, QuotaTiers, TokenVerifier
+from nitrovault.access.tokens import Clock
 from nitrovault.errors import ConfigError
+
+_DEFAULT_TIERS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
+    {"default": MappingProxyType({"rate_per_s": 50.0, "burst": 100})}
+)
 
 
 @dataclass(frozen=True)
@@ -65,6 +79,68 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class Access:
+    """Who may call and how much (docs/access-and-audit.md). Measured: the parent cannot change it."""
+
+    #: the ``iss`` every token must carry; empty: no issuer, so nothing is served (fail closed).
+    issuer: str = ""
+    #: the ``aud`` every token must contain.
+    audience: str = ""
+    #: the issuer's public keys, a JWKS object ``{"keys": [...]}`` baked in (several kids for rotation);
+    #: ES256, EdDSA or RS256 keys only, public parts only. Never fetched at run time.
+    jwks: Mapping[str, Any] = field(default_factory=dict)
+    #: clock skew accepted on ``exp``/``nbf``/``iat``, in seconds (0..300).
+    leeway_s: int = 30
+    #: quota tiers: name -> ``{"rate_per_s": float, "burst": int, "daily_requests": int|null,
+    #: "daily_items": int|null}``; a token's ``tier`` claim picks one.
+    tiers: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: _DEFAULT_TIERS)
+    #: the tier of tokens without a ``tier`` claim; must be one of ``tiers``.
+    default_tier: str = "default"
+    #: most subjects whose quota counters are kept (least recently charged evicted beyond it).
+    max_subjects: int = 10_000
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.issuer)
+
+    def verifier(self, *, clock: Clock | None = None) -> TokenVerifier:
+        if not self.enabled:
+            raise ConfigError("access.issuer is not configured: the enclave serves nobody (fail closed)")
+        if clock is None:
+            return TokenVerifier(self.issuer, self.audience, self.jwks, leeway_s=self.leeway_s)
+        return TokenVerifier(self.issuer, self.audience, self.jwks, leeway_s=self.leeway_s, clock=clock)
+
+    def quota_tiers(self) -> QuotaTiers:
+        policies: dict[str, QuotaPolicy] = {}
+        for name, spec in self.tiers.items():
+            if not isinstance(spec, Mapping):
+                raise ConfigError(f"access.tiers.{name} must be an object")
+            unknown = sorted(set(spec) - {"rate_per_s", "burst", "daily_requests", "daily_items"})
+            if unknown or "rate_per_s" not in spec or "burst" not in spec:
+                raise ConfigError(f"access.tiers.{name} needs rate_per_s and burst (unknown: {unknown})")
+            try:
+                policies[name] = QuotaPolicy(
+                    float(spec["rate_per_s"]), int(spec["burst"]),
+                    None if spec.get("daily_requests") is None else int(spec["daily_requests"]),
+                    None if spec.get("daily_items") is None else int(spec["daily_items"]),
+                )
+            except (TypeError, ValueError):
+                raise ConfigError(f"access.tiers.{name} has a value of the wrong type") from None
+        return QuotaTiers(policies, default=self.default_tier)
+
+
+@dataclass(frozen=True)
+class Audit:
+    """The audit log (chained, signed, streamed to the parent's sink)."""
+
+    #: a signed checkpoint after this many records (and a final one at shutdown).
+    checkpoint_every: int = 100
+    #: chained entries kept while the parent's sink is down; beyond it records are counted as lost
+    #: and a signed gap entry reports them once the sink is back.
+    max_buffered: int = 10_000
+
+
+@dataclass(frozen=True)
 class EnclaveConfig:
     """Everything the enclave trusts, field by field."""
 
@@ -90,12 +166,18 @@ class EnclaveConfig:
     kms_forwarder_port: int = 0
     ports: Ports = field(default_factory=Ports)
     limits: Limits = field(default_factory=Limits)
+    access: Access = field(default_factory=Access)
+    audit: Audit = field(default_factory=Audit)
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> EnclaveConfig:
         values = _checked(cls, data)
         values["ports"] = Ports(**_checked(Ports, data.get("ports", {})))
         values["limits"] = Limits(**_checked(Limits, data.get("limits", {})))
+        values["access"] = _access(data.get("access", {}))
+        values["audit"] = Audit(**_checked(Audit, data.get("audit", {})))
+        if values["audit"].checkpoint_every < 1 or values["audit"].max_buffered < 1:
+            raise ConfigError("audit.checkpoint_every and audit.max_buffered must be at least 1")
         context = values.get("encryption_context")
         if not isinstance(context, Mapping) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in context.items()
@@ -134,7 +216,7 @@ def _checked(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise ConfigError(f"unknown {cls.__name__} key(s): {', '.join(unknown)}")
-    nested = {"ports", "limits"}
+    nested = {"ports", "limits", "access", "audit"}
     out: dict[str, Any] = {}
     for name, f in known.items():
         if name in nested or name not in data:
@@ -148,6 +230,25 @@ def _checked(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
     if missing:
         raise ConfigError(f"missing {cls.__name__} key(s): {', '.join(missing)}")
     return out
+
+
+def _access(data: Mapping[str, Any]) -> Access:
+    values = _checked(Access, data)
+    for name in ("jwks", "tiers"):
+        if name in values and not isinstance(values[name], Mapping):
+            raise ConfigError(f"Access.{name} must be an object")
+    if "jwks" in values:
+        values["jwks"] = MappingProxyType(dict(values["jwks"]))
+    if "tiers" in values:
+        values["tiers"] = MappingProxyType({k: MappingProxyType(dict(v)) if isinstance(v, Mapping) else v
+                                            for k, v in values["tiers"].items()})
+    access = Access(**values)
+    access.quota_tiers()  # validates tiers and the default tier
+    if access.enabled:
+        access.verifier()  # validates audience, leeway and every JWKS key
+    elif access.jwks:
+        raise ConfigError("Access.jwks is set but Access.issuer is empty")
+    return access
 
 
 def _required(f: Any) -> bool:

@@ -1,10 +1,19 @@
-"""The enclave's client of the parent's host services (credentials, sealed model, status reports).
+"""The enclave's client of the parent's host services (credentials, sealed model, status reports, audit sink).
 
 Nothing the parent returns is trusted for more than it is: credentials only let KMS evaluate the key
 policy (which demands our attestation anyway); the sealed model is ciphertext that must authenticate under
 the released key. The sealed model (ciphertext) is received into the run directory, which is RAM in an
 enclave (it has no disk), bounded by the measured config's ``max_model_bytes``, with offsets and sizes
 checked chunk by chunk; a partial download is removed.
+
+:class:`AuditShipper` is the audit writer's sink: it never blocks a request. ``__call__`` only appends
+to a bounded in-memory queue (or raises at once while the parent's sink is down, so the
+:class:`~nitrovault.audit.AuditWriter` keeps the entries in its own bounded buffer and, past it, counts
+losses for a signed gap entry). A background thread sends the queue in order, in batches, with
+``AuditAppend``; a failed batch stays at the head of the queue and is retried, so lines reach the parent
+in chain order, each at least once... and exactly once unless the parent answered an error after
+storing a batch (a repeated entry is then reported by ``nitrovault audit verify``). Degradation is
+reported (log line, a ``DEGRADED`` status report) when the sink goes down and ``SERVING`` when it is back.
 """
 
 from __future__ import annotations
@@ -12,11 +21,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
+from collections import deque
+from collections.abc import Callable
+from itertools import islice
 from pathlib import Path
 
 import grpc
 
 from enclave_app.boot import BootFailure
+from nitrovault.audit import AuditWriter
 from nitrovault.kms import AwsCredentials
 from nitrovault.rpc.gen.nitrovault.v1 import host_pb2 as pb
 from nitrovault.rpc.gen.nitrovault.v1 import host_pb2_grpc as pb_grpc
@@ -85,5 +99,101 @@ class HostClient:
         except grpc.RpcError as err:
             log.warning("status report %s not delivered (%s)", state, err.code().name)
 
+    def audit_append(self, boot_id: str, lines: list[bytes]) -> None:
+        """Store lines at the parent; raises ``grpc.RpcError`` when they were not stored."""
+        self._stub.AuditAppend(pb.AuditBatch(boot_id=boot_id, lines=lines), timeout=5)
+
     def close(self) -> None:
         self._channel.close()
+
+
+class AuditShipper:
+    """Non-blocking audit sink: bounded queue → background thread → ``AuditAppend`` (module docstring)."""
+
+    def __init__(self, send: Callable[[str, list[bytes]], None], *, max_pending: int = 4096,
+                 batch: int = 256, retry_s: float = 0.5,
+                 on_change: Callable[[bool, str], None] | None = None) -> None:
+        self._send = send
+        self._max = max_pending
+        self._batch = batch
+        self._retry = retry_s
+        self._on_change = on_change
+        self._pending: deque[bytes] = deque()
+        self._cond = threading.Condition()
+        self._down = False
+        self._stopping = False
+        self._writer: AuditWriter | None = None
+        self._thread = threading.Thread(target=self._loop, name="audit-shipper", daemon=True)
+
+    @property
+    def down(self) -> bool:
+        return self._down
+
+    def __call__(self, line: bytes) -> None:
+        with self._cond:
+            if self._down or len(self._pending) >= self._max:
+                raise ConnectionError("audit sink unavailable")
+            self._pending.append(line)
+            self._cond.notify()
+
+    def start(self, writer: AuditWriter) -> None:
+        """Ship ``writer``'s lines (its boot id names the batches); retry its buffer while degraded."""
+        self._writer = writer
+        self._thread.start()
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until everything queued was stored (shutdown); ``False`` if the parent did not take it."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._pending, timeout)
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(5)
+
+    def _loop(self) -> None:
+        assert self._writer is not None
+        writer = self._writer
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._pending or self._stopping, self._retry)
+                if self._stopping and not self._pending:
+                    return
+                batch = list(islice(self._pending, self._batch))
+            if batch:
+                try:
+                    self._send(writer.boot_id, batch)
+                except Exception as err:  # the parent's I/O: any failure means "not stored"
+                    with self._cond:
+                        was_down, self._down = self._down, True
+                    if not was_down:
+                        self._report(True, f"audit sink unavailable ({type(err).__name__})")
+                    with self._cond:
+                        if self._stopping:
+                            return
+                        self._cond.wait(self._retry)
+                    continue
+                with self._cond:
+                    for _ in batch:
+                        self._pending.popleft()
+                    back = self._down and not self._pending
+                    if back:
+                        self._down = False  # before notifying the writer, so its retries are accepted
+                    self._cond.notify_all()
+                if back:
+                    self._report(False, "audit sink recovered")
+            if not self._down and writer.degraded:
+                writer.flush()  # the writer's own buffer (and then its gap entry) go out in order
+
+    def _report(self, down: bool, reason: str) -> None:
+        if down:
+            log.warning("%s: audit entries are buffered in the enclave", reason)
+        else:
+            log.warning("%s", reason)
+        if self._on_change is not None:
+            try:
+                self._on_change(down, reason)
+            except Exception as err:  # reporting is best effort
+                log.warning("degradation report failed (%s)", type(err).__name__)

@@ -46,12 +46,14 @@ def check_sealed_header(config: EnclaveConfig, header: SealedHeader) -> None:
 
 
 def release_data_key(
-    config: EnclaveConfig, header: SealedHeader, *, nsm: Nsm, kms: KmsClient
+    config: EnclaveConfig, header: SealedHeader, *, nsm: Nsm, kms: KmsClient, user_data: bytes | None = None
 ) -> tuple[bytearray, ReleaseTimings]:
+    """``user_data``: bound into the document KMS sees too (the boot's receipt key, so every document this
+    enclave produces names it)."""
     check_sealed_header(config, header)
     started = time.perf_counter()
     recipient_key = RecipientKey.generate()
-    document = nsm.attestation(public_key=recipient_key.public_key_der)
+    document = nsm.attestation(public_key=recipient_key.public_key_der, user_data=user_data)
     attested = time.perf_counter()
     plaintext = kms.decrypt(
         header.wrapped_key,

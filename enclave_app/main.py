@@ -8,8 +8,13 @@ is the same code.
 In-enclave plumbing (all through :class:`nitrovault.transport.Relay`)::
 
     vsock(enclave_cid, inference)  ──► unix RUN/grpc.sock       (the gRPC server)
-    unix RUN/host.sock             ──► vsock(3, host_services)  (credentials, sealed model, status)
+    unix RUN/host.sock             ──► vsock(3, host_services)  (credentials, sealed model, status, audit)
     tcp 127.0.0.1:kms_forwarder    ──► vsock(3, kms_proxy)      (boto3 → KMS, TLS end to end)
+
+Access is fail closed: a measured config without a token issuer makes the enclave refuse to boot (FAILED,
+step ``config``). The boot's receipt/audit key is made from NSM randomness before boot, so the document
+KMS sees already binds it. On SIGTERM/SIGINT the server stops taking calls, the audit log gets its final
+signed checkpoint and the enclave waits (bounded) for the parent to store it before exiting.
 """
 
 from __future__ import annotations
@@ -22,12 +27,14 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from enclave_app.boot import BootFailure, boot
 from enclave_app.config import EnclaveConfig
-from enclave_app.host import HostClient
+from enclave_app.host import AuditShipper, HostClient
 from enclave_app.server import EnclaveServer, ServingModel
+from nitrovault.audit import AuditStatus
 from nitrovault.kms import AwsCredentials, KmsClient, kms_client_from_env
 from nitrovault.nsm import Nsm, NsmTransport
 from nitrovault.transport import AddressMap, Relay, TcpAddress, UnixAddress, VsockAddress
@@ -75,13 +82,21 @@ async def run(
             )
         )
     nsm = Nsm(nsm_transport)
-    server = EnclaveServer(config, nsm, str(grpc_sock))
-    await server.start()
-    for relay in relays:
-        await relay.start()
     host = HostClient(
         f"unix:{host_sock}", download_dir=run_dir, max_model_bytes=config.limits.max_model_bytes
     )
+
+    def on_audit_change(down: bool, reason: str) -> None:
+        _say("audit-degraded" if down else "audit-recovered", reason=reason)
+        host.report("DEGRADED" if down else "SERVING", reason=reason, step="audit")
+
+    shipper = AuditShipper(host.audit_append, on_change=on_audit_change)
+    server = EnclaveServer(config, nsm, str(grpc_sock), audit_sink=shipper)
+    protections = server.service.protections
+    shipper.start(protections.audit)
+    await server.start()
+    for relay in relays:
+        await relay.start()
     endpoint = config.kms_endpoint_url or None
 
     def kms_factory(credentials: AwsCredentials) -> KmsClient:
@@ -93,10 +108,18 @@ async def run(
         loop.add_signal_handler(sig, stop.set)
     exit_code = 0
     try:
-        _say("booting", model=config.model_id, version=config.model_version)
+        if not config.access.enabled:
+            reason = "no token issuer in the measured config: refusing to serve anyone"
+            _say("boot-failed", step="config", reason=reason)
+            await asyncio.to_thread(host.report, "FAILED", reason=reason, step="config")
+            return 3
+        _say("booting", model=config.model_id, version=config.model_version,
+             receipt_key_id=protections.key_id, audit_boot=protections.audit.boot_id)
         await asyncio.to_thread(host.report, "BOOTING", step="boot")
         try:
-            result = await asyncio.to_thread(boot, config, host=host, nsm=nsm, kms_factory=kms_factory)
+            result = await asyncio.to_thread(
+                boot, config, host=host, nsm=nsm, kms_factory=kms_factory, user_data=server.service.user_data
+            )
         except BootFailure as failure:
             _say("boot-failed", step=failure.step, reason=failure.reason)
             await asyncio.to_thread(host.report, "FAILED", reason=failure.reason, step=failure.step)
@@ -110,11 +133,26 @@ async def run(
         await asyncio.to_thread(host.report, "SERVING", reason=json.dumps(timings), step="serving")
         await stop.wait()
     finally:
+        await server.stop()
+        await asyncio.to_thread(_close_audit, protections.close, protections.audit.flush, shipper)
         for relay in relays:
             await relay.close()
-        await server.stop()
         host.close()
     return exit_code
+
+
+def _close_audit(close: Callable[[], object], flush: Callable[[], AuditStatus], shipper: AuditShipper,
+                 timeout: float = 5.0) -> None:
+    """Final checkpoint, then wait (bounded) until the parent stored everything."""
+    close()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = flush()
+        if shipper.drain(0.5) and not status.degraded:
+            break
+    else:
+        log.warning("audit log not fully delivered at shutdown (%d entries buffered)", flush().buffered)
+    shipper.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

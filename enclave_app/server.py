@@ -11,13 +11,24 @@ Invariants:
 * Request and response sizes are bounded by gRPC options and by per-item checks (texts, tensor elements).
 * Errors become status codes in one table (:mod:`enclave_app.status`); no exception text leaves the
   enclave, only a code and, for internal errors, a correlation id.
+* Every call runs the protections of :mod:`enclave_app.protections` in this order: bearer token
+  (``authorization`` metadata; missing → UNAUTHENTICATED) → scopes for this method and model → quota
+  (RESOURCE_EXHAUSTED with ``retry-after``) → model → receipt (Infer/Embed: the response's ``receipt``
+  field, signed over the request bytes as received and the response serialized deterministically with
+  ``receipt`` unset) → one audit record, for refusals and errors too. Info and Attest need a valid token
+  (any scope) and are charged as requests with 0 items: both reveal or cost something (Attest is an NSM
+  signature per call).
+* Every attestation document this enclave produces binds the boot's receipt key in ``user_data``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import logging
 import os
 import threading
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,7 +46,8 @@ import nitrovault
 from enclave_app.config import EnclaveConfig
 from enclave_app.models import ModelHandler
 from enclave_app.models.base import InvalidInputError
-from enclave_app.status import NotReadyError, OverloadedError, abort_with
+from enclave_app.protections import RECEIPTED, CallRecord, Protections, Sink, boot_key_from_nsm
+from enclave_app.status import NotReadyError, OverloadedError, abort_with, classify
 from nitrovault.nsm import Nsm
 from nitrovault.rpc.gen.nitrovault.v1 import inference_pb2 as pb
 from nitrovault.rpc.gen.nitrovault.v1 import inference_pb2_grpc as pb_grpc
@@ -46,6 +58,15 @@ SERVICE = "nitrovault.v1.Inference"
 #: PCRs reported by Info: the image (0, 1, 2), the parent's role and instance (3, 4), the signer (8).
 INFO_PCRS = (0, 1, 2, 3, 4, 8)
 MAX_NONCE = 64
+#: the request message's bytes as received (set by the handler that parses them), for the receipt
+_RAW_REQUEST: contextvars.ContextVar[bytes | None] = contextvars.ContextVar("raw_request", default=None)
+
+log = logging.getLogger(__name__)
+
+
+def _discard(line: bytes) -> None:
+    """The audit sink of a server built without one (in-process tests): lines are not kept."""
+    del line
 
 
 @dataclass(frozen=True)
@@ -55,10 +76,17 @@ class ServingModel:
 
 
 class InferenceService(pb_grpc.InferenceServicer):
-    def __init__(self, config: EnclaveConfig, nsm: Nsm) -> None:
+    def __init__(self, config: EnclaveConfig, nsm: Nsm, *, audit_sink: Sink | None = None) -> None:
         self.config = config
         self.nsm = nsm
         self.model: ServingModel | None = None
+        if audit_sink is None:
+            log.warning("no audit sink: audit records of this server are not stored")
+        self.protections = Protections(
+            config, boot_key_from_nsm(nsm), pcr0=nsm.describe_pcr(0).data, sink=audit_sink or _discard
+        )
+        #: the attestation ``user_data`` binding this boot's receipt/audit key (in every document)
+        self.user_data = self.protections.user_data
         workers = config.limits.workers or os.cpu_count() or 1
         self.workers = workers
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="model")
@@ -110,8 +138,42 @@ class InferenceService(pb_grpc.InferenceServicer):
 
     # -- RPCs ------------------------------------------------------------------------------------------
 
+    async def _protected(self, context: grpc.aio.ServicerContext, method: str, items: int,
+                         work: Callable[[], Awaitable[T]]) -> T:
+        """Token → quota → work → receipt → audit record (module docstring), errors through the table."""
+        started = time.perf_counter_ns()
+        guard = self.protections
+        call = CallRecord(method=method, model=self.config.model_id, items=items)
+        try:
+            call.principal = guard.authenticate(context.invocation_metadata(), method)
+            call.quota = guard.charge(call.principal, items)
+            response = await work()
+            if method in RECEIPTED:
+                raw = _RAW_REQUEST.get()
+                request_bytes = raw if raw is not None else b""
+                receipt = guard.sign(call.principal, method, request_bytes,
+                                     response.SerializeToString(deterministic=True))  # type: ignore[attr-defined]
+                response.receipt.payload = receipt.body  # type: ignore[attr-defined]
+                response.receipt.signature = receipt.signature  # type: ignore[attr-defined]
+                response.receipt.key_id = receipt.key_id  # type: ignore[attr-defined]
+                call.receipt_id = receipt.receipt_id
+        except Exception as err:
+            latency_us = (time.perf_counter_ns() - started) // 1000
+            decision, reason = guard.decision_of(err)
+            if isinstance(err, grpc.aio.AbortError):  # aborted by grpc itself, already answered
+                guard.record(call, decision=decision, reason=reason, code="ABORTED", latency_us=latency_us)
+                raise
+            classified = classify(err)
+            guard.record(call, decision=decision, reason=reason, code=classified[0].name,
+                         latency_us=latency_us)
+            await abort_with(context, err, classified)
+            raise AssertionError("unreachable") from None
+        guard.record(call, decision="ok", latency_us=(time.perf_counter_ns() - started) // 1000)
+        return response
+
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
-        return await _guard(context, self._embed(request, context))
+        return await self._protected(context, "Embed", min(len(request.texts), self.config.limits.max_batch),
+                                     lambda: self._embed(request, context))
 
     async def _embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         model = self._serving()
@@ -130,7 +192,14 @@ class InferenceService(pb_grpc.InferenceServicer):
         )
 
     async def Infer(self, request: pb.InferRequest, context: grpc.aio.ServicerContext) -> pb.InferResponse:
-        return await _guard(context, self._infer(request, context))
+        return await self._protected(context, "Infer", self._rows(request),
+                                     lambda: self._infer(request, context))
+
+    def _rows(self, request: pb.InferRequest) -> int:
+        """Items charged for an Infer call: its batch size, read before validation, so clamped to the
+        batch limit (a bogus shape must not charge billions of items; validation refuses it later)."""
+        rows = [t.shape[0] for t in request.inputs.tensors if t.shape] if request.HasField("inputs") else []
+        return max(1, min(max(rows, default=1), self.config.limits.max_batch))
 
     async def _infer(self, request: pb.InferRequest, context: grpc.aio.ServicerContext) -> pb.InferResponse:
         model = self._serving()
@@ -161,7 +230,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         return pb.InferResponse(model_id=self._model_name(), outputs=pb.Tensors(tensors=wire_out))
 
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
-        return await _guard(context, self._info())
+        return await self._protected(context, "Info", 0, self._info)
 
     async def _info(self) -> pb.InfoResponse:
         model = self._serving()
@@ -182,27 +251,22 @@ class InferenceService(pb_grpc.InferenceServicer):
                 max_text_chars=limits.max_text_chars,
                 max_inflight=self._capacity,
             ),
+            receipt_key_id=self.protections.key_id,
         )
 
     async def Attest(self, request: pb.AttestRequest, context: grpc.aio.ServicerContext) -> pb.AttestResponse:
-        return await _guard(context, self._attest(request))
+        return await self._protected(context, "Attest", 0, lambda: self._attest(request))
 
     async def _attest(self, request: pb.AttestRequest) -> pb.AttestResponse:
         if len(request.nonce) > MAX_NONCE:
             raise InvalidInputError(f"nonce is limited to {MAX_NONCE} bytes")
-        document = await asyncio.to_thread(self.nsm.attestation, nonce=request.nonce or None)
-        return pb.AttestResponse(document=document)
+        document = await asyncio.to_thread(
+            self.nsm.attestation, nonce=request.nonce or None, user_data=self.user_data
+        )
+        return pb.AttestResponse(document=document, user_data=self.user_data)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-async def _guard(context: grpc.aio.ServicerContext, work: Awaitable[T]) -> T:
-    try:
-        return await work
-    except Exception as err:
-        await abort_with(context, err)
-        raise AssertionError("unreachable") from None
 
 
 _METHODS: dict[str, type[Any]] = {
@@ -223,6 +287,7 @@ def _inference_handlers(service: InferenceService) -> grpc.GenericRpcHandler:
                 request = request_type.FromString(raw)
             except DecodeError:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed request message")
+            _RAW_REQUEST.set(raw)
             return await method(request, context)
 
         return grpc.unary_unary_rpc_method_handler(
@@ -238,10 +303,11 @@ def _inference_handlers(service: InferenceService) -> grpc.GenericRpcHandler:
 class EnclaveServer:
     """The gRPC server on a unix socket (the in-enclave relay carries vsock to it)."""
 
-    def __init__(self, config: EnclaveConfig, nsm: Nsm, socket_path: str) -> None:
+    def __init__(self, config: EnclaveConfig, nsm: Nsm, socket_path: str, *,
+                 audit_sink: Sink | None = None) -> None:
         limits = config.limits
         self.socket_path = socket_path
-        self.service = InferenceService(config, nsm)
+        self.service = InferenceService(config, nsm, audit_sink=audit_sink)
         self.health = health_aio.HealthServicer()
         self.server = grpc.aio.server(
             options=[
@@ -264,6 +330,7 @@ class EnclaveServer:
         os.chmod(self.socket_path, 0o600)
 
     async def serve(self, model: ServingModel) -> None:
+        self.service.protections.serving(model.sealed_digest)
         self.service.model = model
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
 

@@ -4,17 +4,27 @@ No exception text leaves the enclave except the messages of errors whose text is
 (input validation); everything else gets a fixed message and, for unexpected errors, a correlation id
 that also appears in the enclave's log next to the real cause. The correlation id travels in the status
 message and in the trailing metadata key :data:`CORRELATION_KEY`.
+
+Access refusals (:class:`~nitrovault.errors.AccessError`) carry a generic ``str(err)`` by contract
+(``invalid token``, ``permission denied``, ``quota exceeded``); their ``reason`` goes to the audit log only.
+A quota refusal adds the trailing metadata key :data:`RETRY_AFTER_KEY`: whole seconds, rounded up.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 
 import grpc
 
 from enclave_app.models.base import InvalidInputError, UnsupportedCallError
-from nitrovault.errors import NitrovaultError
+from nitrovault.errors import (
+    AuthenticationError,
+    NitrovaultError,
+    PermissionDeniedError,
+    QuotaExceededError,
+)
 from nitrovault.rpc.tensors import TensorFormatError
 
 log = logging.getLogger(__name__)
@@ -36,6 +46,10 @@ TABLE: tuple[tuple[type[BaseException], grpc.StatusCode, bool], ...] = (
     (NotReadyError, grpc.StatusCode.UNAVAILABLE, False),
     (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED, False),
     (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED, False),
+    # str() of access errors is generic by contract (errors.py); the reason never leaves the enclave
+    (AuthenticationError, grpc.StatusCode.UNAUTHENTICATED, True),
+    (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED, True),
+    (QuotaExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED, True),
 )
 
 _FIXED = {
@@ -47,6 +61,8 @@ _FIXED = {
 
 #: trailing metadata key carrying the correlation id of an INTERNAL error
 CORRELATION_KEY = "x-correlation-id"
+#: trailing metadata key of a quota refusal: seconds (integer, rounded up) until the call would pass
+RETRY_AFTER_KEY = "retry-after"
 
 
 def classify(err: BaseException) -> tuple[grpc.StatusCode, str, str | None]:
@@ -64,9 +80,16 @@ def status_for(err: BaseException) -> tuple[grpc.StatusCode, str]:
     return code, message
 
 
-async def abort_with(context: grpc.aio.ServicerContext, err: BaseException) -> None:
+async def abort_with(
+    context: grpc.aio.ServicerContext,
+    err: BaseException,
+    classified: tuple[grpc.StatusCode, str, str | None] | None = None,
+) -> None:
+    """Answer with ``err``'s status (``classified``: the result of :func:`classify` if already made)."""
     if isinstance(err, grpc.aio.AbortError):
         raise err
-    code, message, correlation = classify(err)
-    trailing = ((CORRELATION_KEY, correlation),) if correlation else ()
+    code, message, correlation = classified or classify(err)
+    trailing: tuple[tuple[str, str], ...] = ((CORRELATION_KEY, correlation),) if correlation else ()
+    if isinstance(err, QuotaExceededError):
+        trailing += ((RETRY_AFTER_KEY, str(max(1, math.ceil(err.retry_after_s)))),)
     await context.abort(code, message, trailing)

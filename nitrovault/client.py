@@ -9,6 +9,9 @@ Invariants:
 * Every gRPC failure becomes :class:`~nitrovault.errors.ClientError` (status code name + details, and the
   enclave's correlation id for INTERNAL errors); responses are validated like requests are in the enclave
   (:mod:`nitrovault.rpc.tensors`) before a buffer is interpreted.
+* :meth:`NitrovaultClient.embed_with_receipt` returns the response's receipt as the CBOR bytes
+  ``nitrovault receipt verify`` reads, and the response bytes it covers: the response message serialized
+  deterministically with its ``receipt`` field cleared (docs/access-and-audit.md, "Receipts").
 * :meth:`NitrovaultClient.attest_verified` is the only method that says anything about *which* code is
   serving: it sends a fresh random nonce and verifies the returned document's chain, signature, nonce,
   freshness and the caller's expected PCRs. Everything else trusts the transport only.
@@ -44,7 +47,7 @@ from nitrovault.rpc.gen.nitrovault.v1 import inference_pb2 as pb
 from nitrovault.rpc.gen.nitrovault.v1 import inference_pb2_grpc as pb_grpc
 from nitrovault.rpc.tensors import TensorFormatError, from_numpy, to_numpy
 
-__all__ = ["ModelInfo", "NitrovaultClient", "ServingLimits"]
+__all__ = ["ModelInfo", "NitrovaultClient", "Receipted", "ServingLimits"]
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
@@ -83,6 +86,31 @@ class ModelInfo:
     enclave_version: str
     max_batch: int
     limits: ServingLimits
+    #: id of the enclave's receipt/audit key for this boot (its public key is in Attest's user_data)
+    receipt_key_id: str = ""
+
+
+@dataclass(frozen=True)
+class Receipted:
+    """A response's receipt and the exact bytes it covers (both empty when the enclave sent no receipt)."""
+
+    #: deterministic CBOR ``[payload, signature]``: the file ``nitrovault receipt verify`` reads
+    receipt: bytes
+    #: the response message serialized deterministically with ``receipt`` cleared (``--response FILE``)
+    response: bytes
+
+    @classmethod
+    def of(cls, response: Any) -> Receipted:
+        import cbor2
+
+        if not response.HasField("receipt"):
+            return cls(b"", b"")
+        body, signature = bytes(response.receipt.payload), bytes(response.receipt.signature)
+        unsigned = type(response)()
+        unsigned.CopyFrom(response)
+        unsigned.ClearField("receipt")
+        receipt = cbor2.dumps([body, signature], canonical=True)
+        return cls(receipt, unsigned.SerializeToString(deterministic=True))
 
 
 class NitrovaultClient:
@@ -128,6 +156,13 @@ class NitrovaultClient:
 
     def embed(self, texts: Sequence[str], *, normalize: bool = True) -> np.ndarray:
         """One float32 vector per text: shape ``[len(texts), dim]``, row ``i`` for ``texts[i]``."""
+        return self.embed_with_receipt(texts, normalize=normalize)[0]
+
+    def embed_with_receipt(
+        self, texts: Sequence[str], *, normalize: bool = True
+    ) -> tuple[np.ndarray, Receipted]:
+        """:meth:`embed` plus the enclave's signed receipt of the call (not verified here: use
+        ``nitrovault receipt verify`` or :func:`nitrovault.receipts.verify_receipt` with an attestation)."""
         if isinstance(texts, str):
             raise TypeError("texts must be a sequence of strings, not one string")
         request = pb.EmbedRequest(texts=list(texts), normalize=normalize)
@@ -135,7 +170,7 @@ class NitrovaultClient:
         vectors = _decode(response.embeddings)
         if vectors.dtype != np.float32 or vectors.ndim != 2 or vectors.shape[0] != len(request.texts):
             raise ClientError("INTERNAL", "malformed response: embeddings are not float32 [texts, dim]")
-        return vectors
+        return vectors, Receipted.of(response)
 
     def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the model on named arrays; the model's named outputs (bfloat16 ones widened to float32)."""
@@ -162,6 +197,7 @@ class NitrovaultClient:
                 max_text_chars=limits.max_text_chars,
                 max_inflight=limits.max_inflight,
             ),
+            receipt_key_id=response.receipt_key_id,
         )
 
     def attest(self, nonce: bytes | None = None) -> bytes:

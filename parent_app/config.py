@@ -49,6 +49,10 @@ class ParentConfig:
     max_message_bytes: int = 8 * 1024 * 1024
     #: seconds an enclave must stay up before its restart backoff resets
     stable_after_s: float = 60.0
+    #: where the enclave's audit log is stored, one folder per enclave boot; empty: ``RUN_DIR/audit``
+    audit_dir: str = ""
+    #: an audit file is rotated past this size, in bytes
+    audit_max_bytes: int = 10 << 20
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -67,6 +71,14 @@ class ParentConfig:
             return cls(**data)
         except TypeError as err:
             raise ConfigError(f"parent config: {err}") from None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.audit_max_bytes, int) or self.audit_max_bytes < 1:
+            raise ConfigError("audit_max_bytes must be a positive integer")
+
+    @property
+    def audit_path(self) -> Path:
+        return Path(self.audit_dir) if self.audit_dir else Path(self.run_dir) / "audit"
 
     def enclave_argv(self) -> Sequence[str]:
         argv = self.enclave.get("argv")

@@ -1,8 +1,15 @@
-"""The host services the parent offers the enclave over vsock: credentials, sealed model bytes, status.
+"""The host services the parent offers the enclave over vsock: credentials, sealed model bytes, status,
+and the audit sink.
 
 The enclave's status reports are the parent's only view of why it is not serving: they carry a coarse
 reason and the failed step (never a secret), and are kept as the latest :class:`EnclaveStatus`, written
 atomically to a JSON status file for operators and the local stack.
+
+Audit sink: the enclave's chained, signed audit lines are stored as they arrive, one folder per enclave
+boot (``AUDIT_DIR/<boot id>/audit-NNNNNN.jsonl``, rotated past ``audit_max_bytes``), so each folder
+verifies against that boot's attestation document with ``nitrovault audit verify``. The parent cannot
+make the log lie undetected; it can only fail to store it, which the enclave sees (an error answer) and
+reports.
 """
 
 from __future__ import annotations
@@ -10,6 +17,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
@@ -18,6 +27,7 @@ from pathlib import Path
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from nitrovault.audit import RotatingFileSink
 from nitrovault.errors import ConfigError
 from nitrovault.rpc.gen.nitrovault.v1 import host_pb2 as pb
 from nitrovault.rpc.gen.nitrovault.v1 import host_pb2_grpc as pb_grpc
@@ -34,6 +44,9 @@ class EnclaveStatus:
     at: float
 
 
+_BOOT_ID = re.compile(r"[0-9a-f]{8,64}")
+
+
 class HostServices(pb_grpc.HostServicesServicer):
     def __init__(
         self,
@@ -43,6 +56,8 @@ class HostServices(pb_grpc.HostServicesServicer):
         region: str,
         status_file: Path | None = None,
         on_status: Callable[[EnclaveStatus], None] | None = None,
+        audit_dir: Path | None = None,
+        audit_max_bytes: int = 10 << 20,
     ) -> None:
         self._credentials = credentials
         self._models = models
@@ -50,6 +65,10 @@ class HostServices(pb_grpc.HostServicesServicer):
         self._status_file = status_file
         self._on_status = on_status
         self.status = EnclaveStatus("BOOTING", "", "", time.time())
+        self._audit_dir = audit_dir
+        self._audit_max = audit_max_bytes
+        self._audit_sinks: dict[str, RotatingFileSink] = {}
+        self._audit_lock = threading.Lock()
 
     async def GetCredentials(
         self, request: pb.CredentialsRequest, context: grpc.aio.ServicerContext
@@ -93,6 +112,38 @@ class HostServices(pb_grpc.HostServicesServicer):
         if self._on_status is not None:
             self._on_status(self.status)
         return pb.Ack()
+
+    async def AuditAppend(self, request: pb.AuditBatch, context: grpc.aio.ServicerContext) -> pb.Ack:
+        if self._audit_dir is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "no audit sink configured")
+        if not _BOOT_ID.fullmatch(request.boot_id):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad boot id")
+        try:
+            sink = self._audit_sink(request.boot_id)
+            for line in request.lines:
+                sink(bytes(line))
+        except OSError as err:
+            log.error("audit sink cannot write: %s", type(err).__name__)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "audit sink cannot write")
+        return pb.Ack()
+
+    def _audit_sink(self, boot_id: str) -> RotatingFileSink:
+        assert self._audit_dir is not None
+        with self._audit_lock:
+            sink = self._audit_sinks.get(boot_id)
+            if sink is None:
+                for old in self._audit_sinks.values():  # an enclave restarted: its old log is complete
+                    old.close()
+                self._audit_sinks = {boot_id: RotatingFileSink(self._audit_dir / boot_id, self._audit_max)}
+                sink = self._audit_sinks[boot_id]
+                log.info("audit log of boot %s in %s", boot_id, self._audit_dir / boot_id)
+            return sink
+
+    def close(self) -> None:
+        with self._audit_lock:
+            for sink in self._audit_sinks.values():
+                sink.close()
+            self._audit_sinks.clear()
 
     def mark(self, state: str, reason: str = "", step: str = "") -> None:
         """Record a status the parent itself observed (e.g. the enclave process exited)."""

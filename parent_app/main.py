@@ -88,6 +88,8 @@ async def run(config: ParentConfig, *, mapping: AddressMap, stop: asyncio.Event 
         models=_models(config),
         region=config.region,
         status_file=run_dir / "status.json",
+        audit_dir=config.audit_path,
+        audit_max_bytes=config.audit_max_bytes,
     )
     host.write_status()
     host_server = grpc.aio.server(options=[("grpc.max_send_message_length", 8 << 20)])
@@ -145,6 +147,7 @@ async def run(config: ParentConfig, *, mapping: AddressMap, stop: asyncio.Event 
         for relay in relays:
             await relay.close()
         await host_server.stop(1.0)
+        host.close()
     return 0
 
 

@@ -1,9 +1,15 @@
-"""``nitrovault attest verify``: check an AWS Nitro attestation document from a file.
+"""``nitrovault attest verify``: check an AWS Nitro attestation document from a file;
+``nitrovault attest fetch``: ask a serving enclave for one (``Attest``) and save it.
 
 Thin shell over :func:`nitrovault.attestation.verify_document`. Exit codes: 0 valid, 1 invalid (one line
 ``invalid: <step>: <message>`` on stderr), 2 usage error (bad option, missing file, unreadable root).
 
     nitrovault attest verify doc.cose --at 2024-09-07T14:37:39.545Z --expect-pcr 0=e72a46... --json
+    nitrovault attest fetch --target 127.0.0.1:50051 --token-file my.token -o attestation.cose
+
+The fetched document binds the enclave's receipt/audit key in ``user_data``, so it is the
+``--attestation`` of ``nitrovault receipt verify`` and ``nitrovault audit verify`` for that boot. It is
+saved as is; ``fetch`` verifies nothing (``attest verify`` and the receipt/audit verifiers do).
 """
 
 from __future__ import annotations
@@ -164,3 +170,34 @@ def verify(
     for name in ("user_data", "nonce", "public_key"):
         value = summary[name]
         typer.echo(f"{name}: {'null' if value is None else f'{len(value) // 2} bytes'}")
+
+
+@app.command()
+def fetch(
+    output: Annotated[Path, typer.Option("-o", "--output", dir_okay=False, help="Write the document here.")],
+    target: Annotated[str, typer.Option("--target", help="gRPC address: host:port or unix:/path.")] = (
+        "127.0.0.1:50051"
+    ),
+    token_file: Annotated[Path | None, typer.Option(
+        "--token-file", dir_okay=False, help="File holding the bearer token (else $NITROVAULT_TOKEN).")
+    ] = None,
+    nonce: Annotated[str | None, typer.Option(
+        "--nonce", metavar="HEX", help="Nonce to bind (at most 64 bytes).")] = None,
+    ca_file: Annotated[Path | None, typer.Option(
+        "--ca-file", dir_okay=False, help="PEM root certificates: use TLS and trust these.")] = None,
+    timeout: Annotated[float, typer.Option("--timeout", min=0.001, help="Deadline, in seconds.")] = 30.0,
+) -> None:
+    """Fetch a fresh attestation document from a serving enclave (exit 1 when the call fails)."""
+    from nitrovault.cli.client_cmd import _client
+
+    try:
+        nonce_bytes = None if nonce is None else bytes.fromhex(nonce)
+    except ValueError:
+        raise typer.BadParameter("not hexadecimal", param_hint="--nonce") from None
+    with _client(target, token_file, ca_file, None, timeout) as client:
+        document = client.attest(nonce_bytes)
+    try:
+        output.write_bytes(document)
+    except OSError as err:
+        raise typer.BadParameter(f"cannot write: {err.strerror}", param_hint="--output") from None
+    typer.echo(f"wrote {output} ({len(document)} bytes)")

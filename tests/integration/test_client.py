@@ -33,8 +33,10 @@ from grpc_health.v1.health import HealthServicer
 from test_enclave_server import (
     CONFIG,
     DIGEST,
+    ISSUER,
     LIMITS,
     PCRS,
+    TOKEN,
     ServerThread,
     mlp_handler,
     mlp_module,
@@ -58,9 +60,10 @@ from nitrovault.errors import (
 from nitrovault.local.nsm import make_local_nsm
 from nitrovault.local.pki import LocalPki
 
-TOKEN = "eyJhbGciOiJFZERTQSJ9.e30.c2ln"
 DIM = 6
 runner = CliRunner()
+#: the CLI reads its token from the environment (or --token-file)
+AUTH = {"NITROVAULT_TOKEN": TOKEN}
 
 
 def fixed_vector(text: str, *, normalize: bool) -> np.ndarray:
@@ -205,9 +208,10 @@ def test_the_token_arrives_as_bearer_metadata_on_every_call(
     client.attest(b"n")
     for method in ("Embed", "Infer", "Info", "Attest"):
         assert recorded.last(method)["authorization"] == f"Bearer {TOKEN}"
-    with NitrovaultClient(server.target) as anonymous:
+    with NitrovaultClient(server.target) as anonymous, pytest.raises(ClientError) as refused:
         anonymous.info()
     assert "authorization" not in recorded.last("Info")
+    assert refused.value.code == "UNAUTHENTICATED"
 
 
 def test_a_token_that_cannot_travel_is_refused_without_echoing_it() -> None:
@@ -333,7 +337,8 @@ def test_wait_until_serving(pki_root: Path) -> None:
 
 
 def test_cli_embed_prints_vectors_and_similarities(server: ServerThread) -> None:
-    result = runner.invoke(app, ["embed", "alpha", "neg beta", "--similarity", "--target", server.target])
+    args = ["embed", "alpha", "neg beta", "--similarity", "--target", server.target]
+    result = runner.invoke(app, args, env=AUTH)
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert lines[0].startswith("[0] dim=6 norm=1.0000 [") and lines[0].endswith("alpha")
@@ -345,34 +350,36 @@ def test_cli_embed_prints_vectors_and_similarities(server: ServerThread) -> None
 
 def test_cli_embed_json(server: ServerThread) -> None:
     args = ["embed", "alpha", "beta", "--json", "--no-normalize", "--similarity", "--target", server.target]
-    result = runner.invoke(app, args)
+    result = runner.invoke(app, args, env=AUTH)
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert out["dim"] == DIM and out["texts"] == ["alpha", "beta"]
     np.testing.assert_allclose(out["embeddings"][1], fixed_vector("beta", normalize=False))
     assert out["norms"][0] == pytest.approx(float(np.linalg.norm(fixed_vector("alpha", normalize=False))))
     assert out["similarity"][0][1] == pytest.approx(1.0)
-    single = runner.invoke(app, ["embed", "alpha", "--json", "--similarity", "--target", server.target])
+    args = ["embed", "alpha", "--json", "--similarity", "--target", server.target]
+    single = runner.invoke(app, args, env=AUTH)
     assert "similarity" not in json.loads(single.stdout)
 
 
 def test_cli_token_comes_from_a_file_or_the_environment(
     server: ServerThread, recorded: Recorded, tmp_path: Path
 ) -> None:
+    file_token, env_token = ISSUER.issue("file", ["embed:*"], 600), ISSUER.issue("env", ["embed:*"], 600)
     token_file = tmp_path / "token"
-    token_file.write_text("file-token\n")
+    token_file.write_text(file_token + "\n")
     result = runner.invoke(
         app, ["embed", "a", "--token-file", str(token_file), "--target", server.target],
-        env={"NITROVAULT_TOKEN": "env-token"},
+        env={"NITROVAULT_TOKEN": env_token},
     )
     assert result.exit_code == 0, result.output
-    assert recorded.last("Embed")["authorization"] == "Bearer file-token"
-    env = {"NITROVAULT_TOKEN": "env-token"}
+    assert recorded.last("Embed")["authorization"] == f"Bearer {file_token}"
+    env = {"NITROVAULT_TOKEN": env_token}
     result = runner.invoke(app, ["embed", "a", "--target", server.target], env=env)
     assert result.exit_code == 0, result.output
-    assert recorded.last("Embed")["authorization"] == "Bearer env-token"
-    assert "env-token" not in result.output
-    refused = runner.invoke(app, ["embed", "a", "--token", "x", "--target", server.target])
+    assert recorded.last("Embed")["authorization"] == f"Bearer {env_token}"
+    assert env_token not in result.output
+    refused = runner.invoke(app, ["embed", "a", "--token", "x", "--target", server.target], env=AUTH)
     assert refused.exit_code == 2
 
 
@@ -381,7 +388,8 @@ def test_cli_infer_writes_npz(server: ServerThread, tmp_path: Path) -> None:
     np.save(tmp_path / "x.npy", x)
     out = tmp_path / "out.npz"
     result = runner.invoke(
-        app, ["infer", "--input", f"x={tmp_path / 'x.npy'}", "-o", str(out), "--target", server.target]
+        app, ["infer", "--input", f"x={tmp_path / 'x.npy'}", "-o", str(out), "--target", server.target],
+        env=AUTH,
     )
     assert result.exit_code == 0, result.output
     rows = [line.split() for line in result.stdout.splitlines()]
@@ -396,7 +404,8 @@ def test_cli_infer_writes_npz(server: ServerThread, tmp_path: Path) -> None:
 
 def test_cli_a_call_error_exits_1(server: ServerThread, tmp_path: Path) -> None:
     np.save(tmp_path / "x.npy", np.zeros((LIMITS.max_batch + 1, 8), np.float32))
-    result = runner.invoke(app, ["infer", "--input", f"x={tmp_path / 'x.npy'}", "--target", server.target])
+    args = ["infer", "--input", f"x={tmp_path / 'x.npy'}", "--target", server.target]
+    result = runner.invoke(app, args, env=AUTH)
     assert result.exit_code == 1
     assert result.stderr.startswith("error: INVALID_ARGUMENT: at most 8 rows per call")
     down = runner.invoke(app, ["embed", "a", "--target", f"unix:{tmp_path}/none.sock", "--timeout", "3"])

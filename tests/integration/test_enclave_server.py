@@ -27,15 +27,17 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from cryptography.hazmat.primitives.asymmetric import ed25519
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import nitrovault
-from enclave_app.config import EnclaveConfig, Limits
+from enclave_app.config import Access, EnclaveConfig, Limits
 from enclave_app.models import ModelHandler, load_handler
 from enclave_app.models.generic import MLPClassifier
 from enclave_app.server import INFO_PCRS, EnclaveServer, ServingModel
 from enclave_app.status import CORRELATION_KEY
+from nitrovault.access import TokenIssuer
 from nitrovault.attestation import Expectations, load_root, parse_document, verify_document
 from nitrovault.local.nsm import make_local_nsm
 from nitrovault.nsm import Nsm
@@ -57,6 +59,14 @@ LIMITS = Limits(
     max_text_chars=100,
     max_tensor_elements=1024,
 )
+#: the tests' token issuer, baked into CONFIG like an owner's issuer into the measured config
+ISSUER = TokenIssuer(
+    ed25519.Ed25519PrivateKey.generate(), "test-kid", "https://issuer.test", "nitrovault-test"
+)
+#: a token allowed every method on every model, sent by every channel of ``channel_for``
+TOKEN = ISSUER.issue("tester", ["infer:*", "embed:*"], 3600)
+ACCESS = Access(issuer="https://issuer.test", audience="nitrovault-test", jwks=ISSUER.jwks,
+                tiers={"default": {"rate_per_s": 1000.0, "burst": 1000}})
 CONFIG = EnclaveConfig(
     model_id="mlp",
     model_version="3",
@@ -65,6 +75,7 @@ CONFIG = EnclaveConfig(
     region="us-east-1",
     encryption_context={"model": "mlp", "version": "3"},
     limits=LIMITS,
+    access=ACCESS,
 )
 MLP_CONFIG = {"in_features": 8, "hidden": [16], "classes": 3}
 
@@ -75,14 +86,14 @@ MLP_CONFIG = {"in_features": 8, "hidden": [16], "classes": 3}
 class ServerThread:
     """An :class:`EnclaveServer` on ``unix:<socket_path>``, served by an event loop in a daemon thread."""
 
-    def __init__(self, config: EnclaveConfig, nsm: Nsm, socket_path: str) -> None:
+    def __init__(self, config: EnclaveConfig, nsm: Nsm, socket_path: str, **server_options: Any) -> None:
         self.target = f"unix:{socket_path}"
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="enclave-loop", daemon=True)
         self.thread.start()
 
         async def make() -> EnclaveServer:
-            server = EnclaveServer(config, nsm, socket_path)
+            server = EnclaveServer(config, nsm, socket_path, **server_options)
             await server.start()
             return server
 
@@ -208,14 +219,25 @@ def servers(nsm: Nsm) -> Iterator[Servers]:
         started.close()
 
 
+class BearerInterceptor(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Adds ``authorization: Bearer <token>`` to every unary call of a channel."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        metadata = [*(details.metadata or ()), ("authorization", f"Bearer {self.token}")]
+        return continuation(details._replace(metadata=metadata), request)
+
+
 @pytest.fixture
-def channel_for() -> Iterator[Callable[[ServerThread], grpc.Channel]]:
+def channel_for() -> Iterator[Callable[..., grpc.Channel]]:
     opened: list[grpc.Channel] = []
 
-    def open_channel(server: ServerThread) -> grpc.Channel:
+    def open_channel(server: ServerThread, token: str | None = TOKEN) -> grpc.Channel:
         channel = grpc.insecure_channel(server.target)
         opened.append(channel)
-        return channel
+        return channel if token is None else grpc.intercept_channel(channel, BearerInterceptor(token))
 
     yield open_channel
     for channel in opened:

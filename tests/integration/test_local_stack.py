@@ -1,8 +1,9 @@
 """The local stack end to end, through the real processes: KMS emulator, local NSM, parent (bridge,
 relays, host services, supervisor) and the enclave in its own network namespace.
 
-One stack is started for the module (it takes ~15 s); the tests then drive it like a client would,
-and break it the way an operator or an attacker would.
+One stack is started for the session (``stack`` in ``conftest.py``, shared with
+``test_local_access.py``; it takes ~15 s); the tests then drive it like a client would, with tokens from
+the stack's local issuer, and break it the way an operator or an attacker would.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from nitrovault.local.stack import REPO_ROOT, LocalStack
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -50,20 +51,9 @@ def _enclave_pids(home: Path) -> list[int]:
     return pids
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    home = tmp_path_factory.mktemp("stack")
-    local = LocalStack(home, listen=f"127.0.0.1:{_free_port()}")
-    try:
-        local.start()
-        yield local
-    finally:
-        local.close()
-
-
 @pytest.fixture
 def client(stack: LocalStack) -> Iterator[NitrovaultClient]:
-    with NitrovaultClient(stack.listen, timeout=30) as c:
+    with NitrovaultClient(stack.listen, timeout=30, token=stack.token()) as c:
         yield c
 
 
@@ -101,7 +91,8 @@ def test_bad_requests_get_clean_status_codes(stack: LocalStack, client: Nitrovau
     with grpc.insecure_channel(stack.listen) as channel:
         garbage = channel.unary_unary("/nitrovault.v1.Inference/Embed")
         with pytest.raises(grpc.RpcError) as malformed:
-            garbage(b"\xff\xff\xff\xff not a protobuf", timeout=10)
+            garbage(b"\xff\xff\xff\xff not a protobuf", timeout=10,
+                    metadata=(("authorization", f"Bearer {stack.token()}"),))
     assert malformed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "protobuf" not in (malformed.value.details() or "")
     assert client.embed(["still serving"]).shape == (1, 384)
@@ -111,10 +102,11 @@ def test_32_concurrent_clients_without_errors(stack: LocalStack) -> None:
     errors: list[BaseException] = []
     calls = [0] * 32
     stop_at = time.monotonic() + 4.0
+    token = stack.token("load")
 
     def worker(i: int) -> None:
         try:
-            with NitrovaultClient(stack.listen, timeout=30) as c:
+            with NitrovaultClient(stack.listen, timeout=30, token=token) as c:
                 while time.monotonic() < stop_at:
                     assert c.embed([f"client {i} call {calls[i]}"]).shape == (1, 384)
                     calls[i] += 1
@@ -162,12 +154,12 @@ def test_edited_enclave_code_gets_no_key(tmp_path: Path) -> None:
     home = tmp_path / "home"
     env = {**os.environ, "PYTHONPATH": str(tree)}
     base = [sys.executable, "-m", "nitrovault", "local", "up", "--once", "--home", str(home)]
-    port = ["--listen", f"127.0.0.1:{_free_port()}"]
+    port = ["--listen", f"127.0.0.1:{free_port()}"]
     first = subprocess.run(base + port, cwd=tree, env=env, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stdout + first.stderr
     boot = tree / "enclave_app" / "boot.py"
     boot.write_text(boot.read_text() + "\n# one edited line\n")
-    port = ["--listen", f"127.0.0.1:{_free_port()}"]
+    port = ["--listen", f"127.0.0.1:{free_port()}"]
     second = subprocess.run(
         [*base, "--keep-policy", *port], cwd=tree, env=env, capture_output=True, text=True, timeout=300
     )

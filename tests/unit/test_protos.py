@@ -159,6 +159,7 @@ def test_services_have_the_agreed_methods() -> None:
         "GetCredentials": False,
         "FetchSealedModel": True,
         "ReportStatus": False,
+        "AuditAppend": False,
     }
     assert inference_pb2.DESCRIPTOR.package == "nitrovault.v1"
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18nitrovault/v1/host.proto\x12\rnitrovault.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x14\n\x12\x43redentialsRequest\"\x96\x01\n\x0b\x43redentials\x12\x15\n\raccess_key_id\x18\x01 \x01(\t\x12\x19\n\x11secret_access_key\x18\x02 \x01(\t\x12\x15\n\rsession_token\x18\x03 \x01(\t\x12.\n\nexpiration\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06region\x18\x05 \x01(\t\"@\n\x0c\x46\x65tchRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\"9\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\"\xa4\x01\n\x0cStatusReport\x12\x30\n\x05state\x18\x01 \x01(\x0e\x32!.nitrovault.v1.StatusReport.State\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\t\"D\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x42OOTING\x10\x01\x12\x0b\n\x07SERVING\x10\x02\x12\n\n\x06\x46\x41ILED\x10\x03\"\x05\n\x03\x41\x63k2\xe9\x01\n\x0cHostServices\x12O\n\x0eGetCredentials\x12!.nitrovault.v1.CredentialsRequest\x1a\x1a.nitrovault.v1.Credentials\x12G\n\x10\x46\x65tchSealedModel\x12\x1b.nitrovault.v1.FetchRequest\x1a\x14.nitrovault.v1.Chunk0\x01\x12?\n\x0cReportStatus\x12\x1b.nitrovault.v1.StatusReport\x1a\x12.nitrovault.v1.Ackb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18nitrovault/v1/host.proto\x12\rnitrovault.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x14\n\x12\x43redentialsRequest\"\x96\x01\n\x0b\x43redentials\x12\x15\n\raccess_key_id\x18\x01 \x01(\t\x12\x19\n\x11secret_access_key\x18\x02 \x01(\t\x12\x15\n\rsession_token\x18\x03 \x01(\t\x12.\n\nexpiration\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06region\x18\x05 \x01(\t\"@\n\x0c\x46\x65tchRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\"9\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\"\xb2\x01\n\x0cStatusReport\x12\x30\n\x05state\x18\x01 \x01(\x0e\x32!.nitrovault.v1.StatusReport.State\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\t\"R\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x42OOTING\x10\x01\x12\x0b\n\x07SERVING\x10\x02\x12\n\n\x06\x46\x41ILED\x10\x03\x12\x0c\n\x08\x44\x45GRADED\x10\x04\"\x05\n\x03\x41\x63k\",\n\nAuditBatch\x12\x0f\n\x07\x62oot_id\x18\x01 \x01(\t\x12\r\n\x05lines\x18\x02 \x03(\x0c\x32\xa7\x02\n\x0cHostServices\x12O\n\x0eGetCredentials\x12!.nitrovault.v1.CredentialsRequest\x1a\x1a.nitrovault.v1.Credentials\x12G\n\x10\x46\x65tchSealedModel\x12\x1b.nitrovault.v1.FetchRequest\x1a\x14.nitrovault.v1.Chunk0\x01\x12?\n\x0cReportStatus\x12\x1b.nitrovault.v1.StatusReport\x1a\x12.nitrovault.v1.Ack\x12<\n\x0b\x41uditAppend\x12\x19.nitrovault.v1.AuditBatch\x1a\x12.nitrovault.v1.Ackb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,11 +41,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHUNK']._serialized_start=317
   _globals['_CHUNK']._serialized_end=374
   _globals['_STATUSREPORT']._serialized_start=377
-  _globals['_STATUSREPORT']._serialized_end=541
+  _globals['_STATUSREPORT']._serialized_end=555
   _globals['_STATUSREPORT_STATE']._serialized_start=473
-  _globals['_STATUSREPORT_STATE']._serialized_end=541
-  _globals['_ACK']._serialized_start=543
-  _globals['_ACK']._serialized_end=548
-  _globals['_HOSTSERVICES']._serialized_start=551
-  _globals['_HOSTSERVICES']._serialized_end=784
+  _globals['_STATUSREPORT_STATE']._serialized_end=555
+  _globals['_ACK']._serialized_start=557
+  _globals['_ACK']._serialized_end=562
+  _globals['_AUDITBATCH']._serialized_start=564
+  _globals['_AUDITBATCH']._serialized_end=608
+  _globals['_HOSTSERVICES']._serialized_start=611
+  _globals['_HOSTSERVICES']._serialized_end=906
 # @@protoc_insertion_point(module_scope)

@@ -1,10 +1,11 @@
 import datetime
 
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -55,10 +56,12 @@ class StatusReport(_message.Message):
         BOOTING: _ClassVar[StatusReport.State]
         SERVING: _ClassVar[StatusReport.State]
         FAILED: _ClassVar[StatusReport.State]
+        DEGRADED: _ClassVar[StatusReport.State]
     STATE_UNSPECIFIED: StatusReport.State
     BOOTING: StatusReport.State
     SERVING: StatusReport.State
     FAILED: StatusReport.State
+    DEGRADED: StatusReport.State
     STATE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -70,3 +73,11 @@ class StatusReport(_message.Message):
 class Ack(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class AuditBatch(_message.Message):
+    __slots__ = ("boot_id", "lines")
+    BOOT_ID_FIELD_NUMBER: _ClassVar[int]
+    LINES_FIELD_NUMBER: _ClassVar[int]
+    boot_id: str
+    lines: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, boot_id: _Optional[str] = ..., lines: _Optional[_Iterable[bytes]] = ...) -> None: ...

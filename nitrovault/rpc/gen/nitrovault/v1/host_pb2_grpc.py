@@ -49,6 +49,11 @@ class HostServicesStub:
                 request_serializer=nitrovault_dot_v1_dot_host__pb2.StatusReport.SerializeToString,
                 response_deserializer=nitrovault_dot_v1_dot_host__pb2.Ack.FromString,
                 _registered_method=True)
+        self.AuditAppend = channel.unary_unary(
+                '/nitrovault.v1.HostServices/AuditAppend',
+                request_serializer=nitrovault_dot_v1_dot_host__pb2.AuditBatch.SerializeToString,
+                response_deserializer=nitrovault_dot_v1_dot_host__pb2.Ack.FromString,
+                _registered_method=True)
 
 
 class HostServicesServicer:
@@ -70,7 +75,15 @@ class HostServicesServicer:
 
     def ReportStatus(self, request, context):
         """Boot / serving state of the enclave, for the parent's health checks and logs.
-        Reserved for later: rpc AuditAppend(AuditRecord) returns (Ack);
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AuditAppend(self, request, context):
+        """The enclave's audit log: chained, signed JSON lines, in order, batched. The parent only stores
+        them (rotated files); it cannot edit, drop or reorder a line without `nitrovault audit verify`
+        failing. An error answer means "not stored": the enclave keeps the lines and sends them again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -92,6 +105,11 @@ def add_HostServicesServicer_to_server(servicer, server):
             'ReportStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportStatus,
                     request_deserializer=nitrovault_dot_v1_dot_host__pb2.StatusReport.FromString,
+                    response_serializer=nitrovault_dot_v1_dot_host__pb2.Ack.SerializeToString,
+            ),
+            'AuditAppend': grpc.unary_unary_rpc_method_handler(
+                    servicer.AuditAppend,
+                    request_deserializer=nitrovault_dot_v1_dot_host__pb2.AuditBatch.FromString,
                     response_serializer=nitrovault_dot_v1_dot_host__pb2.Ack.SerializeToString,
             ),
     }
@@ -175,6 +193,33 @@ class HostServices:
             target,
             '/nitrovault.v1.HostServices/ReportStatus',
             nitrovault_dot_v1_dot_host__pb2.StatusReport.SerializeToString,
+            nitrovault_dot_v1_dot_host__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AuditAppend(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nitrovault.v1.HostServices/AuditAppend',
+            nitrovault_dot_v1_dot_host__pb2.AuditBatch.SerializeToString,
             nitrovault_dot_v1_dot_host__pb2.Ack.FromString,
             options,
             channel_credentials,

@@ -133,7 +133,7 @@ class Limits(_message.Message):
     def __init__(self, max_request_bytes: _Optional[int] = ..., max_response_bytes: _Optional[int] = ..., max_tensor_elements: _Optional[int] = ..., max_text_chars: _Optional[int] = ..., max_inflight: _Optional[int] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_id", "model_version", "sealed_digest", "pcrs", "enclave_version", "max_batch", "limits")
+    __slots__ = ("model_id", "model_version", "sealed_digest", "pcrs", "enclave_version", "max_batch", "limits", "receipt_key_id")
     class PcrsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +148,7 @@ class InfoResponse(_message.Message):
     ENCLAVE_VERSION_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_KEY_ID_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     model_version: str
     sealed_digest: str
@@ -155,7 +156,8 @@ class InfoResponse(_message.Message):
     enclave_version: str
     max_batch: int
     limits: Limits
-    def __init__(self, model_id: _Optional[str] = ..., model_version: _Optional[str] = ..., sealed_digest: _Optional[str] = ..., pcrs: _Optional[_Mapping[int, bytes]] = ..., enclave_version: _Optional[str] = ..., max_batch: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ...) -> None: ...
+    receipt_key_id: str
+    def __init__(self, model_id: _Optional[str] = ..., model_version: _Optional[str] = ..., sealed_digest: _Optional[str] = ..., pcrs: _Optional[_Mapping[int, bytes]] = ..., enclave_version: _Optional[str] = ..., max_batch: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., receipt_key_id: _Optional[str] = ...) -> None: ...
 
 class AttestRequest(_message.Message):
     __slots__ = ("nonce",)

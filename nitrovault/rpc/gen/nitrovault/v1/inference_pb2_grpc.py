@@ -74,14 +74,15 @@ class InferenceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Info(self, request, context):
-        """Describe the serving enclave: model identity, measurements and limits. Needs no token.
+        """Describe the serving enclave: model identity, measurements and limits. Needs a valid token.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Attest(self, request, context):
-        """A fresh NSM attestation document binding the caller's nonce, for remote verification.
+        """A fresh NSM attestation document binding the caller's nonce and (user_data) the receipt key.
+        Needs a valid token.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

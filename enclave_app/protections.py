@@ -1,0 +1,162 @@
+"""The per-boot protections around every call: token → quota → (model) → receipt → audit record.
+
+One :class:`Protections` per enclave boot holds the one :class:`~nitrovault.access.TokenVerifier`, the one
+:class:`~nitrovault.access.QuotaLedger`, the :class:`~nitrovault.receipts.ReceiptSigner` (made once the
+sealed model's digest is known) and the one :class:`~nitrovault.audit.AuditWriter`. All are thread-safe.
+This module is pure apart from what it is given (key, clock, sink): the gRPC layer
+(:mod:`enclave_app.server`) calls it, and ``bench/bench_protections.py`` measures it in process.
+
+Invariants:
+
+* no issuer in the measured config means every call is refused (``AuthenticationError("no-issuer")``);
+* every call is audited exactly once, allowed or refused, with the refusal's ``reason`` (the peer only
+  sees the generic status message); records never hold inputs, outputs or tokens;
+* a receipt covers SHA-256 of the request bytes as received and of the response message serialized
+  deterministically **with its ``receipt`` field unset** (the receipt is set afterwards).
+
+Example::
+
+    guard = Protections(config, boot_key, pcr0=pcr0, sink=lines.append)
+    principal = guard.authenticate(metadata, "Embed")
+    state = guard.charge(principal, items=3)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from enclave_app.config import EnclaveConfig
+from nitrovault.access import Principal, QuotaLedger, QuotaState, TokenVerifier
+from nitrovault.audit import AuditWriter
+from nitrovault.errors import AccessError, AuthenticationError, NsmError, QuotaExceededError
+from nitrovault.nsm import Nsm
+from nitrovault.receipts import Receipt, ReceiptSigner, enclave_user_data, key_id
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+Sink = Callable[[bytes], None]
+
+#: methods whose responses carry a receipt
+RECEIPTED = frozenset({"Infer", "Embed"})
+#: largest accepted ``authorization`` metadata value (a token is at most 8 KiB)
+MAX_AUTHORIZATION = 8 * 1024 + 16
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def boot_key_from_nsm(nsm: Nsm) -> ed25519.Ed25519PrivateKey:
+    """The boot's receipt/audit key: Ed25519 seeded with 32 bytes of NSM randomness (never stored)."""
+    seed = nsm.get_random()[:32]
+    if len(seed) != 32:
+        raise NsmError("the NSM returned fewer than 32 random bytes")
+    return ed25519.Ed25519PrivateKey.from_private_bytes(seed)
+
+
+def bearer_token(metadata: Iterable[tuple[str, Any]] | None) -> str:
+    """The token of ``authorization: Bearer <token>``; ``AuthenticationError`` when absent or malformed."""
+    values = [v for k, v in (metadata or ()) if str(k).lower() == "authorization"]
+    if not values:
+        raise AuthenticationError("missing-token")
+    value = values[0]
+    if len(values) != 1 or not isinstance(value, str) or len(value) > MAX_AUTHORIZATION:
+        raise AuthenticationError("malformed")
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise AuthenticationError("malformed")
+    return token.strip()
+
+
+@dataclass
+class CallRecord:
+    """What the audit log learns about one call (filled as the call goes on)."""
+
+    method: str
+    model: str
+    principal: Principal | None = None
+    items: int = 0
+    quota: QuotaState | None = None
+    receipt_id: str | None = None
+
+
+class Protections:
+    """Token, quota, receipt and audit for one boot (module docstring)."""
+
+    def __init__(self, config: EnclaveConfig, boot_key: ed25519.Ed25519PrivateKey, *, pcr0: bytes,
+                 sink: Sink, clock: Clock = _utc_now) -> None:
+        self.config = config
+        self.boot_key = boot_key
+        self.key_id = key_id(boot_key.public_key())
+        self.user_data = enclave_user_data(boot_key.public_key())
+        self._pcr0 = pcr0
+        self._clock = clock
+        access = config.access
+        self.verifier: TokenVerifier | None = access.verifier(clock=clock) if access.enabled else None
+        self.ledger = QuotaLedger(access.quota_tiers(), clock=clock, max_subjects=access.max_subjects)
+        self.audit = AuditWriter(boot_key, sink=sink, checkpoint_every=config.audit.checkpoint_every,
+                                 max_buffered=config.audit.max_buffered, clock=clock)
+        self.signer: ReceiptSigner | None = None
+
+    def serving(self, sealed_digest_hex: str) -> None:
+        """The model is loaded: receipts can name its sealed digest from now on."""
+        self.signer = ReceiptSigner(self.boot_key, model_id=self.config.model_id,
+                                    sealed_digest=bytes.fromhex(sealed_digest_hex), pcr0=self._pcr0,
+                                    clock=self._clock)
+
+    # -- the steps, in order --------------------------------------------------------------------------
+
+    def authenticate(self, metadata: Iterable[tuple[str, Any]] | None, method: str) -> Principal:
+        """Steps 1-5 of the token check, scopes against the configured model."""
+        if self.verifier is None:
+            raise AuthenticationError("no-issuer")
+        return self.verifier.verify(bearer_token(metadata), method=method, model=self.config.model_id)
+
+    def charge(self, principal: Principal, items: int) -> QuotaState:
+        return self.ledger.charge(principal.subject, principal.tier, items)
+
+    def sign(self, principal: Principal, method: str, request_bytes: bytes, response_bytes: bytes) -> Receipt:
+        if self.signer is None:  # serving() comes before any model call can succeed
+            raise RuntimeError("receipt signer used before the model was loaded")
+        return self.signer.sign(principal.subject, method, request_bytes, response_bytes)
+
+    def record(self, call: CallRecord, *, decision: str, latency_us: int, reason: str | None = None,
+               code: str = "OK") -> None:
+        """Append the call's audit record (never raises: a refused record is logged, serving goes on)."""
+        principal = call.principal
+        quota = call.quota
+        body: dict[str, Any] = {
+            "subject": None if principal is None else principal.subject,
+            "token_id": None if principal is None else principal.token_id,
+            "tier": None if principal is None else principal.tier,
+            "method": call.method, "model": call.model, "items": call.items,
+            "decision": decision, "code": code, "reason": reason,
+            "latency_us": latency_us, "receipt": call.receipt_id,
+            "quota": None if quota is None else {
+                "remaining_requests": quota.remaining_requests, "remaining_items": quota.remaining_items,
+                "tokens": math.floor(quota.tokens),
+            },
+        }
+        try:
+            self.audit.append(body)
+        except Exception as err:  # the audit log must never take serving down; say so loudly
+            log.error("audit record refused: %s", type(err).__name__)
+
+    @staticmethod
+    def decision_of(err: BaseException) -> tuple[str, str | None]:
+        """``("denied", reason)`` for refusals, ``("error", class name)`` for everything else."""
+        if isinstance(err, AccessError):
+            return ("quota" if isinstance(err, QuotaExceededError) else "denied"), err.reason
+        return "error", type(err).__name__
+
+    def close(self) -> None:
+        """Final signed checkpoint (call once, at shutdown)."""
+        self.audit.close()

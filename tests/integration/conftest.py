@@ -1,0 +1,28 @@
+"""Fixtures shared by the integration tests that drive the local stack's real processes."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from nitrovault.local.stack import LocalStack
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    """One local stack (KMS emulator, NSM, parent, enclave) for every test module that asks for it."""
+    home = tmp_path_factory.mktemp("stack")
+    local = LocalStack(home, listen=f"127.0.0.1:{free_port()}")
+    try:
+        local.start()
+        yield local
+    finally:
+        local.close()
