@@ -128,22 +128,32 @@ def _entry_hash(entry: Mapping[str, Any]) -> str:
     return hashlib.sha256(_HASH_CONTEXT + canonical_json(unsigned)).hexdigest()
 
 
-def _check_record(value: Any, path: str = "record") -> None:
-    """Refuse raw inputs/outputs (by key name, at any depth) and values canonical JSON cannot pin down."""
-    if isinstance(value, Mapping):
+def _check_record(value: Any, path: tuple[str | int, ...] = ()) -> None:
+    """Refuse raw inputs/outputs (by key name, at any depth) and values canonical JSON cannot pin down.
+
+    On the request path: scalars return at once and the error path is only rendered on failure.
+    """
+    kind = type(value)
+    if kind is str or kind is int or value is None:
+        return
+    if kind is dict or isinstance(value, Mapping):
         for key, item in value.items():
             if not isinstance(key, str):
-                raise AuditError(f"{path}: keys must be strings")
+                raise AuditError(f"{_render(path)}: keys must be strings")
             if key.lower() in FORBIDDEN_KEYS:
-                raise AuditError(f"{path}.{key}: audit records never hold raw inputs or outputs")
-            _check_record(item, f"{path}.{key}")
-    elif isinstance(value, list | tuple):
+                raise AuditError(f"{_render((*path, key))}: audit records never hold raw inputs or outputs")
+            _check_record(item, (*path, key))
+    elif kind is list or kind is tuple:
         for index, item in enumerate(value):
-            _check_record(item, f"{path}[{index}]")
+            _check_record(item, (*path, index))
     elif isinstance(value, float):
-        raise AuditError(f"{path}: floats are not allowed (use integers, e.g. latency_us)")
-    elif not (value is None or isinstance(value, str | int)):
-        raise AuditError(f"{path}: {type(value).__name__} is not a JSON value")
+        raise AuditError(f"{_render(path)}: floats are not allowed (use integers, e.g. latency_us)")
+    elif not isinstance(value, str | int):
+        raise AuditError(f"{_render(path)}: {type(value).__name__} is not a JSON value")
+
+
+def _render(path: tuple[str | int, ...]) -> str:
+    return "record" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path)
 
 
 # -- writer --------------------------------------------------------------------------------------------------
