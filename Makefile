@@ -27,6 +27,7 @@ run: venv
 ## The whole test suite (lint first: it is cheap and catches what tests do not).
 test: venv
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python scripts/gen_protos.py --check
 	$(BIN)/python scripts/gen_sealed_vectors.py --check
 	$(BIN)/pytest

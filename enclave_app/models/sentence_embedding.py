@@ -65,7 +65,7 @@ class SentenceEmbeddingHandler:
                 else:
                     raise ModelLoadError(f"buffer {name} cannot be initialised")
                 module.register_buffer(attr, fresh, persistent=False)
-        model.eval()
+        model.train(False)  # inference mode (``eval()`` is untyped in transformers)
         tokenizer.enable_truncation(max_length=max_seq_length)
         tokenizer.enable_padding(pad_id=int(config.get("pad_token_id", 0)))
         return cls(model=model, tokenizer=tokenizer, max_seq_length=max_seq_length)
@@ -86,7 +86,8 @@ class SentenceEmbeddingHandler:
         pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
         if normalize:
             pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-        return pooled.float().numpy()
+        result: np.ndarray = pooled.float().numpy()
+        return result
 
     def infer(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise UnsupportedCallError("this model serves Embed, not Infer")
