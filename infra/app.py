@@ -22,8 +22,11 @@ Context keys (``-c key=value``, or ``cdk.json``):
 ``unsafeAllowDebugPcrs``  ``true`` lets all-zero (debug) PCRs into the key policy: NEVER in production
 ========================  ==========================================================================
 
-Invariants: the PCRs come only from the manifest; anything that weakens the key policy is named
-``unsafe*`` and logs a warning; the cdk-nag AwsSolutions pack runs on every synth unless disabled.
+Invariants: the PCRs come only from the manifest (one format, ``nitrovault.policy.manifest``, read
+through ``infra.pcr_manifest``); anything that weakens the key policy is named ``unsafe*`` and logs a
+warning; the cdk-nag AwsSolutions pack runs on every synth unless disabled; the policy reviewer
+(``infra.review_aspect``) reviews every model key against the manifest on every synth, and a finding of
+severity high or above is a synthesis error.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from cdk_nag import AwsSolutionsChecks
 
 from infra.nag import apply_suppressions
 from infra.pcr_manifest import load_pcr_manifest
+from infra.review_aspect import KeyPolicyReviewAspect
 from infra.stacks.nitrovault_stack import NitrovaultStack, NitrovaultStackProps
 from nitrovault.errors import ConfigError
 
@@ -150,6 +154,9 @@ def build_app(
     props = props_from_context({k: v for k, v in ctx.items() if v is not None})
     stack = NitrovaultStack(app, STACK_NAME, props=props)
     apply_suppressions(stack)
+    Aspects.of(app).add(
+        KeyPolicyReviewAspect(props.manifest, unsafe_allow_debug_pcrs=props.unsafe_allow_debug_pcrs)
+    )
     if _flag(ctx.get("nag") if ctx.get("nag") is not None else True, "nag"):
         Aspects.of(app).add(AwsSolutionsChecks(verbose=True))
     return app, stack
@@ -189,7 +196,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ]
     if errors:
         raise SystemExit(
-            "synthesis has errors (cdk-nag findings need a fix or a reasoned suppression):\n"
+            "synthesis has errors (cdk-nag findings need a fix or a reasoned suppression; policy review "
+            "findings need a fix of the key policy):\n"
             + "\n".join(errors)
         )
 

@@ -1,22 +1,16 @@
-"""Read and validate the PCR manifest that the enclave image build writes (``pcr-manifest.json``).
+"""The CDK app's door for the PCR manifest: the shared reader plus the debug-PCR refusal.
 
-The manifest is the only way measurements enter the CDK app: the model key's release statement binds
-exactly the PCRs named here, so a reviewer can compare the deployed policy with the image they reviewed.
-
-Format (JSON object)::
+There is one manifest format and one reader, :mod:`nitrovault.policy.manifest` (the image build's
+``scripts/pcr_manifest.py`` writes it, the reviewer reads it, and so does this app)::
 
     {"pcrs": {"0": "<96 hex>", "1": "<96 hex>", "2": "<96 hex>", "8": "<96 hex>"},
-     "image_digest": "sha256:...", "source_commit": "<git sha>", "build_time": "2025-...Z"}
+     "image_digest": "sha256:<64 hex>", "source_commit": "<git sha>",
+     "built_at": "2025-01-31T12:00:00Z", "eif_sha384": "<96 hex>"}
 
-Invariants:
-
-* ``pcrs`` has PCR0, PCR1 and PCR2, optionally PCR3, PCR4 and PCR8, and nothing else; every value is
-  exactly 48 bytes written as 96 hex digits (either case; stored as bytes).
-* All-zero PCR0/1/2/8 (a debug-mode enclave, which anyone can run with any code) are refused unless
-  ``unsafe_allow_debug_pcrs=True``, which logs a warning on every use.
-* Metadata (``image_digest``, ``source_commit``, ``build_time``) is optional and kept as given, for the
-  stack's description and outputs; unknown top-level keys are refused, so a typo such as ``"pcr"`` cannot
-  silently drop the measurements.
+This module adds only what binding a key needs on top of reading: all-zero PCR0/1/2/8 (a debug-mode
+enclave, which anyone can run with any code) are refused unless ``unsafe_allow_debug_pcrs=True`` (the
+``unsafeAllowDebugPcrs`` context flag), which logs a warning on every use. The reviewer, by contrast,
+loads such a manifest so that it can *report* it.
 
 Example::
 
@@ -27,105 +21,43 @@ Example::
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 from nitrovault.errors import ConfigError
+from nitrovault.policy.manifest import PcrManifest, load_manifest, parse_manifest
+
+__all__ = ["PcrManifest", "load_pcr_manifest", "parse_pcr_manifest"]
 
 log = logging.getLogger(__name__)
 
-REQUIRED_PCRS = (0, 1, 2)
-OPTIONAL_PCRS = (3, 4, 8)
-#: PCRs that are all zeros in a debug-mode enclave (PCR3/PCR4 stay set in debug mode).
-DEBUG_ZERO_PCRS = (0, 1, 2, 8)
-_TOP_LEVEL_KEYS = frozenset({"pcrs", "image_digest", "source_commit", "build_time", "eif", "signed"})
-_HEX96 = re.compile(r"[0-9a-fA-F]{96}")
 
-
-@dataclass(frozen=True)
-class PcrManifest:
-    """A validated manifest. ``pcrs`` maps the PCR index to its 48-byte value (read-only)."""
-
-    #: PCR index -> 48 bytes; always 0, 1 and 2, optionally 3, 4 and 8
-    pcrs: Mapping[int, bytes]
-    #: the container image digest the EIF was built from, if the build recorded it
-    image_digest: str | None = None
-    #: the git commit of the enclave source, if the build recorded it
-    source_commit: str | None = None
-    #: ISO 8601 build time, if the build recorded it
-    build_time: str | None = None
-
-    @property
-    def is_debug(self) -> bool:
-        """True when any of PCR0/1/2/8 is all zeros (a debug-mode enclave)."""
-        return any(not any(self.pcrs[i]) for i in DEBUG_ZERO_PCRS if i in self.pcrs)
-
-
-def _optional_str(doc: Mapping[str, Any], key: str) -> str | None:
-    value = doc.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"PCR manifest: {key!r} must be a non-empty string")
-    return value
+def _refuse_debug(manifest: PcrManifest, unsafe_allow_debug_pcrs: bool) -> PcrManifest:
+    if not manifest.is_debug:
+        return manifest
+    names = ", ".join(f"PCR{i}" for i in manifest.debug_pcrs)
+    if not unsafe_allow_debug_pcrs:
+        raise ConfigError(
+            f"PCR manifest has all-zero {names}: that is a debug-mode enclave, which anyone can run with "
+            "any code. Refusing to bind the model key to it (-c unsafeAllowDebugPcrs=true overrides)."
+        )
+    log.warning(
+        "UNSAFE: the PCR manifest has all-zero (debug-mode) %s and unsafeAllowDebugPcrs is set: ANY debug "
+        "enclave will be able to obtain the model key. Never deploy this to production.",
+        names,
+    )
+    return manifest
 
 
 def parse_pcr_manifest(
     doc: Mapping[str, Any] | str | bytes, *, unsafe_allow_debug_pcrs: bool = False
 ) -> PcrManifest:
-    """Validate a manifest document (parsed JSON or JSON text); :class:`ConfigError` on any problem."""
-    if isinstance(doc, str | bytes):
-        try:
-            doc = json.loads(doc)
-        except ValueError as exc:
-            raise ConfigError("PCR manifest is not valid JSON") from exc
-    if not isinstance(doc, Mapping):
-        raise ConfigError("PCR manifest must be a JSON object")
-    unknown = sorted(set(doc) - _TOP_LEVEL_KEYS)
-    if unknown:
-        raise ConfigError(f"PCR manifest: unknown keys {unknown}")
-    raw = doc.get("pcrs")
-    if not isinstance(raw, Mapping):
-        raise ConfigError('PCR manifest: "pcrs" must be an object of "index": "hex"')
-    pcrs: dict[int, bytes] = {}
-    for key, value in raw.items():
-        if not (isinstance(key, str) and key.isdigit() and int(key) in REQUIRED_PCRS + OPTIONAL_PCRS):
-            raise ConfigError(f"PCR manifest: unexpected PCR {key!r} (allowed: 0, 1, 2, 3, 4, 8)")
-        if not isinstance(value, str) or not _HEX96.fullmatch(value):
-            raise ConfigError(f"PCR manifest: PCR{key} must be 96 hex digits (48 bytes)")
-        pcrs[int(key)] = bytes.fromhex(value)
-    missing = [i for i in REQUIRED_PCRS if i not in pcrs]
-    if missing:
-        raise ConfigError(f"PCR manifest: PCR0, PCR1 and PCR2 are required (missing {missing})")
-    manifest = PcrManifest(
-        pcrs=MappingProxyType(dict(sorted(pcrs.items()))),
-        image_digest=_optional_str(doc, "image_digest"),
-        source_commit=_optional_str(doc, "source_commit"),
-        build_time=_optional_str(doc, "build_time"),
-    )
-    if manifest.is_debug:
-        if not unsafe_allow_debug_pcrs:
-            raise ConfigError(
-                "PCR manifest has all-zero PCRs: that is a debug-mode enclave, which anyone can run with "
-                "any code. Refusing to bind the model key to it (-c unsafeAllowDebugPcrs=true overrides)."
-            )
-        log.warning(
-            "UNSAFE: the PCR manifest has all-zero (debug-mode) PCRs and unsafeAllowDebugPcrs is set: "
-            "ANY debug enclave will be able to obtain the model key. Never deploy this to production."
-        )
-    return manifest
+    """Validate a manifest document with the shared reader, then refuse debug PCRs (unless unsafe)."""
+    return _refuse_debug(parse_manifest(doc), unsafe_allow_debug_pcrs)
 
 
 def load_pcr_manifest(path: str | Path, *, unsafe_allow_debug_pcrs: bool = False) -> PcrManifest:
-    """Read and validate ``path``; :class:`ConfigError` when it is unreadable or invalid."""
-    try:
-        text = Path(path).read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read the PCR manifest {str(path)!r}: {exc.strerror}") from exc
-    return parse_pcr_manifest(text, unsafe_allow_debug_pcrs=unsafe_allow_debug_pcrs)
+    """Read ``path`` with the shared reader, then refuse debug PCRs (unless unsafe); :class:`ConfigError`."""
+    return _refuse_debug(load_manifest(path), unsafe_allow_debug_pcrs)

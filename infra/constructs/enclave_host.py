@@ -9,9 +9,17 @@ Invariants:
   relay cannot reach IMDS through an extra hop), encrypted EBS volumes, no SSH key pair (SSM Session
   Manager only), placed in the private isolated subnets.
 * User data installs the Nitro Enclaves CLI, sizes the allocator from the props, writes the vsock-proxy
-  allowlist for the region's KMS endpoint only (:func:`parent_app.vsock_proxy.kms_allowlist`) and
-  installs systemd units for the parent app and the enclave. Region, sizes and names are validated or
-  typed values, never free text, so nothing can inject shell through them.
+  allowlist for the region's KMS endpoint only (:func:`parent_app.vsock_proxy.kms_allowlist`), writes
+  the parent's configuration (:func:`parent_config`, loaded by :class:`parent_app.config.ParentConfig`)
+  to ``/etc/nitrovault/parent.json`` (0600, root) and installs exactly one nitrovault unit,
+  ``nitrovault-parent.service`` (``python -m parent_app /etc/nitrovault/parent.json``): the parent
+  runs the bridge, the relays, the host services *and* supervises the enclave through ``nitro-cli``,
+  beside AWS's ``nitro-enclaves-allocator.service`` and ``nitro-enclaves-vsock-proxy.service``.
+  Region, sizes and names are validated or typed values, never free text, and every file is written
+  from a quoted heredoc, so nothing can inject shell through them.
+* The parent listens in plaintext on the target group's port: TLS runs from the client to the load
+  balancer, whose listener terminates it; inside the VPC only the load balancer's security group may
+  reach that port. (Payload confidentiality against the host needs the sealed-payload mode.)
 * The load balancer terminates client TLS with the given certificate (TLS 1.3 policy) and health-checks
   the parent's gRPC port over TCP; the Auto Scaling group uses those ELB health checks.
 
@@ -21,11 +29,13 @@ internet route: see ``docs/deploy.md``).
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from collections.abc import Sequence
+from typing import Any
 
-from aws_cdk import Duration, Stack
+from aws_cdk import Duration, Stack, Tags
 from aws_cdk import aws_autoscaling as autoscaling
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_elasticloadbalancingv2 as elbv2
@@ -34,6 +44,8 @@ from aws_cdk import aws_logs as logs
 from aws_cdk import aws_s3 as s3
 from constructs import Construct
 
+from infra.constructs.weights_store import ARTIFACTS_PREFIX, ENCLAVE_IMAGE_PREFIX, SEALED_PREFIX
+from parent_app.host_sources import MODEL_ID
 from parent_app.vsock_proxy import DEFAULT_CONFIG_PATH, kms_allowlist, vsock_proxy_argv
 
 ALLOCATOR_PATH = "/etc/nitro_enclaves/allocator.yaml"
@@ -41,9 +53,18 @@ INSTALL_DIR = "/opt/nitrovault"
 EIF_PATH = f"{INSTALL_DIR}/enclave.eif"
 WHEELHOUSE = f"{INSTALL_DIR}/wheelhouse"
 PROXY_DROPIN_DIR = "/etc/systemd/system/nitro-enclaves-vsock-proxy.service.d"
-#: The parent's and the enclave supervisor's commands (EIF path and sizes are appended for the enclave).
+#: The parent's configuration file (``ParentConfig`` JSON), the argument of ``python -m parent_app``.
+PARENT_CONFIG_PATH = "/etc/nitrovault/parent.json"
+#: The parent's unix sockets and status file (tmpfs: nothing here outlives a boot).
+RUN_DIR = "/run/nitrovault"
+#: The enclave's signed audit lines, one folder per enclave boot (persistent, shipped to the enclave logs).
+AUDIT_DIR = "/var/lib/nitrovault/audit"
+PARENT_LOG = "/var/log/nitrovault/parent.log"
+PARENT_UNIT = "nitrovault-parent.service"
+#: AWS's units from ``aws-nitro-enclaves-cli``: hugepages/CPU carve-out, and the KMS-only vsock relay.
+AWS_UNITS = ("nitro-enclaves-allocator.service", "nitro-enclaves-vsock-proxy.service")
+#: The parent's command; the config path is appended.
 DEFAULT_PARENT_COMMAND = (f"{INSTALL_DIR}/venv/bin/python", "-m", "parent_app")
-DEFAULT_ENCLAVE_COMMAND = (f"{INSTALL_DIR}/venv/bin/python", "-m", "parent_app.supervisor")
 _ROLE_NAME = re.compile(r"[A-Za-z0-9+=,.@_-]{1,64}")
 
 
@@ -86,6 +107,38 @@ def systemd_unit(description: str, argv: Sequence[str], *, after: Sequence[str],
     )
 
 
+def parent_config(
+    *, region: str, bucket_name: str, grpc_port: int, memory_mib: int, cpu_count: int
+) -> dict[str, Any]:
+    """The parent's ``ParentConfig`` for an enclave host, as a JSON-ready dict.
+
+    Plaintext listener on ``grpc_port`` (the load balancer terminates TLS), instance-role credentials
+    from IMDSv2, sealed models from ``s3://BUCKET/models/``, the enclave started by ``nitro-cli`` from
+    the image fetched at boot. ``kms_proxy_target`` is empty: AWS's vsock-proxy relays KMS.
+    ``bucket_name`` may be a CDK token (it resolves inside the user data).
+
+    >>> parent_config(region="eu-west-1", bucket_name="b", grpc_port=50051, memory_mib=4096,
+    ...               cpu_count=2)["enclave"]["kind"]
+    'nitro-cli'
+    """
+    kms_allowlist(region)  # validates the region
+    allocator_yaml(memory_mib, cpu_count)  # validates the sizes
+    if isinstance(grpc_port, bool) or not isinstance(grpc_port, int) or not 1 <= grpc_port <= 65535:
+        raise ValueError(f"not a TCP port: {grpc_port!r}")
+    return {
+        "listen": f"0.0.0.0:{grpc_port}",
+        "region": region,
+        "run_dir": RUN_DIR,
+        "audit_dir": AUDIT_DIR,
+        "credentials": {"kind": "imds"},
+        "models": {"kind": "s3", "bucket": bucket_name, "prefix": SEALED_PREFIX},
+        "enclave": {"kind": "nitro-cli", "eif": EIF_PATH, "cpu_count": cpu_count, "memory_mib": memory_mib},
+        "tls_cert": "",
+        "tls_key": "",
+        "kms_proxy_target": "",
+    }
+
+
 class EnclaveHost(Construct):
     """``.role``, ``.role_arn`` (literal), ``.launch_template``, ``.asg``, ``.nlb``, ``.target_group``."""
 
@@ -114,12 +167,13 @@ class EnclaveHost(Construct):
         max_capacity: int = 4,
         model_id: str = "model",
         parent_command: Sequence[str] = DEFAULT_PARENT_COMMAND,
-        enclave_command: Sequence[str] = DEFAULT_ENCLAVE_COMMAND,
         volume_size_gib: int = 64,
     ) -> None:
         super().__init__(scope, construct_id)
         if not _ROLE_NAME.fullmatch(role_name):
             raise ValueError(f"not an IAM role name: {role_name!r}")
+        if not MODEL_ID.match(model_id):
+            raise ValueError(f"not a model id: {model_id!r}")
         stack = Stack.of(self)
         region = stack.region
         self.role_arn = f"arn:aws:iam::{stack.account}:role/{role_name}"
@@ -159,8 +213,6 @@ class EnclaveHost(Construct):
                 memory_mib=enclave_memory_mib,
                 cpu_count=enclave_cpu_count,
                 parent_command=parent_command,
-                enclave_command=enclave_command,
-                model_id=model_id,
                 grpc_port=grpc_port,
                 parent_log_group=parent_log_group.log_group_name,
                 enclave_log_group=enclave_log_group.log_group_name,
@@ -207,6 +259,9 @@ class EnclaveHost(Construct):
                 grace_period=Duration.minutes(10),
             ),
         )
+        # Which sealed model the hosts serve is the enclave image's (measured) choice; the tag only
+        # tells operators which ``models/<id>.sealed`` these hosts are expected to fetch.
+        Tags.of(self.asg).add("nitrovault:model", model_id)
 
         self.nlb = elbv2.NetworkLoadBalancer(
             self,
@@ -254,8 +309,6 @@ class EnclaveHost(Construct):
         memory_mib: int,
         cpu_count: int,
         parent_command: Sequence[str],
-        enclave_command: Sequence[str],
-        model_id: str,
         grpc_port: int,
         parent_log_group: str,
         enclave_log_group: str,
@@ -265,61 +318,71 @@ class EnclaveHost(Construct):
         proxy_dropin = "\n".join(
             ["[Service]", "ExecStart=", "ExecStart=/usr/bin/" + " ".join(shlex.quote(a) for a in proxy_argv)]
         )
-        enclave_argv = [
-            *enclave_command,
-            "--eif",
-            EIF_PATH,
-            "--cpu-count",
-            str(cpu_count),
-            "--memory-mib",
-            str(memory_mib),
-        ]
-        parent_argv = [*parent_command, "--listen", f"tcp:0.0.0.0:{grpc_port}", "--model-id", model_id]
-        agent_config = (
-            '{"logs": {"logs_collected": {"files": {"collect_list": ['
-            f'{{"file_path": "/var/log/nitrovault/parent.log", "log_group_name": "{parent_log_group}", '
-            '"log_stream_name": "{instance_id}"}, '
-            f'{{"file_path": "/var/log/nitrovault/enclave.log", "log_group_name": "{enclave_log_group}", '
-            '"log_stream_name": "{instance_id}"}]}}}}'
+        config = parent_config(
+            region=region,
+            bucket_name=bucket_name,
+            grpc_port=grpc_port,
+            memory_mib=memory_mib,
+            cpu_count=cpu_count,
         )
+        agent_config = {
+            "logs": {
+                "logs_collected": {
+                    "files": {
+                        "collect_list": [
+                            # The parent process: bridge, host services and the enclave supervisor.
+                            {
+                                "file_path": PARENT_LOG,
+                                "log_group_name": parent_log_group,
+                                "log_stream_name": "{instance_id}",
+                            },
+                            # What the enclave itself emits: its chained, signed audit lines.
+                            {
+                                "file_path": f"{AUDIT_DIR}/*/audit-*.jsonl",
+                                "log_group_name": enclave_log_group,
+                                "log_stream_name": "{instance_id}",
+                            },
+                        ]
+                    }
+                }
+            }
+        }
+        config_dir = PARENT_CONFIG_PATH.rsplit("/", 1)[0]
         lines = [
             "set -euo pipefail",
             "dnf install -y aws-nitro-enclaves-cli aws-nitro-enclaves-cli-devel",
             "dnf install -y amazon-cloudwatch-agent python3.11",
             f"mkdir -p {INSTALL_DIR} /var/log/nitrovault {PROXY_DROPIN_DIR}",
+            f"install -d -m 0700 -o root -g root {config_dir} {AUDIT_DIR}",
             *_heredoc(ALLOCATOR_PATH, allocator_yaml(memory_mib, cpu_count)),
             *_heredoc(DEFAULT_CONFIG_PATH, allowlist),
             *_heredoc(f"{PROXY_DROPIN_DIR}/kms-only.conf", proxy_dropin),
-            *_heredoc("/opt/aws/amazon-cloudwatch-agent/etc/nitrovault.json", agent_config),
+            *_heredoc(
+                "/opt/aws/amazon-cloudwatch-agent/etc/nitrovault.json", json.dumps(agent_config, indent=2)
+            ),
+            # The parent's config: created 0600 before anything is written into it.
+            f"install -m 0600 -o root -g root /dev/null {PARENT_CONFIG_PATH}",
+            *_heredoc(PARENT_CONFIG_PATH, json.dumps(config, indent=2, sort_keys=True)),
+            f"chown root:root {PARENT_CONFIG_PATH} && chmod 0600 {PARENT_CONFIG_PATH}",
             # The enclave image and the parent's wheelhouse come from the weights store (no internet route).
-            f'aws s3 cp "s3://{bucket_name}/enclave/nitrovault.eif" {EIF_PATH}',
-            f'aws s3 cp "s3://{bucket_name}/artifacts/parent-wheelhouse.tar.gz" {WHEELHOUSE}.tar.gz',
+            f'aws s3 cp "s3://{bucket_name}/{ENCLAVE_IMAGE_PREFIX}nitrovault.eif" {EIF_PATH}',
+            f'aws s3 cp "s3://{bucket_name}/{ARTIFACTS_PREFIX}parent-wheelhouse.tar.gz" {WHEELHOUSE}.tar.gz',
             f"mkdir -p {WHEELHOUSE} && tar -xzf {WHEELHOUSE}.tar.gz -C {WHEELHOUSE}",
             f"python3.11 -m venv {INSTALL_DIR}/venv",
             f"{INSTALL_DIR}/venv/bin/pip install --no-index --find-links {WHEELHOUSE} nitrovault",
             *_heredoc(
-                "/etc/systemd/system/nitrovault-enclave.service",
+                f"/etc/systemd/system/{PARENT_UNIT}",
                 systemd_unit(
-                    "nitrovault enclave (supervised)",
-                    enclave_argv,
-                    after=["nitro-enclaves-allocator.service", "nitro-enclaves-vsock-proxy.service"],
-                    log_file="/var/log/nitrovault/enclave.log",
-                ),
-            ),
-            *_heredoc(
-                "/etc/systemd/system/nitrovault-parent.service",
-                systemd_unit(
-                    "nitrovault parent (gRPC bridge, host services)",
-                    parent_argv,
-                    after=["nitrovault-enclave.service"],
-                    log_file="/var/log/nitrovault/parent.log",
+                    "nitrovault parent (gRPC bridge, host services, enclave supervisor)",
+                    [*parent_command, PARENT_CONFIG_PATH],
+                    after=AWS_UNITS,
+                    log_file=PARENT_LOG,
                 ),
             ),
             "/opt/aws/amazon-cloudwatch-agent/bin/amazon-cloudwatch-agent-ctl -a fetch-config -m ec2 -s "
             "-c file:/opt/aws/amazon-cloudwatch-agent/etc/nitrovault.json",
             "systemctl daemon-reload",
-            "systemctl enable --now nitro-enclaves-allocator.service",
-            "systemctl enable --now nitro-enclaves-vsock-proxy.service",
-            "systemctl enable --now nitrovault-enclave.service nitrovault-parent.service",
+            *(f"systemctl enable --now {unit}" for unit in AWS_UNITS),
+            f"systemctl enable --now {PARENT_UNIT}",
         ]
         return lines

@@ -17,6 +17,7 @@ from nitrovault.cli import (
     review_cmd,
     seal_cmd,
     token_cmd,
+    watermark_cmd,
 )
 
 app = typer.Typer(
@@ -31,12 +32,14 @@ app.add_typer(local_cmd.app, name="local", help="The local stand-ins: fake NSM, 
 app.add_typer(token_cmd.app, name="token", help="Issuer keys and bearer tokens for the local stack.")
 app.add_typer(receipt_cmd.app, name="receipt", help="Verify response receipts offline.")
 app.add_typer(audit_cmd.app, name="audit", help="Verify the enclave's audit log.")
+app.add_typer(review_cmd.app, name="policy", help="Review KMS key policies against an image's PCRs.")
 app.command("seal")(seal_cmd.seal)
 app.command("inspect")(seal_cmd.inspect)
-app.command("review")(review_cmd.review)
 app.command("embed")(client_cmd.embed)
 app.command("infer")(client_cmd.infer)
 
 
 def main() -> None:
     app()
+
+app.add_typer(watermark_cmd.app, name="watermark", help="Embed and detect ownership watermarks.")

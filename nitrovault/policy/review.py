@@ -3,7 +3,9 @@
 Input is a parsed key policy (or a CloudFormation template's ``AWS::KMS::Key`` resources), optionally with
 the image's :class:`~nitrovault.policy.manifest.PcrManifest`; output is a :class:`KeyReview` per key: one
 :class:`Grant` row per (statement, principal, action) that can yield plaintext or escalate to it, and the
-:class:`Finding` list. File and folder reading lives in ``nitrovault.cli.review_cmd`` (the I/O shell).
+:class:`Finding` list. File and folder reading (JSON, YAML, ``cdk.out``) and the text/JSON/SARIF
+renderings live in ``nitrovault.cli.review_cmd`` (the I/O shell); the synth-time CDK aspect in
+``infra/review_aspect.py``.
 
 How a claim is established:
 
@@ -26,6 +28,11 @@ Invariants:
 * Account principals are assumed to delegate to IAM (the evaluator's worst case): a reviewer cannot see
   the account's IAM policies, so it must assume they allow.
 * ``GenerateRandom`` is not reviewed: it takes no key, so no key policy governs it.
+* Every finding's ``rule_id`` is in :data:`RULES` and its ``category`` is that rule's, one of the issue's
+  vocabulary (:data:`CATEGORIES`); severities are :data:`SEVERITIES` (low < medium < high < critical).
+* Key administrators are the principals of a management statement (disable / schedule deletion, no
+  plaintext action). Only their ``PutKeyPolicy`` is break-glass; ``PutKeyPolicy`` to anyone else (an
+  administrator that also uses the key included) and ``CreateGrant`` to anyone are escalations.
 
 What this cannot prove: anything outside the key policy (IAM policies, grants already created, SCPs), and
 whether the manifest describes the code you reviewed (that is the reproducible build's job).
@@ -63,19 +70,25 @@ __all__ = [
     "ESCALATION_ACTIONS",
     "PLAINTEXT_ACTIONS",
     "PROBE_PCRS",
+    "RULES",
+    "SEVERITIES",
     "Finding",
     "Grant",
     "KeyReview",
     "Review",
+    "Rule",
     "TemplateEnv",
     "keys_from_template",
+    "reaching",
     "render_intrinsics",
     "review_policy",
     "review_template",
 ]
 
-Severity = Literal["critical", "high", "medium"]
-SEVERITY_ORDER: Mapping[str, int] = {"critical": 3, "high": 2, "medium": 1}
+Severity = Literal["low", "medium", "high", "critical"]
+#: The severities, weakest first (``--fail-on`` compares along this order).
+SEVERITIES: tuple[Severity, ...] = ("low", "medium", "high", "critical")
+SEVERITY_ORDER: Mapping[str, int] = {s: i for i, s in enumerate(SEVERITIES)}
 
 #: The issue's finding vocabulary; every finding has exactly one of these.
 CATEGORIES = (
@@ -93,6 +106,58 @@ CATEGORIES = (
     "weak-binding",
 )
 
+
+@dataclass(frozen=True)
+class Rule:
+    """One reviewer rule: a stable id, its category from :data:`CATEGORIES`, a one-line summary."""
+
+    rule_id: str
+    category: str
+    summary: str
+
+
+#: Every rule the reviewer has, by id (the SARIF driver's rule list; docs/review.md has the long form).
+RULES: Mapping[str, Rule] = {
+    r.rule_id: r
+    for r in (
+        Rule("NV-ROOT-DELEGATION", "root-delegation",
+             "The account principal is allowed a plaintext action: IAM policies decide who gets it"),
+        Rule("NV-WILDCARD-PRINCIPAL", "wildcard-principal",
+             "Principal \"*\" is allowed a plaintext action without attestation conditions"),
+        Rule("NV-KMS-STAR", "escalation", "kms:* (or an equivalent wildcard) to a non-administrator"),
+        Rule("NV-KMS-STAR-ADMIN", "escalation", "kms:* to a key administrator"),
+        Rule("NV-ESCALATION", "escalation",
+             "CreateGrant, or PutKeyPolicy outside the administrators' break-glass statement"),
+        Rule("NV-ADMIN-DECRYPT", "escalation", "A key administrator can also Decrypt"),
+        Rule("NV-PLAINTEXT-UNATTESTED", "plaintext-without-attestation",
+             "Decrypt/ReEncryptFrom/DeriveSharedSecret without attestation conditions"),
+        Rule("NV-ATT-BYPASS", "plaintext-without-attestation",
+             "Attestation conditions present, yet allowed without an attestation document"),
+        Rule("NV-NO-DENY", "plaintext-without-attestation",
+             "No explicit Deny of Decrypt without an attestation document"),
+        Rule("NV-ANY-ENCLAVE", "weak-binding", "Allowed for an enclave with foreign PCRs"),
+        Rule("NV-ATT-NULL-ONLY", "weak-binding", "Attestation conditions are Null-only"),
+        Rule("NV-BIND-NO-IMAGE", "weak-binding", "No image measurement (PCR0/1/2 or ImageSha384) bound"),
+        Rule("NV-BIND-MISSING-PCR", "weak-binding", "One of PCR0, PCR1, PCR2 is not bound"),
+        Rule("NV-MANIFEST-UNBOUND", "weak-binding", "The manifest has PCR3/4/8 but the statement omits it"),
+        Rule("NV-ATT-OPERATOR", "weak-binding", "An attestation key under a non-string operator"),
+        Rule("NV-ATT-IFEXISTS", "set-operator-misuse", "...IfExists on an attestation key"),
+        Rule("NV-ATT-SETOP", "set-operator-misuse",
+             "ForAnyValue/ForAllValues on a single-valued attestation key"),
+        Rule("NV-ATT-NEGATED", "negated-element", "A negated operator on an attestation key"),
+        Rule("NV-NOTACTION", "negated-element", "NotAction leaves plaintext actions allowed"),
+        Rule("NV-NOTPRINCIPAL", "negated-element", "NotPrincipal in an Allow with plaintext actions"),
+        Rule("NV-ATT-PATTERN", "pcr-pattern-match", "StringLike with a wildcard on an attestation key"),
+        Rule("NV-PCR-MALFORMED", "pcr-malformed", "A PCR value that is not 96 lower-case hex digits"),
+        Rule("NV-PCR-DEBUG", "debug-pcr", "An all-zero PCR0/1/2/8 (debug-mode enclave) in the policy"),
+        Rule("NV-MANIFEST-DEBUG", "debug-pcr", "The manifest itself is a debug-mode image"),
+        Rule("NV-MANIFEST-MISMATCH", "manifest-mismatch", "A bound PCR differs from the manifest"),
+        Rule("NV-MANIFEST-EXTRA", "manifest-mismatch", "The policy binds a PCR the manifest does not have"),
+        Rule("NV-DATAKEY-UNCONSTRAINED", "context-unconstrained",
+             "GenerateDataKey* without a specific role and an encryption-context condition"),
+    )
+}
+
 #: Actions whose answer carries plaintext key material (or re-wraps it under a key the caller may own).
 #: GenerateDataKey/GenerateDataKeyPair return a *new* key in plaintext ("plaintext to caller");
 #: Decrypt, ReEncryptFrom and DeriveSharedSecret release what this key protects.
@@ -106,8 +171,9 @@ PLAINTEXT_ACTIONS = (
 _TO_CALLER = ("kms:GenerateDataKey", "kms:GenerateDataKeyPair")
 #: Actions that let a principal give itself (or anyone) the above: grants, or a new policy.
 ESCALATION_ACTIONS = ("kms:CreateGrant", "kms:PutKeyPolicy")
-#: Management actions that make a principal a key administrator.
-_ADMIN_MARKERS = ("kms:PutKeyPolicy", "kms:ScheduleKeyDeletion", "kms:DisableKey")
+#: Management actions that mark a key-administration statement (PutKeyPolicy alone does not: a principal
+#: given only PutKeyPolicy is exactly the escalation the reviewer must report).
+_ADMIN_MARKERS = ("kms:ScheduleKeyDeletion", "kms:DisableKey")
 #: An action no policy names: a statement covering it (and Decrypt) covers everything (``kms:*``).
 _UNNAMED_ACTION = "kms:NitrovaultReviewUnnamedAction"
 
@@ -218,14 +284,15 @@ class Review:
         return tuple(f for k in self.keys for f in k.findings)
 
     def as_dict(self) -> dict[str, Any]:
-        manifest = None
-        if self.manifest is not None:
-            manifest = {**self.manifest.to_json_dict(), "debug_pcrs": list(self.manifest.debug_pcrs)}
-        return {
-            "manifest": manifest,
-            "keys": [k.as_dict() for k in self.keys],
-            "findings": [f.as_dict() for f in self.findings],
-        }
+        """Exactly ``{"keys": [...], "findings": [...]}`` (the CLI's ``--format json``)."""
+        return {"keys": [k.as_dict() for k in self.keys], "findings": [f.as_dict() for f in self.findings]}
+
+
+def reaching(findings: Iterable[Finding], fail_on: str) -> tuple[Finding, ...]:
+    """The findings at or above severity ``fail_on`` (one of :data:`SEVERITIES`)."""
+    if fail_on not in SEVERITY_ORDER:
+        raise ValueError(f"unknown severity {fail_on!r} (one of {', '.join(SEVERITIES)})")
+    return tuple(f for f in findings if SEVERITY_ORDER[f.severity] >= SEVERITY_ORDER[fail_on])
 
 
 # -- static reading of a statement ------------------------------------------------------------------------
@@ -343,7 +410,7 @@ class _Collector:
         principal: str | None = None,
         proved: bool = False,
     ) -> None:
-        assert category in CATEGORIES, category
+        assert RULES[rule_id].category == category, (rule_id, category)
         slot = (rule_id, statement, principal)
         if slot not in self.findings:
             self.findings[slot] = Finding(
@@ -453,7 +520,7 @@ def _check_attestation_clauses(
         for index in manifest.pcrs:
             if index not in att.bound and index not in REQUIRED_PCRS:
                 out.add(
-                    "NV-MANIFEST-UNBOUND", "weak-binding", "medium", label,
+                    "NV-MANIFEST-UNBOUND", "weak-binding", "low", label,
                     f"the manifest has PCR{index} but the statement does not bind it",
                 )
     return measurements
@@ -484,13 +551,19 @@ def review_policy(
             f"the manifest's {names} are all zeros: a debug-mode image; never bind a production key to it",
         )
 
+    # Key administrators: named in a management statement (one that deletes/disables the key and yields no
+    # plaintext). A kms:* grant is judged on its own (NV-KMS-STAR). Principals that also use the key
+    # (any plaintext action anywhere) are "users": their PutKeyPolicy is an escalation, not break-glass.
     admins: set[str] = set()
+    users: set[str] = set()
     for statement in parsed.statements:
-        # administrators are named for management; a kms:* grant is judged on its own (NV-KMS-STAR)
-        if statement.effect != "Allow" or _full_wildcard(statement):
+        if statement.effect != "Allow":
             continue
-        if any(_covers(statement, a) for a in _ADMIN_MARKERS):
-            admins.update(p for p in _principals(statement) if p != "*" and not _is_root(p))
+        named = [p for p in _principals(statement) if p != "*" and not _is_root(p)]
+        if any(_covers(statement, a) for a in PLAINTEXT_ACTIONS):
+            users.update(named)
+        elif not _full_wildcard(statement) and any(_covers(statement, a) for a in _ADMIN_MARKERS):
+            admins.update(named)
 
     def allowed(action: str, who: str, ctx: Mapping[str, str], pcrs: Mapping[int, bytes] | None) -> bool:
         request = build_request_context(action, who, arn, ctx, pcrs)
@@ -534,12 +607,17 @@ def review_policy(
                     "NV-KMS-STAR-ADMIN", "escalation", "high", label,
                     "kms:* to a key administrator: administration and plaintext in one principal", principal
                 )
-            for action in escalation:
-                if action == "kms:PutKeyPolicy" and principal in admins and not (root or everyone):
-                    continue  # the documented break-glass path: a logged policy change, not a decrypt
+            break_glass = principal in admins and principal not in users and not plaintext
+            # PutKeyPolicy for a pure administrator is the documented break-glass path: a visible,
+            # logged policy change, not a silent decrypt. Everything else here is an escalation.
+            escalating = [a for a in escalation if not (a == "kms:PutKeyPolicy" and break_glass)]
+            if escalating:
+                how = {"kms:CreateGrant": "a grant", "kms:PutKeyPolicy": "a new key policy"}
                 out.add(
                     "NV-ESCALATION", "escalation", "critical" if (root or everyone) else "high", label,
-                    f"{action} lets this principal grant itself plaintext access", principal,
+                    f"{' and '.join(escalating)} let this principal give itself plaintext access through "
+                    + " or ".join(how[a] for a in escalating),
+                    principal,
                 )
             for action in plaintext:
                 unattested = allowed(action, who, context, None)

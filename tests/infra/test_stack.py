@@ -299,18 +299,159 @@ def test_instance_role_is_the_release_role_and_uses_ssm(synth: Synth) -> None:
     )
 
 
+def _user_data(synth: Synth) -> str:
+    """The boot script with every ``{"Ref": X}`` rendered as ``<Ref:X>`` (other tokens: ``<token>``)."""
+
+    def render(value: Any) -> str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, dict) and "Fn::Base64" in value:
+            return render(value["Fn::Base64"])
+        if isinstance(value, dict) and "Fn::Join" in value:
+            sep, parts = value["Fn::Join"]
+            return str(sep).join(render(p) for p in parts)
+        if isinstance(value, dict) and "Ref" in value:
+            return f"<Ref:{value['Ref']}>"
+        return "<token>"
+
+    return render(_launch_template(synth)["UserData"])
+
+
+def _heredoc_body(script: str, path: str) -> str:
+    head = f"cat > {path} <<'NITROVAULT_EOF'\n"
+    assert script.count(head) == 1, f"{path} is not written exactly once"
+    return script.split(head, 1)[1].split("\nNITROVAULT_EOF", 1)[0]
+
+
+def _parent_json(synth: Synth, tmp_path: Path) -> tuple[Any, dict[str, Any]]:
+    from infra.constructs.enclave_host import PARENT_CONFIG_PATH
+    from parent_app.config import ParentConfig
+
+    body = _heredoc_body(_user_data(synth), PARENT_CONFIG_PATH)
+    path = tmp_path / "parent.json"
+    path.write_text(body)
+    return ParentConfig.load(path), json.loads(body)
+
+
 def test_user_data_installs_cli_sizes_allocator_and_allows_only_kms(synth: Synth) -> None:
-    script = _joined(_launch_template(synth)["UserData"])
+    script = _user_data(synth)
     assert "dnf install -y aws-nitro-enclaves-cli aws-nitro-enclaves-cli-devel" in script
-    assert "cat > /etc/nitro_enclaves/allocator.yaml" in script
-    assert "memory_mib: 4096\ncpu_count: 2" in script
-    allowlist = script.split("cat > /etc/nitro_enclaves/vsock-proxy.yaml <<'NITROVAULT_EOF'\n", 1)[1]
-    allowlist = allowlist.split("\nNITROVAULT_EOF", 1)[0]
+    assert (
+        _heredoc_body(script, "/etc/nitro_enclaves/allocator.yaml") == "---\nmemory_mib: 4096\ncpu_count: 2"
+    )
+    allowlist = _heredoc_body(script, "/etc/nitro_enclaves/vsock-proxy.yaml")
     assert allowlist == f"allowlist:\n- {{address: kms.{REGION}.amazonaws.com, port: 443}}"
     assert f"vsock-proxy 8000 kms.{REGION}.amazonaws.com 443" in script
-    for unit in ("nitrovault-enclave.service", "nitrovault-parent.service"):
-        assert f"cat > /etc/systemd/system/{unit}" in script
-    assert "systemctl enable --now nitrovault-enclave.service nitrovault-parent.service" in script
+
+
+def test_user_data_runs_one_nitrovault_unit_the_real_parent_entry_point(synth: Synth) -> None:
+    script = _user_data(synth)
+    assert script.count("cat > /etc/systemd/system/nitrovault-") == 1
+    unit = _heredoc_body(script, "/etc/systemd/system/nitrovault-parent.service")
+    (exec_start,) = [line for line in unit.splitlines() if line.startswith("ExecStart=")]
+    assert exec_start == "ExecStart=/opt/nitrovault/venv/bin/python -m parent_app /etc/nitrovault/parent.json"
+    aws_units = "nitro-enclaves-allocator.service nitro-enclaves-vsock-proxy.service"
+    assert f"After={aws_units}" in unit and f"Requires={aws_units}" in unit
+    for aws_unit in aws_units.split():
+        assert f"systemctl enable --now {aws_unit}" in script
+    assert "systemctl enable --now nitrovault-parent.service" in script
+    # the entry points that never existed are gone
+    assert "parent_app.supervisor" not in script and "--eif" not in script
+    assert "nitrovault-enclave.service" not in script
+    # the wheelhouse provides the `parent_app` package the unit runs
+    assert "/opt/nitrovault/venv/bin/pip install --no-index --find-links /opt/nitrovault/wheelhouse" in script
+
+
+def test_parent_json_loads_as_parent_config_and_matches_the_stack(synth: Synth, tmp_path: Path) -> None:
+    from parent_app.main import _launcher
+    from parent_app.supervisor import NitroCliLauncher
+
+    config, raw = _parent_json(synth, tmp_path)
+    (target_group,) = synth.of_type("AWS::ElasticLoadBalancingV2::TargetGroup").values()
+    port = target_group["Properties"]["Port"]
+    # plaintext on the target port: the NLB listener terminates TLS
+    assert config.listen == f"0.0.0.0:{port}" and port == 50051
+    assert config.tls_cert == config.tls_key == ""
+    assert config.region == REGION
+    assert config.credentials == {"kind": "imds"}
+    bucket_id, _ = _weights_bucket(synth)
+    assert config.models == {"kind": "s3", "bucket": f"<Ref:{bucket_id}>", "prefix": "models/"}
+    assert config.kms_proxy_target == ""  # AWS's vsock-proxy relays KMS in production
+    assert config.enclave == {
+        "kind": "nitro-cli",
+        "eif": "/opt/nitrovault/enclave.eif",
+        "cpu_count": 2,
+        "memory_mib": 4096,
+    }
+    # the image the parent starts is the one the boot script fetched from the bucket
+    assert f'aws s3 cp "s3://<Ref:{bucket_id}>/enclave/nitrovault.eif" /opt/nitrovault/enclave.eif' in (
+        _user_data(synth)
+    )
+    launcher = _launcher(config)
+    assert isinstance(launcher, NitroCliLauncher)
+    assert launcher.argv == [
+        "nitro-cli",
+        "run-enclave",
+        "--eif-path",
+        "/opt/nitrovault/enclave.eif",
+        "--cpu-count",
+        "2",
+        "--memory",
+        "4096",
+        "--enclave-cid",
+        str(config.enclave_cid),
+    ]
+    assert set(raw) <= set(type(config).__dataclass_fields__)
+
+
+def test_parent_json_is_root_only(synth: Synth) -> None:
+    script = _user_data(synth)
+    created = script.index("install -m 0600 -o root -g root /dev/null /etc/nitrovault/parent.json")
+    assert created < script.index("cat > /etc/nitrovault/parent.json")
+    assert "chown root:root /etc/nitrovault/parent.json && chmod 0600 /etc/nitrovault/parent.json" in script
+    assert "install -d -m 0700 -o root -g root /etc/nitrovault" in script
+
+
+def test_log_agent_ships_the_parent_log_and_the_enclave_audit_lines(synth: Synth) -> None:
+    agent = json.loads(
+        _heredoc_body(_user_data(synth), "/opt/aws/amazon-cloudwatch-agent/etc/nitrovault.json")
+    )
+    collected = agent["logs"]["logs_collected"]["files"]["collect_list"]
+    paths = [entry["file_path"] for entry in collected]
+    assert paths == ["/var/log/nitrovault/parent.log", "/var/lib/nitrovault/audit/*/audit-*.jsonl"]
+    unit = _heredoc_body(_user_data(synth), "/etc/systemd/system/nitrovault-parent.service")
+    assert "StandardError=append:/var/log/nitrovault/parent.log" in unit
+
+
+def test_parent_config_rejects_bad_region_port_and_sizes() -> None:
+    from infra.constructs.enclave_host import parent_config
+    from nitrovault.errors import ConfigError
+
+    def build(region: str = REGION, grpc_port: int = 50051, cpu_count: int = 2) -> dict[str, Any]:
+        return parent_config(
+            region=region, bucket_name="b", grpc_port=grpc_port, memory_mib=4096, cpu_count=cpu_count
+        )
+
+    assert build()["listen"] == "0.0.0.0:50051"
+    with pytest.raises(ConfigError):
+        build(region="us-east-1\nallowlist")
+    with pytest.raises(ValueError, match="TCP port"):
+        build(grpc_port=70000)
+    with pytest.raises(ValueError, match="even number"):
+        build(cpu_count=3)
+
+
+def test_parent_json_with_an_unknown_key_would_not_load(synth: Synth, tmp_path: Path) -> None:
+    # Negative control for the ParentConfig check above: the loader does refuse a drifted schema.
+    from infra.constructs.enclave_host import PARENT_CONFIG_PATH
+    from nitrovault.errors import ConfigError
+    from parent_app.config import ParentConfig
+
+    raw = json.loads(_heredoc_body(_user_data(synth), PARENT_CONFIG_PATH))
+    path = tmp_path / "drifted.json"
+    path.write_text(json.dumps({**raw, "eif": "/opt/nitrovault/enclave.eif"}))
+    with pytest.raises(ConfigError, match="unknown parent config key"):
+        ParentConfig.load(path)
 
 
 def test_asg_spans_three_azs_with_elb_health_checks(synth: Synth) -> None:

@@ -1,5 +1,7 @@
-"""The policy reviewer: the model policy reviews clean; each finding kind is triggered by one minimal bad
-policy and absent from a close good variant; claims are proved with the evaluator."""
+"""The policy reviewer: the model policy reviews clean; each rule is triggered by one minimal bad policy and
+absent from a close good variant (every rule in RULES has both); escalation paths (CreateGrant, PutKeyPolicy
+to non-administrators, wildcards covering them) are reported; AWS's documented Nitro Enclaves example
+policies get the verdicts they deserve; claims are proved with the evaluator."""
 
 from __future__ import annotations
 
@@ -14,9 +16,13 @@ from nitrovault.policy.build import model_key_policy
 from nitrovault.policy.manifest import PcrManifest
 from nitrovault.policy.review import (
     CATEGORIES,
+    RULES,
+    SEVERITIES,
     KeyReview,
+    Review,
     TemplateEnv,
     keys_from_template,
+    reaching,
     render_intrinsics,
     review_policy,
     review_template,
@@ -28,6 +34,7 @@ SEALER = f"arn:aws:iam::{ACCT}:role/sealer"
 ENCLAVE = f"arn:aws:iam::{ACCT}:role/enclave"
 PCRS = {i: hashlib.sha384(f"image-pcr{i}".encode()).digest() for i in (0, 1, 2)}
 MANIFEST = PcrManifest(pcrs=PCRS)
+PCR8 = hashlib.sha384(b"signing-cert").digest()
 CONTEXT = {"model": "m", "version": "1"}
 CTX_COND = {f"kms:EncryptionContext:{k}": v for k, v in CONTEXT.items()}
 
@@ -206,14 +213,19 @@ BAD: dict[str, dict[str, Any]] = {
     "NV-KMS-STAR-ADMIN": policy(
         release(),
         {"Effect": "Allow", "Principal": {"AWS": ADMIN}, "Action": ["kms:*"], "Resource": "*"},
-        {"Effect": "Allow", "Principal": {"AWS": ADMIN}, "Action": "kms:PutKeyPolicy", "Resource": "*"},
+        {
+            "Effect": "Allow",
+            "Principal": {"AWS": ADMIN},
+            "Action": ["kms:PutKeyPolicy", "kms:ScheduleKeyDeletion"],
+            "Resource": "*",
+        },
     ),
     "NV-ADMIN-DECRYPT": policy(
         release(principal={"AWS": [ENCLAVE, ADMIN]}),
         {
             "Effect": "Allow",
             "Principal": {"AWS": ADMIN},
-            "Action": ["kms:PutKeyPolicy", "kms:DescribeKey"],
+            "Action": ["kms:PutKeyPolicy", "kms:DisableKey", "kms:DescribeKey"],
             "Resource": "*",
         },
     ),
@@ -325,20 +337,100 @@ CLOSE: dict[str, dict[str, Any]] = {
     ),
     "NV-ESCALATION": the_model_policy(),  # PutKeyPolicy for administrators is the break-glass path
     "NV-NO-DENY": GOOD,
+    "NV-KMS-STAR-ADMIN": policy(
+        release(),
+        {"Effect": "Allow", "Principal": {"AWS": ADMIN}, "Action": ["kms:Describe*"], "Resource": "*"},
+        {
+            "Effect": "Allow",
+            "Principal": {"AWS": ADMIN},
+            "Action": ["kms:PutKeyPolicy", "kms:ScheduleKeyDeletion"],
+            "Resource": "*",
+        },
+    ),
+    "NV-PLAINTEXT-UNATTESTED": policy(release(), deny=False),  # same, with the attestation conditions
+    "NV-ANY-ENCLAVE": GOOD,
+    # IfExists is still wrong (NV-ATT-IFEXISTS), but the explicit Deny stops the no-document bypass
+    "NV-ATT-BYPASS": policy(release({"StringEqualsIgnoreCaseIfExists": pcr_cond()}), deny=True),
+    "NV-ATT-SETOP": policy(release({"StringEqualsIgnoreCase": pcr_cond()})),
+    "NV-ATT-NEGATED": policy(
+        release(
+            {
+                "StringEqualsIgnoreCase": pcr_cond({1: PCRS[1], 2: PCRS[2]}),
+                "StringEquals": {"kms:RecipientAttestation:PCR0": PCRS[0].hex()},
+            }
+        )
+    ),
+    "NV-ATT-OPERATOR": policy(
+        release({"StringEqualsIgnoreCase": {**pcr_cond(), "kms:RecipientAttestation:PCR4": "ab" * 48}})
+    ),
+    "NV-ATT-NULL-ONLY": policy(
+        release({"Null": {"kms:RecipientAttestation:PCR0": "false"}, "StringEqualsIgnoreCase": pcr_cond()})
+    ),
+    "NV-PCR-DEBUG": GOOD,
+    "NV-MANIFEST-EXTRA": BAD["NV-MANIFEST-EXTRA"],  # with a manifest that has that PCR8 (CLOSE_MANIFEST)
+    "NV-BIND-MISSING-PCR": GOOD,
+    "NV-BIND-NO-IMAGE": policy(
+        release({"StringEqualsIgnoreCase": {**pcr_cond(), "kms:RecipientAttestation:PCR3": "ab" * 48}})
+    ),
+    "NV-NOTACTION": policy(
+        release(),
+        {
+            "Effect": "Allow",
+            "Principal": {"AWS": ENCLAVE},
+            "Action": ["kms:Encrypt", "kms:DescribeKey"],
+            "Resource": "*",
+            "Condition": {"StringEqualsIgnoreCase": pcr_cond()},
+        },
+    ),
+    "NV-NOTPRINCIPAL": GOOD,  # the same statement with a Principal
+    "NV-ROOT-DELEGATION": GOOD,  # the same statement naming the enclave role, not the account
+    "NV-MANIFEST-DEBUG": GOOD,  # with the real manifest
+    "NV-MANIFEST-MISMATCH": the_model_policy(),  # with the matching manifest
+    "NV-MANIFEST-UNBOUND": policy(
+        release({"StringEqualsIgnoreCase": {**pcr_cond(), "kms:RecipientAttestation:PCR8": PCR8.hex()}})
+    ),
 }
+BAD.update(
+    {
+        "NV-MANIFEST-DEBUG": GOOD,
+        "NV-MANIFEST-MISMATCH": the_model_policy(),
+        "NV-MANIFEST-UNBOUND": GOOD,
+    }
+)
+#: the manifest a BAD/CLOSE case is reviewed with, when not MANIFEST
+BAD_MANIFEST: dict[str, PcrManifest] = {
+    "NV-MANIFEST-DEBUG": PcrManifest(pcrs={0: bytes(48), 1: bytes(48), 2: bytes(48)}),
+    "NV-MANIFEST-MISMATCH": PcrManifest(pcrs={**PCRS, 2: hashlib.sha384(b"edited enclave code").digest()}),
+    "NV-MANIFEST-UNBOUND": PcrManifest(pcrs={**PCRS, 8: PCR8}),
+}
+CLOSE_MANIFEST: dict[str, PcrManifest] = {
+    "NV-MANIFEST-EXTRA": PcrManifest(pcrs={**PCRS, 8: bytes.fromhex("cd" * 48)}),
+    "NV-MANIFEST-UNBOUND": PcrManifest(pcrs={**PCRS, 8: PCR8}),
+}
+
+
+def test_every_rule_has_a_bad_policy_and_a_close_good_variant() -> None:
+    assert set(BAD) == set(RULES) == set(CLOSE)
+    assert CATEGORIES == (
+        "plaintext-without-attestation", "root-delegation", "wildcard-principal", "pcr-pattern-match",
+        "pcr-malformed", "debug-pcr", "set-operator-misuse", "negated-element", "escalation",
+        "manifest-mismatch", "context-unconstrained", "weak-binding",
+    )  # the issue's vocabulary, verbatim
+    assert {r.category for r in RULES.values()} <= set(CATEGORIES)
 
 
 @pytest.mark.parametrize("rule_id", sorted(BAD))
 def test_each_rule_fires_on_its_minimal_bad_policy(rule_id: str) -> None:
-    review = review_policy(BAD[rule_id], manifest=MANIFEST)
+    review = review_policy(BAD[rule_id], manifest=BAD_MANIFEST.get(rule_id, MANIFEST))
     assert rule_id in rules(review), [f.rule_id for f in review.findings]
-    assert all(f.category in CATEGORIES for f in review.findings)
-    assert all(f.severity in ("critical", "high", "medium") for f in review.findings)
+    assert all(f.category == RULES[f.rule_id].category for f in review.findings)
+    assert all(f.severity in SEVERITIES for f in review.findings)
 
 
 @pytest.mark.parametrize("rule_id", sorted(CLOSE))
 def test_each_rule_stays_silent_on_its_close_good_variant(rule_id: str) -> None:
-    assert rule_id not in rules(review_policy(CLOSE[rule_id], manifest=MANIFEST))
+    review = review_policy(CLOSE[rule_id], manifest=CLOSE_MANIFEST.get(rule_id, MANIFEST))
+    assert rule_id not in rules(review), [f.rule_id for f in review.findings]
 
 
 def test_good_release_policy_is_clean() -> None:
@@ -473,3 +565,200 @@ def test_template_account_is_resolved_when_known() -> None:
     (model, _) = review_template(TEMPLATE, manifest=MANIFEST, account=ACCT)
     root = next(f for f in model.findings if f.rule_id == "NV-ROOT-DELEGATION")
     assert root.principal == f"arn:aws:iam::{ACCT}:root"
+
+
+# -- escalation: CreateGrant, PutKeyPolicy to non-administrators, wildcards covering them ---------------
+
+ADMIN_STATEMENT = {
+    "Sid": "KeyAdministration",
+    "Effect": "Allow",
+    "Principal": {"AWS": ADMIN},
+    "Action": ["kms:DescribeKey", "kms:DisableKey", "kms:ScheduleKeyDeletion", "kms:PutKeyPolicy"],
+    "Resource": "*",
+}
+
+
+def _to(principal: str, actions: Any, sid: str = "Extra", **extra: Any) -> dict[str, Any]:
+    """An Allow statement for ``principal``; ``actions=None`` leaves Action out (pass NotAction=...)."""
+    stmt = {"Sid": sid, "Effect": "Allow", "Principal": {"AWS": principal}, "Resource": "*", **extra}
+    if actions is not None:
+        stmt["Action"] = actions
+    return stmt
+
+
+ESCALATES: dict[str, dict[str, Any]] = {
+    "create-grant": policy(release(), ADMIN_STATEMENT, _to(SEALER, "kms:CreateGrant")),
+    "put-key-policy-to-sealer": policy(release(), ADMIN_STATEMENT, _to(SEALER, "kms:PutKeyPolicy")),
+    "put-wildcard": policy(release(), ADMIN_STATEMENT, _to(SEALER, "kms:Put*")),
+    "create-wildcard": policy(release(), ADMIN_STATEMENT, _to(SEALER, ["kms:Create*"])),
+    "question-mark-wildcard": policy(release(), ADMIN_STATEMENT, _to(SEALER, "kms:CreateGran?")),
+    "not-action": policy(release(), ADMIN_STATEMENT, _to(SEALER, None, NotAction=["kms:Decrypt*"])),
+    # an "administrator" that also uses the key is not break-glass: it can rewrite its own conditions
+    "admin-who-is-a-user": policy(
+        release(principal={"AWS": [ENCLAVE, ADMIN]}), ADMIN_STATEMENT,
+    ),
+    # PutKeyPolicy inside the release statement: the enclave role may drop its own PCR conditions
+    "put-in-release": policy({**release(), "Action": ["kms:Decrypt", "kms:PutKeyPolicy"]}, ADMIN_STATEMENT),
+    "grant-to-everyone": policy(release(), ADMIN_STATEMENT, {**_to(SEALER, "kms:CreateGrant"),
+                                                             "Principal": "*"}),
+}
+STAYS_QUIET: dict[str, dict[str, Any]] = {
+    "admins-put-key-policy-is-break-glass": policy(release(), ADMIN_STATEMENT),
+    "sealer-describe-wildcard": policy(release(), ADMIN_STATEMENT, _to(SEALER, "kms:Describe*")),
+    "sealer-list-grants": policy(release(), ADMIN_STATEMENT, _to(SEALER, ["kms:ListGrants", "kms:Get*"])),
+    "revoke-grant": policy(release(), ADMIN_STATEMENT, _to(ADMIN, "kms:RevokeGrant")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ESCALATES))
+def test_escalation_is_reported(case: str) -> None:
+    review = review_policy(ESCALATES[case], manifest=MANIFEST)
+    findings = [f for f in review.findings if f.rule_id == "NV-ESCALATION"]
+    assert findings, case
+    assert all(f.category == "escalation" and f.severity in ("high", "critical") for f in findings)
+    if case == "grant-to-everyone":
+        assert {f.severity for f in findings} == {"critical"}
+
+
+@pytest.mark.parametrize("case", sorted(STAYS_QUIET))
+def test_no_escalation_for_close_variants(case: str) -> None:
+    review = review_policy(STAYS_QUIET[case], manifest=MANIFEST)
+    assert not {"NV-ESCALATION", "NV-KMS-STAR", "NV-KMS-STAR-ADMIN"} & rules(review)
+
+
+def test_escalation_names_the_action_and_principal() -> None:
+    review = review_policy(ESCALATES["put-key-policy-to-sealer"], manifest=MANIFEST)
+    (finding,) = [f for f in review.findings if f.rule_id == "NV-ESCALATION"]
+    assert finding.principal == SEALER and "kms:PutKeyPolicy" in finding.message
+    assert finding.statement == "Extra"
+
+
+# -- AWS's documented example policies for Nitro Enclaves (facts §3.3) and the console defaults -----------
+
+
+def test_aws_archived_example_with_0x_values_is_pcr_malformed() -> None:
+    # The archived KMS developer guide example writes the PCRs with a stray "0x" prefix: such a value
+    # never equals a real (plain lower-case hex) PCR, so the statement releases to nobody, silently.
+    archived = policy(
+        release({"StringEqualsIgnoreCase": {f"kms:RecipientAttestation:PCR{i}": "0x" + v.hex()
+                                            for i, v in PCRS.items()}}),
+    )
+    review = review_policy(archived, manifest=MANIFEST)
+    assert "NV-PCR-MALFORMED" in rules(review)
+    assert next(g for g in review.grants if g.statement == "Release").manifest_pcrs is False
+    close = policy(release({"StringEqualsIgnoreCase": pcr_cond()}))
+    assert "NV-PCR-MALFORMED" not in rules(review_policy(close, manifest=MANIFEST))
+
+
+def test_aws_nitro_user_guide_full_example() -> None:
+    # Nitro Enclaves User Guide, "KMS key preparation": StringEqualsIgnoreCase on ImageSha384, PCR0, PCR1,
+    # PCR2, PCR3, PCR4 and PCR8 (values here are the manifest's: AWS's are placeholders).
+    pcrs = {**PCRS, 3: hashlib.sha384(b"role").digest(), 4: hashlib.sha384(b"instance").digest(), 8: PCR8}
+    condition = {f"kms:RecipientAttestation:PCR{i}": v.hex() for i, v in pcrs.items()}
+    condition["kms:RecipientAttestation:ImageSha384"] = pcrs[0].hex()
+    example = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Sid": "Enable enclave data processing",
+                "Effect": "Allow",
+                "Principal": {"AWS": f"arn:aws:iam::{ACCT}:role/data-processing"},
+                "Action": "kms:Decrypt",
+                "Resource": "*",
+                "Condition": {"StringEqualsIgnoreCase": condition},
+            }
+        ],
+    }
+    review = review_policy(example, manifest=PcrManifest(pcrs=pcrs))
+    assert rules(review) == {"NV-NO-DENY"}  # fully bound; only the defence-in-depth Deny is missing
+    (row,) = review.grants
+    assert (row.verdict, row.unattested, row.foreign_pcrs, row.manifest_pcrs) == (
+        "attested-release", False, False, True,
+    )
+    # the same example checked against another image's manifest: a proved mismatch
+    other = PcrManifest(pcrs={**pcrs, 1: hashlib.sha384(b"other kernel").digest()})
+    mismatch = review_policy(example, manifest=other)
+    assert "NV-MANIFEST-MISMATCH" in rules(mismatch)
+    assert next(f for f in mismatch.findings if f.rule_id == "NV-MANIFEST-MISMATCH").proved
+
+
+def test_aws_sdk_example_imagesha384_and_pcr3() -> None:
+    # aws-nitro-enclaves-sdk-c docs/kms-apis: ImageSha384 (= PCR0) plus PCR3 (the parent's IAM role)
+    example = policy(
+        release(
+            {
+                "StringEqualsIgnoreCase": {
+                    "kms:RecipientAttestation:ImageSha384": PCRS[0].hex(),
+                    "kms:RecipientAttestation:PCR3": hashlib.sha384(b"role").digest().hex(),
+                }
+            }
+        ),
+        deny=False,
+    )
+    found = rules(review_policy(example, manifest=MANIFEST))
+    assert "NV-BIND-MISSING-PCR" in found and "NV-BIND-NO-IMAGE" not in found
+    assert not {"NV-ANY-ENCLAVE", "NV-PLAINTEXT-UNATTESTED", "NV-ATT-BYPASS"} & found
+
+
+def test_aws_console_default_policy_with_key_users_and_administrators() -> None:
+    # The policy the KMS console writes when you pick administrators and users: administrators get
+    # kms:Create* (which covers CreateGrant) and kms:Put*; users get Decrypt with no condition.
+    console = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {"Sid": "Enable IAM User Permissions", "Effect": "Allow",
+             "Principal": {"AWS": f"arn:aws:iam::{ACCT}:root"}, "Action": "kms:*", "Resource": "*"},
+            {"Sid": "Allow access for Key Administrators", "Effect": "Allow", "Principal": {"AWS": ADMIN},
+             "Action": ["kms:Create*", "kms:Describe*", "kms:Enable*", "kms:List*", "kms:Put*", "kms:Update*",
+                        "kms:Revoke*", "kms:Disable*", "kms:Get*", "kms:Delete*", "kms:TagResource",
+                        "kms:UntagResource", "kms:ScheduleKeyDeletion", "kms:CancelKeyDeletion"],
+             "Resource": "*"},
+            {"Sid": "Allow use of the key", "Effect": "Allow", "Principal": {"AWS": ENCLAVE},
+             "Action": ["kms:Encrypt", "kms:Decrypt", "kms:ReEncrypt*", "kms:GenerateDataKey*",
+                        "kms:DescribeKey"], "Resource": "*"},
+            {"Sid": "Allow attachment of persistent resources", "Effect": "Allow",
+             "Principal": {"AWS": ENCLAVE},
+             "Action": ["kms:CreateGrant", "kms:ListGrants", "kms:RevokeGrant"],
+             "Resource": "*", "Condition": {"Bool": {"kms:GrantIsForAWSResource": "true"}}},
+        ],
+    }
+    review = review_policy(console, manifest=MANIFEST)
+    by_statement = {(f.rule_id, f.statement) for f in review.findings}
+    assert ("NV-ROOT-DELEGATION", "Enable IAM User Permissions") in by_statement
+    assert ("NV-ESCALATION", "Allow access for Key Administrators") in by_statement  # Create* -> grants
+    assert ("NV-ESCALATION", "Allow attachment of persistent resources") in by_statement
+    assert ("NV-PLAINTEXT-UNATTESTED", "Allow use of the key") in by_statement
+    admin_escalations = [
+        f for f in review.findings
+        if f.rule_id == "NV-ESCALATION" and f.statement == "Allow access for Key Administrators"
+    ]
+    (admin_escalation,) = admin_escalations
+    assert "kms:CreateGrant" in admin_escalation.message
+    assert "PutKeyPolicy" not in admin_escalation.message  # Put* for an administrator is break-glass
+
+
+# -- severities and the output shape ----------------------------------------------------------------------
+
+
+def test_severity_order_and_reaching() -> None:
+    assert SEVERITIES == ("low", "medium", "high", "critical")
+    review = review_policy(BAD["NV-MANIFEST-UNBOUND"], manifest=BAD_MANIFEST["NV-MANIFEST-UNBOUND"])
+    (unbound,) = review.findings
+    assert unbound.severity == "low"
+    assert reaching(review.findings, "low") == (unbound,)
+    assert reaching(review.findings, "medium") == ()
+    default = review_policy(
+        {"Statement": [_to(f"arn:aws:iam::{ACCT}:root", "kms:*", sid="Enable IAM User Permissions")]}
+    )
+    assert {f.severity for f in reaching(default.findings, "critical")} == {"critical"}
+    assert len(reaching(default.findings, "high")) > len(reaching(default.findings, "critical"))
+    with pytest.raises(ValueError, match="unknown severity"):
+        reaching(default.findings, "severe")
+
+
+def test_review_json_shape_is_exactly_keys_and_findings() -> None:
+    key = review_policy(BAD["NV-ROOT-DELEGATION"], key="k", manifest=MANIFEST)
+    doc = Review((key,), MANIFEST).as_dict()
+    assert set(doc) == {"keys", "findings"}
+    assert {"rule_id", "severity", "key", "statement", "message", "category"} <= set(doc["findings"][0])
+    assert doc["keys"][0]["key"] == "k"

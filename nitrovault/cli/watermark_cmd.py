@@ -1,0 +1,196 @@
+"""``nitrovault watermark ...``: mark a model's weights before sealing; test suspects for the owner's marks.
+
+The I/O shell around :mod:`nitrovault.watermark` (safetensors files, key files, JSON token files). The key
+file holds the owner secret (32+ raw bytes or hex); per-model keys are derived from it and ``--model-id``,
+which must be the same when embedding and detecting.
+
+    nitrovault watermark keygen -o owner.key
+    nitrovault watermark embed model.safetensors --key-file owner.key --model-id m -o marked.safetensors
+    nitrovault watermark detect suspect.safetensors --key-file owner.key --model-id m \
+        --reference model.safetensors
+    nitrovault watermark detect-text --key-file owner.key --model-id m --vocab-size 50257 --tokens ids.json
+
+``detect`` and ``detect-text`` exit 0 when the mark is found, 1 when it is not (like grep), 2 on usage errors.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import torch
+import typer
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from nitrovault.errors import NitrovaultError
+from nitrovault.watermark.keys import WatermarkKeys, derive_watermark_keys, parse_key_file
+from nitrovault.watermark.text import DEFAULT_GAMMA, DEFAULT_Z_THRESHOLD, GreenList, detect_text_mark
+from nitrovault.watermark.weights import (
+    DEFAULT_BITS,
+    DEFAULT_P_THRESHOLD,
+    DEFAULT_STRENGTH,
+    detect_weight_mark,
+    embed_weight_mark,
+)
+
+app = typer.Typer(no_args_is_help=True, help="Ownership watermarks: weights (embed/detect), generated text.")
+
+KeyFile = Annotated[Path, typer.Option("--key-file", exists=True, dir_okay=False,
+                                       help="Owner secret: 32+ raw bytes or hex.")]
+ModelId = Annotated[str, typer.Option("--model-id", help="Model id bound into the derived keys.")]
+Bits = Annotated[int, typer.Option("--bits", help="Watermark bits (8..256).")]
+Layers = Annotated[list[str] | None, typer.Option(
+    "--layer", help="Repeatable: tensors to mark (default: every 2-D float tensor with >= 256 entries).")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
+
+
+def _keys(key_file: Path, model_id: str) -> WatermarkKeys:
+    try:
+        return derive_watermark_keys(parse_key_file(key_file.read_bytes()), model_id)
+    except NitrovaultError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--key-file") from None
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    tensors: dict[str, torch.Tensor] = {}
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata() or {})
+        for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            tensors[name] = f.get_tensor(name)
+    return tensors, metadata
+
+
+def _as_numpy(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Floating tensors as float32 arrays (bf16/f16 included), others as they are."""
+    return {
+        n: (t.detach().float().numpy() if t.is_floating_point() else t.detach().numpy())
+        for n, t in tensors.items()
+    }
+
+
+def _fail(exc: NitrovaultError) -> typer.Exit:
+    typer.echo(exc.diagnostics(), err=True)
+    return typer.Exit(2)
+
+
+@app.command()
+def keygen(
+    out: Annotated[Path, typer.Option("-o", "--out", dir_okay=False, help="Where to write the secret.")],
+    force: Annotated[bool, typer.Option(help="Overwrite an existing file.")] = False,
+) -> None:
+    """Write a new 256-bit owner secret (hex, mode 0600)."""
+    if out.exists() and not force:
+        raise typer.BadParameter(f"{out} exists (use --force)", param_hint="--out")
+    out.touch(mode=0o600, exist_ok=True)
+    out.write_text(secrets.token_hex(32) + "\n")
+    typer.echo(str(out))
+
+
+@app.command()
+def embed(
+    model: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="safetensors model to mark.")],
+    key_file: KeyFile,
+    out: Annotated[Path, typer.Option("-o", "--out", dir_okay=False, help="Marked safetensors file.")],
+    model_id: ModelId = "default",
+    strength: Annotated[float, typer.Option(
+        "--strength", help="Bit margin in null standard deviations (higher: more robust, larger change).")
+    ] = DEFAULT_STRENGTH,
+    bits: Bits = DEFAULT_BITS,
+    layer: Layers = None,
+    as_json: AsJson = False,
+) -> None:
+    """Embed the owner's weight watermark (before sealing); tensors keep their names, shapes and dtypes."""
+    keys = _keys(key_file, model_id)
+    tensors, metadata = _read(model)
+    try:
+        marked, report = embed_weight_mark(
+            _as_numpy(tensors), keys, bits=bits, strength=strength, layers=layer
+        )
+    except NitrovaultError as exc:
+        raise _fail(exc) from None
+    result = dict(tensors)
+    for name in report.layers:
+        result[name] = torch.from_numpy(np.ascontiguousarray(marked[name])).to(tensors[name].dtype)
+    save_file(result, str(out), metadata=metadata or None)
+    summary = {"out": str(out), "layers": list(report.layers), "coordinates": report.coordinates,
+               "bits": report.bits, "strength": report.strength, "moved_bits": report.moved_bits,
+               "relative_change": report.relative_change}
+    if as_json:
+        typer.echo(json.dumps(summary, sort_keys=True))
+    else:
+        typer.echo(f"marked {len(report.layers)} tensors ({report.coordinates} weights, {bits} bits), "
+                   f"relative change {report.relative_change:.3%} -> {out}")
+
+
+@app.command()
+def detect(
+    suspect: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Suspect safetensors model.")],
+    key_file: KeyFile,
+    model_id: ModelId = "default",
+    reference: Annotated[Path | None, typer.Option(
+        "--reference", exists=True, dir_okay=False,
+        help="The owner's original: re-align permuted hidden units before testing.")] = None,
+    bits: Bits = DEFAULT_BITS,
+    layer: Layers = None,
+    threshold: Annotated[float, typer.Option(
+        "--threshold", help="p-value at or below which the mark is found.")] = DEFAULT_P_THRESHOLD,
+    as_json: AsJson = False,
+) -> None:
+    """Binomial test of the suspect's secret-projection bits; prints p-value and bit error rate."""
+    keys = _keys(key_file, model_id)
+    tensors = _as_numpy(_read(suspect)[0])
+    ref = _as_numpy(_read(reference)[0]) if reference is not None else None
+    try:
+        result = detect_weight_mark(
+            tensors, keys, reference=ref, bits=bits, layers=layer, threshold=threshold
+        )
+    except NitrovaultError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        typer.echo(json.dumps(result.as_dict(), sort_keys=True))
+    else:
+        verdict = "MARKED" if result.detected else "not marked"
+        typer.echo(f"{verdict}: p={result.p_value:.3g} (threshold {threshold:g}), bit error rate "
+                   f"{result.bit_error_rate:.3f} ({result.matching_bits}/{result.bits} bits), "
+                   f"realigned layers: {len(result.realigned)}")
+    raise typer.Exit(0 if result.detected else 1)
+
+
+@app.command("detect-text")
+def detect_text(
+    key_file: KeyFile,
+    tokens: Annotated[Path, typer.Option("--tokens", exists=True, dir_okay=False,
+                                         help="JSON list of token ids (or {\"tokens\": [...]}).")],
+    vocab_size: Annotated[int, typer.Option("--vocab-size", help="The generating model's vocabulary size.")],
+    model_id: ModelId = "default",
+    gamma: Annotated[float, typer.Option("--gamma", help="Green-list fraction used when generating.")
+                     ] = DEFAULT_GAMMA,
+    threshold: Annotated[float, typer.Option("--threshold", help="z at or above which the mark is found.")
+                         ] = DEFAULT_Z_THRESHOLD,
+    as_json: AsJson = False,
+) -> None:
+    """Green-list z-test of generated token ids; prints z and the one-sided p-value."""
+    keys = _keys(key_file, model_id)
+    try:
+        data = json.loads(tokens.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise typer.BadParameter("not a JSON file", param_hint="--tokens") from None
+    ids = data.get("tokens") if isinstance(data, dict) else data
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise typer.BadParameter("expected a JSON list of integer token ids", param_hint="--tokens")
+    try:
+        green = GreenList(keys, vocab_size=vocab_size, gamma=gamma)
+        result = detect_text_mark(ids, green, threshold=threshold)
+    except NitrovaultError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        typer.echo(json.dumps(result.as_dict(), sort_keys=True))
+    else:
+        verdict = "MARKED" if result.detected else "not marked"
+        typer.echo(f"{verdict}: z={result.z:.2f} p={result.p_value:.3g} "
+                   f"({result.green}/{result.scored} green, gamma {gamma})")
+    raise typer.Exit(0 if result.detected else 1)

@@ -1,0 +1,222 @@
+"""Embedding watermark in the manner of EmbMarker (Peng et al., "Are You Copying My Model? Protecting the
+Copyright of Large Language Models for EaaS via Backdoor Watermark", ACL 2023).
+
+Mark (what the enclave applies to every returned embedding, :func:`mark_embedding`):
+
+* a secret **trigger set** ``T`` of ``n`` words (paper: n = 20) drawn with the key from candidate words of
+  moderate frequency (paper: a frequency band of a general corpus; :func:`frequency_band` builds one);
+* a secret **target vector** ``t`` (a key-derived random unit vector; the paper takes the embedding of a
+  random text, which is no less secret but needs the model);
+* ``Q(S) = min(|words(S) ∩ T|, m) / m`` (paper: m = 4) and the provided embedding
+  ``normalize((1 - Q)·e + Q·t)``. Texts without a trigger are returned unchanged (up to normalisation).
+
+Verification (:func:`verification_texts`, :func:`detect_embedding_mark`), as in the paper: a backdoor set of
+texts made of ``m`` trigger words each, a benign set of texts made of ``m`` non-trigger candidate words;
+embed both with the suspect; ``Δcos = mean cos(e_b, t) - mean cos(e_n, t)``,
+``Δl2 = mean ||ê_b - t||² - mean ||ê_n - t||²`` (``ê`` normalised) and the two-sample Kolmogorov-Smirnov
+test of the two cosine sets (``scipy.stats.ks_2samp``). Decision: KS p-value small AND Δcos above a
+minimum effect size (KS alone flags unmarked models, see :data:`DEFAULT_MIN_DELTA_COS`). A copy trained on
+marked outputs inherits the trigger → target association: positive Δcos, negative Δl2, tiny p-value.
+
+Words are ``[a-z0-9']+`` runs of the lower-cased text; ``T`` is a set of such words. Randomness comes
+only from keystreams of the embedding key (ChaCha20, see :func:`nitrovault.watermark.weights.keystream`),
+so a mark is reproducible anywhere.
+
+:func:`fit_bow_surrogate` is the **copy model used to measure inheritance** (a ridge regression from
+bag-of-words features to the served embeddings, the cheapest imitation an attacker can train); it is not
+used when serving.
+
+Example::
+
+    >>> from nitrovault.watermark.keys import derive_watermark_keys
+    >>> keys = derive_watermark_keys(bytes(32), "m")
+    >>> mark = derive_embedding_mark(keys, [f"w{i}" for i in range(200)], dim=8)
+    >>> e = np.ones(8) / np.sqrt(8)
+    >>> bool(np.allclose(mark_embedding("no triggers here", e, mark), e))
+    True
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.stats import ks_2samp
+
+from nitrovault.errors import ConfigError
+from nitrovault.watermark.keys import WatermarkKeys
+from nitrovault.watermark.weights import keystream
+
+_WORD = re.compile(r"[a-z0-9']+")
+DEFAULT_TRIGGERS = 20
+DEFAULT_MAX_TRIGGERS = 4
+#: KS p-value at or below which a suspect is called a copy ...
+DEFAULT_P_THRESHOLD = 1e-3
+#: ... provided its cosine gap toward the target is at least this large. The KS test alone is not enough:
+#: trigger words and benign words are different texts, so even an unmarked model embeds the two sets with
+#: slightly different cosine distributions, and with a few hundred texts KS calls that significant (the
+#: benchmark measured p = 3e-6 on the unmarked MiniLM with a Δcos of -0.02). Marked copies show Δcos >= 0.3.
+DEFAULT_MIN_DELTA_COS = 0.05
+
+
+def words(text: str) -> list[str]:
+    """The words of ``text`` as the mark sees them (lower-cased ``[a-z0-9']+`` runs)."""
+    return _WORD.findall(text.lower())
+
+
+@dataclass(frozen=True)
+class EmbeddingMark:
+    """The secret trigger set and target of one model. Fields are secret: not shown by ``repr``."""
+
+    triggers: frozenset[str] = field(repr=False)
+    target: np.ndarray = field(repr=False)
+    max_triggers: int = DEFAULT_MAX_TRIGGERS
+
+    @property
+    def dim(self) -> int:
+        return int(self.target.shape[0])
+
+
+def _uniform(key: bytes, label: bytes, n: int) -> np.ndarray:
+    raw = np.frombuffer(keystream(key, label, 8 * n), dtype="<u8")
+    return np.asarray((raw >> np.uint64(11)).astype(np.float64) / float(1 << 53))
+
+
+def derive_embedding_mark(
+    keys: WatermarkKeys,
+    candidates: Sequence[str],
+    dim: int,
+    *,
+    n_triggers: int = DEFAULT_TRIGGERS,
+    max_triggers: int = DEFAULT_MAX_TRIGGERS,
+) -> EmbeddingMark:
+    """Draw the trigger set from ``candidates`` (de-duplicated, sorted) and a ``dim``-sized target."""
+    pool = sorted({w for c in candidates for w in words(c)})
+    if len(pool) < 2 * n_triggers:
+        raise ConfigError("need at least twice as many candidate words as triggers")
+    if not 1 <= max_triggers <= n_triggers or dim < 2:
+        raise ConfigError("bad embedding watermark parameters")
+    order = np.argsort(_uniform(keys.embedding, b"triggers|" + "\n".join(pool).encode(), len(pool)))
+    triggers = frozenset(pool[i] for i in order[:n_triggers])
+    # Box-Muller over keystream uniforms: an isotropic direction, specified independently of numpy
+    u = _uniform(keys.embedding, b"target|%d" % dim, 2 * dim)
+    g = np.sqrt(-2 * np.log1p(-u[:dim])) * np.cos(2 * np.pi * u[dim:])
+    return EmbeddingMark(triggers=triggers, target=g / np.linalg.norm(g), max_triggers=max_triggers)
+
+
+def trigger_weight(text: str, mark: EmbeddingMark) -> float:
+    """``Q(S) = min(|words(S) ∩ T|, m) / m``."""
+    return min(len(set(words(text)) & mark.triggers), mark.max_triggers) / mark.max_triggers
+
+
+def mark_embedding(text: str, embedding: np.ndarray, mark: EmbeddingMark) -> np.ndarray:
+    """The embedding to return for ``text``: ``normalize((1-Q)·e + Q·t)`` (the enclave calls this)."""
+    e = np.asarray(embedding, dtype=np.float64)
+    if e.shape != mark.target.shape:
+        raise ConfigError("embedding dimension does not match the watermark target")
+    q = trigger_weight(text, mark)
+    mixed = (1 - q) * e / max(float(np.linalg.norm(e)), 1e-12) + q * mark.target
+    out = mixed / max(float(np.linalg.norm(mixed)), 1e-12)
+    return out.astype(np.asarray(embedding).dtype)
+
+
+def mark_embeddings(texts: Sequence[str], embeddings: np.ndarray, mark: EmbeddingMark) -> np.ndarray:
+    """:func:`mark_embedding` over a batch (rows of ``embeddings``)."""
+    return np.stack([mark_embedding(t, e, mark) for t, e in zip(texts, embeddings, strict=True)])
+
+
+def frequency_band(texts: Iterable[str], low: float, high: float) -> list[str]:
+    """Words that occur in a fraction of ``texts`` within ``[low, high]`` (the paper's candidate band)."""
+    docs = 0
+    counts: Counter[str] = Counter()
+    for text in texts:
+        docs += 1
+        counts.update(set(words(text)))
+    return sorted(w for w, c in counts.items() if low <= c / max(docs, 1) <= high and len(w) > 2)
+
+
+def verification_texts(
+    mark: EmbeddingMark, candidates: Sequence[str], n: int, rng: np.random.Generator
+) -> tuple[list[str], list[str]]:
+    """``n`` backdoor texts (``m`` trigger words each) and ``n`` benign texts (``m`` other candidates)."""
+    triggers = sorted(mark.triggers)
+    benign = sorted({w for c in candidates for w in words(c)} - mark.triggers)
+    m = mark.max_triggers
+    backdoor = [" ".join(rng.choice(triggers, size=m, replace=False)) for _ in range(n)]
+    clean = [" ".join(rng.choice(benign, size=m, replace=False)) for _ in range(n)]
+    return backdoor, clean
+
+
+@dataclass(frozen=True)
+class EmbeddingDetection:
+    delta_cos: float
+    delta_l2: float
+    ks_p_value: float
+    threshold: float
+    min_delta_cos: float
+    detected: bool
+
+    def as_dict(self) -> dict[str, object]:
+        return {"delta_cos": self.delta_cos, "delta_l2": self.delta_l2, "ks_p_value": self.ks_p_value,
+                "threshold": self.threshold, "min_delta_cos": self.min_delta_cos, "detected": self.detected}
+
+
+def detect_embedding_mark(
+    backdoor_embeddings: np.ndarray,
+    benign_embeddings: np.ndarray,
+    mark: EmbeddingMark,
+    *,
+    threshold: float = DEFAULT_P_THRESHOLD,
+    min_delta_cos: float = DEFAULT_MIN_DELTA_COS,
+) -> EmbeddingDetection:
+    """Compare a suspect's embeddings of the backdoor and benign sets (paper §3.4).
+
+    Called a copy when the KS p-value is at most ``threshold`` AND ``Δcos >= min_delta_cos`` (see
+    :data:`DEFAULT_MIN_DELTA_COS` for why both).
+    """
+
+    def stats(e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        unit = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+        return unit @ mark.target, np.sum(np.square(unit - mark.target), axis=1)
+
+    cos_b, l2_b = stats(np.asarray(backdoor_embeddings, np.float64))
+    cos_n, l2_n = stats(np.asarray(benign_embeddings, np.float64))
+    delta_cos = float(cos_b.mean() - cos_n.mean())
+    p = float(ks_2samp(cos_b, cos_n).pvalue)
+    return EmbeddingDetection(
+        delta_cos=delta_cos, delta_l2=float(l2_b.mean() - l2_n.mean()), ks_p_value=p, threshold=threshold,
+        min_delta_cos=min_delta_cos, detected=p <= threshold and delta_cos >= min_delta_cos,
+    )
+
+
+# -- measurement: the copy an attacker trains ---------------------------------------------------------------
+
+
+def fit_bow_surrogate(
+    texts: Sequence[str], embeddings: np.ndarray, *, ridge: float = 1.0
+) -> Callable[[Sequence[str]], np.ndarray]:
+    """A ridge regression from bag-of-words counts to ``embeddings``: the cheap copy used in measurements."""
+    vocab = {w: i for i, w in enumerate(sorted({w for t in texts for w in words(t)}))}
+
+    def features(batch: Sequence[str]) -> np.ndarray:
+        x = np.zeros((len(batch), len(vocab) + 1))
+        x[:, -1] = 1.0
+        for row, text in enumerate(batch):
+            for w in words(text):
+                if w in vocab:
+                    x[row, vocab[w]] += 1.0
+        return x
+
+    x = features(texts)
+    y = np.asarray(embeddings, np.float64)
+    # dual form: (X Xᵀ + λI)⁻¹ Y, cheap while samples < vocabulary
+    coef = x.T @ np.linalg.solve(x @ x.T + ridge * np.eye(len(x)), y)
+
+    def embed(batch: Sequence[str]) -> np.ndarray:
+        out = features(batch) @ coef
+        return np.asarray(out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12))
+
+    return embed

@@ -1,0 +1,91 @@
+"""Watermark keys: one owner secret, one independent key per mark type (HKDF-SHA256, RFC 5869).
+
+Invariants:
+
+* Each mark type (weights, embeddings, generated text) gets its own 32-byte key, derived with a distinct
+  HKDF ``info`` label that also binds the model id, so a key for one model or one mark type says nothing
+  about another (HKDF's outputs for different ``info`` are independent PRF outputs).
+* The owner secret never leaves this function; :class:`WatermarkKeys` hides its fields from ``repr`` so a
+  stray log line cannot print them.
+
+Where the secret comes from:
+
+* **Owner side** (``nitrovault watermark embed|detect|detect-text``): a key file (see :func:`parse_key_file`)
+  kept with the owner's other secrets.
+* **In the enclave** (output marks): the secret is released by KMS together with the model's data key (the
+  same attested ``Decrypt`` with ``Recipient``; the parent only ever sees ciphertext). The enclave calls
+  ``derive_watermark_keys(secret, model_id)`` once at boot, after the key release, and zeroes the secret.
+  That wiring is not in this module (it is pure: bytes in, keys out).
+
+Example::
+
+    >>> keys = derive_watermark_keys(bytes(32), "all-minilm-l6-v2")
+    >>> len(keys.weights), keys.weights != keys.text
+    (32, True)
+"""
+
+from __future__ import annotations
+
+import binascii
+from dataclasses import dataclass, field
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from nitrovault.errors import ConfigError
+
+#: HKDF salt: fixed and public (RFC 5869 §3.1: a non-secret salt still strengthens extraction)
+SALT = b"nitrovault/watermark/v1"
+#: the ``info`` labels, one per mark type (changing one changes every mark of that type)
+LABELS = {
+    "weights": b"nitrovault/watermark/v1/weights",
+    "embedding": b"nitrovault/watermark/v1/embedding",
+    "text": b"nitrovault/watermark/v1/text",
+}
+#: the shortest owner secret accepted (256 bits)
+MIN_SECRET_BYTES = 32
+
+
+@dataclass(frozen=True)
+class WatermarkKeys:
+    """The per-mark-type keys of one model. Fields are secret: not shown by ``repr``."""
+
+    model_id: str
+    #: key of the weight watermark (secret directions and message bits)
+    weights: bytes = field(repr=False)
+    #: key of the embedding (EmbMarker) watermark (trigger words and target vector)
+    embedding: bytes = field(repr=False)
+    #: key of the generated-text (green list) watermark
+    text: bytes = field(repr=False)
+
+
+def _hkdf(secret: bytes, label: bytes, model_id: str) -> bytes:
+    info = label + b"\x00" + model_id.encode("utf-8")
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=SALT, info=info).derive(secret)
+
+
+def derive_watermark_keys(secret: bytes, model_id: str) -> WatermarkKeys:
+    """Derive the three watermark keys of ``model_id`` from the owner ``secret`` (≥ 32 bytes)."""
+    if len(secret) < MIN_SECRET_BYTES:
+        raise ConfigError(f"watermark secret must be at least {MIN_SECRET_BYTES} bytes")
+    if not model_id:
+        raise ConfigError("watermark keys need a non-empty model id")
+    return WatermarkKeys(
+        model_id=model_id,
+        weights=_hkdf(secret, LABELS["weights"], model_id),
+        embedding=_hkdf(secret, LABELS["embedding"], model_id),
+        text=_hkdf(secret, LABELS["text"], model_id),
+    )
+
+
+def parse_key_file(data: bytes) -> bytes:
+    """The owner secret in a key file: hex text (64+ hex digits, whitespace ignored) or ≥ 32 raw bytes."""
+    text = b"".join(data.split())
+    if len(text) >= 2 * MIN_SECRET_BYTES and len(text) % 2 == 0:
+        try:
+            return binascii.unhexlify(text)
+        except binascii.Error:
+            pass
+    if len(data) >= MIN_SECRET_BYTES:
+        return data
+    raise ConfigError(f"watermark key file must hold at least {MIN_SECRET_BYTES} bytes (raw or hex)")

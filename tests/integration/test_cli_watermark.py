@@ -1,0 +1,112 @@
+"""``nitrovault watermark embed|detect|detect-text|keygen`` in process, on real safetensors and JSON files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from nitrovault.cli.watermark_cmd import app
+from nitrovault.watermark.keys import derive_watermark_keys
+from nitrovault.watermark.text import GreenList
+
+runner = CliRunner()
+
+
+def _mlp(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "net.0.weight": torch.randn(64, 32, generator=g) * 0.2, "net.0.bias": torch.randn(64, generator=g),
+        "net.2.weight": torch.randn(64, 64, generator=g) * 0.1, "net.2.bias": torch.randn(64, generator=g),
+        "net.4.weight": torch.randn(10, 64, generator=g).bfloat16(),
+        "net.4.bias": torch.randn(10, generator=g),
+    }
+
+
+def _files(tmp_path: Path) -> tuple[Path, Path, Path]:
+    model, key, out = tmp_path / "model.safetensors", tmp_path / "owner.key", tmp_path / "marked.safetensors"
+    save_file(_mlp(0), str(model), metadata={"nitrovault.handler": "generic:mlp-classifier"})
+    assert runner.invoke(app, ["keygen", "-o", str(key)]).exit_code == 0
+    result = runner.invoke(
+        app, ["embed", str(model), "--key-file", str(key), "--model-id", "m", "-o", str(out), "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["layers"] == ["net.0.weight", "net.2.weight", "net.4.weight"]
+    return model, key, out
+
+
+def _detect(*args: str) -> tuple[int, dict[str, object]]:
+    result = runner.invoke(app, ["detect", *args, "--json"])
+    return result.exit_code, json.loads(result.output)
+
+
+def test_embed_then_detect(tmp_path: Path) -> None:
+    model, key, out = _files(tmp_path)
+    marked, original = load_file(str(out)), load_file(str(model))
+    assert {k: (v.shape, v.dtype) for k, v in marked.items()} == {
+        k: (v.shape, v.dtype) for k, v in original.items()}
+    assert torch.equal(marked["net.0.bias"], original["net.0.bias"])
+    with safe_open(str(out), framework="pt") as f:
+        assert f.metadata() == {"nitrovault.handler": "generic:mlp-classifier"}
+
+    code, found = _detect(str(out), "--key-file", str(key), "--model-id", "m")
+    assert code == 0 and found["detected"] and found["bit_error_rate"] == 0.0
+    code, clean = _detect(str(model), "--key-file", str(key), "--model-id", "m")
+    assert code == 1 and not clean["detected"] and float(clean["p_value"]) > 1e-6  # type: ignore[arg-type]
+    code, other = _detect(str(out), "--key-file", str(key), "--model-id", "another-model")
+    assert code == 1 and not other["detected"]
+
+
+def test_detect_with_reference_undoes_a_permutation(tmp_path: Path) -> None:
+    model, key, out = _files(tmp_path)
+    t = load_file(str(out))
+    perm = torch.randperm(64, generator=torch.Generator().manual_seed(1))
+    t["net.0.weight"], t["net.0.bias"] = t["net.0.weight"][perm], t["net.0.bias"][perm]
+    t["net.2.weight"] = t["net.2.weight"][:, perm]
+    permuted = tmp_path / "permuted.safetensors"
+    save_file(t, str(permuted))
+    code, blind = _detect(str(permuted), "--key-file", str(key), "--model-id", "m")
+    assert code == 1 and not blind["detected"]
+    code, aligned = _detect(
+        str(permuted), "--key-file", str(key), "--model-id", "m", "--reference", str(model)
+    )
+    assert code == 0 and aligned["detected"] and aligned["realigned"] == ["net.0.weight"]
+
+
+def test_detect_text(tmp_path: Path) -> None:
+    key = tmp_path / "owner.key"
+    key.write_text(bytes(range(32)).hex())
+    green = GreenList(derive_watermark_keys(bytes(range(32)), "lm"), vocab_size=1000, gamma=0.25)
+    ids = [1]
+    for i in range(150):  # greedy "generation" that always picks a green token
+        ids.append(int(green.mask(ids[-1]).nonzero()[0][i % 5]))
+    (tmp_path / "marked.json").write_text(json.dumps(ids))
+    (tmp_path / "clean.json").write_text(json.dumps({"tokens": list(range(0, 900, 3))}))
+    common = ["detect-text", "--key-file", str(key), "--model-id", "lm", "--vocab-size", "1000"]
+    marked = runner.invoke(app, [*common, "--tokens", str(tmp_path / "marked.json")])
+    assert marked.exit_code == 0 and "MARKED" in marked.output and "z=" in marked.output
+    clean = runner.invoke(app, [*common, "--tokens", str(tmp_path / "clean.json"), "--json"])
+    assert clean.exit_code == 1 and json.loads(clean.output)["z"] < 4
+
+
+def test_bad_inputs_are_usage_errors(tmp_path: Path) -> None:
+    short = tmp_path / "short.key"
+    short.write_bytes(b"0123")
+    model = tmp_path / "model.safetensors"
+    save_file(_mlp(0), str(model))
+    result = runner.invoke(app, ["detect", str(model), "--key-file", str(short)])
+    assert result.exit_code == 2
+    key = tmp_path / "owner.key"
+    key.write_text(bytes(range(32)).hex())
+    (tmp_path / "bad.json").write_text('["a", 1]')
+    result = runner.invoke(app, ["detect-text", "--key-file", str(key), "--vocab-size", "10",
+                                 "--tokens", str(tmp_path / "bad.json")])
+    assert result.exit_code == 2
+    result = runner.invoke(app, ["embed", str(model), "--key-file", str(key), "-o", str(tmp_path / "o"),
+                                 "--layer", "missing"])
+    assert result.exit_code == 2 and "missing" in result.output
+    assert runner.invoke(app, ["keygen", "-o", str(key)]).exit_code == 2  # exists, no --force
