@@ -277,6 +277,20 @@ class LocalStack:
             self.nsm_server.stop()
             self.nsm_server = None
 
+    def enclave_pids(self) -> list[int]:
+        """Pids of this stack's enclave processes (found by their config path, as an operator would)."""
+        marker = str(self.paths.home / "enclave.json").encode()
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    cmdline = (entry / "cmdline").read_bytes()
+                except OSError:
+                    continue
+                if b"nitrovault.local.enclave" in cmdline and marker in cmdline:
+                    pids.append(int(entry.name))
+        return pids
+
     def _spawn(self, name: str, argv: list[str], *, ready: re.Pattern[str], timeout: float) -> re.Match[str]:
         """Start ``argv`` with its output in ``logs/NAME.log``; wait until the log matches ``ready``."""
         self.paths.logs.mkdir(parents=True, exist_ok=True)

@@ -163,20 +163,6 @@ def test_receipts_verify_offline_and_fail_for_altered_responses_and_other_keys(
     assert "invalid: other-key" in other.stderr
 
 
-def _enclave_pids(home: Path) -> list[int]:
-    marker = str(home / "enclave.json").encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"nitrovault.local.enclave" in cmdline and marker in cmdline:
-                pids.append(int(entry.name))
-    return pids
-
-
 def test_the_parents_audit_log_verifies_and_tampering_is_found(stack: LocalStack, tmp_path: Path) -> None:
     token = stack.token("auditor")
     with NitrovaultClient(stack.listen, token=token, timeout=30) as client:
@@ -186,7 +172,7 @@ def test_the_parents_audit_log_verifies_and_tampering_is_found(stack: LocalStack
         doc.write_bytes(client.attest())
     folder = stack.current_audit_dir()
     assert folder is not None
-    pids = _enclave_pids(stack.paths.home)
+    pids = stack.enclave_pids()
     assert pids
     for pid in pids:
         os.kill(pid, signal.SIGTERM)  # graceful: the enclave writes its final checkpoint

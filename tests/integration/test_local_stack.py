@@ -37,20 +37,6 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _enclave_pids(home: Path) -> list[int]:
-    marker = str(home / "enclave.json").encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"nitrovault.local.enclave" in cmdline and marker in cmdline:
-                pids.append(int(entry.name))
-    return pids
-
-
 @pytest.fixture
 def client(stack: LocalStack) -> Iterator[NitrovaultClient]:
     with NitrovaultClient(stack.listen, timeout=30, token=stack.token()) as c:
@@ -123,7 +109,7 @@ def test_32_concurrent_clients_without_errors(stack: LocalStack) -> None:
 
 
 def test_killed_enclave_gives_unavailable_then_recovers(stack: LocalStack, client: NitrovaultClient) -> None:
-    pids = _enclave_pids(stack.paths.home)
+    pids = stack.enclave_pids()
     assert pids, "enclave process not found"
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
@@ -143,7 +129,7 @@ def test_killed_enclave_gives_unavailable_then_recovers(stack: LocalStack, clien
             time.sleep(0.5)
     else:
         pytest.fail("the stack did not recover after the enclave was killed")
-    assert set(_enclave_pids(stack.paths.home)).isdisjoint(pids)
+    assert set(stack.enclave_pids()).isdisjoint(pids)
 
 
 def test_edited_enclave_code_gets_no_key(tmp_path: Path) -> None:
