@@ -210,4 +210,5 @@ def test_the_parents_audit_log_verifies_and_tampering_is_found(stack: LocalStack
             return False
 
     _wait_for(serving, 90, "the enclave to serve again")
-    assert stack.current_audit_dir() != folder  # a new boot has a new audit folder
+    # a new boot has a new audit folder; its first lines reach the parent after the call that made them
+    _wait_for(lambda: stack.current_audit_dir() != folder, 20, "the new boot's audit folder")
