@@ -7,7 +7,9 @@ memory, then ready.
 2. Check the sealed header against the measured config (encryption context, optional digest pin).
 3. Attest and release the data key (:mod:`enclave_app.key_release`).
 4. Unseal straight into tensors (no plaintext is written anywhere), zero the data key.
-5. Build the model handler and warm it up.
+5. Take the sealed extras (watermark secret → keys, the secret zeroed; the extraction detector's
+   reference sample), build the model handler, attach the text watermark when the policy asks for it,
+   warm up, and build the boot's :class:`~enclave_app.outputs.OutputGuard`.
 
 Any failure raises a :class:`BootFailure` carrying a coarse, non-secret reason for the parent and the
 failed step; the caller reports it and exits non-zero.
@@ -23,7 +25,8 @@ from typing import Protocol
 
 from enclave_app.config import EnclaveConfig
 from enclave_app.key_release import release_data_key
-from enclave_app.models import ModelHandler, load_handler
+from enclave_app.models import ModelHandler, ModelLoadError, load_handler
+from enclave_app.outputs import OutputGuard, SealedExtras
 from nitrovault.envelope import SealedModel, zeroize
 from nitrovault.errors import (
     ConfigError,
@@ -62,6 +65,7 @@ class BootResult:
     handler: ModelHandler
     sealed_digest: str
     timings: BootTimings
+    outputs: OutputGuard
 
 
 class BootFailure(Exception):
@@ -103,8 +107,11 @@ def boot(
         unsealed = time.perf_counter()
 
         step = "model-load"
+        extras = SealedExtras.take(tensors, metadata, config.model_id)
         handler = load_handler(config.handler, tensors, metadata)
+        attach_text_watermark(config, handler, extras)
         handler.warm_up()
+        outputs = OutputGuard(config.protection, extras, embedding_dim=embedding_dim(handler))
         loaded = time.perf_counter()
     except KeyAccessDeniedError as err:
         raise BootFailure(step, f"KMS denied the key: {err.code}") from err
@@ -125,4 +132,29 @@ def boot(
         model_load_s=loaded - unsealed,
         total_s=loaded - started,
     )
-    return BootResult(handler=handler, sealed_digest=sealed.header.digest.hex(), timings=timings)
+    return BootResult(handler=handler, sealed_digest=sealed.header.digest.hex(), timings=timings,
+                      outputs=outputs)
+
+
+def attach_text_watermark(config: EnclaveConfig, handler: ModelHandler, extras: SealedExtras) -> None:
+    """Add the green-list processor to a language model's generation when the policy asks for it."""
+    from nitrovault.watermark import GreenListProcessor
+
+    text = config.protection.text_mark
+    if text is None:
+        return
+    processors = getattr(handler, "logits_processors", None)
+    vocab_size = getattr(handler, "vocab_size", None)
+    if not isinstance(processors, list) or not isinstance(vocab_size, int):
+        raise ModelLoadError("the policy asks for a text watermark but the model does not generate text")
+    if extras.watermark_keys is None:
+        raise ModelLoadError("the policy asks for a text watermark; the sealed model has no watermark secret")
+    processors.append(GreenListProcessor(extras.watermark_keys, float(text["gamma"]), float(text["delta"]),
+                                         vocab_size=vocab_size))
+
+
+def embedding_dim(handler: ModelHandler) -> int | None:
+    """The model's embedding width (one warm-up-sized call), or None for models that do not embed."""
+    if handler.kind != "sentence-embedding":
+        return None
+    return int(handler.embed(["dimension probe"], normalize=True).shape[1])

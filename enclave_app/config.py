@@ -13,7 +13,10 @@ Example (JSON)::
       "access": {"issuer": "https://issuer.example", "audience": "nitrovault",
                  "jwks": {"keys": [{"kty": "OKP", "crv": "Ed25519", "x": "...", "kid": "k1"}]},
                  "tiers": {"default": {"rate_per_s": 50, "burst": 100}}, "default_tier": "default"},
-      "audit": {"checkpoint_every": 100, "max_buffered": 10000}
+      "audit": {"checkpoint_every": 100, "max_buffered": 10000},
+      "protection": {"hardening": {"kind": "reverse_sigmoid", "beta": 1.0, "gamma": 0.3},
+                     "privacy": null, "extraction": {"volume_max": 2000},
+                     "watermark": {"embedding": null, "text": null}}
     }
 
 Access is **fail closed**: a config without ``access.issuer`` loads (so tools can inspect it), but the
@@ -34,6 +37,7 @@ from typing import Any
 from nitrovault.access import QuotaPolicy, QuotaTiers, TokenVerifier
 from nitrovault.access.tokens import Clock
 from nitrovault.errors import ConfigError
+from nitrovault.protection import BudgetPolicy, ExtractionPolicy, HardeningPolicy, PrivacyMechanism
 
 _DEFAULT_TIERS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
     {"default": MappingProxyType({"rate_per_s": 50.0, "burst": 100})}
@@ -141,6 +145,121 @@ class Audit:
 
 
 @dataclass(frozen=True)
+class Protection:
+    """What a caller gets to see of the model's answers (docs/model-stealing.md, docs/watermarks.md).
+
+    Every section is measured, so the policy a client is served under is part of what PCR0/PCR2 attest.
+    Sections are kept as the JSON mappings they were written as (so :meth:`EnclaveConfig.to_json`
+    round-trips) and validated when the config loads; the parsed policies are properties.
+    """
+
+    #: output hardening (:class:`~nitrovault.protection.HardeningPolicy` config). Classifier kinds apply
+    #: to ``Infer``'s ``probabilities`` output, embedding kinds to ``Embed``'s vectors. Default: ``full``.
+    hardening: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({"kind": "full"}))
+    #: calibrated noise: ``{"mechanism": {...PrivacyMechanism}, "budget": {...BudgetPolicy}}``; null: off.
+    privacy: Mapping[str, Any] | None = None
+    #: extraction detection (:class:`~nitrovault.protection.ExtractionPolicy` fields); null: off.
+    extraction: Mapping[str, Any] | None = None
+    #: output watermarks: ``{"embedding": {"triggers": 20, "max_triggers": 4} | null,
+    #: "text": {"gamma": 0.25, "delta": 2.0} | null}``. The owner secret (and the embedding mark's
+    #: candidate words) travel encrypted in the sealed model's metadata, released with the model key.
+    watermark: Mapping[str, Any] = field(
+        default_factory=lambda: MappingProxyType({"embedding": None, "text": None})
+    )
+
+    @property
+    def hardening_policy(self) -> HardeningPolicy:
+        return HardeningPolicy.from_config(self.hardening)
+
+    @property
+    def privacy_mechanism(self) -> PrivacyMechanism | None:
+        return None if self.privacy is None else PrivacyMechanism.from_config(self.privacy["mechanism"])
+
+    @property
+    def budget_policy(self) -> BudgetPolicy | None:
+        return None if self.privacy is None else BudgetPolicy.from_config(self.privacy["budget"])
+
+    @property
+    def extraction_policy(self) -> ExtractionPolicy | None:
+        return None if self.extraction is None else ExtractionPolicy.from_config(self.extraction)
+
+    @property
+    def embedding_mark(self) -> Mapping[str, int] | None:
+        """Parameters of the EmbMarker mark, or None when the policy does not ask for it."""
+        value = self.watermark.get("embedding")
+        return None if value is None else MappingProxyType(dict(value))
+
+    @property
+    def text_mark(self) -> Mapping[str, float] | None:
+        """Parameters of the green-list mark, or None when the policy does not ask for it."""
+        value = self.watermark.get("text")
+        return None if value is None else MappingProxyType(dict(value))
+
+    @property
+    def needs_watermark_secret(self) -> bool:
+        return self.embedding_mark is not None or self.text_mark is not None
+
+
+_EMBEDDING_MARK_KEYS = {"triggers": 20, "max_triggers": 4}
+_TEXT_MARK_KEYS = {"gamma": 0.25, "delta": 2.0}
+
+
+def _protection(data: Mapping[str, Any]) -> Protection:
+    values = _checked(Protection, data)
+    for name in ("hardening", "privacy", "extraction", "watermark"):
+        value = values.get(name)
+        if value is not None and not isinstance(value, Mapping):
+            raise ConfigError(f"Protection.{name} must be an object or null")
+    if "hardening" in values:
+        if values["hardening"] is None:
+            raise ConfigError("Protection.hardening must be an object (use {\"kind\": \"full\"})")
+        values["hardening"] = MappingProxyType(dict(values["hardening"]))
+    privacy = values.get("privacy")
+    if privacy is not None:
+        unknown = sorted(set(privacy) - {"mechanism", "budget"})
+        if unknown or not isinstance(privacy.get("mechanism"), Mapping) or not isinstance(
+                privacy.get("budget"), Mapping):
+            raise ConfigError(f"Protection.privacy needs 'mechanism' and 'budget' objects ({unknown=})")
+        values["privacy"] = MappingProxyType({k: MappingProxyType(dict(v)) for k, v in privacy.items()})
+    if values.get("extraction") is not None:
+        values["extraction"] = MappingProxyType(dict(values["extraction"]))
+    watermark = dict(values.get("watermark") or {})
+    unknown = sorted(set(watermark) - {"embedding", "text"})
+    if unknown:
+        raise ConfigError(f"unknown Protection.watermark key(s): {', '.join(unknown)}")
+    for name, defaults in (("embedding", _EMBEDDING_MARK_KEYS), ("text", _TEXT_MARK_KEYS)):
+        spec = watermark.get(name)
+        if spec is None:
+            watermark[name] = None
+            continue
+        if not isinstance(spec, Mapping) or set(spec) - set(defaults):
+            raise ConfigError(f"Protection.watermark.{name} takes only {sorted(defaults)}")
+        merged = {**defaults, **spec}
+        if any(isinstance(v, bool) or not isinstance(v, type(defaults[k]) | int) for k, v in merged.items()):
+            raise ConfigError(f"Protection.watermark.{name} values must be numbers")
+        watermark[name] = MappingProxyType(merged)
+    values["watermark"] = MappingProxyType(watermark)
+    protection = Protection(**values)
+    # parse every policy now: a bad value fails the config load, never a call
+    hardening = protection.hardening_policy
+    mechanism, budget = protection.privacy_mechanism, protection.budget_policy
+    if mechanism is not None and budget is not None and not budget.admits(mechanism):
+        raise ConfigError("Protection.privacy: one answer costs more than the whole budget")
+    if mechanism is not None and hardening.kind != "full" and (
+            (mechanism.output == "embedding") != hardening.for_embeddings):
+        raise ConfigError("Protection.privacy.mechanism.output and Protection.hardening disagree on "
+                          "what the model answers (probabilities or embeddings)")
+    protection.extraction_policy  # noqa: B018 - validates
+    mark = protection.embedding_mark
+    if mark is not None and not 1 <= int(mark["max_triggers"]) <= int(mark["triggers"]) <= 1000:
+        raise ConfigError("Protection.watermark.embedding needs 1 <= max_triggers <= triggers <= 1000")
+    text = protection.text_mark
+    if text is not None and not (0 < float(text["gamma"]) < 1 and 0 <= float(text["delta"]) <= 20):
+        raise ConfigError("Protection.watermark.text needs 0 < gamma < 1 and 0 <= delta <= 20")
+    return protection
+
+
+@dataclass(frozen=True)
 class EnclaveConfig:
     """Everything the enclave trusts, field by field."""
 
@@ -168,6 +287,7 @@ class EnclaveConfig:
     limits: Limits = field(default_factory=Limits)
     access: Access = field(default_factory=Access)
     audit: Audit = field(default_factory=Audit)
+    protection: Protection = field(default_factory=Protection)
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> EnclaveConfig:
@@ -176,6 +296,7 @@ class EnclaveConfig:
         values["limits"] = Limits(**_checked(Limits, data.get("limits", {})))
         values["access"] = _access(data.get("access", {}))
         values["audit"] = Audit(**_checked(Audit, data.get("audit", {})))
+        values["protection"] = _protection(data.get("protection", {}))
         if values["audit"].checkpoint_every < 1 or values["audit"].max_buffered < 1:
             raise ConfigError("audit.checkpoint_every and audit.max_buffered must be at least 1")
         context = values.get("encryption_context")
@@ -216,7 +337,7 @@ def _checked(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise ConfigError(f"unknown {cls.__name__} key(s): {', '.join(unknown)}")
-    nested = {"ports", "limits", "access", "audit"}
+    nested = {"ports", "limits", "access", "audit", "protection"}
     out: dict[str, Any] = {}
     for name, f in known.items():
         if name in nested or name not in data:

@@ -124,7 +124,7 @@ async def run(
             _say("boot-failed", step=failure.step, reason=failure.reason)
             await asyncio.to_thread(host.report, "FAILED", reason=failure.reason, step=failure.step)
             return 3
-        await server.serve(ServingModel(result.handler, result.sealed_digest))
+        await server.serve(ServingModel(result.handler, result.sealed_digest, result.outputs))
         timings = result.timings.as_dict()
         age = process_age_s()
         if age is not None:

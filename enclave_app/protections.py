@@ -26,13 +26,14 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from enclave_app.config import EnclaveConfig
+from enclave_app.outputs import GuardNotes
 from nitrovault.access import Principal, QuotaLedger, QuotaState, TokenVerifier
 from nitrovault.audit import AuditWriter
 from nitrovault.errors import AccessError, AuthenticationError, NsmError, QuotaExceededError
@@ -86,6 +87,8 @@ class CallRecord:
     items: int = 0
     quota: QuotaState | None = None
     receipt_id: str | None = None
+    #: what the output guard noted (extraction evidence, privacy budget left)
+    notes: GuardNotes = field(default_factory=GuardNotes)
 
 
 class Protections:
@@ -145,6 +148,9 @@ class Protections:
                 "tokens": math.floor(quota.tokens),
             },
         }
+        protection = call.notes.to_audit()
+        if protection is not None:
+            body["protection"] = protection
         try:
             self.audit.append(body)
         except Exception as err:  # the audit log must never take serving down; say so loudly

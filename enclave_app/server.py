@@ -18,6 +18,10 @@ Invariants:
   ``receipt`` unset) → one audit record, for refusals and errors too. Info and Attest need a valid token
   (any scope) and are charged as requests with 0 items: both reveal or cost something (Attest is an NSM
   signature per call).
+* Between the model and the receipt, ``Infer``/``Embed`` answers go through the boot's
+  :class:`~enclave_app.outputs.OutputGuard` (extraction detection, watermark, calibrated noise,
+  hardening; a blocked or throttled subject is refused before the model runs). It runs on the model
+  worker, so its numpy work never blocks the event loop, and the receipt covers what is returned.
 * Every attestation document this enclave produces binds the boot's receipt key in ``user_data``.
 """
 
@@ -46,6 +50,7 @@ import nitrovault
 from enclave_app.config import EnclaveConfig
 from enclave_app.models import ModelHandler
 from enclave_app.models.base import InvalidInputError
+from enclave_app.outputs import OutputGuard, SealedExtras
 from enclave_app.protections import RECEIPTED, CallRecord, Protections, Sink, boot_key_from_nsm
 from enclave_app.status import NotReadyError, OverloadedError, abort_with, classify
 from nitrovault.nsm import Nsm
@@ -73,6 +78,8 @@ def _discard(line: bytes) -> None:
 class ServingModel:
     handler: ModelHandler
     sealed_digest: str
+    #: the boot's output protections; None: built from the config with no sealed extras
+    outputs: OutputGuard | None = None
 
 
 class InferenceService(pb_grpc.InferenceServicer):
@@ -96,6 +103,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         self._admitted_lock = threading.Lock()
         self._capacity = workers + config.limits.queue_depth
         self._pcrs: dict[int, bytes] | None = None
+        self.outputs: OutputGuard | None = None
 
     # -- admission -------------------------------------------------------------------------------------
 
@@ -139,15 +147,18 @@ class InferenceService(pb_grpc.InferenceServicer):
     # -- RPCs ------------------------------------------------------------------------------------------
 
     async def _protected(self, context: grpc.aio.ServicerContext, method: str, items: int,
-                         work: Callable[[], Awaitable[T]]) -> T:
-        """Token → quota → work → receipt → audit record (module docstring), errors through the table."""
+                         work: Callable[[CallRecord], Awaitable[T]]) -> T:
+        """Token → quota → (extraction admit) → work → receipt → audit record (module docstring), errors
+        through the table."""
         started = time.perf_counter_ns()
         guard = self.protections
         call = CallRecord(method=method, model=self.config.model_id, items=items)
         try:
             call.principal = guard.authenticate(context.invocation_metadata(), method)
             call.quota = guard.charge(call.principal, items)
-            response = await work()
+            if method in RECEIPTED and self.outputs is not None:
+                self.outputs.admit(call.principal.subject)
+            response = await work(call)
             if method in RECEIPTED:
                 raw = _RAW_REQUEST.get()
                 request_bytes = raw if raw is not None else b""
@@ -173,10 +184,12 @@ class InferenceService(pb_grpc.InferenceServicer):
 
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         return await self._protected(context, "Embed", min(len(request.texts), self.config.limits.max_batch),
-                                     lambda: self._embed(request, context))
+                                     lambda call: self._embed(request, context, call))
 
-    async def _embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
+    async def _embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext,
+                     call: CallRecord) -> pb.EmbedResponse:
         model = self._serving()
+        outputs = self._outputs()
         self._check_model(request.model)
         texts: Sequence[str] = list(request.texts)
         limits = self.config.limits
@@ -186,14 +199,20 @@ class InferenceService(pb_grpc.InferenceServicer):
             raise InvalidInputError(f"at most {limits.max_batch} texts per call")
         if any(len(t) > limits.max_text_chars for t in texts):
             raise InvalidInputError(f"texts are limited to {limits.max_text_chars} characters")
-        vectors = await self._run(context, lambda: model.handler.embed(texts, normalize=request.normalize))
+        subject = _subject(call)
+
+        def answer() -> np.ndarray:
+            vectors = model.handler.embed(texts, normalize=request.normalize)
+            return outputs.embeddings(subject, texts, vectors, call.notes)
+
+        vectors = await self._run(context, answer)
         return pb.EmbedResponse(
             model_id=self._model_name(), embeddings=from_numpy("embeddings", vectors.astype(np.float32))
         )
 
     async def Infer(self, request: pb.InferRequest, context: grpc.aio.ServicerContext) -> pb.InferResponse:
         return await self._protected(context, "Infer", self._rows(request),
-                                     lambda: self._infer(request, context))
+                                     lambda call: self._infer(request, context, call))
 
     def _rows(self, request: pb.InferRequest) -> int:
         """Items charged for an Infer call: its batch size, read before validation, so clamped to the
@@ -201,8 +220,10 @@ class InferenceService(pb_grpc.InferenceServicer):
         rows = [t.shape[0] for t in request.inputs.tensors if t.shape] if request.HasField("inputs") else []
         return max(1, min(max(rows, default=1), self.config.limits.max_batch))
 
-    async def _infer(self, request: pb.InferRequest, context: grpc.aio.ServicerContext) -> pb.InferResponse:
+    async def _infer(self, request: pb.InferRequest, context: grpc.aio.ServicerContext,
+                     call: CallRecord) -> pb.InferResponse:
         model = self._serving()
+        outputs_guard = self._outputs()
         self._check_model(request.model)
         if request.WhichOneof("body") != "inputs":
             raise InvalidInputError("sealed payloads are not supported yet; send inputs")
@@ -219,7 +240,12 @@ class InferenceService(pb_grpc.InferenceServicer):
             raise InvalidInputError("no input tensors")
         if any(t.dim() and t.shape[0] > limits.max_batch for t in inputs.values()):
             raise InvalidInputError(f"at most {limits.max_batch} rows per call")
-        outputs = await self._run(context, lambda: model.handler.infer(inputs))
+        subject = _subject(call)
+
+        def answer() -> dict[str, torch.Tensor]:
+            return outputs_guard.classifier(subject, inputs, model.handler.infer(inputs), call.notes)
+
+        outputs = await self._run(context, answer)
         wire_out = []
         for name, value in outputs.items():
             value = value.detach().contiguous()
@@ -232,7 +258,12 @@ class InferenceService(pb_grpc.InferenceServicer):
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
         return await self._protected(context, "Info", 0, self._info)
 
-    async def _info(self) -> pb.InfoResponse:
+    def _outputs(self) -> OutputGuard:
+        if self.outputs is None:
+            raise NotReadyError("model not loaded")
+        return self.outputs
+
+    async def _info(self, call: CallRecord) -> pb.InfoResponse:
         model = self._serving()
         if self._pcrs is None:
             self._pcrs = {i: self.nsm.describe_pcr(i).data for i in INFO_PCRS}
@@ -255,7 +286,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         )
 
     async def Attest(self, request: pb.AttestRequest, context: grpc.aio.ServicerContext) -> pb.AttestResponse:
-        return await self._protected(context, "Attest", 0, lambda: self._attest(request))
+        return await self._protected(context, "Attest", 0, lambda _: self._attest(request))
 
     async def _attest(self, request: pb.AttestRequest) -> pb.AttestResponse:
         if len(request.nonce) > MAX_NONCE:
@@ -267,6 +298,12 @@ class InferenceService(pb_grpc.InferenceServicer):
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _subject(call: CallRecord) -> str:
+    if call.principal is None:  # _protected authenticates before any work runs
+        raise RuntimeError("model work without an authenticated principal")
+    return call.principal.subject
 
 
 _METHODS: dict[str, type[Any]] = {
@@ -330,7 +367,11 @@ class EnclaveServer:
         os.chmod(self.socket_path, 0o600)
 
     async def serve(self, model: ServingModel) -> None:
+        from enclave_app.boot import embedding_dim
+
         self.service.protections.serving(model.sealed_digest)
+        self.service.outputs = model.outputs or OutputGuard(
+            self.service.config.protection, SealedExtras(), embedding_dim=embedding_dim(model.handler))
         self.service.model = model
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
 

@@ -174,11 +174,15 @@ class NitrovaultClient:
 
     def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the model on named arrays; the model's named outputs (bfloat16 ones widened to float32)."""
+        return self.infer_with_receipt(inputs)[0]
+
+    def infer_with_receipt(self, inputs: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], Receipted]:
+        """:meth:`infer` plus the enclave's signed receipt of the call (see :meth:`embed_with_receipt`)."""
         tensors = [from_numpy(name, np.asarray(array)) for name, array in inputs.items()]
         response = self._call(self._stub.Infer, pb.InferRequest(inputs=pb.Tensors(tensors=tensors)))
         if response.WhichOneof("body") != "outputs":
             raise ClientError("INTERNAL", "malformed response: no plaintext outputs")
-        return {tensor.name: _decode(tensor) for tensor in response.outputs.tensors}
+        return {tensor.name: _decode(tensor) for tensor in response.outputs.tensors}, Receipted.of(response)
 
     def info(self) -> ModelInfo:
         response = self._call(self._stub.Info, pb.InfoRequest())

@@ -1,0 +1,165 @@
+"""Output protection on the served path: the enclave's gRPC server in process, through real gRPC.
+
+The server, NSM and model are those of ``test_enclave_server`` (a real ``generic:mlp-classifier``); the
+config's measured ``protection`` section decides what a caller sees. The same flows through the local
+stack's real processes are in ``test_local_protection.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from cryptography import x509
+from test_enclave_server import CONFIG, PCRS, TOKEN, ServerThread, mlp_handler, mlp_module, short_socket_dir
+
+from enclave_app.config import EnclaveConfig
+from nitrovault.attestation import load_root
+from nitrovault.client import NitrovaultClient
+from nitrovault.errors import ClientError
+from nitrovault.local.nsm import make_local_nsm
+from nitrovault.nsm import Nsm
+from nitrovault.receipts import verify_receipt
+
+
+def with_protection(section: dict[str, Any]) -> EnclaveConfig:
+    data = json.loads(CONFIG.to_json())
+    data["protection"] = section
+    return EnclaveConfig.from_mapping(data)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("pki") / "pki"
+
+
+@pytest.fixture(scope="module")
+def nsm(pki: Path) -> Nsm:
+    return make_local_nsm(pki, PCRS)
+
+
+class Served:
+    def __init__(self, nsm: Nsm, section: dict[str, Any], root: x509.Certificate) -> None:
+        self.root = root
+        self.lines: list[bytes] = []
+        self.directory = short_socket_dir()
+        self.server = ServerThread(with_protection(section), nsm, str(self.directory / "g.sock"),
+                                   audit_sink=self.lines.append)
+        self.module = mlp_module()
+        self.server.serve(mlp_handler(self.module))
+
+    def client(self, token: str = TOKEN) -> NitrovaultClient:
+        return NitrovaultClient(self.server.target, token=token, timeout=10)
+
+    def records(self) -> list[dict[str, Any]]:
+        entries = [json.loads(line) for line in self.lines]
+        return [e["body"] for e in entries if e["kind"] == "record"]
+
+
+@pytest.fixture
+def serve(nsm: Nsm, pki: Path) -> Iterator[Any]:
+    started: list[Served] = []
+    root = load_root(pki / "root.pem")
+
+    def start(section: dict[str, Any]) -> Served:
+        started.append(Served(nsm, section, root))
+        return started[-1]
+
+    yield start
+    for s in started:
+        s.server.close()
+
+
+def rows(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random((n, 8), dtype=np.float32)
+
+
+def test_a_hardened_answer_hides_the_logits_and_its_receipt_covers_what_was_returned(serve: Any) -> None:
+    served = serve({"hardening": {"kind": "label_only"}})
+    x = rows(4)
+    with served.client() as client:
+        outputs, receipted = client.infer_with_receipt({"x": x})
+        document = client.attest()
+    assert set(outputs) == {"probabilities"}
+    with torch.inference_mode():
+        clean = served.module(torch.from_numpy(x))["probabilities"].numpy()
+    assert np.array_equal(outputs["probabilities"].argmax(1), clean.argmax(1))
+    assert set(np.unique(outputs["probabilities"])) == {0.0, 1.0}
+    receipt = verify_receipt(receipted.receipt, attestation_doc=document, root=served.root,
+                             at=datetime.now(UTC), response=receipted.response)
+    assert receipt.subject == "tester"
+
+
+def test_extraction_block_is_permission_denied_and_audited_with_its_evidence(serve: Any) -> None:
+    served = serve({"extraction": {"volume_max": 6, "actions": {"volume": "block"}}})
+    with served.client() as client:
+        client.infer({"x": rows(4)})
+        with pytest.raises(ClientError) as tripped:
+            client.infer({"x": rows(3, seed=1)})  # 7 rows: past the limit
+        assert tripped.value.code == "PERMISSION_DENIED"
+        with pytest.raises(ClientError) as again:
+            client.infer({"x": rows(1, seed=2)})
+        assert again.value.code == "PERMISSION_DENIED"
+        assert "extraction" not in again.value.details  # the reason stays in the enclave
+    records = served.records()
+    refused = [r for r in records if r.get("reason") == "extraction-blocked"]
+    assert len(refused) == 2
+    evidence = refused[0]["protection"]["extraction"]
+    assert evidence["signals"] == ["volume"] and evidence["action"] == "block"
+    assert evidence["volume_in_window"] == 7
+    assert "protection" not in refused[1]  # refused at admission: the model never ran
+    text = b"".join(served.lines).decode()
+    assert str(float(rows(3, seed=1)[0, 0]))[:8] not in text  # inputs never reach the audit log
+
+
+def test_the_privacy_budget_runs_out_with_retry_after(serve: Any) -> None:
+    served = serve({"privacy": {"mechanism": {"kind": "laplace", "epsilon": 1.0, "sensitivity": 2.0},
+                                "budget": {"epsilon": 3.0}}})
+    with served.client() as client:
+        first = client.infer({"x": rows(2)})["probabilities"]
+        assert np.allclose(first.sum(1), 1.0, atol=1e-5)
+        with pytest.raises(ClientError) as refused:
+            client.infer({"x": rows(2)})
+        assert refused.value.code == "RESOURCE_EXHAUSTED"
+        client.infer({"x": rows(1)})  # the refused call spent nothing
+    records = served.records()
+    assert [r["decision"] for r in records] == ["ok", "quota", "ok"]
+    assert records[1]["reason"] == "privacy-budget"
+    assert records[0]["protection"]["privacy"]["remaining_epsilon"] == "1"
+    assert records[2]["protection"]["privacy"]["remaining_epsilon"] == "0"
+
+
+def test_no_policy_serves_every_output(serve: Any) -> None:
+    served = serve({})
+    with served.client() as client:
+        outputs = client.infer({"x": rows(2)})
+    assert set(outputs) == {"logits", "probabilities"}
+    assert all("protection" not in r for r in served.records())
+
+
+def test_a_protected_model_without_probabilities_fails_closed(serve: Any) -> None:
+    served = serve({"hardening": {"kind": "top_k", "k": 1}})
+
+    class LogitsOnly:
+        kind = "test-logits"
+
+        def warm_up(self) -> None:
+            pass
+
+        def embed(self, texts: Any, *, normalize: bool) -> np.ndarray:
+            raise AssertionError
+
+        def infer(self, inputs: Any) -> dict[str, torch.Tensor]:
+            return {"logits": torch.zeros(1, 3)}
+
+    served.server.serve(LogitsOnly())  # type: ignore[arg-type]
+    with served.client() as client, pytest.raises(ClientError) as refused:
+        client.infer({"x": rows(1)})
+    assert refused.value.code == "INTERNAL"
+    assert "probabilities" not in refused.value.details
