@@ -48,6 +48,7 @@ import torch
 
 from enclave_app.config import Protection
 from enclave_app.models.base import ModelLoadError
+from nitrovault.envelope.extras import REFERENCE_TENSOR, WATERMARK_CANDIDATES_KEY, WATERMARK_SECRET_KEY
 from nitrovault.errors import ConfigError
 from nitrovault.protection import Action, ExtractionMonitor, PrivacyBudget
 from nitrovault.watermark import EmbeddingMark, WatermarkKeys, derive_embedding_mark, derive_watermark_keys
@@ -55,12 +56,6 @@ from nitrovault.watermark.embedding import mark_embedding, trigger_weight
 
 log = logging.getLogger(__name__)
 
-#: sealed tensor holding the extraction detector's reference sample ([n, features] of natural inputs)
-REFERENCE_TENSOR = "nitrovault.reference"
-#: sealed metadata: the owner's watermark secret (hex, >= 32 bytes)
-WATERMARK_SECRET_KEY = "nitrovault.watermark.secret"  # noqa: S105 - a metadata key name, not a secret
-#: sealed metadata: the embedding mark's candidate words (a JSON list of strings)
-WATERMARK_CANDIDATES_KEY = "nitrovault.watermark.candidates"
 
 Clock = Callable[[], datetime]
 RngFactory = Callable[[], np.random.Generator]

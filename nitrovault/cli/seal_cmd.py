@@ -5,6 +5,12 @@ the safetensors file with it, zeroes the plaintext key and prints the sealed dig
 header; pin it in the enclave config). ``--data-key-file/--wrapped-key-file`` seal offline with a key
 the owner already holds (tests, CI, air-gapped sealing): no check is skipped, so it is not ``unsafe_``.
 
+Extras released with the model key (``nitrovault.envelope.extras``): ``--watermark-key`` puts the owner's
+watermark secret into the sealed metadata (the enclave derives its output-watermark keys from it),
+``--watermark-candidates`` the embedding mark's candidate words, ``--reference`` (a ``.npy`` array of
+natural inputs) the extraction detector's coverage reference. The plaintext copy they need lives in a
+private temporary folder next to the output and is removed after sealing.
+
 ``inspect`` prints only what is not secret: the plain header. Tensor names, shapes and dtypes are
 encrypted and never printed. Exit codes: 0 ok, 1 a check failed (invalid sealed file, KMS refused),
 2 usage error.
@@ -13,16 +19,26 @@ encrypted and never printed. Exit codes: 0 ok, 1 a check failed (invalid sealed 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
 from nitrovault.envelope import DEFAULT_CHUNK_SIZE, SealedHeader, SealedModel, seal_file, zeroize
+from nitrovault.envelope.extras import (
+    REFERENCE_TENSOR,
+    WATERMARK_CANDIDATES_KEY,
+    WATERMARK_SECRET_KEY,
+    with_extras,
+)
 from nitrovault.errors import ConfigError, KeyReleaseError, NitrovaultError
 
 _err = Console(stderr=True)
@@ -106,9 +122,26 @@ def seal(
         DEFAULT_CHUNK_SIZE
     ),
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    watermark_key: Annotated[
+        Path | None, typer.Option("--watermark-key", help="Owner watermark key file (sealed with the model).",
+                                  exists=True, dir_okay=False)
+    ] = None,
+    watermark_candidates: Annotated[
+        Path | None, typer.Option("--watermark-candidates", help="Embedding-mark candidate words.",
+                                  exists=True, dir_okay=False)
+    ] = None,
+    reference: Annotated[
+        Path | None, typer.Option("--reference", help="Extraction reference sample (.npy).",
+                                  exists=True, dir_okay=False)
+    ] = None,
 ) -> None:
     """Seal a safetensors model under a fresh KMS data key and print its digest."""
     ctx = _parse_context(context or [])
+    try:
+        extras = _extras(watermark_key, watermark_candidates, reference)
+    except (ConfigError, OSError, ValueError) as exc:
+        _err.print(f"extras: {exc}", markup=False, highlight=False)
+        raise typer.Exit(2) from None
     if (data_key_file is None) != (wrapped_key_file is None):
         raise typer.BadParameter("--data-key-file and --wrapped-key-file go together")
     try:
@@ -121,7 +154,7 @@ def seal(
         _err.print(exc.diagnostics(), markup=False, highlight=False)
         raise typer.Exit(1) from None
     try:
-        with Progress(
+        with _prepared(model, output, extras) as source, Progress(
             "[progress.description]{task.description}",
             BarColumn(),
             DownloadColumn(),
@@ -130,9 +163,9 @@ def seal(
             console=_err,
             disable=quiet,
         ) as bar:
-            task = bar.add_task("sealing", total=model.stat().st_size)
+            task = bar.add_task("sealing", total=source.stat().st_size)
             header = seal_file(
-                model,
+                source,
                 output,
                 data_key=data_key,
                 wrapped_key=wrapped,
@@ -141,13 +174,49 @@ def seal(
                 chunk_size=chunk_size,
                 progress=lambda n: bar.advance(task, n),
             )
-            bar.update(task, completed=model.stat().st_size)
+            bar.update(task, completed=source.stat().st_size)
     except ConfigError as exc:
         _err.print(exc.diagnostics(), markup=False, highlight=False)
         raise typer.Exit(2) from None
     finally:
         zeroize(data_key)
     typer.echo(header.digest.hex())
+
+
+def _extras(key_file: Path | None, candidates: Path | None,
+            reference: Path | None) -> tuple[dict[str, str], dict[str, np.ndarray]]:
+    """(metadata, tensors) to add before sealing; the secret is only ever in memory and in the sealed file."""
+    from nitrovault.watermark.keys import parse_key_file
+
+    metadata: dict[str, str] = {}
+    tensors: dict[str, np.ndarray] = {}
+    if key_file is not None:
+        metadata[WATERMARK_SECRET_KEY] = parse_key_file(key_file.read_bytes()).hex()
+    if candidates is not None:
+        words = candidates.read_text().split()
+        if len(words) < 2:
+            raise ConfigError("the candidate words file holds fewer than 2 words")
+        metadata[WATERMARK_CANDIDATES_KEY] = json.dumps(words)
+    if reference is not None:
+        array = np.load(reference, allow_pickle=False)
+        if array.ndim < 2 or array.shape[0] < 2 or array.dtype.kind != "f":
+            raise ConfigError("the reference sample must be a float array [n >= 2, ...]")
+        tensors[REFERENCE_TENSOR] = array
+    return metadata, tensors
+
+
+@contextlib.contextmanager
+def _prepared(model: Path, output: Path,
+              extras: tuple[dict[str, str], dict[str, np.ndarray]]) -> Iterator[Path]:
+    """``model`` itself, or a private temporary copy with the extras added (removed afterwards)."""
+    metadata, tensors = extras
+    if not metadata and not tensors:
+        yield model
+        return
+    with tempfile.TemporaryDirectory(dir=output.resolve().parent, prefix=".nitrovault-seal-") as tmp:
+        prepared = Path(tmp) / "model.safetensors"  # mkdtemp makes the folder 0700
+        with_extras(model, prepared, metadata=metadata, tensors=tensors)
+        yield prepared
 
 
 def inspect(

@@ -166,3 +166,46 @@ def test_kms_refusal_exits_1_and_writes_nothing(
     assert not out.exists()
     no_region = runner.invoke(app, args)  # AWS_* variables are stripped by the autouse fixture
     assert no_region.exit_code == 2 and "region" in no_region.stderr
+
+
+def test_seal_with_owner_extras_releases_them_only_with_the_key(
+    tmp_path: Path, model: Path, keyfiles: list[str]
+) -> None:
+    import numpy as np
+
+    from nitrovault.envelope.extras import REFERENCE_TENSOR, WATERMARK_CANDIDATES_KEY, WATERMARK_SECRET_KEY
+
+    secret = bytes(range(100, 132))
+    (tmp_path / "owner.key").write_text(secret.hex() + "\n")
+    (tmp_path / "words.txt").write_text("alpha beta\ngamma delta\n")
+    reference = np.random.default_rng(0).random((6, 7)).astype(np.float32)
+    np.save(tmp_path / "ref.npy", reference)
+    out = tmp_path / "model.sealed"
+    result = runner.invoke(app, [
+        "seal", str(model), "--key-id", "alias/m", "-o", str(out), *keyfiles,
+        "--watermark-key", str(tmp_path / "owner.key"), "--watermark-candidates", str(tmp_path / "words.txt"),
+        "--reference", str(tmp_path / "ref.npy"),
+    ])
+    assert result.exit_code == 0, result.output
+    sealed = SealedModel.open(out)
+    metadata = sealed.metadata(KEY)
+    assert metadata[WATERMARK_SECRET_KEY] == secret.hex()
+    assert json.loads(metadata[WATERMARK_CANDIDATES_KEY]) == ["alpha", "beta", "gamma", "delta"]
+    tensors = sealed.load_tensors(KEY)
+    assert np.array_equal(tensors[REFERENCE_TENSOR].numpy(), reference)
+    assert torch.equal(tensors["secret.layer.weight"], load_file(str(model))["secret.layer.weight"])
+    assert secret.hex() not in out.read_bytes().hex()  # encrypted, like the weights
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".nitrovault-seal")) == []
+
+
+def test_bad_extras_are_a_usage_error(tmp_path: Path, model: Path, keyfiles: list[str]) -> None:
+    import numpy as np
+
+    np.save(tmp_path / "ints.npy", np.arange(10).reshape(5, 2))
+    (tmp_path / "short.key").write_bytes(b"too short")
+    for option, path in (("--reference", "ints.npy"), ("--watermark-key", "short.key")):
+        out = tmp_path / "model.sealed"
+        result = runner.invoke(app, ["seal", str(model), "--key-id", "alias/m", "-o", str(out), *keyfiles,
+                                     option, str(tmp_path / path)])
+        assert result.exit_code == 2, (option, result.output)
+        assert not out.exists()

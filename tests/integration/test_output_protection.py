@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -19,13 +20,17 @@ import torch
 from cryptography import x509
 from test_enclave_server import CONFIG, PCRS, TOKEN, ServerThread, mlp_handler, mlp_module, short_socket_dir
 
+from enclave_app.boot import attach_text_watermark
 from enclave_app.config import EnclaveConfig
+from enclave_app.models import load_handler
+from enclave_app.outputs import SealedExtras
 from nitrovault.attestation import load_root
 from nitrovault.client import NitrovaultClient
 from nitrovault.errors import ClientError
 from nitrovault.local.nsm import make_local_nsm
 from nitrovault.nsm import Nsm
 from nitrovault.receipts import verify_receipt
+from nitrovault.watermark import GreenList, derive_watermark_keys, detect_text_mark
 
 
 def with_protection(section: dict[str, Any]) -> EnclaveConfig:
@@ -45,14 +50,17 @@ def nsm(pki: Path) -> Nsm:
 
 
 class Served:
-    def __init__(self, nsm: Nsm, section: dict[str, Any], root: x509.Certificate) -> None:
+    def __init__(self, nsm: Nsm, section: dict[str, Any], root: x509.Certificate, *,
+                 handler: str = CONFIG.handler) -> None:
         self.root = root
         self.lines: list[bytes] = []
         self.directory = short_socket_dir()
-        self.server = ServerThread(with_protection(section), nsm, str(self.directory / "g.sock"),
+        self.config = replace(with_protection(section), handler=handler)
+        self.server = ServerThread(self.config, nsm, str(self.directory / "g.sock"),
                                    audit_sink=self.lines.append)
         self.module = mlp_module()
-        self.server.serve(mlp_handler(self.module))
+        if handler == CONFIG.handler:
+            self.server.serve(mlp_handler(self.module))
 
     def client(self, token: str = TOKEN) -> NitrovaultClient:
         return NitrovaultClient(self.server.target, token=token, timeout=10)
@@ -67,8 +75,8 @@ def serve(nsm: Nsm, pki: Path) -> Iterator[Any]:
     started: list[Served] = []
     root = load_root(pki / "root.pem")
 
-    def start(section: dict[str, Any]) -> Served:
-        started.append(Served(nsm, section, root))
+    def start(section: dict[str, Any], **options: Any) -> Served:
+        started.append(Served(nsm, section, root, **options))
         return started[-1]
 
     yield start
@@ -163,3 +171,26 @@ def test_a_protected_model_without_probabilities_fails_closed(serve: Any) -> Non
         client.infer({"x": rows(1)})
     assert refused.value.code == "INTERNAL"
     assert "probabilities" not in refused.value.details
+
+
+def test_generated_text_carries_the_green_list_mark_only_when_the_policy_asks(serve: Any) -> None:
+    vocab = 200
+    keys = derive_watermark_keys(bytes(range(32)), CONFIG.model_id)
+    green = GreenList(keys, vocab_size=vocab, gamma=0.25)
+    # a fairly flat bigram LM: next-token logits drawn once, small spread
+    logits = torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(0)) * 0.5
+    metadata = {"nitrovault.config": json.dumps({"vocab_size": vocab, "max_new_tokens": 300})}
+    z = {}
+    for asks in (True, False):
+        section = {"watermark": {"text": {"gamma": 0.25, "delta": 2.0}}} if asks else {}
+        served = serve(section, handler="causal-lm:bigram")
+        handler = load_handler("causal-lm:bigram", {"logits": logits.clone()}, metadata)
+        attach_text_watermark(served.config, handler, SealedExtras(watermark_keys=keys))
+        served.server.serve(handler)
+        with served.client() as client:
+            tokens = client.infer({"input_ids": np.array([[1], [2], [3]], dtype=np.int64),
+                                   "max_new_tokens": np.array([200], dtype=np.int64)})["tokens"]
+        assert tokens.shape == (3, 200)
+        z[asks] = [detect_text_mark([int(t) for t in row], green).z for row in tokens]
+    assert min(z[True]) > 4.0, z  # every sample is called watermarked (one-sided p < 3.2e-5)
+    assert max(z[False]) < 4.0, z

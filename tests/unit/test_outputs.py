@@ -8,6 +8,7 @@ Pure: no gRPC, no processes. The served path through real gRPC is in
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -306,3 +307,29 @@ def test_embedding_hardening_and_noise_apply_to_embed_answers() -> None:
     assert out.shape == vectors.shape and out.dtype == np.float32
     assert not np.allclose(out, vectors, atol=1e-3)
     assert np.allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+
+
+def test_the_text_mark_needs_a_language_model_and_a_sealed_secret() -> None:
+    from enclave_app.boot import attach_text_watermark
+    from enclave_app.models import load_handler
+
+    config = EnclaveConfig.from_mapping({**BASE, "handler": "causal-lm:bigram",
+                                         "protection": {"watermark": {"text": {"gamma": 0.25}}}})
+    lm = load_handler("causal-lm:bigram", {"logits": torch.zeros(20, 20)},
+                      {"nitrovault.config": json.dumps({"vocab_size": 20})})
+    with pytest.raises(ModelLoadError, match="no watermark secret"):
+        attach_text_watermark(config, lm, SealedExtras())
+    keys = derive_watermark_keys(SECRET, "m")
+    attach_text_watermark(config, lm, SealedExtras(watermark_keys=keys))
+    assert len(lm.logits_processors) == 1  # type: ignore[attr-defined]
+    unasked = replace(config, protection=protection({}))
+    other = load_handler("causal-lm:bigram", {"logits": torch.zeros(20, 20)},
+                         {"nitrovault.config": json.dumps({"vocab_size": 20})})
+    attach_text_watermark(unasked, other, SealedExtras(watermark_keys=keys))
+    assert other.logits_processors == []  # type: ignore[attr-defined]
+
+    class Classifier:
+        kind = "generic"
+
+    with pytest.raises(ModelLoadError, match="does not generate text"):
+        attach_text_watermark(config, Classifier(), SealedExtras(watermark_keys=keys))  # type: ignore[arg-type]
