@@ -240,7 +240,13 @@ def _minilm() -> Callable[[Sequence[str]], np.ndarray]:
 
 def _retrieval(embed: Callable[[Sequence[str]], np.ndarray], queries: list[str], docs: list[str]
                ) -> dict[str, float]:
-    scores = embed(queries) @ embed(docs).T
+    return _ranked(embed(queries), embed(docs))
+
+
+def _ranked(query_vectors: np.ndarray, doc_vectors: np.ndarray) -> dict[str, float]:
+    """Recall@1/@10 and MRR of query i retrieving doc i by cosine (rows are unit vectors)."""
+    queries = query_vectors
+    scores = query_vectors @ doc_vectors.T
     ranks = (scores > scores[np.arange(len(queries)), np.arange(len(queries))][:, None]).sum(1)
     return {"recall_at_1": round(float(np.mean(ranks < 1)), 4),
             "recall_at_10": round(float(np.mean(ranks < 10)), 4),
@@ -290,6 +296,24 @@ def _embedding_lines(docs: list[str], keys: WatermarkKeys) -> Iterator[dict[str,
         "detect_surrogate_from_unmarked": verify(copy_clean), "detect_unmarked_teacher": verify(teacher),
         "surrogate_fidelity_cos": round(fidelity, 4), "seconds": round(time.perf_counter() - started, 1),
     }
+    yield from _embedding_hardening_lines(teacher(queries), teacher(targets), clean_r)
+
+
+def _embedding_hardening_lines(query_vectors: np.ndarray, doc_vectors: np.ndarray,
+                               clean: dict[str, float]) -> Iterator[dict[str, Any]]:
+    """Retrieval quality when the service answers under an embedding hardening policy (issue 6: the
+    cost of each policy, measured). Both queries and documents are embedded by the service."""
+    from nitrovault.protection import HardeningPolicy
+
+    settings: list[dict[str, Any]] = [
+        {"kind": "embedding_round", "decimals": d} for d in (3, 2, 1)
+    ] + [{"kind": "embedding_noise", "sigma": s} for s in (0.005, 0.01, 0.02, 0.05)]
+    for config in settings:
+        policy = HardeningPolicy.from_config(config)
+        rng = np.random.default_rng(0)
+        served = _ranked(policy.apply(query_vectors, rng=rng), policy.apply(doc_vectors, rng=rng))
+        yield {"name": "embedding_hardening_cost", "policy": config, "retrieval_clean": clean,
+               "retrieval_hardened": served, "ratio": round(served["mrr"] / clean["mrr"], 4)}
 
 
 # -- text ----------------------------------------------------------------------------------------------------
