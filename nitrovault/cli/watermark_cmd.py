@@ -9,8 +9,14 @@ which must be the same when embedding and detecting.
     nitrovault watermark detect suspect.safetensors --key-file owner.key --model-id m \
         --reference model.safetensors
     nitrovault watermark detect-text --key-file owner.key --model-id m --vocab-size 50257 --tokens ids.json
+    nitrovault watermark detect-embeddings --key-file owner.key --model-id m --candidates words.txt \
+        --endpoint suspect.example:443 --token-file suspect.token
 
-``detect`` and ``detect-text`` exit 0 when the mark is found, 1 when it is not (like grep), 2 on usage errors.
+``detect-embeddings`` asks a suspect embedding service (a nitrovault-compatible ``Embed`` endpoint) for
+the EmbMarker verification texts (``--texts-out`` writes them for a service of another kind; its answers
+then come back with ``--embeddings answers.npz`` holding ``backdoor`` and ``benign`` arrays) and runs the
+KS test. ``detect``, ``detect-text`` and ``detect-embeddings`` exit 0 when the mark is found, 1 when it
+is not (like grep), 2 on usage errors.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from nitrovault.errors import NitrovaultError
+from nitrovault.watermark.embedding import derive_embedding_mark, detect_embedding_mark, verification_texts
 from nitrovault.watermark.keys import WatermarkKeys, derive_watermark_keys, parse_key_file
 from nitrovault.watermark.text import DEFAULT_GAMMA, DEFAULT_Z_THRESHOLD, GreenList, detect_text_mark
 from nitrovault.watermark.weights import (
@@ -193,4 +200,70 @@ def detect_text(
         verdict = "MARKED" if result.detected else "not marked"
         typer.echo(f"{verdict}: z={result.z:.2f} p={result.p_value:.3g} "
                    f"({result.green}/{result.scored} green, gamma {gamma})")
+    raise typer.Exit(0 if result.detected else 1)
+
+
+@app.command("detect-embeddings")
+def detect_embeddings(
+    key_file: KeyFile,
+    candidates: Annotated[Path, typer.Option("--candidates", exists=True, dir_okay=False,
+                                             help="The candidate words sealed with the model.")],
+    model_id: ModelId = "default",
+    endpoint: Annotated[str | None, typer.Option("--endpoint", help="Suspect Embed endpoint (host:port).")
+                        ] = None,
+    token_file: Annotated[Path | None, typer.Option("--token-file", exists=True, dir_okay=False,
+                                                    help="Bearer token for the endpoint.")] = None,
+    embeddings: Annotated[Path | None, typer.Option("--embeddings", exists=True, dir_okay=False,
+                                                    help=".npz: 'backdoor', 'benign' answers.")] = None,
+    texts_out: Annotated[Path | None, typer.Option("--texts-out", dir_okay=False,
+                                                   help="Write the texts (JSON) and stop.")] = None,
+    triggers: Annotated[int, typer.Option("--triggers", help="Trigger-set size of the policy.")] = 20,
+    max_triggers: Annotated[int, typer.Option("--max-triggers", help="m of the policy.")] = 4,
+    samples: Annotated[int, typer.Option("--samples", help="Texts per set.")] = 300,
+    as_json: AsJson = False,
+) -> None:
+    """EmbMarker test of a suspect embedding service: Δcos, Δl2, KS p-value toward the secret target."""
+    keys = _keys(key_file, model_id)
+    words = candidates.read_text().split()
+    try:
+        # the target's dimension is only known from the answers; the trigger set does not depend on it
+        probe = derive_embedding_mark(keys, words, 2, n_triggers=triggers, max_triggers=max_triggers)
+    except NitrovaultError as exc:
+        raise _fail(exc) from None
+    backdoor, benign = verification_texts(probe, words, samples, np.random.default_rng(0))
+    if texts_out is not None:
+        texts_out.write_text(json.dumps({"backdoor": backdoor, "benign": benign}, indent=1) + "\n")
+        typer.echo(str(texts_out))
+        raise typer.Exit(0)
+    if (endpoint is None) == (embeddings is None):
+        raise typer.BadParameter("give exactly one of --endpoint and --embeddings")
+    if embeddings is not None:
+        with np.load(embeddings, allow_pickle=False) as answers:
+            if not {"backdoor", "benign"} <= set(answers.files):
+                raise typer.BadParameter("needs arrays 'backdoor' and 'benign'", param_hint="--embeddings")
+            e_backdoor, e_benign = answers["backdoor"], answers["benign"]
+    else:
+        from nitrovault.client import NitrovaultClient
+
+        token = token_file.read_text().strip() if token_file is not None else None
+        try:
+            with NitrovaultClient(str(endpoint), token=token, timeout=60) as client:
+                e_backdoor = np.concatenate([client.embed(backdoor[i:i + 32]) for i in range(0, samples, 32)])
+                e_benign = np.concatenate([client.embed(benign[i:i + 32]) for i in range(0, samples, 32)])
+        except NitrovaultError as exc:
+            raise _fail(exc) from None
+    if e_backdoor.ndim != 2 or e_benign.shape[1:] != e_backdoor.shape[1:] or len(e_backdoor) < 2:
+        raise typer.BadParameter("answers must be [n, dim] arrays of one dimension")
+    try:
+        mark = derive_embedding_mark(keys, words, int(e_backdoor.shape[1]), n_triggers=triggers,
+                                     max_triggers=max_triggers)
+        result = detect_embedding_mark(e_backdoor, e_benign, mark)
+    except NitrovaultError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        typer.echo(json.dumps(result.as_dict(), sort_keys=True))
+    else:
+        verdict = "MARKED" if result.detected else "not marked"
+        typer.echo(f"{verdict}: delta_cos={result.delta_cos:+.3f} delta_l2={result.delta_l2:+.3f} "
+                   f"ks_p={result.ks_p_value:.3g}")
     raise typer.Exit(0 if result.detected else 1)
