@@ -1,10 +1,17 @@
-"""``protections_overhead_us``: what token check + quota + receipt + audit record add to one call.
+"""``protections_overhead_us``: what token check + quota + receipt + audit record add to one call;
+``output_guard_overhead_us``: what the output protections add to one answered row.
 
 Measured in process on the pure components (:class:`enclave_app.protections.Protections`, the same object
 the server uses), around Info-sized work (building a small response message), so the figure is the
 protections' cost, not the model's or the network's. ``baseline_p50_us`` is the same work without them;
 ``protections_overhead_us`` the difference of the p50s (target ≤ 100 µs). The token is a real EdDSA JWT
 (the verifier's signature cache is warm after the first call, as for a client that reuses its token).
+
+``output_guard_overhead_us`` (one line per policy): :class:`enclave_app.outputs.OutputGuard` around a
+one-row call of a digits-sized classifier (``MLPClassifier(64, [64], 10)``, the extraction benchmark's
+victim), against the bare model call of the same run. The monitor's state grows as a real subject's
+would (one subject, distinct random rows), so PRADA's Shapiro-Wilk test and the coverage cells run on
+every call once ``prada_min_samples`` rows were seen.
 """
 
 from __future__ import annotations
@@ -81,3 +88,59 @@ def run() -> Iterator[dict[str, object]]:
         "calls": CALLS,
         "audit_lines": len(lines),
     }
+    yield from _guard_lines()
+
+
+def _guard_lines() -> Iterator[dict[str, object]]:
+    import numpy as np
+    import torch
+
+    from enclave_app.config import Protection
+    from enclave_app.models.generic import MLPClassifier
+    from enclave_app.outputs import GuardNotes, OutputGuard, SealedExtras
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = MLPClassifier(64, [64], 10).eval()
+    rng = np.random.default_rng(0)
+    reference = rng.random((500, 64))
+    rows = torch.from_numpy(rng.random((CALLS + 400, 64), dtype=np.float32))
+    policies: dict[str, dict[str, object]] = {
+        "none": {},
+        "reverse_sigmoid": {"hardening": {"kind": "reverse_sigmoid", "beta": 1.0, "gamma": 0.3}},
+        "reverse_sigmoid+detection": {"hardening": {"kind": "reverse_sigmoid", "beta": 1.0, "gamma": 0.3},
+                                      "extraction": {"volume_max": 10**9}},
+        "reverse_sigmoid+detection+laplace": {
+            "hardening": {"kind": "reverse_sigmoid", "beta": 1.0, "gamma": 0.3},
+            "extraction": {"volume_max": 10**9},
+            "privacy": {"mechanism": {"kind": "laplace", "epsilon": 0.5, "sensitivity": 2.0},
+                        "budget": {"epsilon": 1e9}}},
+    }
+
+    def bare(i: list[int]) -> object:
+        with torch.inference_mode():
+            i[0] += 1
+            return model(x=rows[i[0] % len(rows)][None])
+
+    baseline = _p50(lambda c=[0]: bare(c))
+    for name, section in policies.items():
+        protection = EnclaveConfig.from_mapping({
+            "model_id": "m", "model_version": "1", "handler": "generic:mlp-classifier",
+            "kms_key_arn": "arn:aws:kms:us-east-1:111122223333:key/x", "region": "us-east-1",
+            "encryption_context": {}, "protection": section}).protection
+        assert isinstance(protection, Protection)
+        guard = OutputGuard(protection, SealedExtras(reference=reference))
+        counter = [0]
+
+        def guarded(guard: OutputGuard = guard, counter: list[int] = counter) -> object:
+            counter[0] += 1
+            x = rows[counter[0] % len(rows)][None]
+            with torch.inference_mode():
+                outputs = model(x=x)
+            guard.admit("bench")
+            return guard.classifier("bench", {"x": x}, outputs, GuardNotes())
+
+        p50 = _p50(guarded)
+        yield {"name": "output_guard_overhead_us", "policy": name, "overhead_us": round(p50 - baseline, 1),
+               "model_p50_us": round(baseline, 1), "guarded_p50_us": round(p50, 1),
+               "ratio": round(p50 / baseline, 2), "calls": CALLS}

@@ -39,7 +39,9 @@ sets (oldest dropped first), ``distances_max`` distances (most recent), ``dup_wi
 ``coverage_window`` bucket ids and ``volume_max + 1`` timestamps; at most ``max_subjects`` subjects
 (least recently seen evicted, and it starts over: forcing that takes ``max_subjects`` valid tokens)
 and at most ``max_subjects`` active blocks (kept apart from the state, so evicting state does not
-lift a block; when full, the block that ends first is dropped). Thread-safe (one lock).
+lift a block; when full, the block that ends first is dropped). Stored inputs live in preallocated
+ring buffers; a subject whose input width changes starts its growing sets and duplicate window over.
+The normality test runs once per observed call, after all its rows. Thread-safe (one lock).
 
 Time (the clock) and randomness (the k-means seed generator) are parameters.
 
@@ -120,9 +122,36 @@ class PradaResult:
     alarm: bool
 
 
+class _Ring:
+    """The last ``capacity`` rows of one width, in one preallocated array (no per-query stacking)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.rows: FloatArray | None = None
+        self.count = 0
+        self._next = 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def view(self) -> FloatArray:
+        assert self.rows is not None
+        return self.rows[: self.count]
+
+    def append(self, v: FloatArray) -> None:
+        if self.rows is None or self.rows.shape[1] != v.shape[0]:  # first row, or the width changed
+            self.rows = np.empty((self.capacity, v.shape[0]), dtype=np.float64)
+            self.count = self._next = 0
+        self.rows[self._next] = v
+        self._next = (self._next + 1) % self.capacity
+        self.count = min(self.count + 1, self.capacity)
+
+
 class PradaDetector:
     """One subject's PRADA state (see the module docstring); bounded by ``growing_max`` and
-    ``distances_max``."""
+    ``distances_max``. :meth:`add` accounts a query; :meth:`result` runs the normality test (once per
+    call of the monitor, not per row: Shapiro-Wilk over up to ``distances_max`` values is the costly
+    part); :meth:`observe` does both."""
 
     def __init__(
         self,
@@ -132,52 +161,71 @@ class PradaDetector:
         *,
         growing_max: int = 256,
         distances_max: int = 1000,
+        test_every: int = 1,
     ) -> None:
         if feature not in ("l2", "l1", "cosine"):
             raise ConfigError(f"unknown PRADA feature {feature!r}; one of l2, l1, cosine")
         if not 0 < threshold < 1:
             raise ConfigError("PRADA threshold must be within (0, 1)")
-        if min_samples < 3 or distances_max < min_samples or growing_max < 1:
-            raise ConfigError("need 3 <= min_samples <= distances_max and growing_max >= 1")
+        if min_samples < 3 or distances_max < min_samples or growing_max < 1 or test_every < 1:
+            raise ConfigError("need 3 <= min_samples <= distances_max, growing_max >= 1, test_every >= 1")
         self.threshold = threshold
+        self.test_every = test_every
+        self._added = 0  # distances ever added (the list itself saturates at distances_max)
+        self._tested_at = -1
         self.min_samples = min_samples
         self.feature = feature
         self._growing_max = growing_max
-        self._growing: dict[int, deque[FloatArray]] = {}
+        self._growing: dict[int, _Ring] = {}
         self._admitted: dict[int, deque[float]] = {}
         self._thresholds: dict[int, float] = {}
         self.distances: deque[float] = deque(maxlen=distances_max)
+        self._cached: PradaResult | None = None
 
     @property
     def stored_inputs(self) -> int:
         return sum(len(g) for g in self._growing.values())
 
-    def observe(self, x: npt.ArrayLike, label: int) -> PradaResult:
+    def add(self, x: npt.ArrayLike, label: int) -> None:
         v = np.asarray(x, dtype=np.float64).ravel()
-        growing = self._growing.setdefault(label, deque(maxlen=self._growing_max))
-        admitted = self._admitted.setdefault(label, deque(maxlen=self._growing_max))
-        if not growing:
+        growing = self._growing.get(label)
+        if growing is None or growing.rows is None or growing.rows.shape[1] != v.shape[0]:
+            growing = self._growing[label] = _Ring(self._growing_max)
+            self._admitted[label] = deque(maxlen=self._growing_max)
             growing.append(v)
             self._thresholds[label] = 0.0
-        else:
-            d = float(np.min(_distances(self.feature, v, np.stack(growing))))
-            self.distances.append(d)
-            if d > self._thresholds[label]:
-                growing.append(v)
-                admitted.append(d)
-                values = np.fromiter(admitted, dtype=np.float64)
-                self._thresholds[label] = max(self._thresholds[label], float(values.mean() - values.std()))
+            return
+        d = float(np.min(_distances(self.feature, v, growing.view())))
+        self.distances.append(d)
+        self._added += 1
+        if d > self._thresholds[label]:
+            growing.append(v)
+            admitted = self._admitted[label]
+            admitted.append(d)
+            values = np.fromiter(admitted, dtype=np.float64)
+            self._thresholds[label] = max(self._thresholds[label], float(values.mean() - values.std()))
+
+    def observe(self, x: npt.ArrayLike, label: int) -> PradaResult:
+        self.add(x, label)
         return self.result()
 
     def result(self) -> PradaResult:
+        """The test on the current list; re-run once ``test_every`` distances were added since the last
+        run (and at once when the list first reaches ``min_samples``)."""
         n = len(self.distances)
         if n < self.min_samples:
             return PradaResult(w=None, n=n, alarm=False)
+        if self._cached is not None and self._added - self._tested_at < self.test_every:
+            return self._cached
+        self._tested_at = self._added
         values = np.fromiter(self.distances, dtype=np.float64)
         if np.ptp(values) == 0:  # all distances equal (e.g. one query repeated): maximally non-normal
-            return PradaResult(w=0.0, n=n, alarm=True)
-        w = float(stats.shapiro(values).statistic)
-        return PradaResult(w=w, n=n, alarm=w < self.threshold)
+            result = PradaResult(w=0.0, n=n, alarm=True)
+        else:
+            w = float(stats.shapiro(values).statistic)
+            result = PradaResult(w=w, n=n, alarm=w < self.threshold)
+        self._cached = result
+        return result
 
 
 _DEFAULT_ACTIONS: Mapping[str, Action] = MappingProxyType(
@@ -197,6 +245,9 @@ class ExtractionPolicy:
     prada_threshold: float = 0.9  #: Shapiro-Wilk W below which PRADA alarms (paper: 0.9)
     prada_min_samples: int = 100  #: distances needed before the test runs
     prada_feature: str = "l2"  #: distance on raw inputs: l2, l1 or cosine
+    #: run the normality test once per this many new distances (scipy's shapiro costs ~0.3 ms a call,
+    #: mostly argument handling): an alarm comes at most this many queries later
+    prada_test_every: int = 10
     growing_max: int = 256  #: growing-set inputs kept per class and subject
     distances_max: int = 1000  #: most recent distances kept per subject
     volume_window_s: float = 3600.0  #: sliding window of the volume signal
@@ -221,7 +272,8 @@ class ExtractionPolicy:
         actions = {**_DEFAULT_ACTIONS, **{k: Action(v) for k, v in self.actions.items()}}
         object.__setattr__(self, "actions", MappingProxyType(actions))
         PradaDetector(self.prada_threshold, self.prada_min_samples, self.prada_feature,
-                      growing_max=self.growing_max, distances_max=self.distances_max)  # validates
+                      growing_max=self.growing_max, distances_max=self.distances_max,
+                      test_every=self.prada_test_every)  # validates
         positive = ("volume_window_s", "dup_rel", "block_s", "throttle_s", "coverage_factor")
         if any(not (math.isfinite(getattr(self, n)) and getattr(self, n) > 0) for n in positive):
             raise ConfigError(f"{', '.join(positive)} must be positive numbers")
@@ -300,7 +352,7 @@ class _Coverage:
 class _Subject:
     prada: PradaDetector
     times: deque[float]
-    recent: deque[FloatArray]
+    recent: _Ring
     buckets: deque[int]
     dup_flags: deque[bool]
     queries: int = 0
@@ -363,9 +415,10 @@ class ExtractionMonitor:
             p = self.policy
             state = _Subject(
                 prada=PradaDetector(p.prada_threshold, p.prada_min_samples, p.prada_feature,
-                                    growing_max=p.growing_max, distances_max=p.distances_max),
+                                    growing_max=p.growing_max, distances_max=p.distances_max,
+                                    test_every=p.prada_test_every),
                 times=deque(maxlen=p.volume_max + 1),
-                recent=deque(maxlen=p.dup_window),
+                recent=_Ring(p.dup_window),
                 buckets=deque(maxlen=p.coverage_window),
                 dup_flags=deque(maxlen=p.dup_window),
             )
@@ -387,19 +440,19 @@ class ExtractionMonitor:
         p = self.policy
         with self._lock:
             state = self._state(subject)
-            prada = state.prada.result()
             for row, label in zip(x, y, strict=True):
                 state.queries += 1
                 state.times.append(now)
-                prada = state.prada.observe(row, int(label))
-                if state.recent:
-                    recent = np.stack(state.recent)
+                state.prada.add(row, int(label))
+                if state.recent and state.recent.view().shape[1] == row.shape[0]:
+                    recent = state.recent.view()
                     scale = np.maximum(np.linalg.norm(recent, axis=1), np.linalg.norm(row))
                     near = np.linalg.norm(recent - row, axis=1) <= p.dup_rel * np.maximum(scale, 1e-12)
                     state.dup_flags.append(bool(near.any()))
                 else:
                     state.dup_flags.append(False)
                 state.recent.append(row)
+            prada = state.prada.result()  # one normality test per call, after all its rows
             evidence, fired = self._signals(state, x, prada, now)
             action = max((p.actions[s] for s in fired), default=Action.NONE)
             refused_for: float | None = None
@@ -422,7 +475,10 @@ class ExtractionMonitor:
         fired: list[str] = []
         if prada.alarm:
             fired.append("prada")
-        in_window = sum(1 for t in state.times if t > now - p.volume_window_s)
+        times = state.times  # appended in clock order: expired ones sit at the left
+        while times and times[0] <= now - p.volume_window_s:
+            times.popleft()
+        in_window = len(times)
         if in_window > p.volume_max:
             fired.append("volume")
         flags = state.dup_flags

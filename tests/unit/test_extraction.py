@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -182,3 +183,20 @@ def test_policy_from_config_maps_actions() -> None:
     policy = ExtractionPolicy.from_config({"actions": {"coverage": "record"}, "block_s": 3600})
     assert policy.actions["coverage"] is Action.RECORD and policy.actions["prada"] is Action.BLOCK
     assert policy.block_s == 3600
+
+
+def test_the_normality_test_runs_every_test_every_distances_even_after_the_list_is_full() -> None:
+    rng = np.random.default_rng(5)
+    detector = PradaDetector(min_samples=20, distances_max=30, test_every=5)
+    tested: list[int] = []
+    last = None
+    for i in range(80):
+        result = detector.observe(rng.normal(size=4), 0)
+        if result.w is not None and result is not last:
+            tested.append(i)
+        last = result
+    assert tested[0] == 20  # at once when min_samples is reached (the first input only seeds the set)
+    assert all(b - a == 5 for a, b in itertools.pairwise(tested))  # then every 5 distances
+    assert tested[-1] >= 75  # still testing after the list saturated at distances_max
+    with pytest.raises(ConfigError):
+        PradaDetector(test_every=0)
