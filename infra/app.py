@@ -25,8 +25,9 @@ Context keys (``-c key=value``, or ``cdk.json``):
 Invariants: the PCRs come only from the manifest (one format, ``nitrovault.policy.manifest``, read
 through ``infra.pcr_manifest``); anything that weakens the key policy is named ``unsafe*`` and logs a
 warning; the cdk-nag AwsSolutions pack runs on every synth unless disabled; the policy reviewer
-(``infra.review_aspect``) reviews every model key against the manifest on every synth, and a finding of
-severity high or above is a synthesis error.
+(``infra.review_aspect``) reviews every KMS key of the stack (the model key against the manifest; the
+store, logs and alarm-topic keys too) on every synth, and a finding of severity high or above is a
+synthesis error (lower ones are warnings, which the infra tests also keep at zero).
 """
 
 from __future__ import annotations
@@ -155,7 +156,9 @@ def build_app(
     stack = NitrovaultStack(app, STACK_NAME, props=props)
     apply_suppressions(stack)
     Aspects.of(app).add(
-        KeyPolicyReviewAspect(props.manifest, unsafe_allow_debug_pcrs=props.unsafe_allow_debug_pcrs)
+        KeyPolicyReviewAspect(
+            props.manifest, model_keys_only=False, unsafe_allow_debug_pcrs=props.unsafe_allow_debug_pcrs
+        )
     )
     if _flag(ctx.get("nag") if ctx.get("nag") is not None else True, "nag"):
         Aspects.of(app).add(AwsSolutionsChecks(verbose=True))

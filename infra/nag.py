@@ -34,8 +34,9 @@ SUPPRESSIONS: tuple[tuple[str, str, str, tuple[str | RegexAppliesTo, ...]], ...]
     (
         "Operators/Sealer/DefaultPolicy",
         "AwsSolutions-IAM5",
-        "The sealer uploads sealed models under models/ of the weights bucket; object keys (model names and "
-        "versions) are not known at deploy time.",
+        "The sealer publishes what the hosts fetch under three prefixes of the weights bucket (sealed "
+        "models, the enclave image, the parent's wheelhouse); object keys (model names, versions, builds) "
+        "are not known at deploy time.",
         (_OBJECT_PREFIXES,),
     ),
     (

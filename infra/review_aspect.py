@@ -1,7 +1,8 @@
-"""The policy reviewer as a CDK aspect: every model key's policy is reviewed at synth time.
+"""The policy reviewer as a CDK aspect: key policies are reviewed at synth time.
 
 ``Aspects.of(app).add(KeyPolicyReviewAspect(manifest))`` visits every construct; for each
-``aws_kms.CfnKey`` that is a *model key* it resolves the key policy
+``aws_kms.CfnKey`` that is a *model key* (every key with ``model_keys_only=False``, which is how
+:func:`infra.app.build_app` registers it) it resolves the key policy
 (``Stack.of(node).resolve(node.key_policy)``), renders the intrinsics that remain exactly as the template
 review does (:func:`nitrovault.policy.review.render_intrinsics`, with the stack's IAM roles, account and
 region), reviews it against the image's PCR manifest with :func:`nitrovault.policy.review.review_policy`,
@@ -9,15 +10,14 @@ and annotates the key: ``add_error`` for findings at or above ``fail_on`` (defau
 ``add_warning_v2`` for the rest. ``python -m infra.app`` (``make synth``) refuses to write an assembly with
 errors, so a model key that the reviewer would fail cannot be synthesized.
 
-Which keys are reviewed, and why only those: a model key is a ``CfnKey`` under a
+Which keys are reviewed: a model key is a ``CfnKey`` under a
 :class:`infra.constructs.model_key.ModelKey`, or one marked with :func:`mark_model_key` (metadata
-``nitrovault:model-key``). The stack's other keys (the weights store's SSE-KMS key and the log-group
-key) keep CDK's default policy, which delegates to IAM through the account root: the reviewer would
-rightly call that root delegation. They cannot yield the model key: the model's data key is wrapped
-only by the model key (``nitrovault seal`` calls ``GenerateDataKey`` on it), the weights key protects
-ciphertext *at rest* in S3 (the sealed file, already AEAD-encrypted under the model's data key) and the
-logs key protects log records, which never carry key material. Reading either gives an attacker
-ciphertext and logs, not plaintext weights. ``model_keys_only=False`` reviews every key anyway.
+``nitrovault:model-key``); with ``model_keys_only=True`` (the default, for small test stacks) only those
+are reviewed. The app reviews every key: the stack's at-rest keys (the weights store's SSE-KMS key, the
+log groups' key, the alarm topic's key) get explicit policies from :mod:`nitrovault.policy.build` that
+name no account root, and the reviewer judges them with the same rules (their S3-mediated and
+service-principal grants are *at-rest* use: see :mod:`nitrovault.policy.review`), so a regression to a
+delegating policy on any key fails the synth.
 
 Invariants:
 

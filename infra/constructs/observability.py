@@ -3,93 +3,90 @@
 Invariants:
 
 * Every log group is encrypted with this construct's own KMS key (``.key``, rotated) and has a finite
-  retention; the key lets only the region's CloudWatch Logs service (for these log groups) and
-  CloudWatch alarms (for the alarm topic) use it, besides the account's IAM.
+  retention. The key's policy is exactly :func:`nitrovault.policy.build.logs_key_policy`: administrators
+  manage it, and only the region's CloudWatch Logs service may use it, only for the account's
+  ``/nitrovault/*`` log groups (``kms:EncryptionContext:aws:logs:arn``); nobody gets ``Decrypt`` without
+  a log-group context. No statement names the account root, so IAM cannot add users of the key.
+* The alarm topic (``.alarm_topic``, TLS-only) is encrypted with a second key (``.alarm_topic_key``),
+  whose policy is exactly :func:`nitrovault.policy.build.alarm_topic_key_policy`: administrators, and the
+  CloudWatch service principal so alarms can publish. The logs key thus serves CloudWatch Logs alone.
+* Both keys are created after the administrator roles they name (``principals_created_by``).
 * Metrics live in the namespace ``nitrovault``. Two come from metric filters, and the patterns are the
   contract with ``parent_app`` (documented in ``docs/deploy.md``):
 
-  - ``EnclaveRestarts``: lines containing ``enclave ended`` (the supervisor's restart message) in the
-    enclave log group (``/nitrovault/enclave``: the supervisor's output; a production enclave has no
-    console);
+  - ``EnclaveRestarts``: lines containing ``enclave ended`` in the parent's log group
+    (``/nitrovault/parent``). The enclave supervisor (``parent_app.supervisor``) runs inside the parent
+    process and logs ``enclave ended (exit code N, failure K); restarting in Ds`` once per restart to
+    stderr, which systemd appends to ``/var/log/nitrovault/parent.log`` and the CloudWatch agent ships
+    to ``/nitrovault/parent`` (``infra.constructs.enclave_host``). The enclave log group holds only the
+    enclave's signed audit lines, never that line, so it is not read;
   - ``KeyReleaseFailures``: lines containing ``key release failed`` or ``KeyAccessDenied`` in either
     log group.
-
-* Alarms publish to one SNS topic (``.alarm_topic``) that is encrypted and TLS-only.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from aws_cdk import Duration, RemovalPolicy, Stack
 from aws_cdk import aws_cloudwatch as cloudwatch
 from aws_cdk import aws_cloudwatch_actions as cw_actions
-from aws_cdk import aws_iam as iam
-from aws_cdk import aws_kms as kms
 from aws_cdk import aws_logs as logs
 from aws_cdk import aws_sns as sns
-from constructs import Construct
+from constructs import Construct, IConstruct
+
+from infra.constructs.policy_key import key_with_exact_policy
+from nitrovault.policy.build import LOG_GROUP_PREFIX, alarm_topic_key_policy, logs_key_policy
 
 NAMESPACE = "nitrovault"
+PARENT_LOG_GROUP = f"{LOG_GROUP_PREFIX}parent"
+ENCLAVE_LOG_GROUP = f"{LOG_GROUP_PREFIX}enclave"
+#: The supervisor's restart line (``parent_app.supervisor.Supervisor.run``), one per restart.
 RESTART_PATTERN = '"enclave ended"'
 KEY_RELEASE_FAILURE_PATTERN = '?"key release failed" ?"KeyAccessDenied"'
 
 
 class Observability(Construct):
-    """``.key``, ``.alarm_topic``, ``.parent_logs``, ``.enclave_logs``, ``.log_group(name)``."""
+    """``.key`` (logs), ``.alarm_topic_key``, ``.alarm_topic``, ``.parent_logs``, ``.enclave_logs``,
+    ``.log_group(name)``; ``.policy`` and ``.alarm_topic_policy`` are the two keys' policies (plain dicts).
+    """
 
     def __init__(
         self,
         scope: Construct,
         construct_id: str,
         *,
+        admin_arns: Sequence[str],
+        principals_created_by: Sequence[IConstruct] = (),
         retention: logs.RetentionDays = logs.RetentionDays.ONE_YEAR,
         restart_threshold: int = 3,
     ) -> None:
         super().__init__(scope, construct_id)
         stack = Stack.of(self)
         self._retention = retention
-        self.key = kms.Key(
+        self.policy = logs_key_policy(account_id=stack.account, region=stack.region, admin_arns=admin_arns)
+        self.key = key_with_exact_policy(
             self,
             "LogsKey",
-            description="nitrovault: encrypts CloudWatch log groups and the alarm topic",
-            enable_key_rotation=True,
-            removal_policy=RemovalPolicy.RETAIN,
+            description="nitrovault: encrypts the /nitrovault/* CloudWatch log groups",
+            policy=self.policy,
+            depends_on=principals_created_by,
         )
-        self.key.add_to_resource_policy(
-            iam.PolicyStatement(
-                sid="CloudWatchLogsUse",
-                principals=[iam.ServicePrincipal(f"logs.{stack.region}.amazonaws.com")],
-                actions=[
-                    "kms:Encrypt*",
-                    "kms:Decrypt*",
-                    "kms:ReEncrypt*",
-                    "kms:GenerateDataKey*",
-                    "kms:Describe*",
-                ],
-                resources=["*"],
-                conditions={
-                    "ArnLike": {
-                        "kms:EncryptionContext:aws:logs:arn": (
-                            f"arn:{stack.partition}:logs:{stack.region}:{stack.account}:log-group:/nitrovault/*"
-                        )
-                    }
-                },
-            )
+        self.alarm_topic_policy = alarm_topic_key_policy(account_id=stack.account, admin_arns=admin_arns)
+        self.alarm_topic_key = key_with_exact_policy(
+            self,
+            "AlarmTopicKey",
+            description="nitrovault: encrypts the alarm topic (CloudWatch alarms publish to it)",
+            policy=self.alarm_topic_policy,
+            depends_on=principals_created_by,
         )
-        self.key.add_to_resource_policy(
-            iam.PolicyStatement(
-                sid="CloudWatchAlarmsPublishToTopic",
-                principals=[iam.ServicePrincipal("cloudwatch.amazonaws.com")],
-                actions=["kms:Decrypt", "kms:GenerateDataKey*"],
-                resources=["*"],
-            )
-        )
-        self.alarm_topic = sns.Topic(self, "AlarmTopic", master_key=self.key, enforce_ssl=True)
+        self.alarm_topic = sns.Topic(self, "AlarmTopic", master_key=self.alarm_topic_key, enforce_ssl=True)
         self._alarm_action = cw_actions.SnsAction(self.alarm_topic)
 
-        self.parent_logs = self.log_group("ParentLogs", "/nitrovault/parent")
-        self.enclave_logs = self.log_group("EnclaveLogs", "/nitrovault/enclave")
+        self.parent_logs = self.log_group("ParentLogs", PARENT_LOG_GROUP)
+        self.enclave_logs = self.log_group("EnclaveLogs", ENCLAVE_LOG_GROUP)
 
-        restarts = self._filter_metric("EnclaveRestarts", RESTART_PATTERN, [self.enclave_logs])
+        restarts = self._filter_metric("EnclaveRestarts", RESTART_PATTERN, [self.parent_logs])
         self.restart_alarm = self.alarm(
             "EnclaveRestartsAlarm",
             restarts,
@@ -108,7 +105,7 @@ class Observability(Construct):
 
     def log_group(self, construct_id: str, name: str) -> logs.LogGroup:
         """A log group under ``/nitrovault/`` encrypted with ``.key`` and with this construct's retention."""
-        if not name.startswith("/nitrovault/"):
+        if not name.startswith(LOG_GROUP_PREFIX):
             raise ValueError("nitrovault log groups live under /nitrovault/ (the logs key policy says so)")
         return logs.LogGroup(
             self,

@@ -1,8 +1,13 @@
 """The one deployable stack: composes the constructs, defines no resource itself.
 
-Order matters only through explicit dependencies: the model key names the enclave host role, the
-operator roles and CloudFormation's deploy role by literal ARN, so the key depends on the constructs that
-create them; the identity canary's role is deliberately *not* in the key policy.
+Order matters only through explicit dependencies: every key policy names its principals by literal ARN
+(the model key: the enclave host role, the operator roles and CloudFormation's deploy role; the store key:
+the administrators, the sealer and the enclave host role; the logs and alarm-topic keys: the
+administrators), so each key depends on the roles it names (KMS refuses a policy naming a principal that
+does not exist yet). The identity canary's role is deliberately in no key policy.
+
+Every key's policy comes from :mod:`nitrovault.policy.build` and none names the account root; the
+synth-time review (``infra/review_aspect.py``) reviews all of them.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from aws_cdk import CfnOutput, Environment, Stack, Tags
+from aws_cdk import aws_iam as iam
 from aws_cdk import aws_logs as logs
 from constructs import Construct
 
@@ -67,6 +73,11 @@ class NitrovaultStackProps:
             f"arn:aws:iam::{self.account}:role/cdk-hnb659fds-cfn-exec-role-{self.account}-{self.region}"
         )
 
+    @property
+    def weights_bucket_name(self) -> str:
+        """Explicit (the store key's policy names the bucket): prefix, account and region make it unique."""
+        return f"{self.name_prefix.lower()}-weights-{self.account}-{self.region}"
+
 
 class NitrovaultStack(Stack):
     """Exposes its constructs: ``.model_key``, ``.store``, ``.network``, ``.observability``, ``.host``,
@@ -84,7 +95,17 @@ class NitrovaultStack(Stack):
             env=Environment(account=props.account, region=props.region),
             description=description[:1024],
         )
-        self.observability = Observability(self, "Observability", retention=props.log_retention)
+        self.operators = OperatorRoles(self, "Operators", name_prefix=props.name_prefix)
+        admin_arns = [self.operators.admin_arn, props.admin_deploy_role_arn, *props.extra_admin_arns]
+        admin_role = _cfn_role(self.operators.admin_role)
+        sealer_role = _cfn_role(self.operators.sealer_role)
+        self.observability = Observability(
+            self,
+            "Observability",
+            admin_arns=admin_arns,
+            principals_created_by=[admin_role],
+            retention=props.log_retention,
+        )
         flow_logs = self.observability.log_group("FlowLogs", "/nitrovault/vpc-flow")
         self.network = Network(
             self,
@@ -93,8 +114,18 @@ class NitrovaultStack(Stack):
             public_subnets=props.internet_facing,
             availability_zones=props.availability_zones or None,
         )
-        self.store = WeightsStore(self, "WeightsStore")
-        self.operators = OperatorRoles(self, "Operators", name_prefix=props.name_prefix)
+        host_role_name = f"{props.name_prefix}-enclave-host"
+        host_role_arn = f"arn:aws:iam::{props.account}:role/{host_role_name}"
+        self.store = WeightsStore(
+            self,
+            "WeightsStore",
+            bucket_name=props.weights_bucket_name,
+            account_id=props.account,
+            region=props.region,
+            admin_arns=admin_arns,
+            writer_arns=[self.operators.sealer_arn],
+            reader_arns=[host_role_arn],
+        )
         self.store.grant_write(self.operators.sealer_role)
         self.host = EnclaveHost(
             self,
@@ -102,7 +133,7 @@ class NitrovaultStack(Stack):
             vpc=self.network.vpc,
             vpc_cidr=self.network.cidr,
             host_subnets=self.network.host_subnets,
-            role_name=f"{props.name_prefix}-enclave-host",
+            role_name=host_role_name,
             weights_bucket=self.store.bucket,
             certificate_arn=props.certificate_arn,
             parent_log_group=self.observability.parent_logs,
@@ -115,12 +146,16 @@ class NitrovaultStack(Stack):
             client_cidr=props.client_cidr,
             model_id=props.model_id,
         )
+        if self.host.role_arn != host_role_arn:  # the store key must name the role the hosts really get
+            raise RuntimeError(f"enclave host role {self.host.role_arn!r} is not {host_role_arn!r}")
         self.store.grant_read(self.host.role)
+        for role in (admin_role, sealer_role, _cfn_role(self.host.role)):
+            self.store.key.node.add_dependency(role)
         self.model_key = ModelKey(
             self,
             "ModelKey",
             account_id=props.account,
-            admin_arns=[self.operators.admin_arn, props.admin_deploy_role_arn, *props.extra_admin_arns],
+            admin_arns=admin_arns,
             sealer_arns=[self.operators.sealer_arn],
             enclave_role_arns=[self.host.role_arn],
             pcrs=manifest.pcrs,
@@ -145,3 +180,12 @@ class NitrovaultStack(Stack):
         CfnOutput(self, "SealerRoleArn", value=self.operators.sealer_arn)
         for key, value in props.tags.items():
             Tags.of(self).add(key, value)
+
+
+def _cfn_role(role: iam.Role) -> iam.CfnRole:
+    """The role's CloudFormation resource alone (a key that depends on the whole ``iam.Role`` would depend
+    on its default policy too, which may reference what the key encrypts: a cycle)."""
+    cfn = role.node.default_child
+    if not isinstance(cfn, iam.CfnRole):
+        raise TypeError("iam.Role has no CfnRole child: the CDK version changed its structure")
+    return cfn

@@ -33,6 +33,19 @@ Invariants:
 * Key administrators are the principals of a management statement (disable / schedule deletion, no
   plaintext action). Only their ``PutKeyPolicy`` is break-glass; ``PutKeyPolicy`` to anyone else (an
   administrator that also uses the key included) and ``CreateGrant`` to anyone are escalations.
+* **Service-mediated** use (``Decrypt`` / ``GenerateDataKey`` by a named role or user, in a statement with
+  no attestation condition, pinned with ``StringEquals`` ``kms:ViaService`` to one regional endpoint of
+  one service *and* with that service's own ``kms:EncryptionContext:aws:<service>:arn`` limited to named
+  resources, as SSE-KMS on one S3 bucket): the service receives the key material, never the caller, so
+  the row's verdict is ``service-mediated`` and it is no finding -- unless the evaluator allows the call
+  *directly* (without the service), which is NV-PLAINTEXT-UNATTESTED, proved. The account root and
+  ``"*"`` are never service-mediated; ``ReEncryptFrom``, ``DeriveSharedSecret`` and
+  ``GenerateDataKeyPair`` never are.
+* NV-NO-DENY (the defence-in-depth Deny of ``Decrypt`` without attestation) is not asked of an
+  **at-rest key**: one with no attestation condition anywhere, in which every ``Allow`` yielding plaintext
+  is service-mediated (above) or names only AWS service principals and covers neither ``CreateGrant``,
+  ``PutKeyPolicy`` nor ``kms:*``. Such a key hands no key material to any caller, and that Deny would
+  break the service it serves. A key with any attestation condition (a model key) always needs the Deny.
 
 What this cannot prove: anything outside the key policy (IAM policies, grants already created, SCPs), and
 whether the manifest describes the code you reviewed (that is the reproducible build's job).
@@ -185,6 +198,13 @@ _HEX96 = re.compile(r"[0-9a-f]{96}")
 _ROOT_ARN = re.compile(r"arn:([^:]+):iam::([^:]+):root")
 _ACCOUNT_ID = re.compile(r"\d{12}")
 _PINNING_OPERATORS = ("StringEquals", "StringEqualsIgnoreCase")
+#: What an AWS service calls on a caller's behalf for envelope encryption (S3 SSE-KMS, ...): the only
+#: actions a statement can make service-mediated.
+_SERVICE_MEDIATED_ACTIONS = ("kms:Decrypt", "kms:GenerateDataKey")
+#: One regional endpoint of one service, as ``kms:ViaService`` names it (``s3.eu-west-1.amazonaws.com``).
+_VIA_SERVICE = re.compile(r"([a-z0-9-]+)\.[a-z]{2}(?:-[a-z]+)+-\d{1,2}\.amazonaws\.com")
+#: Operators that can limit a service's resource-ARN encryption context to named resources.
+_RESOURCE_OPERATORS = ("StringEquals", "StringEqualsIgnoreCase", "StringLike", "ArnEquals", "ArnLike")
 
 #: Foreign measurements for the "any enclave" proof: derived from a fixed label so the review is
 #: deterministic, and (being SHA-384 outputs of a label no build hashes) equal to no real image's PCRs.
@@ -224,7 +244,9 @@ class Finding:
         }
 
 
-Verdict = Literal["attested-release", "plaintext-to-caller", "unattested-plaintext", "escalation"]
+Verdict = Literal[
+    "attested-release", "plaintext-to-caller", "unattested-plaintext", "service-mediated", "escalation"
+]
 
 
 @dataclass(frozen=True)
@@ -240,6 +262,7 @@ class Grant:
     measurements: Mapping[str, str]
     verdict: Verdict
     #: evaluator answers: allowed without attestation / with foreign PCRs / with the manifest's PCRs
+    #: (``manifest_pcrs`` is None without a manifest, and for a ``service-mediated`` row: no enclave there)
     unattested: bool
     foreign_pcrs: bool
     manifest_pcrs: bool | None
@@ -374,7 +397,7 @@ def _encryption_context(statement: Statement) -> dict[str, str]:
     """A context satisfying the statement's own positive encryption-context conditions."""
     context: dict[str, str] = {}
     for c in statement.conditions:
-        if c.negated or c.base not in (*_PINNING_OPERATORS, "StringLike"):
+        if c.negated or c.base not in (*_PINNING_OPERATORS, "StringLike", "ArnEquals", "ArnLike"):
             continue
         if c.key.lower().startswith(_CONTEXT_PREFIX):
             name = c.key[len(_CONTEXT_PREFIX) :]
@@ -390,6 +413,90 @@ def _has_context_condition(statement: Statement) -> bool:
         and c.key.lower().startswith(_CONTEXT_PREFIX)
         for c in statement.conditions
     )
+
+
+def _resource_in(value: str, service: str) -> bool:
+    """``value`` names resources of ``service`` only: an ARN of that service with a non-empty resource and
+    no wildcard, except one trailing ``/*`` (the objects under one bucket, the groups under one path)."""
+    body = value[:-2] if value.endswith("/*") else value
+    parts = body.split(":", 5)
+    return (
+        len(parts) == 6
+        and parts[0] == "arn"
+        and parts[1].startswith("aws")
+        and parts[2] == service
+        and parts[5] not in ("", "/")
+        and "*" not in body
+        and "?" not in body
+    )
+
+
+def _service_mediated(statement: Statement) -> str | None:
+    """The one AWS service through which alone ``statement`` can be used, or None (module docstring:
+    ``kms:ViaService`` pinned to that service's regional endpoints and its resource-ARN encryption
+    context limited to named resources; any weaker clause on either key makes it None)."""
+    via = [c for c in statement.conditions if c.key.lower() == "kms:viaservice"]
+    if not via:
+        return None
+    services: set[str] = set()
+    for c in via:
+        if c.base != "StringEquals" or c.negated or c.if_exists or c.set_operator is not None:
+            return None
+        for value in c.values:
+            match = _VIA_SERVICE.fullmatch(value)
+            if match is None:
+                return None
+            services.add(match.group(1))
+    if len(services) != 1:
+        return None
+    (service,) = services
+    context_key = f"{_CONTEXT_PREFIX}aws:{service}:arn"
+    scoped = [c for c in statement.conditions if c.key.lower() == context_key]
+    if not scoped:
+        return None
+    for c in scoped:
+        if c.base not in _RESOURCE_OPERATORS or c.negated or c.if_exists or c.set_operator is not None:
+            return None
+        if not all(_resource_in(v, service) for v in c.values):
+            return None
+    return service
+
+
+def _service_principals_only(statement: Statement) -> bool:
+    """Allowed only to AWS service principals, with no escalation action and no ``kms:*``."""
+    principal = statement.principal
+    return (
+        principal is not None
+        and not principal.everyone
+        and not principal.aws
+        and bool(principal.service)
+        and not any(_covers(statement, a) for a in ESCALATION_ACTIONS)
+        and not _full_wildcard(statement)
+    )
+
+
+def _is_at_rest_key(parsed: Policy) -> bool:
+    """No attestation condition anywhere, and every plaintext-yielding ``Allow`` is service-bound (module
+    docstring): such a key needs no Deny of Decrypt without attestation."""
+    if any(_attestation(s).clauses for s in parsed.statements):
+        return False
+    granting = [
+        s for s in parsed.statements if s.effect == "Allow" and any(_covers(s, a) for a in PLAINTEXT_ACTIONS)
+    ]
+
+    def bound(s: Statement) -> bool:
+        if _service_principals_only(s):
+            return True
+        if _service_mediated(s) is None or s.principal is None or s.principal.everyone:
+            return False
+        named = _principals(s)
+        return (
+            all(p.startswith("arn:") and not _is_root(p) for p in named)
+            and all(a in _SERVICE_MEDIATED_ACTIONS for a in PLAINTEXT_ACTIONS if _covers(s, a))
+            and not any(_covers(s, a) for a in ESCALATION_ACTIONS)
+        )
+
+    return bool(granting) and all(bound(s) for s in granting)
 
 
 # -- the review -------------------------------------------------------------------------------------------
@@ -588,6 +695,7 @@ def review_policy(
                 "NotPrincipal in an Allow grants plaintext actions to everyone not listed",
             )
         att = _attestation(statement)
+        mediated = None if att.clauses else _service_mediated(statement)
         full = _full_wildcard(statement)
         measurements = _check_attestation_clauses(out, statement, att, manifest) if att.clauses else {}
         context = _encryption_context(statement)
@@ -625,6 +733,9 @@ def review_policy(
                 expected = allowed(action, who, context, manifest.pcrs) if manifest is not None else None
                 if att.clauses:
                     verdict: Verdict = "attested-release"
+                elif mediated and action in _SERVICE_MEDIATED_ACTIONS and not (root or everyone):
+                    verdict = "service-mediated"
+                    expected = None  # no enclave is involved: the manifest does not apply
                 elif action in _TO_CALLER:
                     verdict = "plaintext-to-caller"
                 else:
@@ -655,7 +766,7 @@ def review_policy(
     # Defence in depth: an explicit Deny of Decrypt without attestation, for everyone.
     outsider = f"arn:aws:iam::{_OUTSIDER_ACCOUNT}:role/nitrovault-review-anyone"
     decision = evaluate_key_policy(parsed, build_request_context("kms:Decrypt", outsider, arn, {}, None))
-    if not decision.deny:
+    if not decision.deny and not _is_at_rest_key(parsed):
         out.add(
             "NV-NO-DENY", "plaintext-without-attestation", "medium", "policy",
             "no explicit Deny of kms:Decrypt without an attestation document (add one for everyone: "
@@ -694,6 +805,14 @@ def _judge(
             "NV-WILDCARD-PRINCIPAL", "wildcard-principal", "critical", label,
             f'"*" principal is allowed {short} without attestation conditions', principal, unattested,
         )
+    if verdict == "service-mediated":
+        if unattested:  # the service conditions did not stop a direct call: the reading was wrong
+            out.add(
+                "NV-PLAINTEXT-UNATTESTED", "plaintext-without-attestation", "high", label,
+                f"{principal} can {short} directly, not only through the service (proved by evaluation)",
+                principal, True,
+            )
+        return
     if verdict == "plaintext-to-caller":
         if root or everyone or not _has_context_condition(statement):
             out.add(

@@ -1,10 +1,12 @@
-"""The policy reviewer as a CDK aspect: the synthesized app's model key reviews clean (in the aspect and in
-the template CloudFormation gets); a bad key in a small test stack gets error annotations; only model keys
-are reviewed (and why the other keys cannot yield the model key is in infra/review_aspect.py)."""
+"""The policy reviewer as a CDK aspect: the synthesized app reviews EVERY key (model, store, logs, alarm
+topic) and each reviews clean with zero findings -- in the aspect, in the template CloudFormation gets, and
+through ``nitrovault policy review cdk.out`` itself (exit 0 even with ``--fail-on low``); a bad key in a
+small test stack gets error annotations; small stacks review only model keys unless asked."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 
 import pytest
@@ -13,10 +15,12 @@ from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from aws_cdk.assertions import Annotations, Match
 from synth_context import ACCOUNT, REGION, SAMPLE_MANIFEST, Synth
+from typer.testing import CliRunner
 
 from infra.constructs.model_key import ModelKey
 from infra.pcr_manifest import load_pcr_manifest
 from infra.review_aspect import ANNOTATION_PREFIX, KeyPolicyReviewAspect, is_model_key, mark_model_key
+from nitrovault.cli import app as cli_app
 from nitrovault.policy.manifest import PcrManifest
 from nitrovault.policy.review import review_template
 
@@ -56,30 +60,54 @@ def _model_key(stack: Stack, pcrs: dict[int, bytes], **kw: object) -> ModelKey:
 # -- the synthesized app ----------------------------------------------------------------------------------
 
 
-def test_app_registers_the_aspect_and_its_model_key_reviews_clean(synth: Synth) -> None:
+#: The stack's keys, by a fragment of their construct path / logical id.
+KEYS = ("ModelKey", "StoreKey", "LogsKey", "AlarmTopicKey")
+
+
+def _which(name: str) -> str:
+    (fragment,) = [k for k in KEYS if k in name]
+    return fragment
+
+
+def test_app_reviews_every_key_and_each_is_clean(synth: Synth) -> None:
     aspect = _aspect(synth.app)
     assert aspect.manifest == MANIFEST and aspect.fail_on == "high"
-    (path,) = aspect.reviews  # exactly one key is a model key: the weights and logs keys are not reviewed
-    assert "ModelKey" in path
-    review = aspect.reviews[path]
-    assert review.findings == ()
-    assert {g.verdict for g in review.grants} == {"attested-release", "plaintext-to-caller"}
+    assert aspect.model_keys_only is False  # the app reviews the at-rest keys too
+    assert sorted(_which(path) for path in aspect.reviews) == sorted(KEYS)  # each exactly once
+    for path, review in aspect.reviews.items():
+        assert review.findings == (), (path, review.findings)
+    verdicts = {_which(path): {g.verdict for g in r.grants} for path, r in aspect.reviews.items()}
+    assert verdicts["ModelKey"] == {"attested-release", "plaintext-to-caller"}
+    assert verdicts["StoreKey"] == {"service-mediated"}  # the sealer and the hosts, through S3 only
+    # service principals only (CloudWatch Logs; CloudWatch alarms): no IAM identity uses these keys
+    assert verdicts["LogsKey"] == verdicts["AlarmTopicKey"] == set()
     assert _errors(synth.stack) == [] and _warnings(synth.stack) == []
 
 
-def test_synthesized_template_model_key_reviews_clean(synth: Synth) -> None:
-    # what CloudFormation gets (the ModelKey's KeyPolicy property override included), reviewed like
-    # `nitrovault policy review cdk.out` would
+def test_synthesized_template_every_key_reviews_clean(synth: Synth) -> None:
+    # what CloudFormation gets (every KeyPolicy property override included), reviewed like
+    # `nitrovault policy review cdk.out` would: no key keeps a default (root-delegating) policy
     reviews = review_template(synth.template.to_json(), source="Nitrovault", manifest=MANIFEST,
                               account=ACCOUNT, region=REGION)
-    by_id = {r.key.split("/", 1)[1]: r for r in reviews}
-    model = [r for k, r in by_id.items() if k.startswith("ModelKey")]
-    assert len(model) == 1 and model[0].findings == ()
-    # the other keys keep CDK's default policy: root delegation, which is why only model keys are
-    # reviewed at synth (they protect ciphertext at rest and logs, never the model's data key)
-    others = [r for k, r in by_id.items() if not k.startswith("ModelKey")]
-    assert others
-    assert all("NV-ROOT-DELEGATION" in {f.rule_id for f in r.findings} for r in others)
+    assert sorted(_which(r.key) for r in reviews) == sorted(KEYS)
+    for review in reviews:
+        assert review.findings == (), (review.key, review.findings)
+    for resource in synth.of_type("AWS::KMS::Key").values():
+        assert ":root" not in json.dumps(resource["Properties"]["KeyPolicy"])
+
+
+def test_policy_review_cli_on_cdk_out_exits_zero_with_no_finding(synth: Synth) -> None:
+    # the issue's acceptance check, through the real CLI: every synthesized key, zero findings at any
+    # severity (before the at-rest keys had their own policies this exited 3 on root delegation)
+    result = CliRunner().invoke(
+        cli_app,
+        ["policy", "review", str(synth.outdir), "--pcr-manifest", str(SAMPLE_MANIFEST),
+         "--format", "json", "--fail-on", "low"],
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["findings"] == []
+    assert sorted(_which(k["key"]) for k in report["keys"]) == sorted(KEYS)
 
 
 # -- small test stacks ------------------------------------------------------------------------------------
