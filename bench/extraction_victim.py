@@ -5,30 +5,61 @@ trained here on scikit-learn's digits (8x8 images, pixels scaled to [0, 1]). The
 30 % test (fidelity and benign workload), and the rest in two halves: the victim's training set and
 the attacker's own natural data (from which it takes a few labelled seeds).
 
-**In process, for now**: :func:`make_query` applies the hardening policy and the extraction monitor
-around a direct call of the model, exactly in the order the enclave's serving path will (admit →
-model → observe → harden). Serving the victim through the live local stack is the wiring step: replace
-the ``answer = _local_answer(...)`` line by a call through ``nitrovault.client`` with a signed token,
-and let the enclave do admit/observe/harden; the thieves only ever see the query function.
+**Served by the live local stack**: :func:`save_victim` writes the trained weights as a plain
+safetensors file (with the victim's training inputs as the extraction detector's sealed reference
+sample), :func:`serve` seals it and runs it in a :class:`~nitrovault.local.stack.LocalStack` under a
+measured ``protection`` section, and :func:`make_query` is the thief's view: every query is an
+``Infer`` call through the parent's bridge with a signed token, so it goes through auth, quotas, the
+extraction monitor (admit → model → observe), noise and hardening *inside the enclave*, with the
+enclave's real clock. The thieves only ever see the query function.
+
+Invariants: a refused call (``PERMISSION_DENIED`` or ``RESOURCE_EXHAUSTED``: blocked, throttled, out of
+privacy budget) comes back to the thief as uniform vectors (what a thief that ignores errors would
+train on) and is counted in its :class:`Log`; any other error (the stack is down, a bad request) is
+raised, never turned into data. :func:`serve` ends every process it started, also on failure.
+
+Example::
+
+    data = load_split()
+    victim = train_mlp(data.x_victim, data.y_victim)
+    save_victim(victim, home / "victim.safetensors", reference=data.x_victim)
+    with serve(home, home / "victim.safetensors", {"hardening": {"kind": "top_k", "k": 3}}) as stack, \\
+            NitrovaultClient(stack.listen, token=victim_token(stack, "thief")) as client:
+        probabilities = make_query(client)(data.x_test[:10])
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import json
+import socket
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from rich.console import Console
+from safetensors.torch import save_file
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
 
 from enclave_app.models.generic import MLPClassifier
-from nitrovault.errors import AccessError
-from nitrovault.protection import Action, ExtractionMonitor
+from nitrovault.client import NitrovaultClient
+from nitrovault.envelope.extras import REFERENCE_TENSOR
+from nitrovault.errors import ClientError
+from nitrovault.local.stack import LocalModel, LocalStack
 
 Query = Callable[[np.ndarray], np.ndarray]
+
+MODEL_ID = "digits-mlp"
+HANDLER = "generic:mlp-classifier"
+CLASSES = 10
+#: gRPC codes of a refusal (blocked, throttled, privacy budget or quota spent): the thief gets uniform
+#: vectors for these; every other code is an error of the bench or the stack and is raised
+REFUSALS = frozenset({"PERMISSION_DENIED", "RESOURCE_EXHAUSTED"})
 
 
 @dataclass(frozen=True)
@@ -60,16 +91,59 @@ def train_mlp(
     for _ in range(epochs):
         opt.zero_grad()
         loss = nn.functional.cross_entropy(model(xt)["logits"], yt)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         opt.step()
     model.eval()
     return model
 
 
 def predict_proba(model: MLPClassifier, x: np.ndarray) -> np.ndarray:
+    """The victim's clean answers, in process: only for the fidelity reference (the clean arg-max)."""
     with torch.inference_mode():
         out = model(torch.from_numpy(np.asarray(x, dtype=np.float32)))["probabilities"]
-    return out.numpy().astype(np.float64)
+    return np.asarray(out.numpy(), dtype=np.float64)
+
+
+def save_victim(model: MLPClassifier, path: Path, *, reference: np.ndarray) -> None:
+    """The plain model :func:`serve` seals: weights, the ``generic:mlp-classifier`` metadata, and
+    ``reference`` (natural inputs, the detector's coverage sample) as the sealed extra tensor."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    config = {"in_features": linears[0].in_features, "hidden": [m.out_features for m in linears[:-1]],
+              "classes": linears[-1].out_features}
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    tensors[REFERENCE_TENSOR] = torch.from_numpy(np.ascontiguousarray(reference, dtype=np.float32))
+    metadata = {"nitrovault.handler": HANDLER, "nitrovault.config": json.dumps(config)}
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def serve(home: Path, weights: Path, protection: Mapping[str, Any],
+          tiers: Mapping[str, Mapping[str, Any]] | None = None) -> Iterator[LocalStack]:
+    """A local stack serving the victim under ``protection`` (a measured enclave config section).
+
+    The same ``home`` reuses the PKI, the KMS key and the sealed model across restarts: only the
+    enclave config (so the PCRs and the key policy binding) changes. Progress goes to stderr (the
+    bench's stdout is JSON lines). Every process is ended when the block exits, however it exits.
+    """
+    model = LocalModel(MODEL_ID, "1", HANDLER, weights, protection=protection, tiers=tiers)
+    stack = LocalStack(home, model=model, listen=f"127.0.0.1:{_free_port()}",
+                       console=Console(stderr=True, highlight=False, soft_wrap=True))
+    try:
+        stack.start()
+        yield stack
+    finally:
+        stack.close()
+
+
+def victim_token(stack: LocalStack, subject: str) -> str:
+    """A token of the stack's issuer for ``subject``, allowed to call ``Infer`` on the victim only."""
+    return stack.token(subject, (f"infer:{MODEL_ID}",))
 
 
 def jacobian_like_pool(
@@ -88,70 +162,46 @@ def jacobian_like_pool(
 
 
 @dataclass
-class FakeClock:
-    """Advances ``per_query_s`` per answered row: the attacker's (or user's) pace."""
-
-    per_query_s: float = 1.0
-    now: datetime = field(default_factory=lambda: datetime(2026, 1, 1, tzinfo=UTC))
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def tick(self, rows: int) -> None:
-        self.now += timedelta(seconds=self.per_query_s * rows)
-
-
-@dataclass
 class Log:
-    """What the monitor did to one subject: rows answered until the first action of each kind."""
+    """What one subject's queries got, as the thief sees it (the enclave's evidence is in its audit log)."""
 
+    #: rows answered
     rows: int = 0
-    first: dict[str, int] = field(default_factory=dict)
-    signals: dict[str, int] = field(default_factory=dict)
+    #: ``Infer`` calls made, answered or refused (each leaves one audit record)
+    calls: int = 0
+    #: rows refused (returned to the thief as uniform vectors)
     refused: int = 0
+    #: rows answered before the first refused call (None: never refused)
+    first_refusal: int | None = None
+    #: refused calls per gRPC code
+    codes: dict[str, int] = field(default_factory=dict)
 
 
-def _local_answer(model: MLPClassifier, x: np.ndarray) -> np.ndarray:
-    return predict_proba(model, x)
-
-
-def make_query(
-    model: MLPClassifier,
-    harden: Callable[[np.ndarray], np.ndarray],
-    *,
-    monitor: ExtractionMonitor | None = None,
-    clock: FakeClock | None = None,
-    subject: str = "thief",
-    enforce: bool = False,
-    log: Log | None = None,
-) -> Query:
-    """The thief's view of the victim: ``query(x) -> probabilities`` after detection and ``harden``
-    (a :class:`~nitrovault.protection.HardeningPolicy`'s ``apply``, or a privacy mechanism).
-
-    With ``enforce=False`` the monitor only watches (the thief is answered anyway, so fidelity
-    measures the hardening alone); with ``enforce=True`` refused calls come back as uniform vectors
-    (what a thief that ignores errors would train on).
-    """
+def make_query(client: NitrovaultClient, *, log: Log | None = None, max_batch: int = 64) -> Query:
+    """The thief's view of the victim: ``query(x) -> probabilities`` [rows, 10], each chunk of at most
+    ``max_batch`` rows one ``Infer`` call through the live stack (``client`` carries the subject's
+    token). Refusals come back as uniform vectors and are counted in ``log`` (module docstring)."""
     log = log if log is not None else Log()
 
     def query(x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float32).reshape(len(x), -1)
-        if monitor is not None and enforce:
+        out = np.empty((len(x), CLASSES), dtype=np.float64)
+        for start in range(0, len(x), max_batch):
+            chunk = x[start : start + max_batch]
+            log.calls += 1
             try:
-                monitor.admit(subject)
-            except AccessError:
-                log.refused += len(x)
-                return np.full((len(x), 10), 0.1)
-        answer = _local_answer(model, x)  # <- the one line to swap for a gRPC call through the local stack
-        if monitor is not None:
-            decision = monitor.observe(subject, x, answer.argmax(axis=1))
-            log.rows += len(x)
-            if clock is not None:
-                clock.tick(len(x))
-            if decision.action is not Action.NONE:
-                log.first.setdefault(decision.action.label, log.rows)
-                for s in decision.signals:
-                    log.signals.setdefault(s, log.rows)
-        return harden(answer)
+                answer = client.infer({"x": chunk})["probabilities"]
+            except ClientError as err:
+                if err.code not in REFUSALS:
+                    raise
+                if log.first_refusal is None:
+                    log.first_refusal = log.rows
+                log.refused += len(chunk)
+                log.codes[err.code] = log.codes.get(err.code, 0) + 1
+                out[start : start + len(chunk)] = 1.0 / CLASSES
+                continue
+            log.rows += len(chunk)
+            out[start : start + len(chunk)] = answer
+        return out
 
     return query

