@@ -64,7 +64,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import boto3
 from rich.console import Console
@@ -82,6 +82,9 @@ from nitrovault.local.pki import LocalPki
 from nitrovault.local.watermark_words import CANDIDATE_WORDS
 from nitrovault.nsm import Nsm
 from nitrovault.policy.build import model_key_policy
+
+if TYPE_CHECKING:
+    from nitrovault.client import NitrovaultClient
 
 T = TypeVar("T")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -234,6 +237,8 @@ class LocalModel:
     protection: Mapping[str, Any] | None = None
     #: quota tiers replacing :data:`LOCAL_TIERS` (tokens without a ``tier`` claim get ``default``), or None
     tiers: Mapping[str, Mapping[str, Any]] | None = None
+    #: for models that do not embed: a demo call made through the bridge, returning the line to print
+    demo_call: Callable[[NitrovaultClient], str] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_id, str) or not _MODEL_ID.fullmatch(self.model_id):
@@ -837,12 +842,15 @@ class LocalStack:
         from nitrovault.client import NitrovaultClient
 
         model = self.model
-        with self.steps.step("Info call through the bridge") as note:
+        with self.steps.step("demo call through the bridge") as note:
             token = self.token("demo", (f"infer:{model.model_id}",))
             _write_private(self.paths.demo_token, token + "\n")
             with NitrovaultClient(target, timeout=60, token=token) as client:
                 info = client.info()
-            self.console.print(f"    handler {model.handler}: no Embed demo; sealed digest "
+                shown = model.demo_call(client) if model.demo_call is not None else None
+            if shown is not None:
+                self.console.print(f"    {shown}")
+            self.console.print(f"    handler {model.handler}: sealed digest "
                                f"{info.sealed_digest[:16]}…, max batch {info.max_batch}")
             self.console.print(f"    protection: {describe_protection(model.protection)}")
             note(f"{info.model_id}@{info.model_version}, PCR0 {info.pcrs[0].hex()[:16]}…, "
