@@ -8,6 +8,9 @@
 * ``cold_start``: seconds from the enclave process's start to SERVING, split into the boot steps the
   enclave reports, with the ratio of the whole to loading the plain model in a fresh process (same
   handler code, plaintext safetensors, no attestation, no KMS, no decryption).
+
+Every call carries a token from the stack's issuer in a ``bench`` quota tier large enough that quotas
+never refuse a call (the figures measure transport and model, not the limiter).
 """
 
 from __future__ import annotations
@@ -19,26 +22,27 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
 from nitrovault.client import NitrovaultClient
-from nitrovault.local.stack import LocalStack
+from nitrovault.local.stack import LOCAL_TIERS, LocalStack, Paths, demo_model
 
 DURATION_S = 5.0
 CONCURRENCY = 4
 LATENCY_CALLS = 400
 
 
-def _rps(target: str, call: Callable[[NitrovaultClient], object]) -> tuple[float, list[float]]:
+def _rps(target: str, token: str, call: Callable[[NitrovaultClient], object]) -> tuple[float, list[float]]:
     latencies: list[float] = []
     lock = threading.Lock()
     stop_at = time.monotonic() + DURATION_S
 
     def worker() -> None:
-        with NitrovaultClient(target, timeout=30) as client:
+        with NitrovaultClient(target, timeout=30, token=token) as client:
             call(client)  # warm the channel
             mine = []
             while time.monotonic() < stop_at:
@@ -62,8 +66,8 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def _sequential(target: str, call: Callable[[NitrovaultClient], object]) -> list[float]:
-    with NitrovaultClient(target, timeout=30) as client:
+def _sequential(target: str, token: str, call: Callable[[NitrovaultClient], object]) -> list[float]:
+    with NitrovaultClient(target, timeout=30, token=token) as client:
         for _ in range(50):
             call(client)
         out = []
@@ -94,17 +98,21 @@ def _plain_load_s() -> float:
 
 def run() -> Iterator[dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="nv-bench-") as tmp:
-        stack = LocalStack(Path(tmp), listen="127.0.0.1:50151", console=Console(stderr=True))
+        home = Path(tmp)
+        tiers = {**LOCAL_TIERS, "bench": {"rate_per_s": 1e6, "burst": 10**6}}
+        model = replace(demo_model(Paths(home)), tiers=tiers)
+        stack = LocalStack(home, model=model, listen="127.0.0.1:50151", console=Console(stderr=True))
         try:
             boot = stack.start()
+            token = stack.token("bench", tier="bench")
             bridged = stack.listen
             direct = f"unix:{stack.paths.run / 'enclave' / 'grpc.sock'}"
 
             def embed(c: NitrovaultClient) -> object:
                 return c.embed(["a small request"])
 
-            rps_direct, lat_direct = _rps(direct, embed)
-            rps_bridge, lat_bridge = _rps(bridged, embed)
+            rps_direct, lat_direct = _rps(direct, token, embed)
+            rps_bridge, lat_bridge = _rps(bridged, token, embed)
             yield {
                 "name": "bridge_vs_direct_rps",
                 "call": "Embed(1 sentence)",
@@ -122,8 +130,8 @@ def run() -> Iterator[dict[str, Any]]:
             def info(c: NitrovaultClient) -> object:
                 return c.info()
 
-            seq_direct = _sequential(direct, info)
-            seq_bridge = _sequential(bridged, info)
+            seq_direct = _sequential(direct, token, info)
+            seq_bridge = _sequential(bridged, token, info)
             p50_direct = statistics.median(seq_direct)
             p50_bridge = statistics.median(seq_bridge)
             added_us = (p50_bridge - p50_direct) * 1e6

@@ -9,7 +9,7 @@ checked chunk by chunk; a partial download is removed.
 :class:`AuditShipper` is the audit writer's sink: it never blocks a request. ``__call__`` only appends
 to a bounded in-memory queue (or raises at once while the parent's sink is down, so the
 :class:`~nitrovault.audit.AuditWriter` keeps the entries in its own bounded buffer and, past it, counts
-losses for a signed gap entry). A background thread sends the queue in order, in batches, with
+losses for a signed gap entry). A background thread sends the queue in order, in batches (lingering up to ``linger_s`` for a batch to fill), with
 ``AuditAppend``; a failed batch stays at the head of the queue and is retried, so lines reach the parent
 in chain order, each at least once... and exactly once unless the parent answered an error after
 storing a batch (a repeated entry is then reported by ``nitrovault audit verify``). Degradation is
@@ -111,9 +111,10 @@ class AuditShipper:
     """Non-blocking audit sink: bounded queue → background thread → ``AuditAppend`` (module docstring)."""
 
     def __init__(self, send: Callable[[str, list[bytes]], None], *, max_pending: int = 4096,
-                 batch: int = 256, retry_s: float = 0.5,
+                 batch: int = 256, retry_s: float = 0.5, linger_s: float = 0.01,
                  on_change: Callable[[bool, str], None] | None = None) -> None:
         self._send = send
+        self._linger = linger_s
         self._max = max_pending
         self._batch = batch
         self._retry = retry_s
@@ -161,6 +162,11 @@ class AuditShipper:
                 self._cond.wait_for(lambda: self._pending or self._stopping, self._retry)
                 if self._stopping and not self._pending:
                     return
+                if self._pending and not self._down:
+                    # let a few more lines join the batch: one parent call per call costs the parent
+                    # (which also runs the bridge) more than the wait costs the log
+                    self._cond.wait_for(lambda: len(self._pending) >= self._batch or self._stopping,
+                                        self._linger)
                 batch = list(islice(self._pending, self._batch))
             if batch:
                 try:
