@@ -9,11 +9,12 @@ checked chunk by chunk; a partial download is removed.
 :class:`AuditShipper` is the audit writer's sink: it never blocks a request. ``__call__`` only appends
 to a bounded in-memory queue (or raises at once while the parent's sink is down, so the
 :class:`~nitrovault.audit.AuditWriter` keeps the entries in its own bounded buffer and, past it, counts
-losses for a signed gap entry). A background thread sends the queue in order, in batches (lingering up to ``linger_s`` for a batch to fill), with
-``AuditAppend``; a failed batch stays at the head of the queue and is retried, so lines reach the parent
-in chain order, each at least once... and exactly once unless the parent answered an error after
-storing a batch (a repeated entry is then reported by ``nitrovault audit verify``). Degradation is
-reported (log line, a ``DEGRADED`` status report) when the sink goes down and ``SERVING`` when it is back.
+losses for a signed gap entry). A background thread sends the queue in order, in batches (lingering up
+to ``linger_s`` for a batch to fill), with ``AuditAppend``; a failed batch stays at the head of the
+queue and is retried, so lines reach the parent in chain order, each at least once... and exactly once
+unless the parent answered an error after storing a batch (a repeated entry is then reported by
+``nitrovault audit verify``). Degradation is reported (log line, a ``DEGRADED`` status report) when the
+sink goes down and ``SERVING`` when it is back.
 """
 
 from __future__ import annotations
