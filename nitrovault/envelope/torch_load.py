@@ -2,8 +2,9 @@
 
 Invariants:
 
-* Plaintext never touches disk: chunks are decrypted into preallocated ``torch.uint8`` buffers and the
-  tensors are zero-copy views of them (``buffer[begin:end].view(dtype).reshape(shape)``).
+* Plaintext never touches disk: chunks are decrypted (on up to 4 threads, one contiguous slice each)
+  into preallocated ``torch.uint8`` buffers and the tensors are zero-copy views of them
+  (``buffer[begin:end].view(dtype).reshape(shape)``).
 * Loading all tensors allocates one buffer of ``payload_size`` bytes (an anonymous mmap advised for
   transparent huge pages when large). Loading a subset allocates one
   buffer per run of consecutive chunks the requested tensors touch, and decrypts only those chunks.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import mmap
+import os
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
@@ -51,6 +53,8 @@ TORCH_DTYPES: Mapping[str, torch.dtype] = {
 }
 
 
+#: threads decrypting one run of chunks (AES-GCM releases the GIL; see ``Unsealer.open_chunks_into``)
+_WORKERS = max(1, min(4, os.cpu_count() or 1))
 #: buffers this large come from an anonymous mmap with MADV_HUGEPAGE (see :func:`_alloc`)
 _HUGE_MIN = 2 << 20
 
@@ -110,7 +114,7 @@ def load_tensors(
                 end = min(header.payload_size, (run.stop - header.metadata_chunks) * header.chunk_size)
                 buf = _alloc(end - begin)
                 buffers.append(buf)
-                u.open_chunks_into(run, buf.numpy().data)
+                u.open_chunks_into(run, buf.numpy().data, workers=_WORKERS)
                 placed.append((run, begin, buf))
             out: dict[str, torch.Tensor] = {}
             for name, info in wanted.items():

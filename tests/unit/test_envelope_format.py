@@ -506,3 +506,34 @@ def test_zeroize() -> None:
     buf = bytearray(b"secret key material")
     zeroize(buf)
     assert buf == bytes(19)
+
+
+def test_parallel_unseal_matches_serial_and_still_authenticates_every_chunk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nitrovault.envelope import torch_load
+
+    tensors = {"a": torch.randn(64, 33), "b": torch.arange(500, dtype=torch.int64)}
+    dst = _seal(tmp_path, tensors, chunk_size=128)
+    model = SealedModel.open(dst)
+    h = model.header
+    payload = range(h.metadata_chunks, h.chunk_count)
+    assert len(payload) >= 4 * 8  # enough chunks for 4 workers
+    with model.unsealer(KEY) as u:
+        serial = bytearray(h.payload_size)
+        u.open_chunks_into(payload, memoryview(serial))
+        parallel = bytearray(h.payload_size)
+        u.open_chunks_into(payload, memoryview(parallel), workers=4)
+    assert parallel == serial
+    monkeypatch.setattr(torch_load, "_WORKERS", 4)
+    loaded = SealedModel.open(dst).load_tensors(KEY)
+    assert torch.equal(loaded["a"], tensors["a"]) and torch.equal(loaded["b"], tensors["b"])
+
+    good = dst.read_bytes()
+    bad = tmp_path / "bad.sealed"
+    for chunk in (payload.start, payload.start + len(payload) // 2, payload.stop - 1):  # three slices
+        at = h.chunk_offset(chunk) + 3
+        bad.write_bytes(good[:at] + bytes([good[at] ^ 0x01]) + good[at + 1 :])
+        with pytest.raises(SealedModelError) as exc:
+            SealedModel.open(bad).load_tensors(KEY)
+        _opaque(exc)
