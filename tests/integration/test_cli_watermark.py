@@ -120,7 +120,7 @@ def test_detect_embeddings_tells_a_marked_service_from_an_unmarked_one(tmp_path:
     from nitrovault.watermark.embedding import derive_embedding_mark, mark_embeddings, words
 
     key = tmp_path / "owner.key"
-    assert runner.invoke(app, ["keygen", "-o", str(key)]).exit_code == 0
+    key.write_text(bytes(range(7, 39)).hex() + "\n")  # a fixed key: the toy embedder below is random per word
     vocabulary = [f"term{i}" for i in range(300)]
     (tmp_path / "words.txt").write_text("\n".join(vocabulary))
     common = ["--key-file", str(key), "--model-id", "m", "--candidates", str(tmp_path / "words.txt")]
@@ -130,15 +130,15 @@ def test_detect_embeddings_tells_a_marked_service_from_an_unmarked_one(tmp_path:
     assert len(texts["backdoor"]) == len(texts["benign"]) == 300
 
     def base(batch: list[str]) -> np.ndarray:  # a bag-of-words embedder standing in for a suspect model
-        out = np.zeros((len(batch), 64))
+        out = np.zeros((len(batch), 384))
         for row, text in enumerate(batch):
             for w in words(text):
                 out[row] += np.random.default_rng(int(hashlib.sha256(w.encode()).hexdigest()[:8], 16)).normal(
-                    size=64)
+                    size=384)
         return out / np.linalg.norm(out, axis=1, keepdims=True)
 
     secret = derive_watermark_keys(bytes.fromhex(key.read_text().strip()), "m")
-    mark = derive_embedding_mark(secret, vocabulary, 64)
+    mark = derive_embedding_mark(secret, vocabulary, 384)
     verdicts = {}
     for name, serve in (("marked", lambda b: mark_embeddings(b, base(b), mark)), ("clean", base)):
         answers = tmp_path / f"{name}.npz"
@@ -146,7 +146,7 @@ def test_detect_embeddings_tells_a_marked_service_from_an_unmarked_one(tmp_path:
         result = runner.invoke(app, ["detect-embeddings", *common, "--embeddings", str(answers), "--json"])
         verdicts[name] = (result.exit_code, json.loads(result.stdout))
     assert verdicts["marked"][0] == 0 and verdicts["marked"][1]["delta_cos"] > 0.3
-    assert verdicts["clean"][0] == 1 and not verdicts["clean"][1]["detected"]
+    assert verdicts["clean"][0] == 1 and not verdicts["clean"][1]["detected"], verdicts["clean"]
 
     neither = runner.invoke(app, ["detect-embeddings", *common])
     assert neither.exit_code == 2
