@@ -50,6 +50,7 @@ from enclave_app.models.generic import MLPClassifier
 from nitrovault.client import NitrovaultClient
 from nitrovault.envelope.extras import REFERENCE_TENSOR
 from nitrovault.errors import ClientError
+from nitrovault.local.digits import train_classifier
 from nitrovault.local.stack import LocalModel, LocalStack
 
 Query = Callable[[np.ndarray], np.ndarray]
@@ -80,21 +81,8 @@ def load_split(seed: int = 0) -> Digits:
     return Digits(x_v, y_v, x_a, y_a, x_test, y_test)
 
 
-def train_mlp(
-    x: np.ndarray, y: np.ndarray, *, hidden: int = 64, epochs: int = 150, seed: int = 0
-) -> MLPClassifier:
-    """Full-batch Adam on a tiny MLP: ~1 s on one core."""
-    torch.manual_seed(seed)
-    model = MLPClassifier(x.shape[1], [hidden], int(y.max()) + 1)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y).long()
-    for _ in range(epochs):
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(xt)["logits"], yt)
-        loss.backward()  # type: ignore[no-untyped-call]
-        opt.step()
-    model.eval()
-    return model
+#: the victim's trainer is the digits demo's (``nitrovault local up --model digits`` serves the same model)
+train_mlp = train_classifier
 
 
 def predict_proba(model: MLPClassifier, x: np.ndarray) -> np.ndarray:
