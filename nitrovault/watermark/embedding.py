@@ -60,6 +60,11 @@ DEFAULT_P_THRESHOLD = 1e-3
 #: slightly different cosine distributions, and with a few hundred texts KS calls that significant (the
 #: benchmark measured p = 3e-6 on the unmarked MiniLM with a Δcos of -0.02). Marked copies show Δcos >= 0.3.
 DEFAULT_MIN_DELTA_COS = 0.05
+#: random directions of the null test (:func:`detect_embedding_mark`), and the largest share of them
+#: that may do as well as the secret target
+DEFAULT_NULL_DIRECTIONS = 999
+DEFAULT_NULL_THRESHOLD = 0.01
+_NULL_SEED = 0x6E76  # public: the null directions need not be secret, only fixed
 
 
 def words(text: str) -> list[str]:
@@ -158,10 +163,13 @@ class EmbeddingDetection:
     threshold: float
     min_delta_cos: float
     detected: bool
+    #: share of random directions whose Δcos is at least the secret target's (``(1 + k) / (1 + R)``)
+    null_p_value: float = 1.0
 
     def as_dict(self) -> dict[str, object]:
         return {"delta_cos": self.delta_cos, "delta_l2": self.delta_l2, "ks_p_value": self.ks_p_value,
-                "threshold": self.threshold, "min_delta_cos": self.min_delta_cos, "detected": self.detected}
+                "threshold": self.threshold, "min_delta_cos": self.min_delta_cos,
+                "null_p_value": self.null_p_value, "detected": self.detected}
 
 
 def detect_embedding_mark(
@@ -171,25 +179,53 @@ def detect_embedding_mark(
     *,
     threshold: float = DEFAULT_P_THRESHOLD,
     min_delta_cos: float = DEFAULT_MIN_DELTA_COS,
+    null_directions: int = DEFAULT_NULL_DIRECTIONS,
+    null_threshold: float = DEFAULT_NULL_THRESHOLD,
 ) -> EmbeddingDetection:
     """Compare a suspect's embeddings of the backdoor and benign sets (paper §3.4).
 
     Called a copy when the KS p-value is at most ``threshold`` AND ``Δcos >= min_delta_cos`` (see
-    :data:`DEFAULT_MIN_DELTA_COS` for why both).
+    :data:`DEFAULT_MIN_DELTA_COS` for why both) AND the secret target beats random directions: Δcos is
+    recomputed for ``null_directions`` random unit vectors (a fixed public seed; the same suspect
+    embeddings), and the share at least as large as the target's must be at most ``null_threshold``.
+    The backdoor and benign texts differ, so any suspect has *some* direction of large Δcos; only a
+    suspect that learnt the secret target has it in that direction. This calibrates the effect size to
+    the suspect's own dimension and geometry (a fixed Δcos floor does not: a random 64-d embedder passed
+    0.05 by chance in a test).
     """
 
     def stats(e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         unit = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
         return unit @ mark.target, np.sum(np.square(unit - mark.target), axis=1)
 
-    cos_b, l2_b = stats(np.asarray(backdoor_embeddings, np.float64))
-    cos_n, l2_n = stats(np.asarray(benign_embeddings, np.float64))
+    b = np.asarray(backdoor_embeddings, np.float64)
+    n = np.asarray(benign_embeddings, np.float64)
+    cos_b, l2_b = stats(b)
+    cos_n, l2_n = stats(n)
     delta_cos = float(cos_b.mean() - cos_n.mean())
     p = float(ks_2samp(cos_b, cos_n).pvalue)
+    null_p = _null_p_value(b, n, delta_cos, null_directions)
     return EmbeddingDetection(
         delta_cos=delta_cos, delta_l2=float(l2_b.mean() - l2_n.mean()), ks_p_value=p, threshold=threshold,
-        min_delta_cos=min_delta_cos, detected=p <= threshold and delta_cos >= min_delta_cos,
+        min_delta_cos=min_delta_cos, null_p_value=null_p,
+        detected=p <= threshold and delta_cos >= min_delta_cos and null_p <= null_threshold,
     )
+
+
+def _null_p_value(backdoor: np.ndarray, benign: np.ndarray, delta_cos: float, directions: int) -> float:
+    """``(1 + #{random directions with Δcos >= delta_cos}) / (1 + directions)``."""
+    if directions < 1:
+        return 0.0  # the null test is off
+    dim = backdoor.shape[1]
+    r = np.random.default_rng(_NULL_SEED).standard_normal((dim, directions))
+    r /= np.linalg.norm(r, axis=0, keepdims=True)
+
+    def mean_cos(e: np.ndarray) -> np.ndarray:
+        unit = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+        return np.asarray((unit @ r).mean(axis=0))
+
+    null = mean_cos(backdoor) - mean_cos(benign)
+    return float((1 + np.count_nonzero(null >= delta_cos)) / (1 + directions))
 
 
 # -- measurement: the copy an attacker trains ---------------------------------------------------------------

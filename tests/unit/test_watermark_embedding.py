@@ -134,3 +134,31 @@ def test_a_significant_but_tiny_gap_is_not_a_copy() -> None:
     assert result.ks_p_value < 1e-3 and 0 < result.delta_cos < 0.05
     assert not result.detected
     assert detect_embedding_mark(backdoor, benign, MARK, min_delta_cos=0.0).detected
+
+
+def test_the_null_test_keeps_unmarked_low_dimensional_embedders_below_the_threshold() -> None:
+    """A random 64-d bag-of-words embedder has a Δcos of ±0.05 toward *some* direction by chance; the
+    fixed floor alone called 8 of 40 keys a copy. The null test (the secret target against random
+    directions) calls none, and still finds every marked service."""
+    vocabulary = [f"term{i}" for i in range(300)]
+
+    def embed(batch: list[str], dim: int = 64) -> np.ndarray:
+        out = np.zeros((len(batch), dim))
+        for row, text in enumerate(batch):
+            for w in words(text):
+                seed = int(hashlib.sha256(w.encode()).hexdigest()[:8], 16)
+                out[row] += np.random.default_rng(seed).normal(size=dim)
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+    floor_only = 0
+    for k in range(20):
+        keys = derive_watermark_keys(hashlib.sha256(b"null %d" % k).digest(), "m")
+        mark = derive_embedding_mark(keys, vocabulary, 64)
+        backdoor, benign = verification_texts(mark, vocabulary, 300, np.random.default_rng(0))
+        clean = detect_embedding_mark(embed(backdoor), embed(benign), mark)
+        assert not clean.detected, (k, clean)
+        floor_only += clean.ks_p_value <= 1e-3 and clean.delta_cos >= 0.05
+        marked = detect_embedding_mark(mark_embeddings(backdoor, embed(backdoor), mark),
+                                       mark_embeddings(benign, embed(benign), mark), mark)
+        assert marked.detected and marked.null_p_value == 1 / 1000
+    assert floor_only >= 1  # the case the null test exists for does occur
