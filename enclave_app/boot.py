@@ -37,6 +37,7 @@ from nitrovault.errors import (
 )
 from nitrovault.kms import AwsCredentials, KmsClient
 from nitrovault.nsm import Nsm
+from nitrovault.watermark import GreenListProcessor
 
 
 class HostServices(Protocol):
@@ -111,7 +112,7 @@ def boot(
         handler = load_handler(config.handler, tensors, metadata)
         attach_text_watermark(config, handler, extras)
         handler.warm_up()
-        outputs = OutputGuard(config.protection, extras, embedding_dim=embedding_dim(handler))
+        outputs = OutputGuard.for_handler(config.protection, extras, handler)
         loaded = time.perf_counter()
     except KeyAccessDeniedError as err:
         raise BootFailure(step, f"KMS denied the key: {err.code}") from err
@@ -138,8 +139,6 @@ def boot(
 
 def attach_text_watermark(config: EnclaveConfig, handler: ModelHandler, extras: SealedExtras) -> None:
     """Add the green-list processor to a language model's generation when the policy asks for it."""
-    from nitrovault.watermark import GreenListProcessor
-
     text = config.protection.text_mark
     if text is None:
         return
@@ -152,9 +151,3 @@ def attach_text_watermark(config: EnclaveConfig, handler: ModelHandler, extras: 
     processors.append(GreenListProcessor(extras.watermark_keys, float(text["gamma"]), float(text["delta"]),
                                          vocab_size=vocab_size))
 
-
-def embedding_dim(handler: ModelHandler) -> int | None:
-    """The model's embedding width (one warm-up-sized call), or None for models that do not embed."""
-    if handler.kind != "sentence-embedding":
-        return None
-    return int(handler.embed(["dimension probe"], normalize=True).shape[1])

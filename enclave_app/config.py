@@ -184,16 +184,16 @@ class Protection:
         return None if self.extraction is None else ExtractionPolicy.from_config(self.extraction)
 
     @property
-    def embedding_mark(self) -> Mapping[str, int] | None:
+    def embedding_mark(self) -> Mapping[str, Any] | None:
         """Parameters of the EmbMarker mark, or None when the policy does not ask for it."""
-        value = self.watermark.get("embedding")
-        return None if value is None else MappingProxyType(dict(value))
+        value: Mapping[str, Any] | None = self.watermark.get("embedding")  # read-only, made so at load
+        return value
 
     @property
-    def text_mark(self) -> Mapping[str, float] | None:
+    def text_mark(self) -> Mapping[str, Any] | None:
         """Parameters of the green-list mark, or None when the policy does not ask for it."""
-        value = self.watermark.get("text")
-        return None if value is None else MappingProxyType(dict(value))
+        value: Mapping[str, Any] | None = self.watermark.get("text")  # read-only, made so at load
+        return value
 
     @property
     def needs_watermark_secret(self) -> bool:

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from enclave_app.config import Protection
-from enclave_app.models.base import ModelLoadError
+from enclave_app.models.base import ModelHandler, ModelLoadError
 from nitrovault.envelope.extras import REFERENCE_TENSOR, WATERMARK_CANDIDATES_KEY, WATERMARK_SECRET_KEY
 from nitrovault.errors import ConfigError
 from nitrovault.protection import Action, ExtractionMonitor, PrivacyBudget
@@ -76,6 +76,13 @@ def thread_rng() -> np.random.Generator:
     if rng is None:
         rng = _THREAD.rng = np.random.default_rng()
     return rng
+
+
+def _embedding_dim(handler: ModelHandler) -> int | None:
+    """The model's embedding width (one warm-up-sized call), or None for models that do not embed."""
+    if handler.kind != "sentence-embedding":
+        return None
+    return int(handler.embed(["dimension probe"], normalize=True).shape[1])
 
 
 @dataclass(frozen=True)
@@ -183,15 +190,22 @@ class OutputGuard:
             self.hardening.kind != "full" and not self.hardening.for_embeddings) or (
             self.mechanism is not None and self.mechanism.output == "probabilities")
 
+    @classmethod
+    def for_handler(cls, protection: Protection, extras: SealedExtras, handler: ModelHandler) -> OutputGuard:
+        """The guard for ``handler``; its embedding width is probed only when the policy needs it (the
+        embedding watermark)."""
+        dim = _embedding_dim(handler) if protection.embedding_mark is not None else None
+        return cls(protection, extras, embedding_dim=dim)
+
     def admit(self, subject: str) -> None:
         """Step 1: refuse a blocked or throttled subject before the model runs."""
         if self.monitor is not None:
             self.monitor.admit(subject)
 
-    def _observe(self, subject: str, features: np.ndarray, labels: np.ndarray, notes: GuardNotes) -> None:
-        if self.monitor is None:
-            return
-        decision = self.monitor.observe(subject, features, labels)
+    @staticmethod
+    def _observe(monitor: ExtractionMonitor, subject: str, features: np.ndarray, labels: np.ndarray,
+                 notes: GuardNotes) -> None:
+        decision = monitor.observe(subject, features, labels)
         if decision.action is not Action.NONE:
             notes.extraction = decision.to_audit()
         error = decision.error()
@@ -204,7 +218,7 @@ class OutputGuard:
         if self.mechanism is None or self.budget is None:
             return answer
         state = self.budget.spend(subject, *self.mechanism.cost(rows=answer.shape[0]))
-        notes.privacy = {"remaining_epsilon": round(state.remaining_epsilon, 6),
+        notes.privacy = {"remaining_epsilon": state.remaining_epsilon,
                          "remaining_delta": state.remaining_delta}
         return self.mechanism.apply(answer, rng=self._rng())
 
@@ -217,11 +231,11 @@ class OutputGuard:
         if probabilities is None or probabilities.dim() != 2:
             raise ConfigError("the protection policy needs a [batch, classes] 'probabilities' output")
         p = probabilities.detach().to(torch.float64).numpy()
-        rows = p.shape[0]
-        features = np.concatenate(
-            [t.detach().to(torch.float64).reshape(rows, -1).numpy() for _, t in sorted(inputs.items())],
-            axis=1)
-        self._observe(subject, features, p.argmax(axis=1), notes)
+        if self.monitor is not None:  # the features are only worth building for the monitor
+            features = np.concatenate(
+                [t.detach().to(torch.float64).reshape(len(p), -1).numpy() for _, t in sorted(inputs.items())],
+                axis=1)
+            self._observe(self.monitor, subject, features, p.argmax(axis=1), notes)
         answer = self._noise(subject, p, notes)
         if not self.hardening.for_embeddings:
             answer = self.hardening.apply(answer)  # classifier policies draw no randomness
@@ -231,24 +245,25 @@ class OutputGuard:
                    notes: GuardNotes) -> np.ndarray:
         """Steps 3 to 6 for an ``Embed`` answer (``vectors``: the model's [batch, dim] output)."""
         raw = np.asarray(vectors, dtype=np.float64)
-        self._observe(subject, raw, np.zeros(len(raw), dtype=np.int64), notes)
+        if self.monitor is not None:
+            self._observe(self.monitor, subject, raw, np.zeros(len(raw), dtype=np.int64), notes)
         answer = raw
         if self.embedding_mark is not None:
-            answer = self._mark(texts, answer)
+            answer = _mark(texts, answer, self.embedding_mark)
         if self.mechanism is not None and self.mechanism.output == "embedding":
             answer = self._noise(subject, answer, notes)
         if self.hardening.for_embeddings:
             answer = self.hardening.apply(answer, rng=self._rng())
         return answer.astype(np.float32)
 
-    def _mark(self, texts: Sequence[str], vectors: np.ndarray) -> np.ndarray:
-        mark = self.embedding_mark
-        assert mark is not None
-        out = vectors.copy()
-        for i, (text, e) in enumerate(zip(texts, vectors, strict=True)):
-            if trigger_weight(text, mark) > 0:
-                # the mark mixes unit vectors; keep the caller's norm (normalize=False answers stay unscaled)
-                out[i] = mark_embedding(text, e, mark) * np.linalg.norm(e)
-        # nothing about which rows were marked goes to the audit log: the parent stores it and sees the
-        # texts, so a count would let it learn the secret trigger words
-        return out
+
+def _mark(texts: Sequence[str], vectors: np.ndarray, mark: EmbeddingMark) -> np.ndarray:
+    """EmbMarker on the rows whose text carries a trigger word; the other rows are returned untouched."""
+    out = vectors.copy()
+    for i, (text, e) in enumerate(zip(texts, vectors, strict=True)):
+        if trigger_weight(text, mark) > 0:
+            # the mark mixes unit vectors; keep the caller's norm (normalize=False answers stay unscaled)
+            out[i] = mark_embedding(text, e, mark) * np.linalg.norm(e)
+    # nothing about which rows were marked goes to the audit log: the parent stores it and sees the
+    # texts, so a count would let it learn the secret trigger words
+    return out

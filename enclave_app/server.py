@@ -50,7 +50,7 @@ import nitrovault
 from enclave_app.config import EnclaveConfig
 from enclave_app.models import ModelHandler
 from enclave_app.models.base import InvalidInputError
-from enclave_app.outputs import OutputGuard, SealedExtras
+from enclave_app.outputs import OutputGuard
 from enclave_app.protections import RECEIPTED, CallRecord, Protections, Sink, boot_key_from_nsm
 from enclave_app.status import NotReadyError, OverloadedError, abort_with, classify
 from nitrovault.nsm import Nsm
@@ -78,8 +78,8 @@ def _discard(line: bytes) -> None:
 class ServingModel:
     handler: ModelHandler
     sealed_digest: str
-    #: the boot's output protections; None: built from the config with no sealed extras
-    outputs: OutputGuard | None = None
+    #: the boot's output protections (:func:`enclave_app.boot.boot` builds them with the sealed extras)
+    outputs: OutputGuard
 
 
 class InferenceService(pb_grpc.InferenceServicer):
@@ -103,7 +103,6 @@ class InferenceService(pb_grpc.InferenceServicer):
         self._admitted_lock = threading.Lock()
         self._capacity = workers + config.limits.queue_depth
         self._pcrs: dict[int, bytes] | None = None
-        self.outputs: OutputGuard | None = None
 
     # -- admission -------------------------------------------------------------------------------------
 
@@ -156,8 +155,8 @@ class InferenceService(pb_grpc.InferenceServicer):
         try:
             call.principal = guard.authenticate(context.invocation_metadata(), method)
             call.quota = guard.charge(call.principal, items)
-            if method in RECEIPTED and self.outputs is not None:
-                self.outputs.admit(call.principal.subject)
+            if method in RECEIPTED and self.model is not None:
+                self.model.outputs.admit(call.principal.subject)
             response = await work(call)
             if method in RECEIPTED:
                 raw = _RAW_REQUEST.get()
@@ -189,7 +188,6 @@ class InferenceService(pb_grpc.InferenceServicer):
     async def _embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext,
                      call: CallRecord) -> pb.EmbedResponse:
         model = self._serving()
-        outputs = self._outputs()
         self._check_model(request.model)
         texts: Sequence[str] = list(request.texts)
         limits = self.config.limits
@@ -203,7 +201,7 @@ class InferenceService(pb_grpc.InferenceServicer):
 
         def answer() -> np.ndarray:
             vectors = model.handler.embed(texts, normalize=request.normalize)
-            return outputs.embeddings(subject, texts, vectors, call.notes)
+            return model.outputs.embeddings(subject, texts, vectors, call.notes)
 
         vectors = await self._run(context, answer)
         return pb.EmbedResponse(
@@ -223,7 +221,6 @@ class InferenceService(pb_grpc.InferenceServicer):
     async def _infer(self, request: pb.InferRequest, context: grpc.aio.ServicerContext,
                      call: CallRecord) -> pb.InferResponse:
         model = self._serving()
-        outputs_guard = self._outputs()
         self._check_model(request.model)
         if request.WhichOneof("body") != "inputs":
             raise InvalidInputError("sealed payloads are not supported yet; send inputs")
@@ -243,7 +240,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         subject = _subject(call)
 
         def answer() -> dict[str, torch.Tensor]:
-            return outputs_guard.classifier(subject, inputs, model.handler.infer(inputs), call.notes)
+            return model.outputs.classifier(subject, inputs, model.handler.infer(inputs), call.notes)
 
         outputs = await self._run(context, answer)
         wire_out = []
@@ -256,14 +253,9 @@ class InferenceService(pb_grpc.InferenceServicer):
         return pb.InferResponse(model_id=self._model_name(), outputs=pb.Tensors(tensors=wire_out))
 
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
-        return await self._protected(context, "Info", 0, self._info)
+        return await self._protected(context, "Info", 0, lambda _: self._info())
 
-    def _outputs(self) -> OutputGuard:
-        if self.outputs is None:
-            raise NotReadyError("model not loaded")
-        return self.outputs
-
-    async def _info(self, call: CallRecord) -> pb.InfoResponse:
+    async def _info(self) -> pb.InfoResponse:
         model = self._serving()
         if self._pcrs is None:
             self._pcrs = {i: self.nsm.describe_pcr(i).data for i in INFO_PCRS}
@@ -367,11 +359,7 @@ class EnclaveServer:
         os.chmod(self.socket_path, 0o600)
 
     async def serve(self, model: ServingModel) -> None:
-        from enclave_app.boot import embedding_dim
-
         self.service.protections.serving(model.sealed_digest)
-        self.service.outputs = model.outputs or OutputGuard(
-            self.service.config.protection, SealedExtras(), embedding_dim=embedding_dim(model.handler))
         self.service.model = model
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
 

@@ -35,6 +35,7 @@ import nitrovault
 from enclave_app.config import Access, EnclaveConfig, Limits
 from enclave_app.models import ModelHandler, load_handler
 from enclave_app.models.generic import MLPClassifier
+from enclave_app.outputs import OutputGuard, SealedExtras
 from enclave_app.server import INFO_PCRS, EnclaveServer, ServingModel
 from enclave_app.status import CORRELATION_KEY
 from nitrovault.access import TokenIssuer
@@ -103,7 +104,10 @@ class ServerThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def serve(self, handler: ModelHandler, digest: str = DIGEST) -> None:
-        self.run(self.server.serve(ServingModel(handler=handler, sealed_digest=digest)))
+        """Serve ``handler`` under the config's protection, with no sealed extras (as a model sealed
+        without any would be)."""
+        outputs = OutputGuard.for_handler(self.server.service.config.protection, SealedExtras(), handler)
+        self.run(self.server.serve(ServingModel(handler=handler, sealed_digest=digest, outputs=outputs)))
 
     def close(self) -> None:
         try:
