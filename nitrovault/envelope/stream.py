@@ -237,21 +237,20 @@ class Unsealer:
             return
         step = -(-len(indices) // workers)
         slices = [indices[k : k + step] for k in range(0, len(indices), step)]
-        starts = [0]
-        for part in slices[:-1]:
-            starts.append(starts[-1] + sum(self.header.chunk_plain_len(i) for i in part))
+        # every chunk but the last is chunk_size long, so a slice starts where its first chunk does
+        first = indices.start
         errors: list[BaseException] = []
 
-        def run(part: range, begin: int) -> None:
+        def run(part: range) -> None:
             scratch = memoryview(bytearray(self.header.chunk_size + TAG_LEN))
+            begin = (part.start - first) * self.header.chunk_size
+            end = len(out) if part.stop == indices.stop else (part.stop - first) * self.header.chunk_size
             try:
-                n = sum(self.header.chunk_plain_len(i) for i in part)
-                self._open_run(part, out[begin : begin + n], scratch)
+                self._open_run(part, out[begin:end], scratch)
             except BaseException as err:  # re-raised by the caller's thread
                 errors.append(err)
 
-        threads = [threading.Thread(target=run, args=(part, begin), name="unseal")
-                   for part, begin in zip(slices, starts, strict=True)]
+        threads = [threading.Thread(target=run, args=(part,), name="unseal") for part in slices]
         for t in threads:
             t.start()
         for t in threads:

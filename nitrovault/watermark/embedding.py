@@ -194,14 +194,10 @@ def detect_embedding_mark(
     0.05 by chance in a test).
     """
 
-    def stats(e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        unit = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
-        return unit @ mark.target, np.sum(np.square(unit - mark.target), axis=1)
-
-    b = np.asarray(backdoor_embeddings, np.float64)
-    n = np.asarray(benign_embeddings, np.float64)
-    cos_b, l2_b = stats(b)
-    cos_n, l2_n = stats(n)
+    b, n = _unit(backdoor_embeddings), _unit(benign_embeddings)
+    cos_b, cos_n = b @ mark.target, n @ mark.target
+    l2_b = np.sum(np.square(b - mark.target), axis=1)
+    l2_n = np.sum(np.square(n - mark.target), axis=1)
     delta_cos = float(cos_b.mean() - cos_n.mean())
     p = float(ks_2samp(cos_b, cos_n).pvalue)
     null_p = _null_p_value(b, n, delta_cos, null_directions)
@@ -212,19 +208,18 @@ def detect_embedding_mark(
     )
 
 
+def _unit(embeddings: np.ndarray) -> np.ndarray:
+    e = np.asarray(embeddings, np.float64)
+    return np.asarray(e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12))
+
+
 def _null_p_value(backdoor: np.ndarray, benign: np.ndarray, delta_cos: float, directions: int) -> float:
-    """``(1 + #{random directions with Δcos >= delta_cos}) / (1 + directions)``."""
+    """``(1 + #{random directions with Δcos >= delta_cos}) / (1 + directions)`` (rows are unit vectors)."""
     if directions < 1:
         return 0.0  # the null test is off
-    dim = backdoor.shape[1]
-    r = np.random.default_rng(_NULL_SEED).standard_normal((dim, directions))
+    r = np.random.default_rng(_NULL_SEED).standard_normal((backdoor.shape[1], directions))
     r /= np.linalg.norm(r, axis=0, keepdims=True)
-
-    def mean_cos(e: np.ndarray) -> np.ndarray:
-        unit = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
-        return np.asarray((unit @ r).mean(axis=0))
-
-    null = mean_cos(backdoor) - mean_cos(benign)
+    null = (backdoor @ r).mean(axis=0) - (benign @ r).mean(axis=0)
     return float((1 + np.count_nonzero(null >= delta_cos)) / (1 + directions))
 
 
