@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import secrets
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import numpy as np
 import torch
@@ -77,6 +77,15 @@ def _as_numpy(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
         n: (t.detach().float().numpy() if t.is_floating_point() else t.detach().numpy())
         for n, t in tensors.items()
     }
+
+
+def _verdict(report: dict[str, object], detected: bool, as_json: bool, summary: str) -> NoReturn:
+    """Print a detection (one JSON object, or the verdict and ``summary``); exit 0 if marked, else 1."""
+    if as_json:
+        typer.echo(json.dumps(report, sort_keys=True))
+    else:
+        typer.echo(f"{'MARKED' if detected else 'not marked'}: {summary}")
+    raise typer.Exit(0 if detected else 1)
 
 
 def _fail(exc: NitrovaultError) -> typer.Exit:
@@ -157,14 +166,10 @@ def detect(
         )
     except NitrovaultError as exc:
         raise _fail(exc) from None
-    if as_json:
-        typer.echo(json.dumps(result.as_dict(), sort_keys=True))
-    else:
-        verdict = "MARKED" if result.detected else "not marked"
-        typer.echo(f"{verdict}: p={result.p_value:.3g} (threshold {threshold:g}), bit error rate "
-                   f"{result.bit_error_rate:.3f} ({result.matching_bits}/{result.bits} bits), "
-                   f"realigned layers: {len(result.realigned)}")
-    raise typer.Exit(0 if result.detected else 1)
+    _verdict(result.as_dict(), result.detected, as_json,
+             f"p={result.p_value:.3g} (threshold {threshold:g}), bit error rate "
+             f"{result.bit_error_rate:.3f} ({result.matching_bits}/{result.bits} bits), "
+             f"realigned layers: {len(result.realigned)}")
 
 
 @app.command("detect-text")
@@ -194,13 +199,8 @@ def detect_text(
         result = detect_text_mark(ids, green, threshold=threshold)
     except NitrovaultError as exc:
         raise _fail(exc) from None
-    if as_json:
-        typer.echo(json.dumps(result.as_dict(), sort_keys=True))
-    else:
-        verdict = "MARKED" if result.detected else "not marked"
-        typer.echo(f"{verdict}: z={result.z:.2f} p={result.p_value:.3g} "
-                   f"({result.green}/{result.scored} green, gamma {gamma})")
-    raise typer.Exit(0 if result.detected else 1)
+    _verdict(result.as_dict(), result.detected, as_json,
+             f"z={result.z:.2f} p={result.p_value:.3g} ({result.green}/{result.scored} green, gamma {gamma})")
 
 
 @app.command("detect-embeddings")
@@ -260,10 +260,6 @@ def detect_embeddings(
         result = detect_embedding_mark(e_backdoor, e_benign, mark)
     except NitrovaultError as exc:
         raise _fail(exc) from None
-    if as_json:
-        typer.echo(json.dumps(result.as_dict(), sort_keys=True))
-    else:
-        verdict = "MARKED" if result.detected else "not marked"
-        typer.echo(f"{verdict}: delta_cos={result.delta_cos:+.3f} delta_l2={result.delta_l2:+.3f} "
-                   f"ks_p={result.ks_p_value:.3g}")
-    raise typer.Exit(0 if result.detected else 1)
+    _verdict(result.as_dict(), result.detected, as_json,
+             f"delta_cos={result.delta_cos:+.3f} delta_l2={result.delta_l2:+.3f} "
+             f"ks_p={result.ks_p_value:.3g}")
