@@ -31,8 +31,6 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import json
-import socket
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,22 +39,18 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
-from safetensors.torch import save_file
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-from torch import nn
 
 from enclave_app.models.generic import MLPClassifier
 from nitrovault.client import NitrovaultClient
-from nitrovault.envelope.extras import REFERENCE_TENSOR
 from nitrovault.errors import ClientError
-from nitrovault.local.digits import train_classifier
-from nitrovault.local.stack import LocalModel, LocalStack
+from nitrovault.local.digits import DIGITS_HANDLER, save_classifier, train_classifier
+from nitrovault.local.stack import LocalModel, LocalStack, free_port
 
 Query = Callable[[np.ndarray], np.ndarray]
 
 MODEL_ID = "digits-mlp"
-HANDLER = "generic:mlp-classifier"
 CLASSES = 10
 #: gRPC codes of a refusal (blocked, throttled, privacy budget or quota spent): the thief gets uniform
 #: vectors for these; every other code is an error of the bench or the stack and is raised
@@ -92,22 +86,8 @@ def predict_proba(model: MLPClassifier, x: np.ndarray) -> np.ndarray:
     return np.asarray(out.numpy(), dtype=np.float64)
 
 
-def save_victim(model: MLPClassifier, path: Path, *, reference: np.ndarray) -> None:
-    """The plain model :func:`serve` seals: weights, the ``generic:mlp-classifier`` metadata, and
-    ``reference`` (natural inputs, the detector's coverage sample) as the sealed extra tensor."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    config = {"in_features": linears[0].in_features, "hidden": [m.out_features for m in linears[:-1]],
-              "classes": linears[-1].out_features}
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    tensors[REFERENCE_TENSOR] = torch.from_numpy(np.ascontiguousarray(reference, dtype=np.float32))
-    metadata = {"nitrovault.handler": HANDLER, "nitrovault.config": json.dumps(config)}
-    save_file(tensors, str(path), metadata=metadata)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+#: the plain model :func:`serve` seals (weights, metadata, the coverage reference)
+save_victim = save_classifier
 
 
 @contextlib.contextmanager
@@ -119,8 +99,8 @@ def serve(home: Path, weights: Path, protection: Mapping[str, Any],
     enclave config (so the PCRs and the key policy binding) changes. Progress goes to stderr (the
     bench's stdout is JSON lines). Every process is ended when the block exits, however it exits.
     """
-    model = LocalModel(MODEL_ID, "1", HANDLER, weights, protection=protection, tiers=tiers)
-    stack = LocalStack(home, model=model, listen=f"127.0.0.1:{_free_port()}",
+    model = LocalModel(MODEL_ID, "1", DIGITS_HANDLER, weights, protection=protection, tiers=tiers)
+    stack = LocalStack(home, model=model, listen=f"127.0.0.1:{free_port()}",
                        console=Console(stderr=True, highlight=False, soft_wrap=True))
     try:
         stack.start()

@@ -29,12 +29,19 @@ import json
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from nitrovault.errors import ConfigError
 
-__all__ = ["REFERENCE_TENSOR", "WATERMARK_CANDIDATES_KEY", "WATERMARK_SECRET_KEY", "with_extras"]
+__all__ = [
+    "REFERENCE_TENSOR",
+    "WATERMARK_CANDIDATES_KEY",
+    "WATERMARK_SECRET_KEY",
+    "read_header",
+    "with_extras",
+]
 
 #: sealed tensor holding the extraction detector's reference sample ([n, features] of natural inputs)
 REFERENCE_TENSOR = "nitrovault.reference"
@@ -52,7 +59,7 @@ _DTYPES = {
 _MAX_HEADER = 100 << 20  # the safetensors limit
 
 
-def _read_header(src: Path) -> tuple[dict[str, object], int, int]:
+def read_header(src: Path) -> tuple[dict[str, Any], int, int]:
     """(header, data offset, data length) of ``src``; ConfigError when it is not a safetensors file."""
     size = src.stat().st_size
     with src.open("rb") as f:
@@ -76,8 +83,8 @@ def _read_header(src: Path) -> tuple[dict[str, object], int, int]:
 def with_extras(src: Path, dst: Path, *, metadata: Mapping[str, str] | None = None,
                 tensors: Mapping[str, np.ndarray] | None = None) -> None:
     """Copy ``src`` to ``dst`` with ``metadata`` merged into ``__metadata__`` and ``tensors`` appended."""
-    header, data_at, data_len = _read_header(src)
-    merged = dict(header.get("__metadata__") or {})  # type: ignore[call-overload]
+    header, data_at, data_len = read_header(src)
+    merged = dict(header.get("__metadata__") or {})
     for key, value in (metadata or {}).items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise ConfigError("safetensors metadata maps strings to strings")

@@ -36,9 +36,7 @@ if TYPE_CHECKING:
 DIGITS_ID = "digits"
 DIGITS_VERSION = "1"
 DIGITS_HANDLER = "generic:mlp-classifier"
-IN_FEATURES, HIDDEN, CLASSES = 64, (64,), 10
-DIGITS_CONFIG: Mapping[str, Any] = MappingProxyType(
-    {"in_features": IN_FEATURES, "hidden": list(HIDDEN), "classes": CLASSES})
+HIDDEN = 64
 #: the default an owner should start from (docs/model-stealing.md), per subject
 DIGITS_PROTECTION: Mapping[str, Any] = MappingProxyType({
     "hardening": {"kind": "reverse_sigmoid", "beta": 1.0, "gamma": 0.3},
@@ -63,7 +61,7 @@ def digits_data(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.n
     return x_train, y_train, x_test, y_test
 
 
-def train_classifier(x: np.ndarray, y: np.ndarray, *, hidden: int = HIDDEN[0], epochs: int = 150,
+def train_classifier(x: np.ndarray, y: np.ndarray, *, hidden: int = HIDDEN, epochs: int = 150,
                      seed: int = 0) -> MLPClassifier:
     """Full-batch Adam on the small MLP (~1 s on one core); the module, in eval mode."""
     import torch
@@ -83,10 +81,21 @@ def train_classifier(x: np.ndarray, y: np.ndarray, *, hidden: int = HIDDEN[0], e
     return model.eval()
 
 
-def train_digits(x: np.ndarray, y: np.ndarray, *, epochs: int = 150, seed: int = 0) -> dict[str, Any]:
-    """The demo classifier's state dict (torch tensors)."""
-    model = train_classifier(x, y, epochs=epochs, seed=seed)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+def save_classifier(model: MLPClassifier, path: Path, *, reference: np.ndarray) -> None:
+    """Write ``model`` as the plain file a local stack seals: its weights, the ``generic:mlp-classifier``
+    metadata (the architecture read off the module) and ``reference`` (natural inputs, the extraction
+    detector's coverage sample) as the sealed extra tensor."""
+    import torch
+    from safetensors.torch import save_file
+    from torch import nn
+
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    config = {"in_features": linears[0].in_features, "hidden": [m.out_features for m in linears[:-1]],
+              "classes": linears[-1].out_features}
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    tensors[REFERENCE_TENSOR] = torch.from_numpy(np.ascontiguousarray(reference, dtype=np.float32))
+    save_file(tensors, str(path), metadata={"nitrovault.handler": DIGITS_HANDLER,
+                                            "nitrovault.config": json.dumps(config)})
 
 
 def write_digits_weights(path: Path, *, seed: int = 0) -> Path:
@@ -94,16 +103,11 @@ def write_digits_weights(path: Path, *, seed: int = 0) -> Path:
     reference as a sealed extra). Written once: an existing file is kept."""
     if path.is_file():
         return path
-    import torch
-    from safetensors.torch import save_file
-
     x_train, y_train, _, _ = digits_data(seed)
-    tensors = train_digits(x_train, y_train, seed=seed)
-    tensors[REFERENCE_TENSOR] = torch.from_numpy(x_train[:REFERENCE_ROWS].copy())
+    model = train_classifier(x_train, y_train, seed=seed)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    save_file(tensors, str(partial), metadata={"nitrovault.handler": DIGITS_HANDLER,
-                                               "nitrovault.config": json.dumps(dict(DIGITS_CONFIG))})
+    save_classifier(model, partial, reference=x_train[:REFERENCE_ROWS])
     partial.replace(path)
     return path
 

@@ -56,6 +56,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -72,7 +73,12 @@ from rich.console import Console
 from enclave_app.config import EnclaveConfig
 from nitrovault.access import TokenIssuer, generate_issuer_keys, load_issuer
 from nitrovault.envelope import SealedModel, seal_file, zeroize
-from nitrovault.envelope.extras import WATERMARK_CANDIDATES_KEY, WATERMARK_SECRET_KEY, with_extras
+from nitrovault.envelope.extras import (
+    WATERMARK_CANDIDATES_KEY,
+    WATERMARK_SECRET_KEY,
+    read_header,
+    with_extras,
+)
 from nitrovault.errors import ConfigError, KeyAccessDeniedError, NitrovaultError
 from nitrovault.kms import KmsClient, Recipient, RecipientKey
 from nitrovault.local.measure import default_lock_file, measure_enclave
@@ -305,6 +311,13 @@ class Steps:
         self.console.print(f"  [green]✓[/] {name} [dim]({elapsed:.2f}s)[/]{detail}")
 
 
+def free_port() -> int:
+    """A loopback TCP port the OS just handed out (for stacks started side by side: tests, benches)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def _write_private(path: Path, text: str) -> None:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -364,27 +377,14 @@ def with_metadata(src: Path, dst: Path, metadata: Mapping[str, str]) -> None:
     os.replace(partial, dst)
 
 
-def _header(path: Path) -> tuple[dict[str, Any], int]:
-    """A safetensors file's JSON header and the length of its data section."""
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if not 0 < n <= size - 8:
-            raise ValueError("not a safetensors file")
-        header = json.loads(f.read(n))
-    if not isinstance(header, dict):
-        raise ValueError("not a safetensors header")
-    return header, size - 8 - n
-
-
 def _is_copy_with_metadata(dst: Path, src: Path, metadata: Mapping[str, str]) -> bool:
     """Whether ``dst`` is ``src`` with ``metadata`` merged in (same tensors, metadata and data size)."""
     if not dst.is_file():
         return False
     try:
-        expected, data_len = _header(src)
-        found, found_len = _header(dst)
-    except ValueError:
+        expected, _, data_len = read_header(src)
+        found, _, found_len = read_header(dst)
+    except ConfigError:
         return False
     expected["__metadata__"] = {**expected.get("__metadata__", {}), **metadata}
     return found == expected and found_len == data_len
@@ -835,8 +835,7 @@ class LocalStack:
                 f"{len(texts)} texts in {latency * 1000:.0f} ms from {info.model_id}@{info.model_version}, "
                 f"PCR0 {info.pcrs[0].hex()[:16]}…, receipt key {info.receipt_key_id[:16]}…"
             )
-            self.console.print(f"    audit log: {self.paths.audit / '<boot>'}/audit-*.jsonl "
-                               f"(this boot: {self.current_audit_dir() or 'not written yet'})")
+            self._print_audit_dir()
 
     def _demo_info(self, target: str) -> None:
         from nitrovault.client import NitrovaultClient
@@ -855,8 +854,11 @@ class LocalStack:
             self.console.print(f"    protection: {describe_protection(model.protection)}")
             note(f"{info.model_id}@{info.model_version}, PCR0 {info.pcrs[0].hex()[:16]}…, "
                  f"receipt key {info.receipt_key_id[:16]}…")
-            self.console.print(f"    audit log: {self.paths.audit / '<boot>'}/audit-*.jsonl "
-                               f"(this boot: {self.current_audit_dir() or 'not written yet'})")
+            self._print_audit_dir()
+
+    def _print_audit_dir(self) -> None:
+        self.console.print(f"    audit log: {self.paths.audit / '<boot>'}/audit-*.jsonl "
+                           f"(this boot: {self.current_audit_dir() or 'not written yet'})")
 
     def current_audit_dir(self) -> Path | None:
         """The audit folder of the most recent enclave boot (the parent makes one per boot)."""

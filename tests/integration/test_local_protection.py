@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -33,17 +32,14 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-import torch
-from safetensors.torch import save_file
 from sklearn.datasets import load_digits
 from typer.testing import CliRunner
 
-from enclave_app.models.generic import MLPClassifier
 from nitrovault.cli import app
 from nitrovault.client import NitrovaultClient
-from nitrovault.envelope.extras import REFERENCE_TENSOR
 from nitrovault.errors import ClientError, ConfigError
-from nitrovault.local.stack import LocalModel, LocalStack, StackError, demo_watermark_candidates
+from nitrovault.local.digits import save_classifier, train_classifier
+from nitrovault.local.stack import LocalModel, LocalStack, StackError, demo_watermark_candidates, free_port
 from nitrovault.rpc.gen.nitrovault.v1 import inference_pb2 as pb
 from nitrovault.rpc.gen.nitrovault.v1 import inference_pb2_grpc as pb_grpc
 from nitrovault.rpc.tensors import from_numpy
@@ -63,30 +59,12 @@ PROTECTION: dict[str, Any] = {
 SENTINEL = 0.7182818
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _train_digits(path: Path) -> np.ndarray:
     """Train the classifier (~0.5 s) and save it as the stack's plain model; return some test rows."""
     x, y = load_digits(return_X_y=True)
     x = (x / 16.0).astype(np.float32)
-    torch.manual_seed(0)
-    config = {"in_features": 64, "hidden": [32], "classes": 10}
-    model = MLPClassifier(64, [32], 10)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    xt, yt = torch.from_numpy(x[:1200]), torch.from_numpy(y[:1200]).long()
-    for _ in range(100):
-        optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(xt)["logits"], yt)
-        loss.backward()  # type: ignore[no-untyped-call]
-        optimizer.step()
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    tensors[REFERENCE_TENSOR] = torch.from_numpy(x[:300].copy())
-    save_file(tensors, str(path), metadata={"nitrovault.handler": "generic:mlp-classifier",
-                                            "nitrovault.config": json.dumps(config)})
+    model = train_classifier(x[:1200], y[:1200], hidden=32, epochs=100, seed=0)
+    save_classifier(model, path, reference=x[:300])
     return np.asarray(x[1200:], dtype=np.float32)
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,15 +25,9 @@ import pytest
 
 from nitrovault.client import NitrovaultClient
 from nitrovault.errors import ClientError
-from nitrovault.local.stack import REPO_ROOT, LocalStack
+from nitrovault.local.stack import REPO_ROOT, LocalStack, free_port
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
