@@ -21,11 +21,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from aws_cdk import RemovalPolicy
-from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from constructs import Construct, IConstruct
 
+from infra.constructs.policy_key import key_with_exact_policy
 from nitrovault.policy.build import model_key_policy
 
 
@@ -57,23 +56,15 @@ class ModelKey(Construct):
             encryption_context=encryption_context,
             unsafe_allow_debug_pcrs=unsafe_allow_debug_pcrs,
         )
-        self.key = kms.Key(
+        # CloudFormation gets the builder's document verbatim: what the reviewer and the tests see is byte
+        # for byte what KMS gets (:func:`infra.constructs.policy_key.key_with_exact_policy`)
+        self.key = key_with_exact_policy(
             self,
             "Key",
             description="nitrovault model key: data keys released only to the attested enclave image",
-            enable_key_rotation=True,
-            policy=iam.PolicyDocument.from_json(self.policy),
-            removal_policy=RemovalPolicy.RETAIN,
+            policy=self.policy,
+            depends_on=principals_created_by,
         )
-        # CloudFormation gets the builder's document verbatim (PolicyDocument.from_json drops ``Id`` and
-        # collapses one-element lists): what the reviewer and the tests see is byte for byte what KMS gets,
-        # and any statement CDK might try to add later is overwritten rather than slipped in.
-        cfn_key = self.key.node.default_child
-        if not isinstance(cfn_key, kms.CfnKey):
-            raise TypeError("kms.Key has no CfnKey child: the CDK version changed its structure")
-        cfn_key.add_property_override("KeyPolicy", self.policy)
-        for construct in principals_created_by:
-            self.key.node.add_dependency(construct)
         if alias_name:
             # The alias is a separate resource: creating it needs kms:CreateAlias, which admins have.
             kms.CfnAlias(self, "Alias", alias_name=alias_name, target_key_id=self.key.key_id)

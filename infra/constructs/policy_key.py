@@ -1,7 +1,7 @@
 """A KMS key whose ``KeyPolicy`` is exactly a document from :mod:`nitrovault.policy.build`.
 
-Used for the at-rest keys (the weights store's, the log groups', the alarm topic's); the model key does the
-same inside :class:`infra.constructs.model_key.ModelKey`.
+Used for every key the app creates: the model key (:class:`infra.constructs.model_key.ModelKey`) and the
+at-rest keys (the weights store's, the log groups', the alarm topic's).
 
 Invariants:
 
