@@ -16,6 +16,7 @@ every call once ``prada_min_samples`` rows were seen.
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -117,30 +118,26 @@ def _guard_lines() -> Iterator[dict[str, object]]:
                         "budget": {"epsilon": 1e9}}},
     }
 
-    def bare(i: list[int]) -> object:
+    def each_row(call: Callable[[torch.Tensor], object]) -> Callable[[], object]:
+        """``call`` on the next one-row input each time (distinct rows, as a real subject's would be)."""
+        row = itertools.cycle(rows)
+        return lambda: call(next(row)[None])
+
+    def bare(x: torch.Tensor) -> object:
         with torch.inference_mode():
-            i[0] += 1
-            return model(x=rows[i[0] % len(rows)][None])
+            return model(x=x)
 
-    baseline = _p50(lambda c=[0]: bare(c))
+    baseline = _p50(each_row(bare))
     for name, section in policies.items():
-        protection = EnclaveConfig.from_mapping({
-            "model_id": "m", "model_version": "1", "handler": "generic:mlp-classifier",
-            "kms_key_arn": "arn:aws:kms:us-east-1:111122223333:key/x", "region": "us-east-1",
-            "encryption_context": {}, "protection": section}).protection
-        assert isinstance(protection, Protection)
-        guard = OutputGuard(protection, SealedExtras(reference=reference))
-        counter = [0]
+        guard = OutputGuard(Protection.from_mapping(section), SealedExtras(reference=reference))
 
-        def guarded(guard: OutputGuard = guard, counter: list[int] = counter) -> object:
-            counter[0] += 1
-            x = rows[counter[0] % len(rows)][None]
+        def guarded(x: torch.Tensor, guard: OutputGuard = guard) -> object:
             with torch.inference_mode():
                 outputs = model(x=x)
             guard.admit("bench")
             return guard.classifier("bench", {"x": x}, outputs, GuardNotes())
 
-        p50 = _p50(guarded)
+        p50 = _p50(each_row(guarded))
         yield {"name": "output_guard_overhead_us", "policy": name, "overhead_us": round(p50 - baseline, 1),
                "model_p50_us": round(baseline, 1), "guarded_p50_us": round(p50, 1),
                "ratio": round(p50 / baseline, 2), "calls": CALLS}

@@ -167,6 +167,12 @@ class Protection:
         default_factory=lambda: MappingProxyType({"embedding": None, "text": None})
     )
 
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> Protection:
+        """Parse and validate a ``protection`` section (every policy is parsed now, so a bad value fails
+        the load, never a call)."""
+        return _protection(data)
+
     @property
     def hardening_policy(self) -> HardeningPolicy:
         return HardeningPolicy.from_config(self.hardening)
@@ -296,7 +302,7 @@ class EnclaveConfig:
         values["limits"] = Limits(**_checked(Limits, data.get("limits", {})))
         values["access"] = _access(data.get("access", {}))
         values["audit"] = Audit(**_checked(Audit, data.get("audit", {})))
-        values["protection"] = _protection(data.get("protection", {}))
+        values["protection"] = Protection.from_mapping(data.get("protection", {}))
         if values["audit"].checkpoint_every < 1 or values["audit"].max_buffered < 1:
             raise ConfigError("audit.checkpoint_every and audit.max_buffered must be at least 1")
         context = values.get("encryption_context")
