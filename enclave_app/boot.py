@@ -8,8 +8,10 @@ memory, then ready.
 3. Attest and release the data key (:mod:`enclave_app.key_release`).
 4. Unseal straight into tensors (no plaintext is written anywhere), zero the data key.
 5. Take the sealed extras (watermark secret → keys, the secret zeroed; the extraction detector's
-   reference sample), build the model handler, attach the text watermark when the policy asks for it,
-   warm up, and build the boot's :class:`~enclave_app.outputs.OutputGuard`.
+   reference sample; the fleet's TLS identity, :mod:`nitrovault.identity`, which must be there and
+   valid now: without it the enclave could not serve confidentially, so it does not serve at all),
+   build the model handler, attach the text watermark when the policy asks for it, warm up, and build
+   the boot's :class:`~enclave_app.outputs.OutputGuard`.
 
 Any failure raises a :class:`BootFailure` carrying a coarse, non-secret reason for the parent and the
 failed step; the caller reports it and exits non-zero.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
@@ -34,7 +37,9 @@ from nitrovault.errors import (
     KeyReleaseError,
     NitrovaultError,
     SealedModelError,
+    TlsIdentityError,
 )
+from nitrovault.identity import SEALED_CHAIN, SEALED_KEY, TlsIdentity
 from nitrovault.kms import AwsCredentials, KmsClient
 from nitrovault.nsm import Nsm
 from nitrovault.watermark import GreenListProcessor
@@ -67,6 +72,8 @@ class BootResult:
     sealed_digest: str
     timings: BootTimings
     outputs: OutputGuard
+    #: the TLS identity sealed with the model: the gRPC server terminates TLS with it
+    tls: TlsIdentity
 
 
 class BootFailure(Exception):
@@ -107,6 +114,9 @@ def boot(
             zeroize(data_key)
         unsealed = time.perf_counter()
 
+        step = "tls-identity"
+        tls = take_tls_identity(metadata, now=datetime.now(UTC))
+
         step = "model-load"
         extras = SealedExtras.take(tensors, metadata, config.model_id)
         handler = load_handler(config.handler, tensors, metadata)
@@ -120,6 +130,8 @@ def boot(
         raise BootFailure(step, f"key release failed: {type(err).__name__} {err.code or ''}".strip()) from err
     except SealedModelError as err:
         raise BootFailure(step, "sealed model is invalid or was tampered with") from err
+    except TlsIdentityError as err:
+        raise BootFailure(step, str(err)) from err
     except (ConfigError, NitrovaultError) as err:
         raise BootFailure(step, f"{type(err).__name__}") from err
     except OSError as err:
@@ -134,7 +146,20 @@ def boot(
         total_s=loaded - started,
     )
     return BootResult(handler=handler, sealed_digest=sealed.header.digest.hex(), timings=timings,
-                      outputs=outputs)
+                      outputs=outputs, tls=tls)
+
+
+def take_tls_identity(metadata: dict[str, str], *, now: datetime) -> TlsIdentity:
+    """Remove the sealed TLS identity from ``metadata`` (the handler never sees the key) and check it is
+    usable at ``now``; :class:`TlsIdentityError` (a message naming no secret) otherwise."""
+    identity = TlsIdentity.from_sealed_metadata(metadata)
+    metadata.pop(SEALED_KEY, None)
+    metadata.pop(SEALED_CHAIN, None)
+    if identity is None:
+        raise TlsIdentityError("the sealed model carries no TLS identity (seal it with one)")
+    if not identity.valid_at(now):
+        raise TlsIdentityError("the sealed TLS certificate is outside its validity period")
+    return identity
 
 
 def attach_text_watermark(config: EnclaveConfig, handler: ModelHandler, extras: SealedExtras) -> None:

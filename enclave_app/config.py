@@ -35,7 +35,7 @@ from types import MappingProxyType
 from typing import Any
 
 from nitrovault.access import QuotaPolicy, QuotaTiers, TokenVerifier
-from nitrovault.access.tokens import Clock
+from nitrovault.access.tokens import DEFAULT_MAX_LIFETIME_S, MAX_LIFETIME_S, Clock
 from nitrovault.errors import ConfigError
 from nitrovault.protection import BudgetPolicy, ExtractionPolicy, HardeningPolicy, PrivacyMechanism
 
@@ -80,6 +80,20 @@ class Limits:
     max_tensor_elements: int = 1 << 22
     #: largest sealed model the enclave accepts from the parent, in bytes.
     max_model_bytes: int = 8 << 30
+    #: HTTP/2 streams one client connection may hold open at once (any method).
+    max_streams_per_connection: int = 32
+    #: health ``Watch`` streams open at once over all connections (they need no token); beyond it a new
+    #: ``Watch`` gets RESOURCE_EXHAUSTED, so unauthenticated long-lived calls cannot starve the others.
+    max_watch_streams: int = 16
+    #: ``Attest`` calls in flight at once (they need no token: a client attests before it sends one, and
+    #: each is an NSM signature); beyond it RESOURCE_EXHAUSTED.
+    max_concurrent_attestations: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("max_streams_per_connection", "max_watch_streams", "max_concurrent_attestations"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"Limits.{name} must be a positive integer")
 
 
 @dataclass(frozen=True)
@@ -95,6 +109,10 @@ class Access:
     jwks: Mapping[str, Any] = field(default_factory=dict)
     #: clock skew accepted on ``exp``/``nbf``/``iat``, in seconds (0..300).
     leeway_s: int = 30
+    #: longest token lifetime accepted, in seconds (1..31 622 400, i.e. 366 days): a token whose
+    #: ``exp - iat`` exceeds it, or whose ``exp`` is further than it (plus ``leeway_s``) from now, is
+    #: refused (audit reason ``lifetime``), so a leaked token is only good for so long.
+    max_token_lifetime_s: int = DEFAULT_MAX_LIFETIME_S
     #: quota tiers: name -> ``{"rate_per_s": float, "burst": int, "daily_requests": int|null,
     #: "daily_items": int|null}``; a token's ``tier`` claim picks one.
     tiers: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: _DEFAULT_TIERS)
@@ -111,8 +129,10 @@ class Access:
         if not self.enabled:
             raise ConfigError("access.issuer is not configured: the enclave serves nobody (fail closed)")
         if clock is None:
-            return TokenVerifier(self.issuer, self.audience, self.jwks, leeway_s=self.leeway_s)
-        return TokenVerifier(self.issuer, self.audience, self.jwks, leeway_s=self.leeway_s, clock=clock)
+            return TokenVerifier(self.issuer, self.audience, self.jwks, leeway_s=self.leeway_s,
+                                 max_lifetime_s=self.max_token_lifetime_s)
+        return TokenVerifier(self.issuer, self.audience, self.jwks, leeway_s=self.leeway_s,
+                             max_lifetime_s=self.max_token_lifetime_s, clock=clock)
 
     def quota_tiers(self) -> QuotaTiers:
         policies: dict[str, QuotaPolicy] = {}
@@ -370,6 +390,8 @@ def _access(data: Mapping[str, Any]) -> Access:
         values["tiers"] = MappingProxyType({k: MappingProxyType(dict(v)) if isinstance(v, Mapping) else v
                                             for k, v in values["tiers"].items()})
     access = Access(**values)
+    if not 0 < access.max_token_lifetime_s <= MAX_LIFETIME_S:  # checked even when no issuer is set yet
+        raise ConfigError(f"Access.max_token_lifetime_s must be between 1 and {MAX_LIFETIME_S} seconds")
     access.quota_tiers()  # validates tiers and the default tier
     if access.enabled:
         access.verifier()  # validates audience, leeway and every JWKS key

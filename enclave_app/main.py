@@ -7,14 +7,17 @@ is the same code.
 
 In-enclave plumbing (all through :class:`nitrovault.transport.Relay`)::
 
-    vsock(enclave_cid, inference)  ──► unix RUN/grpc.sock       (the gRPC server)
+    vsock(enclave_cid, inference)  ──► unix RUN/grpc.sock       (the gRPC server, TLS ends here)
     unix RUN/host.sock             ──► vsock(3, host_services)  (credentials, sealed model, status, audit)
     tcp 127.0.0.1:kms_forwarder    ──► vsock(3, kms_proxy)      (boto3 → KMS, TLS end to end)
 
 Access is fail closed: a measured config without a token issuer makes the enclave refuse to boot (FAILED,
 step ``config``). The boot's receipt/audit key is made from NSM randomness before boot, so the document
-KMS sees already binds it. On SIGTERM/SIGINT the server stops taking calls, the audit log gets its final
-signed checkpoint and the enclave waits (bounded) for the parent to store it before exiting.
+KMS sees already binds it. The gRPC server starts only after boot, with the TLS identity sealed with
+the model: before then the inference port refuses connections (the parent's relay answers promptly),
+and no byte of a request is ever served in plaintext. On SIGTERM/SIGINT the server stops taking calls,
+the audit log gets its final signed checkpoint and the enclave waits (bounded) for the parent to store
+it before exiting.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from pathlib import Path
 from enclave_app.boot import BootFailure, boot
 from enclave_app.config import EnclaveConfig
 from enclave_app.host import AuditShipper, HostClient
-from enclave_app.server import EnclaveServer, ServingModel
+from enclave_app.server import EnclaveServer, InferenceService, ServingModel
 from nitrovault.audit import AuditStatus
 from nitrovault.kms import AwsCredentials, KmsClient, kms_client_from_env
 from nitrovault.nsm import Nsm, NsmTransport
@@ -91,10 +94,10 @@ async def run(
         host.report("DEGRADED" if down else "SERVING", reason=reason, step="audit")
 
     shipper = AuditShipper(host.audit_append, on_change=on_audit_change)
-    server = EnclaveServer(config, nsm, str(grpc_sock), audit_sink=shipper)
-    protections = server.service.protections
+    service = InferenceService(config, nsm, audit_sink=shipper)
+    server: EnclaveServer | None = None
+    protections = service.protections
     shipper.start(protections.audit)
-    await server.start()
     for relay in relays:
         await relay.start()
     endpoint = config.kms_endpoint_url or None
@@ -118,22 +121,28 @@ async def run(
         await asyncio.to_thread(host.report, "BOOTING", step="boot")
         try:
             result = await asyncio.to_thread(
-                boot, config, host=host, nsm=nsm, kms_factory=kms_factory, user_data=server.service.user_data
+                boot, config, host=host, nsm=nsm, kms_factory=kms_factory, user_data=service.user_data
             )
         except BootFailure as failure:
             _say("boot-failed", step=failure.step, reason=failure.reason)
             await asyncio.to_thread(host.report, "FAILED", reason=failure.reason, step=failure.step)
             return 3
+        server = EnclaveServer(config, nsm, str(grpc_sock), service=service, tls=result.tls)
+        await server.start()
         await server.serve(ServingModel(result.handler, result.sealed_digest, result.outputs))
         timings = result.timings.as_dict()
         age = process_age_s()
         if age is not None:
             timings["since_process_start_s"] = round(age, 4)
-        _say("serving", sealed_digest=result.sealed_digest, timings=timings)
+        _say("serving", sealed_digest=result.sealed_digest, timings=timings,
+             tls_spki_sha256=result.tls.spki_sha256.hex())
         await asyncio.to_thread(host.report, "SERVING", reason=json.dumps(timings), step="serving")
         await stop.wait()
     finally:
-        await server.stop()
+        if server is not None:
+            await server.stop()
+        else:
+            service.close()
         await asyncio.to_thread(_close_audit, protections.close, protections.audit.flush, shipper)
         for relay in relays:
             await relay.close()

@@ -15,14 +15,20 @@ Invariants:
   (``authorization`` metadata; missing → UNAUTHENTICATED) → scopes for this method and model → quota
   (RESOURCE_EXHAUSTED with ``retry-after``) → model → receipt (Infer/Embed: the response's ``receipt``
   field, signed over the request bytes as received and the response serialized deterministically with
-  ``receipt`` unset) → one audit record, for refusals and errors too. Info and Attest need a valid token
-  (any scope) and are charged as requests with 0 items: both reveal or cost something (Attest is an NSM
-  signature per call).
+  ``receipt`` unset) → one audit record, for refusals and errors too. Info needs a valid token (any
+  scope) and is charged as a request with 0 items. ``Attest`` needs none: a client verifies the enclave
+  before it sends its token (``docs/confidential-serving.md``); it is bounded instead
+  (``limits.max_concurrent_attestations`` in flight, beyond it RESOURCE_EXHAUSTED) and audited.
+* TLS ends here, inside the enclave (:class:`EnclaveServer` with the sealed :class:`TlsIdentity`): the
+  parent relays ciphertext only. Unauthenticated long-lived calls are bounded: health ``Watch`` streams
+  by ``limits.max_watch_streams`` in total, every connection by ``limits.max_streams_per_connection``
+  streams; reflection (v1 and v1alpha) needs a valid token.
 * Between the model and the receipt, ``Infer``/``Embed`` answers go through the boot's
   :class:`~enclave_app.outputs.OutputGuard` (extraction detection, watermark, calibrated noise,
   hardening; a blocked or throttled subject is refused before the model runs). It runs on the model
   worker, so its numpy work never blocks the event loop, and the receipt covers what is returned.
-* Every attestation document this enclave produces binds the boot's receipt key in ``user_data``.
+* Every attestation document this enclave produces binds the boot's receipt key in ``user_data``, and,
+  from the moment TLS serving starts, the SHA-256 of the TLS key (:mod:`nitrovault.bindings`).
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ import torch
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 import nitrovault
 from enclave_app.config import EnclaveConfig
@@ -53,13 +59,18 @@ from enclave_app.models.base import InvalidInputError
 from enclave_app.outputs import OutputGuard
 from enclave_app.protections import RECEIPTED, CallRecord, Protections, Sink, boot_key_from_nsm
 from enclave_app.status import NotReadyError, OverloadedError, abort_with, classify
+from nitrovault.errors import AccessError
+from nitrovault.identity import TlsIdentity
 from nitrovault.nsm import Nsm
+from nitrovault.receipts import enclave_user_data
 from nitrovault.rpc.gen.nitrovault.v1 import inference_pb2 as pb
 from nitrovault.rpc.gen.nitrovault.v1 import inference_pb2_grpc as pb_grpc
 from nitrovault.rpc.tensors import from_numpy, to_numpy
 
 T = TypeVar("T")
 SERVICE = "nitrovault.v1.Inference"
+#: reflection v1 has the v1alpha messages under a new package name (same fields, same wire format)
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 #: PCRs reported by Info: the image (0, 1, 2), the parent's role and instance (3, 4), the signer (8).
 INFO_PCRS = (0, 1, 2, 3, 4, 8)
 MAX_NONCE = 64
@@ -103,6 +114,11 @@ class InferenceService(pb_grpc.InferenceServicer):
         self._admitted_lock = threading.Lock()
         self._capacity = workers + config.limits.queue_depth
         self._pcrs: dict[int, bytes] | None = None
+        self._attesting = 0
+
+    def bind_tls(self, identity: TlsIdentity) -> None:
+        """From now on every served attestation document also binds this TLS key."""
+        self.user_data = enclave_user_data(self.protections.boot_key.public_key(), identity.spki_sha256)
 
     # -- admission -------------------------------------------------------------------------------------
 
@@ -146,14 +162,19 @@ class InferenceService(pb_grpc.InferenceServicer):
     # -- RPCs ------------------------------------------------------------------------------------------
 
     async def _protected(self, context: grpc.aio.ServicerContext, method: str, items: int,
-                         work: Callable[[CallRecord], Awaitable[T]]) -> T:
+                         work: Callable[[CallRecord], Awaitable[T]], *, public: bool = False) -> T:
         """Token → quota → (extraction admit) → work → receipt → audit record (module docstring), errors
-        through the table."""
+        through the table. ``public``: no token and no charge (Attest), still audited."""
         started = time.perf_counter_ns()
         guard = self.protections
         call = CallRecord(method=method, model=self.config.model_id, items=items)
         try:
-            call.principal = guard.authenticate(context.invocation_metadata(), method)
+            if public:
+                response = await work(call)
+                guard.record(call, decision="ok", latency_us=(time.perf_counter_ns() - started) // 1000)
+                return response
+            call.principal = guard.identify(context.invocation_metadata())
+            guard.authorize(call.principal, method)  # after call.principal: a scope refusal is attributed
             call.quota = guard.charge(call.principal, items)
             if method in RECEIPTED and self.model is not None:
                 self.model.outputs.admit(call.principal.subject)
@@ -231,6 +252,8 @@ class InferenceService(pb_grpc.InferenceServicer):
             name = wire.name or "x"
             if name in inputs:
                 raise InvalidInputError("duplicate input name")
+            if 0 in wire.array.shape:
+                raise InvalidInputError("input tensors must not be empty")
             value = torch.from_numpy(wire.array.copy())
             inputs[name] = value.view(torch.bfloat16) if wire.bfloat16 else value
         if not inputs:
@@ -278,15 +301,22 @@ class InferenceService(pb_grpc.InferenceServicer):
         )
 
     async def Attest(self, request: pb.AttestRequest, context: grpc.aio.ServicerContext) -> pb.AttestResponse:
-        return await self._protected(context, "Attest", 0, lambda _: self._attest(request))
+        return await self._protected(context, "Attest", 0, lambda _: self._attest(request), public=True)
 
     async def _attest(self, request: pb.AttestRequest) -> pb.AttestResponse:
         if len(request.nonce) > MAX_NONCE:
             raise InvalidInputError(f"nonce is limited to {MAX_NONCE} bytes")
-        document = await asyncio.to_thread(
-            self.nsm.attestation, nonce=request.nonce or None, user_data=self.user_data
-        )
-        return pb.AttestResponse(document=document, user_data=self.user_data)
+        if self._attesting >= self.config.limits.max_concurrent_attestations:
+            raise OverloadedError("attestations in flight")
+        self._attesting += 1  # the event loop's thread only: no lock needed
+        try:
+            user_data = self.user_data
+            document = await asyncio.to_thread(
+                self.nsm.attestation, nonce=request.nonce or None, user_data=user_data
+            )
+        finally:
+            self._attesting -= 1
+        return pb.AttestResponse(document=document, user_data=user_data)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -329,29 +359,93 @@ def _inference_handlers(service: InferenceService) -> grpc.GenericRpcHandler:
     )
 
 
+class _BoundedHealth(health_aio.HealthServicer):  # type: ignore[misc]  # untyped base
+    """The standard health service with a cap on ``Watch`` streams (they need no token and stay open)."""
+
+    def __init__(self, max_watch_streams: int) -> None:
+        super().__init__()
+        self._max_watch = max_watch_streams
+        self.watching = 0
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: Any) -> None:
+        if self.watching >= self._max_watch:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many health watches; use Check")
+        self.watching += 1
+        try:
+            await super().Watch(request, context)
+        finally:
+            self.watching -= 1
+
+
+class _ReflectionNeedsToken(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # untyped base
+    """Reflection lists every method and message: only for callers with a valid token (any scope)."""
+
+    def __init__(self, protections: Protections) -> None:
+        self._protections = protections
+
+        async def deny(request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "authentication required")
+
+        self._deny = grpc.stream_stream_rpc_method_handler(deny)
+
+    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
+                                details: grpc.HandlerCallDetails) -> Any:
+        if details.method.startswith("/grpc.reflection."):
+            try:
+                self._protections.identify(details.invocation_metadata)
+            except AccessError:
+                return self._deny
+        return await continuation(details)
+
+
+def _reflection_v1(servicer: Any) -> grpc.GenericRpcHandler:
+    """``grpc.reflection.v1`` served by the v1alpha servicer (grpcio-reflection only ships v1alpha; the
+    two protos differ only in their package name, so the messages are the same bytes)."""
+    return grpc.method_handlers_generic_handler(REFLECTION_V1, {
+        "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+            servicer.ServerReflectionInfo,
+            request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+        )
+    })
+
+
 class EnclaveServer:
-    """The gRPC server on a unix socket (the in-enclave relay carries vsock to it)."""
+    """The gRPC server on a unix socket (the in-enclave relay carries vsock to it).
+
+    With ``tls`` (always, in the enclave: ``enclave_app.main``) it serves TLS with the sealed identity and
+    binds the identity's key into every attestation document it serves; without, plaintext (in-process
+    tests only). ``service`` lets the caller build the service (and its boot key) before boot.
+    """
 
     def __init__(self, config: EnclaveConfig, nsm: Nsm, socket_path: str, *,
-                 audit_sink: Sink | None = None) -> None:
+                 audit_sink: Sink | None = None, service: InferenceService | None = None,
+                 tls: TlsIdentity | None = None) -> None:
         limits = config.limits
         self.socket_path = socket_path
-        self.service = InferenceService(config, nsm, audit_sink=audit_sink)
-        self.health = health_aio.HealthServicer()
+        self.service = service or InferenceService(config, nsm, audit_sink=audit_sink)
+        self.health = _BoundedHealth(limits.max_watch_streams)
         self.server = grpc.aio.server(
+            interceptors=(_ReflectionNeedsToken(self.service.protections),),
             options=[
                 ("grpc.max_receive_message_length", limits.max_request_bytes),
                 ("grpc.max_send_message_length", limits.max_response_bytes),
-                ("grpc.max_concurrent_streams", 256),
-            ]
+                ("grpc.max_concurrent_streams", limits.max_streams_per_connection),
+            ],
         )
         self.server.add_generic_rpc_handlers((_inference_handlers(self.service),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self.server,
-        )
-        self.server.add_insecure_port(f"unix:{socket_path}")
+        reflected = (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                     reflection.SERVICE_NAME, REFLECTION_V1)
+        reflector = reflection.ReflectionServicer(reflected)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflector, self.server)
+        self.server.add_generic_rpc_handlers((_reflection_v1(reflector),))
+        if tls is None:
+            self.server.add_insecure_port(f"unix:{socket_path}")
+        else:
+            credentials = grpc.ssl_server_credentials([(tls.private_key_pem, tls.chain_pem)])
+            self.server.add_secure_port(f"unix:{socket_path}", credentials)
+            self.service.bind_tls(tls)
 
     async def start(self) -> None:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -1,26 +1,40 @@
-"""A synchronous Python client for ``nitrovault.v1.Inference`` (through the parent's bridge, or direct).
+"""A synchronous Python client for ``nitrovault.v1.Inference`` that verifies the enclave before it sends.
 
-Invariants:
+TLS ends inside the enclave; the parent instance in between only relays bytes and is not trusted. So
+the client proves, on every new connection and before any token or request leaves it, that the server
+at the other end is an attested enclave running the code its caller expects:
 
-* Every call carries the bearer token as metadata ``authorization: Bearer <token>`` (when one is given)
-  and a deadline (``timeout``); the token never appears in a log line, an exception or ``repr``.
-* TLS is used exactly when ``root_certificates`` are given. A token sent over plaintext to anything but a
-  loopback or unix-socket target logs a warning (the local stack listens on plaintext loopback).
-* Every gRPC failure becomes :class:`~nitrovault.errors.ClientError` (status code name + details, and the
-  enclave's correlation id for INTERNAL errors); responses are validated like requests are in the enclave
-  (:mod:`nitrovault.rpc.tensors`) before a buffer is interpreted.
-* :meth:`NitrovaultClient.embed_with_receipt` returns the response's receipt as the CBOR bytes
-  ``nitrovault receipt verify`` reads, and the response bytes it covers: the response message serialized
-  deterministically with its ``receipt`` field cleared (docs/access-and-audit.md, "Receipts").
-* :meth:`NitrovaultClient.attest_verified` is the only method that says anything about *which* code is
-  serving: it sends a fresh random nonce and verifies the returned document's chain, signature, nonce,
-  freshness and the caller's expected PCRs. Everything else trusts the transport only.
+1. **TLS.** A TLS 1.3 handshake (ALPN ``h2``) with the target; the server's leaf certificate is taken
+   (and, when :attr:`Expect.ca` is given, its chain is verified against the owner's CA and the name).
+2. **Pin.** The gRPC channel trusts exactly that certificate, so every connection it makes (also after a
+   reconnect) is to a holder of the same private key.
+3. **Attest.** ``Attest`` with a fresh 32-byte nonce, no token: the document is verified (chain to the
+   trust root, signature, freshness, nonce, the expected PCRs:
+   :func:`nitrovault.attestation.verify_document`).
+4. **Bind.** The document's ``user_data`` (:mod:`nitrovault.bindings`) must bind the SHA-256 of the
+   pinned certificate's public key: the key this connection was made with is held only by that enclave.
+   Otherwise :class:`~nitrovault.errors.TlsBindingError`.
+
+Only then is the token sent. Every receipt is checked against the attested receipt key, PCR0, the exact
+request bytes sent and the response (:func:`nitrovault.receipts.check_receipt`) unless
+``verify_receipts=False``; a response whose receipt fails is never returned. When the channel loses its
+connection, the next call attests again first. Any mismatch raises a typed error and nothing was sent.
+
+Other invariants:
+
+* The token travels as ``authorization: Bearer <token>`` and never appears in a log line, an exception
+  or ``repr``; every call has a deadline (``timeout``).
+* Every gRPC failure becomes :class:`~nitrovault.errors.ClientError` (status code name + details, and
+  the enclave's correlation id for INTERNAL errors); responses are validated like requests are in the
+  enclave (:mod:`nitrovault.rpc.tensors`) before a buffer is interpreted.
+* ``unsafe_plaintext=True`` (in-process tests of the server only) skips steps 1-4 and logs a warning
+  each time: nothing about the server is then verified.
 
 Example::
 
-    with NitrovaultClient("127.0.0.1:50051", token=token) as client:
-        client.wait_until_serving(30)
-        verified = client.attest_verified(root=load_root("pki/root.pem"), expect_pcrs={0: pcr0})
+    expect = Expect.from_manifest("build/pcr-manifest.json")          # AWS Nitro root by default
+    with NitrovaultClient("models.example.com:443", expect=expect, token=token) as client:
+        print(client.attestation.pcrs[0].hex(), client.fingerprint)
         vectors = client.embed(["A man is eating food.", "A man is eating bread."])
 """
 
@@ -29,37 +43,80 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import socket
+import ssl
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from types import MappingProxyType, TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import numpy as np
 from cryptography import x509
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from grpc_health.v1 import health_pb2
 
 from nitrovault.attestation import Expectations, VerifiedAttestation, verify_document
-from nitrovault.errors import ClientError, ConfigError
+from nitrovault.bindings import EnclaveBindings
+from nitrovault.errors import (
+    BindingError,
+    ClientError,
+    ConfigError,
+    TlsBindingError,
+    TlsIdentityError,
+)
+from nitrovault.identity import certificate_fingerprint, spki_sha256
+from nitrovault.policy.manifest import load_manifest
+from nitrovault.receipts import Receipt, check_receipt
 from nitrovault.rpc.gen.nitrovault.v1 import inference_pb2 as pb
-from nitrovault.rpc.gen.nitrovault.v1 import inference_pb2_grpc as pb_grpc
 from nitrovault.rpc.tensors import TensorFormatError, from_numpy, to_numpy
 
-__all__ = ["ModelInfo", "NitrovaultClient", "Receipted", "ServingLimits"]
+__all__ = ["Expect", "ModelInfo", "NitrovaultClient", "Receipted", "ServingLimits", "probe_certificate"]
 
 log = logging.getLogger(__name__)
-R = TypeVar("R")
 
 #: trailing metadata key the enclave puts the correlation id of an INTERNAL error in
 CORRELATION_KEY = "x-correlation-id"
-#: bytes of the nonce :meth:`NitrovaultClient.attest_verified` sends (the enclave accepts up to 64)
+#: bytes of the nonce sent with each connection's ``Attest`` (the enclave accepts up to 64)
 NONCE_LEN = 32
-#: how old a document :meth:`NitrovaultClient.attest_verified` accepts (it was requested just now)
+#: how old a document the client accepts (it was requested just now)
 ATTEST_MAX_AGE = timedelta(minutes=5)
 #: largest response the client accepts; the enclave bounds its own responses lower (Info.limits)
 MAX_RESPONSE_BYTES = 64 << 20
+_SERVICE = "/nitrovault.v1.Inference/"
+_HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+
+
+@dataclass(frozen=True)
+class Expect:
+    """What the client requires of the enclave before it sends anything.
+
+    ``pcrs``: index -> exact 48-byte value (at least PCR0; the image build's ``pcr-manifest.json`` has
+    0, 1, 2); ``root``: the attestation trust root, ``None`` = the pinned AWS Nitro Enclaves Root G1;
+    ``ca``: optional PEM of the owner's CA when the enclave's identity is CA-issued: the server's chain
+    must then validate to it for the certificate's name as well.
+    """
+
+    pcrs: Mapping[int, bytes] = field(hash=False)
+    root: x509.Certificate | None = field(default=None, compare=False)
+    ca: bytes | None = None
+
+    def __post_init__(self) -> None:
+        checked = Expectations(pcrs=dict(self.pcrs))  # the verifier's own checks: 48 bytes, 0..31
+        if 0 not in checked.pcrs:
+            raise ConfigError("expect at least PCR0 (the enclave image): without it nothing is proven")
+        object.__setattr__(self, "pcrs", checked.pcrs)
+
+    @classmethod
+    def from_manifest(cls, path: str | Path, *, root: x509.Certificate | None = None,
+                      ca: bytes | None = None) -> Expect:
+        """The PCRs of an image build's ``pcr-manifest.json``."""
+        return cls(pcrs=dict(load_manifest(Path(path)).pcrs), root=root, ca=ca)
 
 
 @dataclass(frozen=True)
@@ -75,7 +132,7 @@ class ServingLimits:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What ``Info`` reports. Not attested: compare with :meth:`NitrovaultClient.attest_verified`."""
+    """What ``Info`` reports (over the attested connection, but not itself signed)."""
 
     model_id: str
     model_version: str
@@ -98,19 +155,109 @@ class Receipted:
     receipt: bytes
     #: the response message serialized deterministically with ``receipt`` cleared (``--response FILE``)
     response: bytes
+    #: the request message exactly as sent (``--request FILE``); empty when unknown
+    request: bytes = b""
 
     @classmethod
-    def of(cls, response: Any) -> Receipted:
+    def of(cls, response: Any, request: bytes = b"") -> Receipted:
         import cbor2
 
         if not response.HasField("receipt"):
-            return cls(b"", b"")
+            return cls(b"", b"", request)
         body, signature = bytes(response.receipt.payload), bytes(response.receipt.signature)
         unsigned = type(response)()
         unsigned.CopyFrom(response)
         unsigned.ClearField("receipt")
         receipt = cbor2.dumps([body, signature], canonical=True)
-        return cls(receipt, unsigned.SerializeToString(deterministic=True))
+        return cls(receipt, unsigned.SerializeToString(deterministic=True), request)
+
+
+# -- steps 1 and 2: the server's certificate -----------------------------------------------------------------
+
+
+def _socket_address(target: str) -> tuple[int, Any, str]:
+    """(family, address, host) of a gRPC target ``host:port``, ``[v6]:port`` or ``unix:/path``."""
+    if target.startswith("unix:"):
+        path = target.removeprefix("unix:").removeprefix("//")
+        return socket.AF_UNIX, path, "localhost"
+    host = target.removeprefix("dns:").removeprefix("ipv4:").removeprefix("ipv6:").lstrip("/")
+    if host.startswith("["):
+        end = host.find("]")
+        name, port = host[1:end], host[end + 2:]
+    else:
+        name, _, port = host.rpartition(":")
+    if not name or not port.isdigit():
+        raise ConfigError(f"target must be host:port or unix:/path, got {target!r}")
+    return socket.AF_UNSPEC, (name, int(port)), name
+
+
+def probe_certificate(target: str, *, timeout: float, ca: bytes | None = None,
+                      server_name: str | None = None) -> x509.Certificate:
+    """Step 1: a TLS 1.3 handshake with ALPN h2; the server's leaf certificate.
+
+    Without ``ca`` nothing is trusted yet (the attestation decides); with it the chain must validate to
+    ``ca`` for ``server_name``. :class:`TlsIdentityError` when the server is not TLS 1.3 + h2 or its
+    chain does not validate; :class:`ClientError` ``UNAVAILABLE`` when it cannot be reached.
+    """
+    family, address, host = _socket_address(target)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.set_alpn_protocols(["h2"])
+    if ca is None:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    else:
+        context.load_verify_locations(cadata=ca.decode("ascii", "replace"))
+        context.check_hostname = server_name is not None
+    try:
+        if family == socket.AF_UNIX:
+            raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            raw.settimeout(timeout)
+            raw.connect(address)
+        else:
+            raw = socket.create_connection(address, timeout=timeout)
+    except OSError as err:
+        raise ClientError("UNAVAILABLE", f"cannot connect to {target} ({type(err).__name__})") from None
+    try:
+        with context.wrap_socket(raw, server_hostname=server_name or host) as tls:
+            der = tls.getpeercert(binary_form=True)
+            if tls.version() != "TLSv1.3" or tls.selected_alpn_protocol() != "h2":
+                raise TlsIdentityError("the server did not negotiate TLS 1.3 with ALPN h2")
+    except ssl.SSLCertVerificationError as err:
+        message = f"the server's certificate does not validate to the CA: {err.verify_message}"
+        raise TlsIdentityError(message) from None
+    except ssl.SSLError as err:
+        raise TlsIdentityError(f"TLS handshake with {target} failed ({err.reason or type(err).__name__})") \
+            from None
+    except OSError as err:
+        raise ClientError("UNAVAILABLE", f"TLS handshake with {target} failed ({type(err).__name__})") \
+            from None
+    finally:
+        raw.close()
+    if not der:
+        raise TlsIdentityError("the server presented no certificate")
+    return x509.load_der_x509_certificate(der)
+
+
+def _dns_name(certificate: x509.Certificate) -> str:
+    try:
+        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        names = None
+    dns = names.get_values_for_type(x509.DNSName) if names is not None else []
+    if not dns:
+        raise TlsIdentityError("the server's certificate names no DNS host (subjectAltName)")
+    return dns[0]
+
+
+@dataclass(frozen=True)
+class _Session:
+    """What one verified connection established: the pinned certificate and the attested keys."""
+
+    certificate: x509.Certificate
+    attestation: VerifiedAttestation
+    receipt_key: ed25519.Ed25519PublicKey
+    pcr0: bytes
 
 
 class NitrovaultClient:
@@ -120,37 +267,120 @@ class NitrovaultClient:
         self,
         target: str,
         *,
+        expect: Expect | None = None,
         token: str | None = None,
-        root_certificates: bytes | None = None,
-        server_name: str | None = None,
         timeout: float = 30.0,
+        verify_receipts: bool = True,
+        server_name: str | None = None,
+        clock: Callable[[], datetime] | None = None,
+        rng: Callable[[int], bytes] = os.urandom,
+        unsafe_plaintext: bool = False,
     ) -> None:
         if token is not None:
             _check_token(token)
-        if server_name is not None and root_certificates is None:
-            raise ConfigError("server_name only applies to TLS: give root_certificates too")
+        if expect is None and not unsafe_plaintext:
+            raise ConfigError("give expect=Expect(...) (the PCRs you trust, or Expect.from_manifest); "
+                              "unsafe_plaintext=True is only for a plaintext test server")
+        if expect is not None and unsafe_plaintext:
+            raise ConfigError("expect and unsafe_plaintext exclude each other")
         self.target = target
         self.timeout = timeout
-        self._tls = root_certificates is not None
+        self.expect = expect
+        self.verify_receipts = verify_receipts and not unsafe_plaintext
+        self._server_name = server_name
+        self._clock = clock or (lambda: datetime.now(UTC))
+        self._rng = rng
         self._metadata: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {token}"),) if token is not None else ()
         )
-        options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", MAX_RESPONSE_BYTES)]
-        if root_certificates is not None:
-            if server_name is not None:
-                options.append(("grpc.ssl_target_name_override", server_name))
-            credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
-            self._channel = grpc.secure_channel(target, credentials, options=options)
-        else:
+        self._lock = threading.Lock()
+        self._channel: grpc.Channel | None = None
+        self._session: _Session | None = None
+        self._stale = False
+        if unsafe_plaintext:
+            log.warning("unsafe_plaintext: %s is not verified and the connection is not encrypted", target)
             if token is not None and not _is_local(target):
-                log.warning("sending a bearer token without TLS to %s; give root_certificates", target)
-            self._channel = grpc.insecure_channel(target, options=options)
-        self._stub = pb_grpc.InferenceStub(self._channel)  # type: ignore[no-untyped-call]  # generated code
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+                log.warning("sending a bearer token without TLS to %s", target)
+            self._channel = grpc.insecure_channel(target, options=self._options())
 
     def __repr__(self) -> str:
-        tls = "tls" if self._tls else "plaintext"
-        return f"NitrovaultClient({self.target!r}, {tls}, token={'yes' if self._metadata else 'no'})"
+        mode = "attested" if self.expect is not None else "unsafe-plaintext"
+        return f"NitrovaultClient({self.target!r}, {mode}, token={'yes' if self._metadata else 'no'})"
+
+    # -- the verified connection -------------------------------------------------------------------------
+
+    def _options(self, server_name: str | None = None) -> list[tuple[str, Any]]:
+        options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", MAX_RESPONSE_BYTES)]
+        if server_name is not None:
+            options.append(("grpc.ssl_target_name_override", server_name))
+        return options
+
+    def connect(self) -> VerifiedAttestation:
+        """Run steps 1-4 (module docstring) now if the connection is not verified; return the attestation."""
+        return self._verified().attestation
+
+    def _verified(self) -> _Session:
+        with self._lock:
+            if self._session is not None and not self._stale:
+                return self._session
+            return self._establish()
+
+    def _establish(self) -> _Session:
+        expect = self.expect
+        if expect is None:  # unsafe_plaintext: nothing to verify
+            raise ConfigError("this client has no expectations to verify (unsafe_plaintext)")
+        certificate = probe_certificate(self.target, timeout=self.timeout, ca=expect.ca,
+                                        server_name=self._server_name)  # 1
+        name = self._server_name or _dns_name(certificate)
+        pinned = certificate.public_bytes(serialization.Encoding.PEM)
+        credentials = grpc.ssl_channel_credentials(root_certificates=pinned)  # 2
+        if self._channel is not None:
+            self._channel.close()
+        channel = grpc.secure_channel(self.target, credentials, options=self._options(name))
+        self._channel = channel
+        self._session = None
+        self._stale = False
+        nonce = self._rng(NONCE_LEN)
+        if len(nonce) != NONCE_LEN:
+            raise ConfigError(f"rng must return {NONCE_LEN} bytes")
+        raw = self._invoke(channel, "Attest", pb.AttestRequest(nonce=nonce).SerializeToString(),
+                           self.timeout, metadata=())  # 3: no token yet
+        document = bytes(pb.AttestResponse.FromString(raw).document)
+        verified = verify_document(document, at=self._clock(), root=expect.root, expect=Expectations(
+            pcrs=expect.pcrs, nonce=nonce, max_age=ATTEST_MAX_AGE))
+        try:  # 4
+            bindings = EnclaveBindings.parse(verified.user_data)
+        except BindingError as err:
+            raise TlsBindingError(f"the attestation document binds no TLS key: {err}") from None
+        if bindings.tls_spki_sha256 != spki_sha256(certificate):
+            raise TlsBindingError("the attested enclave's TLS key is not the key of this connection")
+        session = _Session(certificate=certificate, attestation=verified,
+                           receipt_key=ed25519.Ed25519PublicKey.from_public_bytes(bindings.receipt_key),
+                           pcr0=verified.pcrs[0])
+        channel.subscribe(self._on_connectivity, try_to_connect=False)
+        self._session = session
+        return session
+
+    def _on_connectivity(self, state: grpc.ChannelConnectivity) -> None:
+        # A lost connection means the next one may be another instance: attest it before the next call.
+        if state in (grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.IDLE,
+                     grpc.ChannelConnectivity.SHUTDOWN):
+            self._stale = True
+
+    @property
+    def attestation(self) -> VerifiedAttestation:
+        """The verified attestation of the current connection (connects first when needed)."""
+        return self._verified().attestation
+
+    @property
+    def certificate_pem(self) -> bytes:
+        """The pinned certificate, PEM (for ``--cacert`` of grpcurl and other clients)."""
+        return self._verified().certificate.public_bytes(serialization.Encoding.PEM)
+
+    @property
+    def fingerprint(self) -> str:
+        """Hex SHA-256 of the pinned certificate."""
+        return certificate_fingerprint(self._verified().certificate)
 
     # -- calls -------------------------------------------------------------------------------------------
 
@@ -161,16 +391,16 @@ class NitrovaultClient:
     def embed_with_receipt(
         self, texts: Sequence[str], *, normalize: bool = True
     ) -> tuple[np.ndarray, Receipted]:
-        """:meth:`embed` plus the enclave's signed receipt of the call (not verified here: use
-        ``nitrovault receipt verify`` or :func:`nitrovault.receipts.verify_receipt` with an attestation)."""
+        """:meth:`embed` plus the enclave's signed receipt of the call (verified unless
+        ``verify_receipts=False``) and the exact bytes it covers."""
         if isinstance(texts, str):
             raise TypeError("texts must be a sequence of strings, not one string")
         request = pb.EmbedRequest(texts=list(texts), normalize=normalize)
-        response = self._call(self._stub.Embed, request)
+        response, receipted = self._receipted("Embed", request, pb.EmbedResponse)
         vectors = _decode(response.embeddings)
         if vectors.dtype != np.float32 or vectors.ndim != 2 or vectors.shape[0] != len(request.texts):
             raise ClientError("INTERNAL", "malformed response: embeddings are not float32 [texts, dim]")
-        return vectors, Receipted.of(response)
+        return vectors, receipted
 
     def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the model on named arrays; the model's named outputs (bfloat16 ones widened to float32)."""
@@ -179,13 +409,14 @@ class NitrovaultClient:
     def infer_with_receipt(self, inputs: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], Receipted]:
         """:meth:`infer` plus the enclave's signed receipt of the call (see :meth:`embed_with_receipt`)."""
         tensors = [from_numpy(name, np.asarray(array)) for name, array in inputs.items()]
-        response = self._call(self._stub.Infer, pb.InferRequest(inputs=pb.Tensors(tensors=tensors)))
+        request = pb.InferRequest(inputs=pb.Tensors(tensors=tensors))
+        response, receipted = self._receipted("Infer", request, pb.InferResponse)
         if response.WhichOneof("body") != "outputs":
             raise ClientError("INTERNAL", "malformed response: no plaintext outputs")
-        return {tensor.name: _decode(tensor) for tensor in response.outputs.tensors}, Receipted.of(response)
+        return {tensor.name: _decode(tensor) for tensor in response.outputs.tensors}, receipted
 
     def info(self) -> ModelInfo:
-        response = self._call(self._stub.Info, pb.InfoRequest())
+        response = pb.InfoResponse.FromString(self._call("Info", pb.InfoRequest().SerializeToString()))
         limits = response.limits
         return ModelInfo(
             model_id=response.model_id,
@@ -205,38 +436,21 @@ class NitrovaultClient:
         )
 
     def attest(self, nonce: bytes | None = None) -> bytes:
-        """A fresh attestation document (COSE_Sign1 bytes) binding ``nonce``; **not** verified."""
-        response = self._call(self._stub.Attest, pb.AttestRequest(nonce=nonce or b""))
-        return bytes(response.document)
-
-    def attest_verified(
-        self,
-        *,
-        root: x509.Certificate | None,
-        at: datetime | None = None,
-        expect_pcrs: Mapping[int, bytes] | None = None,
-        rng: Callable[[int], bytes] = os.urandom,
-    ) -> VerifiedAttestation:
-        """Ask for a document binding a fresh random nonce and verify it.
-
-        ``root=None`` means the pinned AWS Nitro Enclaves Root G1 (say it explicitly); locally, pass the
-        local PKI's root. ``at`` defaults to now. Raises the :class:`~nitrovault.errors.AttestationError`
-        subclass of the failed step (``PCRMismatchError`` when ``expect_pcrs`` differ).
-        """
-        nonce = rng(NONCE_LEN)
-        if len(nonce) != NONCE_LEN:
-            raise ConfigError(f"rng must return {NONCE_LEN} bytes")
-        document = self.attest(nonce)
-        expect = Expectations(pcrs=dict(expect_pcrs or {}), nonce=nonce, max_age=ATTEST_MAX_AGE)
-        return verify_document(document, at=at or datetime.now(UTC), root=root, expect=expect)
+        """A fresh attestation document (COSE_Sign1 bytes) binding ``nonce``, over the verified connection
+        (the connection itself was attested with the client's own nonce); not verified again here."""
+        raw = self._call("Attest", pb.AttestRequest(nonce=nonce or b"").SerializeToString(), token=False)
+        return bytes(pb.AttestResponse.FromString(raw).document)
 
     def health(self, service: str = "") -> str:
         """The standard health status name: ``SERVING``, ``NOT_SERVING``, ``SERVICE_UNKNOWN``, ``UNKNOWN``."""
-        response = self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service))
-        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+        raw = self._call(_HEALTH_CHECK, health_pb2.HealthCheckRequest(service=service).SerializeToString(),
+                         token=False)
+        status = health_pb2.HealthCheckResponse.FromString(raw).status
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(status))
 
     def wait_until_serving(self, timeout: float, *, service: str = "", poll: float = 0.1) -> None:
-        """Poll health until it says SERVING; ClientError ``DEADLINE_EXCEEDED`` after ``timeout`` seconds."""
+        """Poll (connect, attest, health) until SERVING; ClientError ``DEADLINE_EXCEEDED`` after ``timeout``.
+        A verification failure is raised at once: waiting cannot fix it."""
         deadline = time.monotonic() + timeout
         last = "no answer"
         while True:
@@ -244,29 +458,53 @@ class NitrovaultClient:
             if remaining <= 0:
                 raise ClientError("DEADLINE_EXCEEDED", f"not SERVING after {timeout:g}s (last: {last})")
             try:
-                request = health_pb2.HealthCheckRequest(service=service)
-                status = self._call(self._health.Check, request, timeout=min(remaining, 5.0))
+                last = self.health(service)
+                if last == "SERVING":
+                    return
             except ClientError as err:
                 if err.code not in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
                     raise
                 last = err.code
-            else:
-                last = str(health_pb2.HealthCheckResponse.ServingStatus.Name(status.status))
-                if last == "SERVING":
-                    return
             time.sleep(min(poll, max(0.0, deadline - time.monotonic())))
 
     # -- plumbing ------------------------------------------------------------------------------------------
 
-    def _call(self, method: Callable[..., R], request: Any, *, timeout: float | None = None) -> R:
-        deadline = self.timeout if timeout is None else timeout
+    def _receipted(self, method: str, request: Any, response_type: Any) -> tuple[Any, Receipted]:
+        request_bytes = request.SerializeToString()
+        response = response_type.FromString(self._call(method, request_bytes))
+        receipted = Receipted.of(response, request_bytes)
+        if self.verify_receipts:
+            session = self._verified()
+            if not receipted.receipt:
+                raise ClientError("INTERNAL", f"the enclave sent no receipt for {method}")
+            check_receipt(Receipt.from_bytes(receipted.receipt), public_key=session.receipt_key,
+                          pcr0=session.pcr0, response=receipted.response, request=request_bytes)
+        return response, receipted
+
+    def _call(self, method: str, request: bytes, *, token: bool = True) -> bytes:
+        if self.expect is not None:
+            self._verified()
+        channel = self._channel
+        if channel is None:
+            raise ClientError("CANCELLED", "the client is closed")
+        return self._invoke(channel, method, request, self.timeout, metadata=self._metadata if token else ())
+
+    @staticmethod
+    def _invoke(channel: grpc.Channel, method: str, request: bytes, timeout: float,
+                metadata: tuple[tuple[str, str], ...]) -> bytes:
+        path = method if method.startswith("/") else _SERVICE + method
+        stub = channel.unary_unary(path, request_serializer=None, response_deserializer=None)
         try:
-            return method(request, timeout=deadline, metadata=self._metadata)
+            return bytes(stub(request, timeout=timeout, metadata=metadata))
         except grpc.RpcError as err:
             raise _client_error(err) from None
 
     def close(self) -> None:
-        self._channel.close()
+        with self._lock:
+            if self._channel is not None:
+                self._channel.close()
+            self._channel = None
+            self._session = None
 
     def __enter__(self) -> NitrovaultClient:
         return self

@@ -22,7 +22,8 @@ single opaque failure (:class:`SealedModelError`) so that it is no decryption or
     │       ├── NonceMismatchError
     │       ├── PublicKeyMismatchError
     │       ├── UserDataMismatchError
-    │       └── DocumentTooOldError
+    │       ├── DocumentTooOldError
+    │       └── TlsBindingError            the document binds another TLS key than this connection's
     ├── EnvelopeError                    CMS (CiphertextForRecipient) could not be opened
     │   └── UnsupportedAlgorithmError      an algorithm other than RSAES-OAEP-SHA256 / AES-256-CBC
     ├── KeyReleaseError                  KMS refused or failed to release key material
@@ -39,6 +40,8 @@ single opaque failure (:class:`SealedModelError`) so that it is no decryption or
     │   ├── AuthenticationError            bad/missing bearer token          -> UNAUTHENTICATED
     │   ├── PermissionDeniedError          valid token, scope does not allow -> PERMISSION_DENIED
     │   └── QuotaExceededError             rate/daily quota used up -> RESOURCE_EXHAUSTED (retry_after_s)
+    ├── BindingError                     a document's ``user_data`` is not the nitrovault/v1 layout
+    ├── TlsIdentityError                 a TLS identity or a server's TLS session is unusable
     ├── ClientError                      a nitrovault.client call failed (gRPC ``code`` name, ``details``)
     ├── ReceiptError                     a response receipt failed verification (``reason`` names the check)
     └── AuditError                       an audit record was refused (raw inputs/outputs, bad value types)
@@ -128,6 +131,11 @@ class UserDataMismatchError(ExpectationError):
 
 class DocumentTooOldError(ExpectationError):
     step = "freshness"
+
+
+class TlsBindingError(ExpectationError):
+    step = "tls-binding"
+    hint = "the server that answered is not the attested enclave (or the enclave has another TLS identity)"
 
 
 # -- key release ---------------------------------------------------------------------------------------
@@ -252,6 +260,19 @@ class AuditError(NitrovaultError):
 
 
 # -- client ------------------------------------------------------------------------------------------------
+
+
+class BindingError(NitrovaultError):
+    """An attestation document's ``user_data`` does not hold the enclave bindings (nitrovault.bindings)."""
+
+    step = "user-data"
+
+
+class TlsIdentityError(NitrovaultError):
+    """A TLS identity (key + chain) is malformed or inconsistent, or a server's TLS session does not meet
+    the client's floor (TLS 1.3, ALPN h2, a certificate chaining to the given CA)."""
+
+    step = "tls"
 
 
 class ClientError(NitrovaultError):

@@ -5,11 +5,7 @@ attestation document's ``user_data`` (:func:`enclave_user_data`). Each response 
 :class:`Receipt` signed with that key; anyone holding the attestation document verifies it offline with
 :func:`verify_receipt`. The same key signs the audit log's checkpoints (:mod:`nitrovault.audit`).
 
-``user_data`` layout (room for more keys later; unknown entry types are skipped by readers)::
-
-    user_data = b"nitrovault/v1" entry*
-    entry     = type:u8 length:u8 value[length]
-    type 0x01 = the Ed25519 receipt/audit public key, raw, 32 bytes (exactly one)
+``user_data`` layout: :mod:`nitrovault.bindings` (type 0x01 is the Ed25519 receipt/audit public key).
 
 Receipt encoding: **deterministic CBOR** (RFC 8949 §4.2 core deterministic encoding, ``cbor2`` with
 ``canonical=True``), chosen over canonical JSON because the hashes, digests and PCR travel as byte strings
@@ -33,7 +29,8 @@ one encoding. Verification steps (:func:`verify_receipt`), each failing with
 4. ``other-key``: the receipt's ``kid`` is not that key's (signed by another enclave or boot);
 5. ``signature``: the Ed25519 signature does not verify;
 6. ``pcr0``: the receipt's PCR0 is not the document's;
-7. ``response``: (only when the response bytes are given) their SHA-256 is not the receipt's ``resp``.
+7. ``response``: (only when the response bytes are given) their SHA-256 is not the receipt's ``resp``;
+8. ``request``: (only when the request bytes are given) their SHA-256 is not the receipt's ``req``.
 
 Example::
 
@@ -58,13 +55,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from nitrovault.attestation import verify_document
-from nitrovault.errors import AttestationError, ConfigError, ReceiptError
+from nitrovault.bindings import USER_DATA_MAGIC, EnclaveBindings
+from nitrovault.errors import AttestationError, BindingError, ConfigError, ReceiptError
 
 __all__ = [
     "MAX_RECEIPT_BYTES",
     "USER_DATA_MAGIC",
     "Receipt",
     "ReceiptSigner",
+    "check_receipt",
     "enclave_user_data",
     "key_id",
     "public_key_from_user_data",
@@ -73,8 +72,6 @@ __all__ = [
 
 Clock = Callable[[], datetime]
 
-USER_DATA_MAGIC = b"nitrovault/v1"
-USER_DATA_RECEIPT_KEY = 0x01
 RECEIPT_VERSION = 1
 MAX_RECEIPT_BYTES = 2048
 _SIGNING_CONTEXT = b"nitrovault-receipt-v1\x00"
@@ -102,32 +99,18 @@ def key_id(public_key: ed25519.Ed25519PublicKey) -> str:
 # -- user_data binding ---------------------------------------------------------------------------------------
 
 
-def enclave_user_data(public_key: ed25519.Ed25519PublicKey) -> bytes:
-    """The attestation ``user_data`` that binds the enclave's receipt/audit key (layout: module docstring)."""
-    raw = _raw(public_key)
-    return USER_DATA_MAGIC + bytes([USER_DATA_RECEIPT_KEY, len(raw)]) + raw
+def enclave_user_data(public_key: ed25519.Ed25519PublicKey, tls_spki_sha256: bytes | None = None) -> bytes:
+    """The attestation ``user_data`` binding the receipt/audit key (and the TLS key, once known)."""
+    return EnclaveBindings(receipt_key=_raw(public_key), tls_spki_sha256=tls_spki_sha256).encode()
 
 
 def public_key_from_user_data(user_data: bytes | None) -> ed25519.Ed25519PublicKey:
     """The receipt/audit key bound in ``user_data``; ``ReceiptError`` (``no-key``) when absent/invalid."""
-    if not user_data or not user_data.startswith(USER_DATA_MAGIC):
-        raise ReceiptError("no-key", "the attestation document's user_data carries no nitrovault key")
-    pos, found = len(USER_DATA_MAGIC), None
-    while pos < len(user_data):
-        if pos + 2 > len(user_data):
-            raise ReceiptError("no-key", "the attestation document's user_data is truncated")
-        kind, length = user_data[pos], user_data[pos + 1]
-        value = user_data[pos + 2:pos + 2 + length]
-        if len(value) != length:
-            raise ReceiptError("no-key", "the attestation document's user_data is truncated")
-        if kind == USER_DATA_RECEIPT_KEY:
-            if found is not None or length != 32:
-                raise ReceiptError("no-key", "the attestation document's user_data has a malformed key entry")
-            found = value
-        pos += 2 + length
-    if found is None:
-        raise ReceiptError("no-key", "the attestation document's user_data carries no receipt key")
-    return ed25519.Ed25519PublicKey.from_public_bytes(found)
+    try:
+        bindings = EnclaveBindings.parse(user_data)
+    except BindingError as err:
+        raise ReceiptError("no-key", str(err)) from None
+    return ed25519.Ed25519PublicKey.from_public_bytes(bindings.receipt_key)
 
 
 # -- receipts ------------------------------------------------------------------------------------------------
@@ -239,8 +222,8 @@ class ReceiptSigner:
 
 
 def verify_receipt(receipt_bytes: bytes, *, attestation_doc: bytes, root: x509.Certificate | None,
-                   at: datetime, response: bytes | None = None) -> Receipt:
-    """Run verification steps 1-7 (module docstring); return the verified receipt.
+                   at: datetime, response: bytes | None = None, request: bytes | None = None) -> Receipt:
+    """Run verification steps 1-8 (module docstring); return the verified receipt.
 
     ``root=None`` means the pinned AWS Nitro root; ``at`` is the time the attestation document is checked
     at (a recorded document only verifies at a pinned time, usually its own timestamp).
@@ -252,14 +235,24 @@ def verify_receipt(receipt_bytes: bytes, *, attestation_doc: bytes, root: x509.C
         raise ReceiptError("attestation",
                            f"attestation document does not verify: {err.step}: {err}") from None
     public_key = public_key_from_user_data(verified.document.user_data)  # 3
+    pcr0 = verified.document.pcrs.get(0, b"")
+    return check_receipt(receipt, public_key=public_key, pcr0=pcr0, response=response, request=request)
+
+
+def check_receipt(receipt: Receipt, *, public_key: ed25519.Ed25519PublicKey, pcr0: bytes,
+                  response: bytes | None = None, request: bytes | None = None) -> Receipt:
+    """Steps 4-8 against a key and PCR0 taken from an already verified attestation document (the client
+    checks every receipt of a session against the document it verified when it connected)."""
     if receipt.key_id != key_id(public_key):  # 4
         raise ReceiptError("other-key", "receipt was signed by another key than this enclave's")
     try:  # 5
         public_key.verify(receipt.signature, _SIGNING_CONTEXT + receipt.body)
     except InvalidSignature:
         raise ReceiptError("signature", "receipt signature does not verify") from None
-    if receipt.pcr0 != verified.document.pcrs.get(0):  # 6
+    if receipt.pcr0 != pcr0:  # 6
         raise ReceiptError("pcr0", "receipt PCR0 differs from the attestation document's")
     if response is not None and hashlib.sha256(response).digest() != receipt.response_sha256:  # 7
         raise ReceiptError("response", "response does not match the receipt's response hash")
+    if request is not None and hashlib.sha256(request).digest() != receipt.request_sha256:  # 8
+        raise ReceiptError("request", "request does not match the receipt's request hash")
     return receipt
