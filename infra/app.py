@@ -7,7 +7,6 @@ Context keys (``-c key=value``, or ``cdk.json``):
 ``account``               12-digit account (else ``CDK_DEFAULT_ACCOUNT``, else the placeholder
                           ``111122223333``, with a warning: fine for synth, wrong for deploy)
 ``region``                region (else ``CDK_DEFAULT_REGION``, else ``us-east-1``)
-``certificateArn``        ACM certificate for the TLS listener (placeholder + warning when absent)
 ``modelId``, ``modelVersion``   the model's encryption context (default ``model`` / ``1``)
 ``namePrefix``            IAM role names and alias prefix (default ``nitrovault``)
 ``instanceType``          enclave-enabled Nitro instance type (default ``m6i.xlarge``)
@@ -21,6 +20,11 @@ Context keys (``-c key=value``, or ``cdk.json``):
 ``nag``                   ``false`` to skip the cdk-nag AwsSolutions checks (default on)
 ``unsafeAllowDebugPcrs``  ``true`` lets all-zero (debug) PCRs into the key policy: NEVER in production
 ========================  ==========================================================================
+
+There is no certificate context: TLS ends inside the enclave and the load balancer forwards TCP (TLS
+passthrough), so clients verify the enclave's attestation and pin its certificate instead of trusting
+an ACM one. The retired ``certificateArn`` key is refused (:data:`RETIRED_CONTEXT_KEYS`), so a pipeline
+still passing it learns that the load balancer no longer terminates TLS.
 
 Invariants: the PCRs come only from the manifest (one format, ``nitrovault.policy.manifest``, read
 through ``infra.pcr_manifest``); anything that weakens the key policy is named ``unsafe*`` and logs a
@@ -53,8 +57,13 @@ from nitrovault.errors import ConfigError
 log = logging.getLogger(__name__)
 
 PLACEHOLDER_ACCOUNT = "111122223333"
-PLACEHOLDER_CERTIFICATE = "arn:aws:acm:{region}:{account}:certificate/00000000-0000-0000-0000-000000000000"
 STACK_NAME = "Nitrovault"
+#: context keys that no longer mean anything, and why (given one, the app stops instead of ignoring it)
+RETIRED_CONTEXT_KEYS = {
+    "certificateArn": "TLS now ends inside the enclave and the load balancer passes it through as TCP, "
+    "so there is no load balancer certificate; clients pin the enclave's certificate "
+    "(nitrovault attest pin, see docs/deploy.md)",
+}
 _ACCOUNT = re.compile(r"\d{12}")
 _TRUE = {"true", "1", "yes"}
 _FALSE = {"false", "0", "no", ""}
@@ -81,6 +90,9 @@ def _int(value: object, name: str) -> int:
 def props_from_context(ctx: Mapping[str, Any], env: Mapping[str, str] | None = None) -> NitrovaultStackProps:
     """Build the stack props from CDK context (``ctx``) and the CDK CLI's environment (``env``)."""
     env = os.environ if env is None else env
+    for key, why in RETIRED_CONTEXT_KEYS.items():
+        if ctx.get(key) is not None:
+            raise ConfigError(f"context {key} is no longer used: {why}; remove -c {key}=...")
     path = ctx.get("pcrManifest")
     if not path:
         raise ConfigError("context pcrManifest is required: -c pcrManifest=path/to/pcr-manifest.json")
@@ -95,16 +107,11 @@ def props_from_context(ctx: Mapping[str, Any], env: Mapping[str, str] | None = N
     if not _ACCOUNT.fullmatch(account):
         raise ConfigError(f"context account must be 12 digits, not {account!r}")
     region = str(ctx.get("region") or env.get("CDK_DEFAULT_REGION") or "us-east-1")
-    certificate = str(ctx.get("certificateArn") or "")
-    if not certificate:
-        certificate = PLACEHOLDER_CERTIFICATE.format(region=region, account=account)
-        log.warning("no certificateArn given: using a placeholder certificate ARN; deploy will fail")
     admins = [a.strip() for a in str(ctx.get("keyAdminArns") or "").split(",") if a.strip()]
     return NitrovaultStackProps(
         account=account,
         region=region,
         manifest=manifest,
-        certificate_arn=certificate,
         model_id=str(ctx.get("modelId") or "model"),
         model_version=str(ctx.get("modelVersion") or "1"),
         name_prefix=str(ctx.get("namePrefix") or "nitrovault"),
@@ -128,7 +135,6 @@ _CONTEXT_KEYS = (
     "pcrManifest",
     "account",
     "region",
-    "certificateArn",
     "modelId",
     "modelVersion",
     "namePrefix",
@@ -151,7 +157,7 @@ def build_app(
 ) -> tuple[App, NitrovaultStack]:
     """The app with its one stack and (unless ``nag=false``) the cdk-nag AwsSolutions checks."""
     app = App(context=dict(context or {}), outdir=outdir)
-    ctx = {k: app.node.try_get_context(k) for k in _CONTEXT_KEYS}
+    ctx = {k: app.node.try_get_context(k) for k in (*_CONTEXT_KEYS, *RETIRED_CONTEXT_KEYS)}
     props = props_from_context({k: v for k, v in ctx.items() if v is not None})
     stack = NitrovaultStack(app, STACK_NAME, props=props)
     apply_suppressions(stack)

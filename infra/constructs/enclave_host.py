@@ -1,5 +1,5 @@
 """The enclave hosts: a launch template for an enclave-enabled Nitro instance, an Auto Scaling group
-over several AZs, and a Network Load Balancer with a TLS listener in front.
+over several AZs, and a Network Load Balancer in front that passes TLS through (layer 4, no certificate).
 
 Invariants:
 
@@ -13,15 +13,20 @@ Invariants:
   the parent's configuration (:func:`parent_config`, loaded by :class:`parent_app.config.ParentConfig`)
   to ``/etc/nitrovault/parent.json`` (0600, root) and installs exactly one nitrovault unit,
   ``nitrovault-parent.service`` (``python -m parent_app /etc/nitrovault/parent.json``): the parent
-  runs the bridge, the relays, the host services *and* supervises the enclave through ``nitro-cli``,
-  beside AWS's ``nitro-enclaves-allocator.service`` and ``nitro-enclaves-vsock-proxy.service``.
-  Region, sizes and names are validated or typed values, never free text, and every file is written
-  from a quoted heredoc, so nothing can inject shell through them.
-* The parent listens in plaintext on the target group's port: TLS runs from the client to the load
-  balancer, whose listener terminates it; inside the VPC only the load balancer's security group may
-  reach that port. (Payload confidentiality against the host needs the sealed-payload mode.)
-* The load balancer terminates client TLS with the given certificate (TLS 1.3 policy) and health-checks
-  the parent's gRPC port over TCP; the Auto Scaling group uses those ELB health checks.
+  runs the TCP relay, the health endpoint, the host services *and* supervises the enclave through
+  ``nitro-cli``, beside AWS's ``nitro-enclaves-allocator.service`` and
+  ``nitro-enclaves-vsock-proxy.service``. Region, sizes and names are validated or typed values, never
+  free text, and every file is written from a quoted heredoc, so nothing can inject shell through them.
+* TLS ends **inside the enclave**. The parent instance is untrusted: its public listener (``listen``,
+  the target group's port) is a layer-4 relay that copies TLS records between the load balancer and the
+  enclave's vsock port, and the load balancer's listener is plain TCP. Neither ever holds a certificate,
+  a private key or plaintext; clients authenticate the enclave by its attestation and pin its
+  certificate (``nitrovault attest pin``).
+* The load balancer health-checks the parent's ``health_listen`` port over HTTP (``GET /health``,
+  healthy only on 200, which the parent answers only while the enclave reports SERVING), so a host
+  whose enclave failed leaves the target group within about 20 s; the Auto Scaling group uses those
+  ELB health checks. Inside the VPC, only the load balancer's security group may reach the relay and
+  health ports, and the listener accepts only the client CIDR.
 
 The enclave image and the parent's wheelhouse are read from the weights store at boot (there is no
 internet route: see ``docs/deploy.md``).
@@ -65,6 +70,11 @@ PARENT_UNIT = "nitrovault-parent.service"
 AWS_UNITS = ("nitro-enclaves-allocator.service", "nitro-enclaves-vsock-proxy.service")
 #: The parent's command; the config path is appended.
 DEFAULT_PARENT_COMMAND = (f"{INSTALL_DIR}/venv/bin/python", "-m", "parent_app")
+#: The parent's TCP relay (``listen``): the target group's port; TLS records pass through to the enclave.
+DEFAULT_RELAY_PORT = 50051
+#: The parent's HTTP health endpoint (``health_listen``), the load balancer's health-check port.
+DEFAULT_HEALTH_PORT = 8080
+HEALTH_PATH = "/health"
 _ROLE_NAME = re.compile(r"[A-Za-z0-9+=,.@_-]{1,64}")
 
 
@@ -107,34 +117,43 @@ def systemd_unit(description: str, argv: Sequence[str], *, after: Sequence[str],
     )
 
 
+def _port(value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise ValueError(f"not a TCP port: {value!r}")
+    return value
+
+
 def parent_config(
-    *, region: str, bucket_name: str, grpc_port: int, memory_mib: int, cpu_count: int
+    *, region: str, bucket_name: str, relay_port: int, health_port: int, memory_mib: int, cpu_count: int
 ) -> dict[str, Any]:
     """The parent's ``ParentConfig`` for an enclave host, as a JSON-ready dict.
 
-    Plaintext listener on ``grpc_port`` (the load balancer terminates TLS), instance-role credentials
+    ``listen`` is the TCP relay on ``relay_port`` (TLS passthrough: the enclave terminates TLS, the
+    parent only copies ciphertext, so no certificate or key is configured here); ``health_listen`` is
+    the HTTP ``GET /health`` endpoint on ``health_port`` for the load balancer. Instance-role credentials
     from IMDSv2, sealed models from ``s3://BUCKET/models/``, the enclave started by ``nitro-cli`` from
     the image fetched at boot. ``kms_proxy_target`` is empty: AWS's vsock-proxy relays KMS.
-    ``bucket_name`` may be a CDK token (it resolves inside the user data).
+    ``bucket_name`` may be a CDK token (it resolves inside the user data). The relay's connection limits
+    keep ``parent_app``'s defaults.
 
-    >>> parent_config(region="eu-west-1", bucket_name="b", grpc_port=50051, memory_mib=4096,
-    ...               cpu_count=2)["enclave"]["kind"]
-    'nitro-cli'
+    >>> config = parent_config(region="eu-west-1", bucket_name="b", relay_port=50051, health_port=8080,
+    ...                        memory_mib=4096, cpu_count=2)
+    >>> config["listen"], config["health_listen"], config["enclave"]["kind"]
+    ('0.0.0.0:50051', '0.0.0.0:8080', 'nitro-cli')
     """
     kms_allowlist(region)  # validates the region
     allocator_yaml(memory_mib, cpu_count)  # validates the sizes
-    if isinstance(grpc_port, bool) or not isinstance(grpc_port, int) or not 1 <= grpc_port <= 65535:
-        raise ValueError(f"not a TCP port: {grpc_port!r}")
+    if _port(relay_port) == _port(health_port):
+        raise ValueError(f"the relay and the health endpoint need two ports, not both {relay_port}")
     return {
-        "listen": f"0.0.0.0:{grpc_port}",
+        "listen": f"0.0.0.0:{relay_port}",
+        "health_listen": f"0.0.0.0:{health_port}",
         "region": region,
         "run_dir": RUN_DIR,
         "audit_dir": AUDIT_DIR,
         "credentials": {"kind": "imds"},
         "models": {"kind": "s3", "bucket": bucket_name, "prefix": SEALED_PREFIX},
         "enclave": {"kind": "nitro-cli", "eif": EIF_PATH, "cpu_count": cpu_count, "memory_mib": memory_mib},
-        "tls_cert": "",
-        "tls_key": "",
         "kms_proxy_target": "",
     }
 
@@ -152,14 +171,14 @@ class EnclaveHost(Construct):
         host_subnets: ec2.SubnetSelection,
         role_name: str,
         weights_bucket: s3.IBucket,
-        certificate_arn: str,
         parent_log_group: logs.ILogGroup,
         enclave_log_group: logs.ILogGroup,
         access_log_bucket: s3.IBucket,
         instance_type: str = "m6i.xlarge",
         enclave_memory_mib: int = 4096,
         enclave_cpu_count: int = 2,
-        grpc_port: int = 50051,
+        relay_port: int = DEFAULT_RELAY_PORT,
+        health_port: int = DEFAULT_HEALTH_PORT,
         listener_port: int = 443,
         client_cidr: str | None = None,
         internet_facing: bool = False,
@@ -196,14 +215,20 @@ class EnclaveHost(Construct):
             self,
             "LoadBalancerSg",
             vpc=vpc,
+            # (unchanged since the listener terminated TLS: a new description would replace the group)
             description="nitrovault gRPC load balancer",
             allow_all_outbound=False,
         )
         lb_sg.add_ingress_rule(
-            ec2.Peer.ipv4(client_cidr or vpc_cidr), ec2.Port.tcp(listener_port), "gRPC over TLS"
+            ec2.Peer.ipv4(client_cidr or vpc_cidr),
+            ec2.Port.tcp(listener_port),
+            "clients: TLS to the enclave (passed through)",
         )
-        lb_sg.add_egress_rule(host_sg, ec2.Port.tcp(grpc_port), "to the parent bridge")
-        host_sg.add_ingress_rule(lb_sg, ec2.Port.tcp(grpc_port), "from the load balancer")
+        # The hosts accept exactly two ports, and only from the load balancer (its security group is
+        # honoured as the source even with client IP preservation on).
+        for port, what in ((relay_port, "TLS relay to the enclave"), (health_port, "health endpoint")):
+            lb_sg.add_egress_rule(host_sg, ec2.Port.tcp(port), f"to the parent's {what}")
+            host_sg.add_ingress_rule(lb_sg, ec2.Port.tcp(port), f"load balancer to the parent's {what}")
 
         user_data = ec2.UserData.for_linux()
         user_data.add_commands(
@@ -213,7 +238,8 @@ class EnclaveHost(Construct):
                 memory_mib=enclave_memory_mib,
                 cpu_count=enclave_cpu_count,
                 parent_command=parent_command,
-                grpc_port=grpc_port,
+                relay_port=relay_port,
+                health_port=health_port,
                 parent_log_group=parent_log_group.log_group_name,
                 enclave_log_group=enclave_log_group.log_group_name,
             )
@@ -274,30 +300,40 @@ class EnclaveHost(Construct):
             security_groups=[lb_sg],
             cross_zone_enabled=True,
         )
+        # An NLB writes access logs only for TLS listeners, so with the TCP (passthrough) listener this
+        # stays empty; it is kept for cdk-nag ELB2 and for any TLS listener added later. Connections
+        # show in the VPC flow logs.
         self.nlb.log_access_logs(access_log_bucket, "nlb")
         self.target_group = elbv2.NetworkTargetGroup(
             self,
             "Targets",
             vpc=vpc,
-            port=grpc_port,
+            port=relay_port,
             protocol=elbv2.Protocol.TCP,
             targets=[self.asg],
             deregistration_delay=Duration.seconds(30),
+            # The relay sees the client's address (its per-source connection limits depend on it).
+            preserve_client_ip=True,
+            # Healthy means "the enclave reports SERVING", not "the parent accepts TCP": two failed
+            # checks 10 s apart take a host out; three good ones bring it back.
             health_check=elbv2.HealthCheck(
-                protocol=elbv2.Protocol.TCP,
-                port=str(grpc_port),
+                protocol=elbv2.Protocol.HTTP,
+                port=str(health_port),
+                path=HEALTH_PATH,
+                healthy_http_codes="200",
                 interval=Duration.seconds(10),
+                timeout=Duration.seconds(5),
                 healthy_threshold_count=3,
-                unhealthy_threshold_count=3,
+                unhealthy_threshold_count=2,
             ),
         )
+        # Layer 4 only: the load balancer never holds a certificate or sees plaintext. The id "Tls" is the
+        # former TLS-terminating listener's: CloudFormation changes its protocol in place, where a new
+        # logical id would create a second listener on the same port before deleting the old one.
         self.nlb.add_listener(
             "Tls",
             port=listener_port,
-            protocol=elbv2.Protocol.TLS,
-            certificates=[elbv2.ListenerCertificate.from_arn(certificate_arn)],
-            ssl_policy=elbv2.SslPolicy.TLS13_RES,
-            alpn_policy=elbv2.AlpnPolicy.HTTP2_ONLY,
+            protocol=elbv2.Protocol.TCP,
             default_target_groups=[self.target_group],
         )
 
@@ -309,7 +345,8 @@ class EnclaveHost(Construct):
         memory_mib: int,
         cpu_count: int,
         parent_command: Sequence[str],
-        grpc_port: int,
+        relay_port: int,
+        health_port: int,
         parent_log_group: str,
         enclave_log_group: str,
     ) -> list[str]:
@@ -321,7 +358,8 @@ class EnclaveHost(Construct):
         config = parent_config(
             region=region,
             bucket_name=bucket_name,
-            grpc_port=grpc_port,
+            relay_port=relay_port,
+            health_port=health_port,
             memory_mib=memory_mib,
             cpu_count=cpu_count,
         )
@@ -330,7 +368,7 @@ class EnclaveHost(Construct):
                 "logs_collected": {
                     "files": {
                         "collect_list": [
-                            # The parent process: bridge, host services and the enclave supervisor.
+                            # The parent process: relay, health endpoint, host services, enclave supervisor.
                             {
                                 "file_path": PARENT_LOG,
                                 "log_group_name": parent_log_group,
@@ -373,7 +411,7 @@ class EnclaveHost(Construct):
             *_heredoc(
                 f"/etc/systemd/system/{PARENT_UNIT}",
                 systemd_unit(
-                    "nitrovault parent (gRPC bridge, host services, enclave supervisor)",
+                    "nitrovault parent (TLS relay, health endpoint, host services, enclave supervisor)",
                     [*parent_command, PARENT_CONFIG_PATH],
                     after=AWS_UNITS,
                     log_file=PARENT_LOG,

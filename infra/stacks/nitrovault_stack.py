@@ -39,8 +39,6 @@ class NitrovaultStackProps:
     region: str
     #: the reviewed enclave image's measurements
     manifest: PcrManifest
-    #: ACM certificate for the load balancer's TLS listener
-    certificate_arn: str
     #: model identity, bound as the encryption context {"model": ..., "version": ...}
     model_id: str = "model"
     model_version: str = "1"
@@ -135,7 +133,6 @@ class NitrovaultStack(Stack):
             host_subnets=self.network.host_subnets,
             role_name=host_role_name,
             weights_bucket=self.store.bucket,
-            certificate_arn=props.certificate_arn,
             parent_log_group=self.observability.parent_logs,
             enclave_log_group=self.observability.enclave_logs,
             access_log_bucket=self.store.log_bucket,

@@ -10,12 +10,10 @@ HERE = Path(__file__).resolve().parent
 SAMPLE_MANIFEST = HERE / "pcr-manifest.sample.json"
 ACCOUNT = "111122223333"
 REGION = "us-east-1"
-CERTIFICATE = f"arn:aws:acm:{REGION}:{ACCOUNT}:certificate/11111111-2222-3333-4444-555555555555"
 BASE_CONTEXT = {
     "pcrManifest": str(SAMPLE_MANIFEST),
     "account": ACCOUNT,
     "region": REGION,
-    "certificateArn": CERTIFICATE,
     "availabilityZones": f"{REGION}a,{REGION}b,{REGION}c",
     "modelId": "resnet",
     "modelVersion": "7",

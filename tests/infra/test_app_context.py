@@ -53,6 +53,13 @@ def test_account_must_be_12_digits_and_defaults_to_placeholder() -> None:
     )
 
 
+def test_retired_certificate_arn_is_refused_not_ignored() -> None:
+    # The load balancer no longer terminates TLS: a pipeline still passing a certificate must hear so.
+    arn = "arn:aws:acm:us-east-1:111122223333:certificate/11111111-2222-3333-4444-555555555555"
+    with pytest.raises(ConfigError, match=r"certificateArn is no longer used.*inside the enclave"):
+        props_from_context({**BASE_CONTEXT, "certificateArn": arn}, env={})
+
+
 def test_bad_flags_and_numbers_are_refused() -> None:
     with pytest.raises(ConfigError, match="true or false"):
         props_from_context({**BASE_CONTEXT, "unsafeAllowDebugPcrs": "maybe"}, env={})

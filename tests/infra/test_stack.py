@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from aws_cdk.assertions import Annotations, Match
-from synth_context import ACCOUNT, CERTIFICATE, REGION, SAMPLE_MANIFEST, Synth
+from synth_context import ACCOUNT, REGION, SAMPLE_MANIFEST, Synth
 
 from infra.pcr_manifest import load_pcr_manifest
 from nitrovault.policy import build_request_context, evaluate_key_policy
@@ -369,9 +369,12 @@ def test_parent_json_loads_as_parent_config_and_matches_the_stack(synth: Synth, 
     config, raw = _parent_json(synth, tmp_path)
     (target_group,) = synth.of_type("AWS::ElasticLoadBalancingV2::TargetGroup").values()
     port = target_group["Properties"]["Port"]
-    # plaintext on the target port: the NLB listener terminates TLS
+    health_port = target_group["Properties"]["HealthCheckPort"]
+    # the TCP relay on the target port (TLS passes through to the enclave), health on the checked port
     assert config.listen == f"0.0.0.0:{port}" and port == 50051
-    assert config.tls_cert == config.tls_key == ""
+    assert config.health_listen == f"0.0.0.0:{health_port}" and health_port == "8080"
+    # the parent holds no TLS material and runs no gRPC server: the retired keys are not written
+    assert not {"tls_cert", "tls_key", "max_concurrent_calls", "max_message_bytes"} & set(raw)
     assert config.region == REGION
     assert config.credentials == {"kind": "imds"}
     bucket_id, _ = _weights_bucket(synth)
@@ -423,20 +426,43 @@ def test_log_agent_ships_the_parent_log_and_the_enclave_audit_lines(synth: Synth
     assert "StandardError=append:/var/log/nitrovault/parent.log" in unit
 
 
-def test_parent_config_rejects_bad_region_port_and_sizes() -> None:
+def test_parent_config_writes_the_relay_and_health_listeners_and_rejects_bad_values() -> None:
     from infra.constructs.enclave_host import parent_config
     from nitrovault.errors import ConfigError
 
-    def build(region: str = REGION, grpc_port: int = 50051, cpu_count: int = 2) -> dict[str, Any]:
+    def build(
+        region: str = REGION, relay_port: int = 50051, health_port: int = 8080, cpu_count: int = 2
+    ) -> dict[str, Any]:
         return parent_config(
-            region=region, bucket_name="b", grpc_port=grpc_port, memory_mib=4096, cpu_count=cpu_count
+            region=region,
+            bucket_name="b",
+            relay_port=relay_port,
+            health_port=health_port,
+            memory_mib=4096,
+            cpu_count=cpu_count,
         )
 
-    assert build()["listen"] == "0.0.0.0:50051"
+    config = build()
+    assert config["listen"] == "0.0.0.0:50051" and config["health_listen"] == "0.0.0.0:8080"
+    assert sorted(config) == [
+        "audit_dir",
+        "credentials",
+        "enclave",
+        "health_listen",
+        "kms_proxy_target",
+        "listen",
+        "models",
+        "region",
+        "run_dir",
+    ]
     with pytest.raises(ConfigError):
         build(region="us-east-1\nallowlist")
     with pytest.raises(ValueError, match="TCP port"):
-        build(grpc_port=70000)
+        build(relay_port=70000)
+    with pytest.raises(ValueError, match="TCP port"):
+        build(health_port=0)
+    with pytest.raises(ValueError, match="two ports"):
+        build(health_port=50051)
     with pytest.raises(ValueError, match="even number"):
         build(cpu_count=3)
 
@@ -468,22 +494,124 @@ def test_asg_spans_three_azs_with_elb_health_checks(synth: Synth) -> None:
     assert {ref["Ref"] for ref in props["VPCZoneIdentifier"]} == isolated
 
 
-def test_nlb_tls_listener_with_certificate_and_health_check(synth: Synth) -> None:
+def test_nlb_passes_tls_through_as_tcp_without_a_certificate(synth: Synth) -> None:
     synth.template.has_resource_properties(
         "AWS::ElasticLoadBalancingV2::LoadBalancer", {"Type": "network", "Scheme": "internal"}
     )
+    synth.template.resource_count_is("AWS::ElasticLoadBalancingV2::Listener", 1)
     synth.template.has_resource_properties(
         "AWS::ElasticLoadBalancingV2::Listener",
         {
-            "Protocol": "TLS",
+            "Protocol": "TCP",
             "Port": 443,
-            "Certificates": [{"CertificateArn": CERTIFICATE}],
-            "SslPolicy": Match.string_like_regexp("TLS13"),
+            "Certificates": Match.absent(),
+            "SslPolicy": Match.absent(),
+            "AlpnPolicy": Match.absent(),
+            "DefaultActions": [Match.object_like({"Type": "forward"})],
         },
     )
+    # nothing on the load balancer side can hold a key: no certificate of any kind in the stack
+    synth.template.resource_count_is("AWS::ElasticLoadBalancingV2::ListenerCertificate", 0)
+    synth.template.resource_count_is("AWS::CertificateManager::Certificate", 0)
+    assert "arn:aws:acm:" not in json.dumps(synth.template.to_json())
+
+
+def test_target_group_forwards_tcp_and_health_checks_the_parents_http_endpoint(synth: Synth) -> None:
+    synth.template.resource_count_is("AWS::ElasticLoadBalancingV2::TargetGroup", 1)
     synth.template.has_resource_properties(
         "AWS::ElasticLoadBalancingV2::TargetGroup",
-        {"Protocol": "TCP", "Port": 50051, "HealthCheckProtocol": "TCP", "TargetType": "instance"},
+        {
+            "Protocol": "TCP",
+            "Port": 50051,
+            "TargetType": "instance",
+            "HealthCheckProtocol": "HTTP",
+            "HealthCheckPort": "8080",
+            "HealthCheckPath": "/health",
+            "Matcher": {"HttpCode": "200"},
+            "HealthCheckIntervalSeconds": 10,
+            "HealthCheckTimeoutSeconds": 5,
+            "HealthyThresholdCount": 3,
+            "UnhealthyThresholdCount": 2,
+            "TargetGroupAttributes": Match.array_with(
+                [{"Key": "preserve_client_ip.enabled", "Value": "true"}]
+            ),
+        },
+    )
+
+
+def _security_group(synth: Synth, description: str) -> str:
+    found = [
+        k
+        for k, r in synth.of_type("AWS::EC2::SecurityGroup").items()
+        if description in r["Properties"]["GroupDescription"]
+    ]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def _rules(synth: Synth, kind: str, group: str, inline: str) -> set[tuple[Any, ...]]:
+    """Every (protocol, from, to, peer) of ``group``'s ingress or egress, inline or separate."""
+    peer_keys = ("CidrIp", "SourceSecurityGroupId", "DestinationSecurityGroupId")
+
+    def as_tuple(rule: dict[str, Any]) -> tuple[Any, ...]:
+        (peer,) = [json.dumps(rule[k], sort_keys=True) for k in peer_keys if k in rule]
+        return (rule["IpProtocol"], rule.get("FromPort"), rule.get("ToPort"), peer)
+
+    rules = {as_tuple(r) for r in synth.resources[group]["Properties"].get(inline, [])}
+    rules |= {
+        as_tuple(r["Properties"])
+        for r in synth.of_type(kind).values()
+        if r["Properties"]["GroupId"] == {"Fn::GetAtt": [group, "GroupId"]}
+    }
+    return rules
+
+
+def test_only_the_load_balancer_reaches_the_relay_and_health_ports(synth: Synth) -> None:
+    host = _security_group(synth, "enclave hosts")
+    lb = _security_group(synth, "load balancer")
+    lb_ref = json.dumps({"Fn::GetAtt": [lb, "GroupId"]}, sort_keys=True)
+    host_ref = json.dumps({"Fn::GetAtt": [host, "GroupId"]}, sort_keys=True)
+    for port in (50051, 8080):
+        synth.template.has_resource_properties(
+            "AWS::EC2::SecurityGroupIngress",
+            {
+                "IpProtocol": "tcp",
+                "FromPort": port,
+                "ToPort": port,
+                "GroupId": {"Fn::GetAtt": [host, "GroupId"]},
+                "SourceSecurityGroupId": {"Fn::GetAtt": [lb, "GroupId"]},
+            },
+        )
+    # the hosts accept those two ports from the load balancer and nothing else
+    assert _rules(synth, "AWS::EC2::SecurityGroupIngress", host, "SecurityGroupIngress") == {
+        ("tcp", 50051, 50051, lb_ref),
+        ("tcp", 8080, 8080, lb_ref),
+    }
+    # the load balancer may send only there, and accepts only the client CIDR (default: the VPC) on 443
+    assert _rules(synth, "AWS::EC2::SecurityGroupEgress", lb, "SecurityGroupEgress") == {
+        ("tcp", 50051, 50051, host_ref),
+        ("tcp", 8080, 8080, host_ref),
+    }
+    assert _rules(synth, "AWS::EC2::SecurityGroupIngress", lb, "SecurityGroupIngress") == {
+        ("tcp", 443, 443, json.dumps(synth.stack.network.cidr)),
+    }
+
+
+def test_client_cidr_restricts_the_listener(tmp_path: Path) -> None:
+    from aws_cdk.assertions import Template
+    from synth_context import BASE_CONTEXT
+
+    from infra.app import build_app
+
+    _, stack = build_app({**BASE_CONTEXT, "clientCidr": "10.99.0.0/24", "nag": "false"})
+    Template.from_stack(stack).has_resource_properties(
+        "AWS::EC2::SecurityGroup",
+        {
+            "GroupDescription": Match.string_like_regexp("load balancer"),
+            "SecurityGroupIngress": [
+                Match.object_like({"CidrIp": "10.99.0.0/24", "FromPort": 443, "ToPort": 443})
+            ],
+        },
     )
 
 
