@@ -11,14 +11,19 @@ Invariants:
 * no issuer in the measured config means every call is refused (``AuthenticationError("no-issuer")``);
 * every call is audited exactly once, allowed or refused, with the refusal's ``reason`` (the peer only
   sees the generic status message); records never hold inputs, outputs or tokens;
+* a refusal after the token verified (scope, quota, ...) is attributed: the token is checked in two
+  steps, :meth:`Protections.identify` (who, checks 1-4) then :meth:`Protections.authorize` (may they call
+  this, check 5), and the caller stores the principal in its :class:`CallRecord` between the two;
 * a receipt covers SHA-256 of the request bytes as received and of the response message serialized
   deterministically **with its ``receipt`` field unset** (the receipt is set afterwards).
 
 Example::
 
     guard = Protections(config, boot_key, pcr0=pcr0, sink=lines.append)
-    principal = guard.authenticate(metadata, "Embed")
-    state = guard.charge(principal, items=3)
+    call = CallRecord(method="Embed", model=config.model_id, items=3)
+    call.principal = guard.identify(metadata)  # known from here on, refused or not
+    guard.authorize(call.principal, "Embed")
+    call.quota = guard.charge(call.principal, items=3)
 """
 
 from __future__ import annotations
@@ -117,11 +122,23 @@ class Protections:
 
     # -- the steps, in order --------------------------------------------------------------------------
 
-    def authenticate(self, metadata: Iterable[tuple[str, Any]] | None, method: str) -> Principal:
-        """Steps 1-5 of the token check, scopes against the configured model."""
+    def identify(self, metadata: Iterable[tuple[str, Any]] | None) -> Principal:
+        """Steps 1-4 of the token check: who is calling (``AuthenticationError`` when nobody valid)."""
         if self.verifier is None:
             raise AuthenticationError("no-issuer")
-        return self.verifier.verify(bearer_token(metadata), method=method, model=self.config.model_id)
+        return self.verifier.authenticate(bearer_token(metadata))
+
+    def authorize(self, principal: Principal, method: str) -> None:
+        """Step 5: the principal's scopes allow ``method`` on the configured model
+        (``PermissionDeniedError`` otherwise)."""
+        TokenVerifier.authorize(principal, method=method, model=self.config.model_id)
+
+    def authenticate(self, metadata: Iterable[tuple[str, Any]] | None, method: str) -> Principal:
+        """Steps 1-5 in one call (:meth:`identify` then :meth:`authorize`). A caller that audits should
+        use the two steps, so that a scope refusal's record names the principal."""
+        principal = self.identify(metadata)
+        self.authorize(principal, method)
+        return principal
 
     def charge(self, principal: Principal, items: int) -> QuotaState:
         return self.ledger.charge(principal.subject, principal.tier, items)

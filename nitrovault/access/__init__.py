@@ -1,7 +1,8 @@
 """Who may call and how much: bearer-token verification and per-subject quotas, enforced in the enclave.
 
 * :mod:`nitrovault.access.tokens`: :class:`TokenVerifier` (JWT ES256/EdDSA/RS256 against a baked JWKS,
-  scopes per method and model) and :class:`TokenIssuer` for the local stack.
+  lifetimes capped at ``max_lifetime_s``, default :data:`DEFAULT_MAX_LIFETIME_S`; ``authenticate`` says who,
+  ``authorize`` checks scopes per method and model) and :class:`TokenIssuer` for the local stack.
 * :mod:`nitrovault.access.quota`: :class:`QuotaLedger` (token bucket + daily windows, tiers, bounded memory).
 
 Both are pure: time is a parameter, nothing here does I/O except the local issuer's key files. Failures
@@ -10,6 +11,7 @@ are :class:`~nitrovault.errors.AccessError` subclasses whose ``reason`` goes to 
 
 from nitrovault.access.quota import QuotaLedger, QuotaPolicy, QuotaState, QuotaTiers
 from nitrovault.access.tokens import (
+    DEFAULT_MAX_LIFETIME_S,
     Principal,
     TokenIssuer,
     TokenVerifier,
@@ -18,6 +20,7 @@ from nitrovault.access.tokens import (
 )
 
 __all__ = [
+    "DEFAULT_MAX_LIFETIME_S",
     "Principal",
     "QuotaLedger",
     "QuotaPolicy",

@@ -8,14 +8,21 @@ Invariants (enforced by :class:`TokenVerifier`, in this order):
    (RSA >= 2048 bits). ``none`` and HS* never verify: there is no code path that accepts them;
 3. the JWS signature verifies under that key (PyJWT's ``PyJWS``: the cryptography is a library's);
 4. the claims: ``iss`` equals the configured issuer; ``aud`` (string or list) contains the audience;
-   ``exp`` (required) is after now - leeway; ``nbf`` (optional) is before now + leeway; ``iat`` (required)
-   is a number before now + leeway and not after ``exp``; ``sub`` is a non-empty string; ``scope`` (optional)
-   is a space-separated string; ``tier`` and ``jti`` are optional strings;
-5. the scopes allow ``method`` on ``model`` (grammar below).
+   ``exp``, ``nbf`` and ``iat`` are NumericDates (RFC 7519 §2): JSON numbers, not booleans, finite, in
+   ``[0, MAX_TIMESTAMP]`` (year 9999), else ``bad-exp`` / ``bad-nbf`` / ``bad-iat``; ``exp`` (required) is
+   after now - leeway; ``nbf`` (optional) is before now + leeway; ``iat`` (required) is before
+   now + leeway and not after ``exp``; the lifetime is capped (``lifetime``): ``exp - iat`` is at most
+   ``max_lifetime_s`` and ``exp`` at most ``max_lifetime_s`` + leeway from now, so a long-lived token
+   cannot pass by claiming an ``iat`` just before its ``exp``; ``sub`` is a non-empty string; ``scope``
+   (optional) is a space-separated string; ``tier`` and ``jti`` are optional strings;
+5. the scopes allow ``method`` on ``model`` (grammar below; :meth:`TokenVerifier.authorize`).
 
 Failures of 1-4 raise :class:`~nitrovault.errors.AuthenticationError` (UNAUTHENTICATED), of 5
 :class:`~nitrovault.errors.PermissionDeniedError` (PERMISSION_DENIED). ``str(err)`` is always the generic
-"invalid token" / "permission denied"; ``err.reason`` names the failed check for the audit log only.
+"invalid token" / "permission denied"; ``err.reason`` names the failed check for the audit log only. No
+other exception escapes for any token or claim value (``tests/unit/test_access_hardening.py`` fuzzes it).
+Checks 1-4 (:meth:`TokenVerifier.authenticate`) and 5 (:meth:`TokenVerifier.authorize`) can run as two
+steps, so that a caller who is refused for scope is still known (and audited) by name.
 
 Verified-signature cache: clients send the same bearer token on every call, and an asymmetric signature
 check costs 50-150 µs. The verifier keeps the claims of the last ``cache_size`` tokens whose signature
@@ -38,8 +45,11 @@ ignored); ``Infer`` needs ``infer:<model>`` or ``infer:*``; ``Embed`` needs ``em
 
 Example::
 
-    verifier = TokenVerifier("https://issuer.example", "nitrovault", jwks)
+    verifier = TokenVerifier("https://issuer.example", "nitrovault", jwks, max_lifetime_s=3600)
     principal = verifier.verify(token, method="Embed", model="all-minilm-l6-v2")
+    # or in two steps, knowing who was refused:
+    principal = verifier.authenticate(token)
+    verifier.authorize(principal, method="Embed", model="all-minilm-l6-v2")
 """
 
 from __future__ import annotations
@@ -67,6 +77,9 @@ from nitrovault.errors import AuthenticationError, ConfigError, PermissionDenied
 
 __all__ = [
     "ALGORITHMS",
+    "DEFAULT_MAX_LIFETIME_S",
+    "MAX_LIFETIME_S",
+    "MAX_TIMESTAMP",
     "MAX_TOKEN_BYTES",
     "Principal",
     "TokenIssuer",
@@ -88,6 +101,12 @@ METHOD_ACTIONS: Mapping[str, str | None] = MappingProxyType(
     {"infer": "infer", "embed": "embed", "info": None, "attest": None}
 )
 _MAX_SUBJECT = 256
+#: Longest token lifetime (``exp - iat``, and ``exp - now``) accepted unless configured otherwise: one day.
+DEFAULT_MAX_LIFETIME_S = 86_400
+#: The largest ``max_lifetime_s`` that may be configured (366 days): a cap above it caps nothing.
+MAX_LIFETIME_S = 366 * 86_400
+#: Largest NumericDate accepted, 9999-12-31T23:59:59Z: the last second ``datetime`` can represent.
+MAX_TIMESTAMP = 253_402_300_799
 
 
 def _utc_now() -> datetime:
@@ -180,12 +199,17 @@ def required_scopes(method: str, model: str) -> frozenset[str] | None:
 
 
 def _number(claims: Mapping[str, Any], name: str, *, required: bool) -> float | None:
+    """A NumericDate claim as a float, or ``bad-<name>``: the range is checked on the JSON value itself,
+    before any conversion, because ``float()`` of a huge integer and ``datetime`` of a huge float raise
+    ``OverflowError`` (which would escape as INTERNAL)."""
     value = claims.get(name)
     if value is None:
         if required:
             raise AuthenticationError(f"missing-{name}")
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise AuthenticationError(f"bad-{name}")
+    if not 0 <= value <= MAX_TIMESTAMP:  # False for NaN too; int comparisons never overflow
         raise AuthenticationError(f"bad-{name}")
     return float(value)
 
@@ -194,15 +218,19 @@ class TokenVerifier:
     """Checks bearer tokens against the issuer, audience and JWKS baked into the measured config."""
 
     def __init__(self, issuer: str, audience: str, jwks: Mapping[str, Any], *, leeway_s: float = 30,
-                 clock: Clock = _utc_now, cache_size: int = 1024) -> None:
+                 max_lifetime_s: float = DEFAULT_MAX_LIFETIME_S, clock: Clock = _utc_now,
+                 cache_size: int = 1024) -> None:
         if not issuer or not audience:
             raise ConfigError("issuer and audience must not be empty")
         if not 0 <= leeway_s <= 300:
             raise ConfigError("leeway_s must be between 0 and 300 seconds")
+        if isinstance(max_lifetime_s, bool) or not 0 < max_lifetime_s <= MAX_LIFETIME_S:
+            raise ConfigError(f"max_lifetime_s must be more than 0 and at most {MAX_LIFETIME_S} seconds")
         self._issuer = issuer
         self._audience = audience
         self._keys = _load_jwks(jwks)
         self._leeway = float(leeway_s)
+        self._max_lifetime = float(max_lifetime_s)
         self._clock = clock
         self._jws = jwt.PyJWS(algorithms=sorted(ALGORITHMS))
         self._cache_size = max(0, cache_size)
@@ -213,13 +241,25 @@ class TokenVerifier:
     def kids(self) -> frozenset[str]:
         return frozenset(self._keys)
 
+    @property
+    def max_lifetime_s(self) -> float:
+        return self._max_lifetime
+
     def verify(self, token: str, *, method: str, model: str) -> Principal:
         """Run checks 1-5 (module docstring); return the principal or raise an ``AccessError``."""
         principal = self.authenticate(token)
+        self.authorize(principal, method=method, model=model)
+        return principal
+
+    @staticmethod
+    def authorize(principal: Principal, *, method: str, model: str) -> None:
+        """Check 5 only: may this (already authenticated) principal call ``method`` on ``model``?
+
+        Raises :class:`PermissionDeniedError` (reason ``scope`` or ``unknown-method``).
+        """
         allowed = required_scopes(method, model)
         if allowed is not None and not (allowed & principal.scopes):
             raise PermissionDeniedError("scope")
-        return principal
 
     def authenticate(self, token: str) -> Principal:
         """Checks 1-4 only: who is calling, regardless of what they call."""
@@ -290,6 +330,11 @@ class TokenVerifier:
             raise AuthenticationError("not-yet-valid")
         if now + self._leeway < iat or iat > exp:
             raise AuthenticationError("bad-iat")
+        # The cap holds against the issuer's claim (exp - iat) and against our clock (exp - now, plus the
+        # leeway the issuer's clock may run ahead by). While iat is required and at most now + leeway, the
+        # second half follows from the first; it is kept so that the cap never rests on iat alone.
+        if exp - iat > self._max_lifetime or exp - now > self._max_lifetime + self._leeway:
+            raise AuthenticationError("lifetime")
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub or len(sub) > _MAX_SUBJECT:
             raise AuthenticationError("bad-subject")

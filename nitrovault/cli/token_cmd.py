@@ -2,6 +2,9 @@
 
 Production tokens come from the owner's own issuer; these commands make a local one whose public keys
 (``DIR/jwks.json``) are baked into the local enclave config. The token is printed on stdout and nowhere else.
+``--ttl`` is at most the enclave's default ``access.max_token_lifetime_s`` (one day, the local stack's
+value): a longer token would only be refused by the enclave (audit reason ``lifetime``), so it is a usage
+error here.
 
     nitrovault token keygen --keys-dir .nitrovault/issuer
     nitrovault token issue --subject alice --scope embed:all-minilm-l6-v2 --ttl 1h --tier free
@@ -16,7 +19,13 @@ from typing import Annotated
 
 import typer
 
-from nitrovault.access.tokens import LOCAL_AUDIENCE, LOCAL_ISSUER, generate_issuer_keys, load_issuer
+from nitrovault.access.tokens import (
+    DEFAULT_MAX_LIFETIME_S,
+    LOCAL_AUDIENCE,
+    LOCAL_ISSUER,
+    generate_issuer_keys,
+    load_issuer,
+)
 from nitrovault.errors import ConfigError
 
 app = typer.Typer(no_args_is_help=True, help="Issuer keys and bearer tokens for the local stack.")
@@ -29,12 +38,17 @@ KeysDir = Annotated[Path, typer.Option("--keys-dir", envvar="NITROVAULT_ISSUER_K
                                        help="Local issuer key directory (created on first use).")]
 
 
-def parse_ttl(text: str) -> timedelta:
-    """``90``, ``45s``, ``30m``, ``1h``, ``7d`` -> timedelta (positive)."""
+def parse_ttl(text: str, *, max_seconds: int = DEFAULT_MAX_LIFETIME_S) -> timedelta:
+    """``90``, ``45s``, ``30m``, ``1h``, ``1d`` -> timedelta (positive, at most ``max_seconds``)."""
     match = _TTL.match(text.strip())
     if not match or int(match.group(1)) <= 0:
-        raise typer.BadParameter(f"not a duration like 30m, 1h or 7d: {text!r}", param_hint="--ttl")
-    return timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
+        raise typer.BadParameter(f"not a duration like 30m, 1h or 1d: {text!r}", param_hint="--ttl")
+    seconds = int(match.group(1)) * _UNITS[match.group(2)]
+    if seconds > max_seconds:  # checked before timedelta(), which overflows on absurd values
+        raise typer.BadParameter(
+            f"{text!r} is longer than the enclave's access.max_token_lifetime_s ({max_seconds} s); "
+            "the enclave would refuse the token", param_hint="--ttl")
+    return timedelta(seconds=seconds)
 
 
 @app.command()
@@ -55,7 +69,7 @@ def issue(
     subject: Annotated[str, typer.Option("--subject", help="The sub claim: who the token speaks for.")],
     scope: Annotated[list[str] | None, typer.Option(
         "--scope", help="Repeatable: infer:<model>, embed:<model>, infer:*, embed:*, info, attest.")] = None,
-    ttl: Annotated[str, typer.Option("--ttl", help="Lifetime: 90, 45s, 30m, 1h, 7d.")] = "1h",
+    ttl: Annotated[str, typer.Option("--ttl", help="Lifetime: 90, 45s, 30m, 1h, 1d (at most 1d).")] = "1h",
     tier: Annotated[str | None, typer.Option("--tier", help="Quota tier claim (default: config's).")] = None,
     keys_dir: KeysDir = DEFAULT_KEYS_DIR,
 ) -> None:

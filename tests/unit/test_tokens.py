@@ -106,6 +106,13 @@ def test_iat_in_the_future_or_after_exp(verifier: TokenVerifier, keys: dict[str,
     assert reason_of(verifier, sign(keys, claims(iat=now + 20, exp=now + 10, nbf=None)))[1] == "bad-iat"
 
 
+def test_lifetime_capped_at_a_day_by_default(verifier: TokenVerifier, keys: dict[str, Any]) -> None:
+    now = int(NOW.timestamp())
+    verifier.verify(sign(keys, claims(iat=now - 10, exp=now - 10 + 86_400)), method="Infer", model=MODEL)
+    assert reason_of(verifier, sign(keys, claims(iat=now - 10, exp=now - 10 + 86_401))) == (
+        AuthenticationError, "lifetime")
+
+
 @pytest.mark.parametrize("missing", ["exp", "iat"])
 def test_required_time_claims(verifier: TokenVerifier, keys: dict[str, Any], missing: str) -> None:
     assert reason_of(verifier, sign(keys, claims(**{missing: None})))[1] == f"missing-{missing}"
@@ -192,6 +199,14 @@ def test_scopes_per_method_and_model(verifier: TokenVerifier, keys: dict[str, An
     wildcard = sign(keys, claims(scope="embed:*"))
     verifier.verify(wildcard, method="Embed", model="any-model")
     assert reason_of(verifier, wildcard, "Infer")[1] == "scope"
+
+
+def test_authorize_is_check_5_alone(verifier: TokenVerifier, keys: dict[str, Any]) -> None:
+    principal = verifier.authenticate(sign(keys, claims(scope="embed:*")))  # checks 1-4: who
+    verifier.authorize(principal, method="Embed", model=MODEL)
+    with pytest.raises(PermissionDeniedError) as info:
+        verifier.authorize(principal, method="Infer", model=MODEL)
+    assert info.value.reason == "scope"
 
 
 def test_info_and_attest_allowed_for_any_valid_token(verifier: TokenVerifier, keys: dict[str, Any]) -> None:
