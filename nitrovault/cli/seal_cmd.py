@@ -11,6 +11,13 @@ watermark secret into the sealed metadata (the enclave derives its output-waterm
 natural inputs) the extraction detector's coverage reference. The plaintext copy they need lives in a
 private temporary folder next to the output and is removed after sealing.
 
+Every sealed model carries the enclave fleet's **TLS identity** (``nitrovault.identity``): TLS ends inside
+the enclave with it. By default a fresh self-signed one for ``--tls-name`` (its private key then exists
+only inside the sealed file, so only attested enclaves ever hold it); ``--tls-key``/``--tls-chain`` seal
+an owner-supplied key and certificate chain (for example from the owner's CA) instead. A model whose
+metadata already holds an identity keeps it. The certificate chain (public) is written next to the
+output as ``OUTPUT.tls.pem``; its fingerprint goes to stderr, the digest alone to stdout.
+
 ``inspect`` prints only what is not secret: the plain header. Tensor names, shapes and dtypes are
 encrypted and never printed. Exit codes: 0 ok, 1 a check failed (invalid sealed file, KMS refused),
 2 usage error.
@@ -24,6 +31,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -37,9 +45,11 @@ from nitrovault.envelope.extras import (
     REFERENCE_TENSOR,
     WATERMARK_CANDIDATES_KEY,
     WATERMARK_SECRET_KEY,
+    read_header,
     with_extras,
 )
-from nitrovault.errors import ConfigError, KeyReleaseError, NitrovaultError
+from nitrovault.errors import ConfigError, KeyReleaseError, NitrovaultError, TlsIdentityError
+from nitrovault.identity import DEFAULT_SERVER_NAME, SEALED_KEY, TlsIdentity
 
 _err = Console(stderr=True)
 
@@ -134,14 +144,25 @@ def seal(
         Path | None, typer.Option("--reference", help="Extraction reference sample (.npy).",
                                   exists=True, dir_okay=False)
     ] = None,
+    tls_name: Annotated[str, typer.Option(
+        "--tls-name", help="DNS name of the self-signed TLS identity made for the enclaves.")] = (
+        DEFAULT_SERVER_NAME),
+    tls_key: Annotated[Path | None, typer.Option(
+        "--tls-key", help="Owner-supplied TLS private key (PEM) instead of a fresh one.", exists=True,
+        dir_okay=False)] = None,
+    tls_chain: Annotated[Path | None, typer.Option(
+        "--tls-chain", help="Its certificate chain (PEM, leaf first).", exists=True, dir_okay=False)] = None,
 ) -> None:
     """Seal a safetensors model under a fresh KMS data key and print its digest."""
     ctx = _parse_context(context or [])
     try:
         extras = _extras(watermark_key, watermark_candidates, reference)
-    except (ConfigError, OSError, ValueError) as exc:
+        identity = _tls_identity(model, tls_name, tls_key, tls_chain)
+    except (ConfigError, TlsIdentityError, OSError, ValueError) as exc:
         _err.print(f"extras: {exc}", markup=False, highlight=False)
         raise typer.Exit(2) from None
+    if identity is not None:
+        extras[0].update(identity.sealed_metadata())
     if (data_key_file is None) != (wrapped_key_file is None):
         raise typer.BadParameter("--data-key-file and --wrapped-key-file go together")
     try:
@@ -180,7 +201,23 @@ def seal(
         raise typer.Exit(2) from None
     finally:
         zeroize(data_key)
+    if identity is not None:
+        certificate = output.with_name(output.name + ".tls.pem")
+        certificate.write_bytes(identity.chain_pem)
+        _err.print(f"TLS identity {identity.server_name}, certificate SHA-256 {identity.fingerprint} "
+                   f"-> {certificate}", markup=False, highlight=False)
     typer.echo(header.digest.hex())
+
+
+def _tls_identity(model: Path, name: str, key: Path | None, chain: Path | None) -> TlsIdentity | None:
+    """The identity to seal: the owner's, a fresh self-signed one, or None when the model has one."""
+    if (key is None) != (chain is None):
+        raise ConfigError("--tls-key and --tls-chain go together")
+    if key is not None and chain is not None:
+        return TlsIdentity.from_pem(key.read_bytes(), chain.read_bytes())
+    if SEALED_KEY in read_header(model)[0].get("__metadata__", {}):
+        return None
+    return TlsIdentity.generate(name, now=datetime.now(UTC))
 
 
 def _extras(key_file: Path | None, candidates: Path | None,

@@ -298,13 +298,67 @@ def test_socket_is_private(servers: Servers) -> None:
     assert os.stat(server.server.socket_path).st_mode & 0o777 == 0o600
 
 
-def test_reflection_lists_the_inference_service(servers: Servers, channel_for: Any) -> None:
-    channel = channel_for(servers.start(mlp_handler(mlp_module())))
-    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+@pytest.mark.parametrize("stub_class", [reflection_pb2_grpc.ServerReflectionStub, "v1"])
+def test_reflection_v1_and_v1alpha_list_the_services_to_token_holders_only(
+    servers: Servers, channel_for: Any, stub_class: Any
+) -> None:
+    channel = channel_for(servers.start(mlp_handler(mlp_module())), token=None)
+    if stub_class == "v1":  # grpcio-reflection has no v1 stubs: the same messages under the v1 name
+        method = channel.stream_stream(
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
+    else:
+        method = stub_class(channel).ServerReflectionInfo
     request = reflection_pb2.ServerReflectionRequest(list_services="")
-    responses = stub.ServerReflectionInfo(iter([request]), timeout=5)
+    responses = method(iter([request]), timeout=5, metadata=(("authorization", f"Bearer {TOKEN}"),))
     names = {s.name for r in responses for s in r.list_services_response.service}
-    assert {"nitrovault.v1.Inference", "grpc.health.v1.Health"} <= names
+    assert {"nitrovault.v1.Inference", "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection"} <= names
+    anonymous = rpc_error(lambda: list(method(iter([request]), timeout=5)))
+    assert anonymous.code() == SC.UNAUTHENTICATED
+    forged = rpc_error(lambda: list(method(iter([request]), timeout=5,
+                                            metadata=(("authorization", "Bearer not.a.token"),))))
+    assert forged.code() == SC.UNAUTHENTICATED
+
+
+def test_health_watch_streams_are_capped_and_check_still_answers(servers: Servers, channel_for: Any) -> None:
+    server = servers.start(mlp_handler(mlp_module()), max_watch_streams=2)
+    channel = channel_for(server, token=None)
+    health = health_pb2_grpc.HealthStub(channel)
+    watches = [health.Watch(health_pb2.HealthCheckRequest(), timeout=30) for _ in range(2)]
+    for watch in watches:  # each open watch has answered once: both are being served
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    third = health.Watch(health_pb2.HealthCheckRequest(), timeout=30)
+    refused = rpc_error(lambda: next(third))
+    assert refused.code() == SC.RESOURCE_EXHAUSTED
+    assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
+        health_pb2.HealthCheckResponse.SERVING
+    watches[0].cancel()
+    while server.server.health.watching > 1:  # the cancelled stream's slot comes back
+        threading.Event().wait(0.01)
+    again = health.Watch(health_pb2.HealthCheckRequest(), timeout=30)
+    assert next(again).status == health_pb2.HealthCheckResponse.SERVING
+    for watch in (watches[1], again):
+        watch.cancel()
+
+
+def test_attest_needs_no_token_and_is_audited(servers: Servers, channel_for: Any) -> None:
+    server = servers.start(mlp_handler(mlp_module()))
+    stub = stub_for(channel_for(server, token=None))
+    assert stub.Attest(pb.AttestRequest(nonce=b"n1"), timeout=10).document
+    assert rpc_error(lambda: stub.Info(pb.InfoRequest(), timeout=10)).code() == SC.UNAUTHENTICATED
+
+
+def test_an_empty_tensor_is_invalid_argument_not_internal(servers: Servers, channel_for: Any) -> None:
+    stub = stub_for(channel_for(servers.start(mlp_handler(mlp_module()))))
+    for shape in ((0, 8), (2, 0), (0,)):
+        empty = np.zeros(shape, np.float32)
+        request = pb.InferRequest(inputs=pb.Tensors(tensors=[from_numpy("x", empty)]))
+        err = rpc_error(lambda request=request: stub.Infer(request, timeout=10))
+        assert err.code() == SC.INVALID_ARGUMENT, shape
+        assert "internal" not in (err.details() or "")
 
 
 # -- Infer, Info, Attest ------------------------------------------------------------------------------------

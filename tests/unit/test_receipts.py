@@ -12,7 +12,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from nitrovault.errors import ReceiptError
+from nitrovault.bindings import EnclaveBindings
+from nitrovault.errors import BindingError, ReceiptError
 from nitrovault.local.nsm import LocalNsmDevice
 from nitrovault.local.pki import LocalPki
 from nitrovault.nsm import Nsm
@@ -172,8 +173,16 @@ def test_user_data_layout() -> None:
     data = enclave_user_data(key.public_key())
     assert data == USER_DATA_MAGIC + b"\x01\x20" + key.public_key().public_bytes_raw()
     # room for more keys: unknown entries are skipped
-    extended = data + b"\x02\x03abc"
+    extended = data + b"\x7f\x03abc"
     assert public_key_from_user_data(extended).public_bytes_raw() == key.public_key().public_bytes_raw()
+    spki = bytes(range(32))
+    bound = enclave_user_data(key.public_key(), spki)
+    assert bound == data + b"\x02\x20" + spki
+    assert EnclaveBindings.parse(bound) == EnclaveBindings(key.public_key().public_bytes_raw(), spki)
+    assert EnclaveBindings.parse(data).tls_spki_sha256 is None
+    for bad_tls in (data + b"\x02\x05abcde", bound + b"\x02\x20" + spki):  # wrong length, twice
+        with pytest.raises(BindingError):
+            EnclaveBindings.parse(bad_tls)
     for bad in (None, b"", b"other", USER_DATA_MAGIC, data[:-1], data + data[len(USER_DATA_MAGIC):],
                 USER_DATA_MAGIC + b"\x01\x05abcde"):
         with pytest.raises(ReceiptError) as info:
