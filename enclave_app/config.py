@@ -85,12 +85,16 @@ class Limits:
     #: health ``Watch`` streams open at once over all connections (they need no token); beyond it a new
     #: ``Watch`` gets RESOURCE_EXHAUSTED, so unauthenticated long-lived calls cannot starve the others.
     max_watch_streams: int = 16
-    #: ``Attest`` calls in flight at once (they need no token: a client attests before it sends one, and
-    #: each is an NSM signature); beyond it RESOURCE_EXHAUSTED.
+    #: ``Attest`` calls signed at once (they need no token: a client attests before it sends one, and
+    #: each is an NSM signature); more wait for a slot, up to ``attestation_queue`` of them.
     max_concurrent_attestations: int = 4
+    #: ``Attest`` calls that may wait for a slot (a fleet of clients reconnecting at once); beyond it
+    #: RESOURCE_EXHAUSTED at once.
+    attestation_queue: int = 256
 
     def __post_init__(self) -> None:
-        for name in ("max_streams_per_connection", "max_watch_streams", "max_concurrent_attestations"):
+        for name in ("max_streams_per_connection", "max_watch_streams", "max_concurrent_attestations",
+                     "attestation_queue"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"Limits.{name} must be a positive integer")

