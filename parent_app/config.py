@@ -1,9 +1,12 @@
 """The parent's configuration (JSON). The parent is untrusted, so nothing here can weaken the enclave:
-it only says where to listen, where things are, and how to start the enclave. Unknown keys are rejected.
+it only says where to listen, where things are, how many connections to relay and how to start the
+enclave. It holds no TLS material: TLS ends inside the enclave, and the public listener is a layer-4
+relay of ciphertext. Unknown keys and bad values are rejected with :class:`ConfigError`.
 
 Example (local stack)::
 
-    {"listen": "127.0.0.1:50051", "region": "us-east-1", "run_dir": "/tmp/nv/parent",
+    {"listen": "127.0.0.1:50051", "health_listen": "127.0.0.1:8080",
+     "region": "us-east-1", "run_dir": "/tmp/nv/parent",
      "credentials": {"kind": "static", "file": "creds.json"},
      "models": {"kind": "directory", "path": "models"},
      "kms_proxy_target": "tcp:127.0.0.1:4566",
@@ -13,17 +16,52 @@ Example (local stack)::
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from nitrovault.errors import ConfigError
+from nitrovault.transport import TcpAddress, parse_address
+
+
+def host_port(value: object, key: str) -> TcpAddress:
+    """``"HOST:PORT"`` (``"[::]:443"`` for IPv6) as a :class:`TcpAddress`, or :class:`ConfigError`."""
+    if not isinstance(value, str) or not value or value.startswith(("tcp:", "unix:", "vsock:")):
+        raise ConfigError(f"{key} must be HOST:PORT, got {value!r}")
+    try:
+        address = parse_address(f"tcp:{value}")
+    except ConfigError as err:
+        raise ConfigError(f"{key} must be HOST:PORT ({err})") from None
+    if not isinstance(address, TcpAddress):  # parse_address("tcp:...") only makes TcpAddress
+        raise ConfigError(f"{key} must be HOST:PORT, got {value!r}")
+    return address
+
+
+#: keys that must be positive integers
+_COUNTS = ("audit_max_bytes", "max_connections", "max_connections_per_source", "connection_burst_per_source")
+
+
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _is_positive_number(value: object) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return math.isfinite(value) and value > 0
+
+
+def _require(key: str, value: object, ok: bool, what: str) -> None:
+    if not ok:
+        raise ConfigError(f"parent config {key} must be {what}, got {value!r}")
 
 
 @dataclass(frozen=True)
 class ParentConfig:
-    #: public gRPC listener ("HOST:PORT" or "unix:PATH")
+    #: the public TCP listener, "HOST:PORT": a layer-4 relay to vsock(enclave_cid, inference_port), where
+    #: the enclave terminates TLS (the relay only checks TLS record headers until the handshake ends)
     listen: str
     #: AWS region (for credentials and the KMS endpoint)
     region: str
@@ -36,17 +74,28 @@ class ParentConfig:
     #: ``{"kind": "process", "argv": [...]}`` or
     #: ``{"kind": "nitro-cli", "eif": PATH, "cpu_count": N, "memory_mib": M}``
     enclave: Mapping[str, Any]
-    #: TLS certificate chain and key (PEM files) for the public listener; both or neither
-    tls_cert: str = ""
-    tls_key: str = ""
     #: where the local KMS proxy relays vsock(3, kms_proxy) to; empty in production (vsock-proxy does it)
     kms_proxy_target: str = ""
     enclave_cid: int = 16
     inference_port: int = 5000
     host_services_port: int = 8001
     kms_proxy_port: int = 8000
-    max_concurrent_calls: int = 256
-    max_message_bytes: int = 8 * 1024 * 1024
+    #: connections relayed at once on ``listen``; beyond it a new connection is closed at once
+    max_connections: int = 1024
+    #: connections relayed at once from one client IP (an IPv6 /64)
+    max_connections_per_source: int = 64
+    #: new connections a second one client IP may open (a token bucket) ...
+    connection_rate_per_source: float = 50.0
+    #: ... and how many it may open in a burst
+    connection_burst_per_source: int = 100
+    #: seconds without a byte in either direction before a relayed connection is closed
+    idle_timeout_s: float = 300.0
+    #: seconds a client has to finish its TLS handshake (send its first application_data record)
+    handshake_timeout_s: float = 10.0
+    #: bytes of TLS records a client may send before its first application_data record
+    max_handshake_bytes: int = 64 * 1024
+    #: the load balancer's HTTP health endpoint, "HOST:PORT" (``GET /health``); empty: none
+    health_listen: str = ""
     #: seconds an enclave must stay up before its restart backoff resets
     stable_after_s: float = 60.0
     #: where the enclave's audit log is stored, one folder per enclave boot; empty: ``RUN_DIR/audit``
@@ -73,8 +122,29 @@ class ParentConfig:
             raise ConfigError(f"parent config: {err}") from None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.audit_max_bytes, int) or self.audit_max_bytes < 1:
-            raise ConfigError("audit_max_bytes must be a positive integer")
+        for key in _COUNTS:
+            _require(key, getattr(self, key), _is_positive_int(getattr(self, key)), "a positive integer")
+        _require(
+            "max_handshake_bytes",
+            self.max_handshake_bytes,
+            _is_positive_int(self.max_handshake_bytes) and self.max_handshake_bytes >= 1024,
+            "an integer of at least 1024",
+        )
+        for key in ("connection_rate_per_source", "idle_timeout_s", "handshake_timeout_s"):
+            _require(key, getattr(self, key), _is_positive_number(getattr(self, key)), "a positive number")
+        if self.max_connections_per_source > self.max_connections:
+            raise ConfigError("max_connections_per_source must not exceed max_connections")
+        listen, health = self.listen_address, self.health_address
+        if health is not None and listen.port and (health.host, health.port) == (listen.host, listen.port):
+            raise ConfigError("health_listen must be another address than listen")
+
+    @property
+    def listen_address(self) -> TcpAddress:
+        return host_port(self.listen, "listen")
+
+    @property
+    def health_address(self) -> TcpAddress | None:
+        return host_port(self.health_listen, "health_listen") if self.health_listen else None
 
     @property
     def audit_path(self) -> Path:

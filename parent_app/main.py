@@ -1,11 +1,18 @@
-"""The parent's composition: public bridge, relays to the enclave, host services, enclave supervision.
+"""The parent's composition: the public TCP relay, the health endpoint, host services, enclave supervision.
 
 ``run`` is called by a composition root that picks how vsock is reached: ``python -m parent_app`` in
 production (real ``AF_VSOCK``), the local stack's runner (``nitrovault.local.parent``) locally. Plumbing::
 
-    public gRPC (bridge) ──► unix RUN/enclave.sock ──► relay ──► vsock(enclave_cid, inference)
+    tcp listen ──► relay (layer 4, TLS record headers checked) ──► vsock(enclave_cid, inference)
+                                                          (TLS 1.3 + HTTP/2 end inside the enclave)
+    tcp health_listen ──► GET /health: 200 while the enclave reports SERVING, else 503
     vsock(3, host_services) ──► relay ──► unix RUN/host.sock (HostServices gRPC)
     vsock(3, kms_proxy) ──► relay ──► KMS (local only; AWS's vsock-proxy in production)
+
+The parent is hostile by design: on the public path it only copies ciphertext. It terminates no TLS,
+parses no HTTP/2 and sees no payload or metadata; its limits are per connection (caps per client IP, a
+connection rate, a handshake deadline and size), and while the enclave is down each client is closed
+at once (the vsock connect is bounded by :data:`ENCLAVE_CONNECT_TIMEOUT_S`).
 """
 
 from __future__ import annotations
@@ -22,8 +29,8 @@ import grpc
 from nitrovault.errors import ConfigError
 from nitrovault.rpc.gen.nitrovault.v1 import host_pb2_grpc
 from nitrovault.transport import AddressMap, Relay, UnixAddress, VsockAddress, parse_address
-from parent_app.bridge import Bridge, TlsConfig
 from parent_app.config import ParentConfig
+from parent_app.health import HealthEndpoint
 from parent_app.host_services import HostServices
 from parent_app.host_sources import (
     CredentialsSource,
@@ -42,6 +49,9 @@ from parent_app.supervisor import (
 )
 
 log = logging.getLogger("parent")
+
+#: seconds a relayed client waits for the enclave's vsock port before it is closed (enclave down)
+ENCLAVE_CONNECT_TIMEOUT_S = 1.0
 
 
 def _credentials(config: ParentConfig) -> CredentialsSource:
@@ -78,10 +88,26 @@ def _launcher(config: ParentConfig) -> EnclaveLauncher:  # type: ignore[type-arg
     raise ConfigError(f"unknown enclave kind {kind!r}")
 
 
+def public_relay(config: ParentConfig, mapping: AddressMap) -> Relay:
+    """The public listener: TCP ``listen`` -> vsock(enclave_cid, inference_port), TLS guard on."""
+    return Relay(
+        config.listen_address,
+        VsockAddress(config.enclave_cid, config.inference_port),
+        mapping=mapping,
+        max_connections=config.max_connections,
+        max_connections_per_source=config.max_connections_per_source,
+        connection_rate_per_source=config.connection_rate_per_source,
+        connection_burst_per_source=config.connection_burst_per_source,
+        idle_timeout=config.idle_timeout_s,
+        connect_timeout=ENCLAVE_CONNECT_TIMEOUT_S,
+        tls_handshake_timeout=config.handshake_timeout_s,
+        max_handshake_bytes=config.max_handshake_bytes,
+    )
+
+
 async def run(config: ParentConfig, *, mapping: AddressMap, stop: asyncio.Event | None = None) -> int:
     run_dir = Path(config.run_dir)
     run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    enclave_sock = run_dir / "enclave.sock"
     host_sock = run_dir / "host.sock"
     host = HostServices(
         credentials=_credentials(config),
@@ -95,13 +121,9 @@ async def run(config: ParentConfig, *, mapping: AddressMap, stop: asyncio.Event 
     host_server = grpc.aio.server(options=[("grpc.max_send_message_length", 8 << 20)])
     host_pb2_grpc.add_HostServicesServicer_to_server(host, host_server)
     host_server.add_insecure_port(f"unix:{host_sock}")
+    public = public_relay(config, mapping)
     relays = [
-        Relay(
-            UnixAddress(str(enclave_sock)),
-            VsockAddress(config.enclave_cid, config.inference_port),
-            mapping=mapping,
-            connect_timeout=1.0,
-        ),
+        public,
         Relay(VsockAddress(3, config.host_services_port), UnixAddress(str(host_sock)), mapping=mapping),
     ]
     if config.kms_proxy_target:
@@ -112,14 +134,8 @@ async def run(config: ParentConfig, *, mapping: AddressMap, stop: asyncio.Event 
                 mapping=mapping,
             )
         )
-    tls = TlsConfig.from_files(config.tls_cert, config.tls_key) if config.tls_cert else None
-    bridge = Bridge(
-        config.listen,
-        f"unix:{enclave_sock}",
-        tls=tls,
-        max_concurrent_calls=config.max_concurrent_calls,
-        max_message_bytes=config.max_message_bytes,
-    )
+    health_address = config.health_address
+    health = HealthEndpoint(health_address, lambda: host.status.state) if health_address else None
 
     def on_state(state: SupervisorState) -> None:
         if state in (SupervisorState.BACKOFF, SupervisorState.STARTING) and host.status.state == "SERVING":
@@ -130,20 +146,25 @@ async def run(config: ParentConfig, *, mapping: AddressMap, stop: asyncio.Event 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await host_server.start()
-    for relay in relays:
-        await relay.start()
-    port = await bridge.start()
-    print(f"parent listening on {config.listen if config.listen.startswith('unix:') else port}", flush=True)
-    supervising = asyncio.create_task(supervisor.run())
+    supervising: asyncio.Task[None] | None = None
     try:
+        await host_server.start()
+        for relay in relays:
+            await relay.start()
+        if health is not None:
+            await health.start()
+            log.info("health endpoint on %s", str(health.bound).removeprefix("tcp:"))
+        print(f"parent listening on {str(public.bound).removeprefix('tcp:')}", flush=True)
+        supervising = asyncio.create_task(supervisor.run())
         await stop.wait()
     finally:
-        await supervisor.stop()
-        supervising.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await supervising
-        await bridge.stop(1.0)
+        if supervising is not None:
+            await supervisor.stop()
+            supervising.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await supervising
+        if health is not None:
+            await health.close()
         for relay in relays:
             await relay.close()
         await host_server.stop(1.0)

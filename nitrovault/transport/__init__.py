@@ -9,7 +9,11 @@ Production code only sees the address types; the :class:`AddressMap` (``DIRECT``
     await open_connection(address, mapping) -> (StreamReader, StreamWriter)
     await start_server(address, client_connected_cb, mapping) -> Listener(.bound, .close())
     Relay(listen, target, mapping=..., max_connections=256, idle_timeout=300.0,
-          buffer_size=65536, connect_timeout=5.0)   # await .start() / .close(); .bound, .stats
+          buffer_size=65536, connect_timeout=5.0,
+          max_connections_per_source=None, connection_rate_per_source=None,
+          connection_burst_per_source=None,           # per source: peer IP (IPv6 /64), CID, or unix
+          tls_handshake_timeout=None, max_handshake_bytes=65536)   # the TLS record-header guard
+        # await .start() / .close(); .bound, .stats (RelayStats: refused_by_reason[Refusal...])
     run_relay(listen, target, ...)                  # blocking, until SIGINT/SIGTERM
 """
 
@@ -23,7 +27,15 @@ from nitrovault.transport.address import (
     VsockAddress,
     parse_address,
 )
-from nitrovault.transport.relay import Relay, RelayStats, run_relay
+from nitrovault.transport.relay import (
+    Refusal,
+    Relay,
+    RelayStats,
+    TlsRecordGuard,
+    TokenBucket,
+    run_relay,
+    source_of,
+)
 from nitrovault.transport.streams import Listener, open_connection, start_server
 
 __all__ = [
@@ -32,13 +44,17 @@ __all__ = [
     "AddressMap",
     "DirectMap",
     "Listener",
+    "Refusal",
     "Relay",
     "RelayStats",
     "TcpAddress",
+    "TlsRecordGuard",
+    "TokenBucket",
     "UnixAddress",
     "VsockAddress",
     "open_connection",
     "parse_address",
     "run_relay",
+    "source_of",
     "start_server",
 ]

@@ -1,15 +1,23 @@
-"""The bounded relay over real unix sockets (and the local vsock map). Every wait is bounded."""
+"""The bounded relay over real sockets: unix, TCP from several loopback source addresses, the local vsock
+map, and real TLS 1.3 sessions (Python's ssl and gRPC) through the handshake guard.
+
+Deterministic: no test sleeps for a fixed time or asserts an elapsed time below a bound. Tests wait for
+conditions (:func:`until`, reads), small configured timeouts only make things happen, and every wait is
+bounded by :func:`run`'s overall timeout.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import errno
+import functools
 import hashlib
 import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -17,17 +25,23 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Itera
 from pathlib import Path
 from typing import Any
 
+import grpc
+import grpc.aio
 import pytest
 
 from nitrovault.errors import ConfigError
 from nitrovault.local.vsock import LocalVsockMap
 from nitrovault.transport import (
     Listener,
+    Refusal,
     Relay,
     TcpAddress,
+    TlsRecordGuard,
+    TokenBucket,
     UnixAddress,
     VsockAddress,
     open_connection,
+    source_of,
     start_server,
 )
 
@@ -37,6 +51,12 @@ MiB = 1024 * 1024
 
 def run(coro: Coroutine[Any, Any, Any], timeout: float = 20.0) -> Any:
     return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Wait for ``condition`` (polled; bounded by :func:`run`'s timeout, not by a time of its own)."""
+    while not condition():
+        await asyncio.sleep(0.005)
 
 
 @pytest.fixture
@@ -96,6 +116,54 @@ async def eof_or_reset(r: asyncio.StreamReader, timeout: float) -> bool:
 
 def close(w: asyncio.StreamWriter) -> None:
     w.transport.abort()
+
+
+def record(kind: int, body: bytes, version: bytes = b"\x03\x03") -> bytes:
+    """A TLS record: content type, legacy version, 2-byte length, body (the guard never reads a body)."""
+    return bytes([kind]) + version + len(body).to_bytes(2, "big") + body
+
+
+HELLO = record(22, b"\x01" + bytes(200), b"\x03\x01")  # a ClientHello-shaped handshake record
+CCS = record(20, b"\x01")
+APP = record(23, b"opaque ciphertext")
+
+
+async def connect_from(relay: Relay, source_ip: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A TCP connection to the relay from ``source_ip`` (any 127.0.0.0/8 address on Linux loopback)."""
+    bound = relay.bound
+    assert isinstance(bound, TcpAddress)
+    return await asyncio.open_connection(bound.host, bound.port, local_addr=(source_ip, 0))
+
+
+async def served(r: asyncio.StreamReader, w: asyncio.StreamWriter, data: bytes = b"x") -> bool:
+    """True when ``data`` comes back through an echo target (the connection is relayed)."""
+    w.write(data)
+    try:
+        return await asyncio.wait_for(r.readexactly(len(data)), 10) == data
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return False
+
+
+class Recorder:
+    """An echo target that keeps every byte it received, one buffer per connection."""
+
+    def __init__(self) -> None:
+        self.conns: list[bytearray] = []
+        self.ended = 0
+
+    async def __call__(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        got = bytearray()
+        self.conns.append(got)
+        try:
+            while data := await r.read(65536):
+                got += data
+                w.write(data)
+                await w.drain()
+        except ConnectionError:
+            pass
+        finally:
+            self.ended += 1
+            w.close()
 
 
 # -- basics ------------------------------------------------------------------------------------------
@@ -279,10 +347,7 @@ def test_half_close_target_to_client(d: Path) -> None:
             w.write(b"after your eof")
             await w.drain()
             w.write_eof()
-            for _ in range(200):
-                if late:
-                    break
-                await asyncio.sleep(0.01)
+            await until(lambda: bool(late))
             assert late == [b"after your eof"]
             close(w)
 
@@ -306,13 +371,10 @@ def test_idle_timeout_closes_both_sides(d: Path) -> None:
             r, w = await open_connection(relay.bound)
             loop = asyncio.get_running_loop()
             t0 = loop.time()
-            assert await eof_or_reset(r, 3)
-            assert 0.25 <= loop.time() - t0 < 2.5
+            assert await eof_or_reset(r, 10)
+            assert loop.time() - t0 >= 0.29  # not before the timeout (a lower bound only)
             close(w)
-            for _ in range(100):
-                if target_saw_eof:
-                    break
-                await asyncio.sleep(0.02)
+            await until(lambda: bool(target_saw_eof))
             assert target_saw_eof == [True]
             assert relay.stats.idle_closed == 1
 
@@ -320,17 +382,18 @@ def test_idle_timeout_closes_both_sides(d: Path) -> None:
 
 
 def test_activity_keeps_connection_open(d: Path) -> None:
-    """Negative of the idle test: traffic more often than the timeout keeps the pair alive."""
+    """Negative of the idle test: back-to-back traffic for three idle timeouts keeps the pair alive."""
 
     async def main() -> None:
         async with serving(UnixAddress(f"{d}/e.sock"), echo), relaying(
-            UnixAddress(f"{d}/r.sock"), UnixAddress(f"{d}/e.sock"), idle_timeout=0.8
+            UnixAddress(f"{d}/r.sock"), UnixAddress(f"{d}/e.sock"), idle_timeout=0.3
         ) as relay:
             r, w = await open_connection(relay.bound)
-            for _ in range(7):  # 7 x 0.25 s, about twice the idle timeout
+            loop = asyncio.get_running_loop()
+            end = loop.time() + 0.9
+            while loop.time() < end:  # each round trip is far shorter than the idle timeout
                 w.write(b"k")
-                assert await asyncio.wait_for(r.readexactly(1), 2) == b"k"
-                await asyncio.sleep(0.25)
+                assert await asyncio.wait_for(r.readexactly(1), 5) == b"k"
             assert relay.stats.idle_closed == 0
             close(w)
 
@@ -354,32 +417,41 @@ def test_connection_cap_refuses_extra(d: Path) -> None:
             close(w1)
             close(w2)
             # a slot frees up once the first pair is gone
-            for _ in range(100):
-                if relay.stats.active == 0:
-                    break
-                await asyncio.sleep(0.02)
+            await until(lambda: relay.stats.active == 0)
             r3, w3 = await open_connection(relay.bound)
             w3.write(b"3")
             assert await asyncio.wait_for(r3.readexactly(1), 5) == b"3"
             assert relay.stats.refused == 1 and relay.stats.total == 2
+            assert relay.stats.refused_by_reason["max_connections"] == 1
             close(w3)
 
     run(main())
 
 
-def test_target_down_closes_client_quickly(d: Path) -> None:
-    async def main() -> None:
-        async with relaying(UnixAddress(f"{d}/r.sock"), UnixAddress(f"{d}/nobody.sock")) as relay:
-            r, w = await open_connection(relay.bound)
-            loop = asyncio.get_running_loop()
-            t0 = loop.time()
-            assert await eof_or_reset(r, 2)
-            assert loop.time() - t0 < 1.0
-            assert relay.stats.failed == 1
-            assert relay.stats.active == 0
-            close(w)
+def test_target_down_closes_client_at_once(d: Path) -> None:
+    """A refused target connect closes the client at once: long before the (60 s) connect timeout."""
+    held = socket.socket()  # bound, never listening: connects to it are refused
+    held.bind(("127.0.0.1", 0))
+    dead_tcp = TcpAddress("127.0.0.1", held.getsockname()[1])
 
-    run(main())
+    async def main() -> None:
+        for target in (UnixAddress(f"{d}/nobody.sock"), dead_tcp):
+            async with relaying(
+                TcpAddress("127.0.0.1", 0), target, connect_timeout=60, tls_handshake_timeout=60
+            ) as relay:
+                assert isinstance(relay.bound, TcpAddress)
+                for _ in range(3):
+                    r, w = await open_connection(relay.bound)
+                    w.write(HELLO)
+                    assert await eof_or_reset(r, 10)
+                    close(w)
+                assert relay.stats.failed == 3
+                assert relay.stats.active == 0
+
+    try:
+        run(main())
+    finally:
+        held.close()
 
 
 def test_clean_shutdown_closes_pairs_and_removes_socket(d: Path) -> None:
@@ -454,11 +526,26 @@ def test_regular_file_is_not_removed(d: Path) -> None:
     assert path.read_text() == "not a socket"
 
 
-def test_bad_parameters_rejected() -> None:
-    a, b = UnixAddress("/tmp/a"), UnixAddress("/tmp/b")
-    for kw in ({"max_connections": 0}, {"idle_timeout": 0}, {"connect_timeout": -1}, {"buffer_size": 10}):
-        with pytest.raises(ConfigError):
-            Relay(a, b, **kw)
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"max_connections": 0},
+        {"idle_timeout": 0},
+        {"connect_timeout": -1},
+        {"buffer_size": 10},
+        {"max_connections_per_source": 0},
+        {"max_connections_per_source": True},
+        {"connection_rate_per_source": 0.0},
+        {"connection_rate_per_source": float("inf")},
+        {"connection_burst_per_source": 5},  # a burst without a rate
+        {"connection_rate_per_source": 1.0, "connection_burst_per_source": 0},
+        {"tls_handshake_timeout": 0},
+        {"tls_handshake_timeout": 1.0, "max_handshake_bytes": 100},
+    ],
+)
+def test_bad_parameters_rejected(kw: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError):
+        Relay(UnixAddress("/tmp/a"), UnixAddress("/tmp/b"), **kw)
 
 
 # -- the local vsock map ------------------------------------------------------------------------------
@@ -574,3 +661,536 @@ def test_grpc_info_through_parent_and_enclave_relays(d: Path) -> None:
         run(main())
     finally:
         server.stop(grace=None).wait(5)
+
+
+# -- per-source admission -----------------------------------------------------------------------------------
+
+
+def test_per_source_cap_refuses_only_that_source(d: Path) -> None:
+    async def main() -> None:
+        async with serving(UnixAddress(f"{d}/e.sock"), echo), relaying(
+            TcpAddress("127.0.0.1", 0), UnixAddress(f"{d}/e.sock"), max_connections_per_source=2
+        ) as relay:
+            a1, a2 = await connect_from(relay, "127.0.0.2"), await connect_from(relay, "127.0.0.2")
+            assert await served(*a1) and await served(*a2)
+            r, w = await connect_from(relay, "127.0.0.2")
+            assert await eof_or_reset(r, 10)  # refused at once, not left hanging
+            close(w)
+            b1 = await connect_from(relay, "127.0.0.3")  # another source is still served
+            assert await served(*b1)
+            s = relay.stats
+            assert (s.refused, s.refused_by_reason["per_source_connections"], s.total) == (1, 1, 3)
+            assert await served(*a1)  # the admitted ones are unaffected
+            close(a1[1])
+            await until(lambda: relay.stats.active == 2)
+            a3 = await connect_from(relay, "127.0.0.2")  # a freed slot is usable again
+            assert await served(*a3)
+            for _, w in (a2, b1, a3):
+                close(w)
+
+    run(main())
+
+
+def test_unix_listener_is_one_source(d: Path) -> None:
+    async def main() -> None:
+        async with serving(UnixAddress(f"{d}/e.sock"), echo), relaying(
+            UnixAddress(f"{d}/r.sock"), UnixAddress(f"{d}/e.sock"), max_connections_per_source=1
+        ) as relay:
+            first = await open_connection(relay.bound)
+            assert await served(*first)
+            r, w = await open_connection(relay.bound)
+            assert await eof_or_reset(r, 10)
+            assert relay.stats.refused_by_reason["per_source_connections"] == 1
+            close(w)
+            close(first[1])
+
+    run(main())
+
+
+def test_rate_limit_per_source(d: Path) -> None:
+    """A burst of 2 and a rate that refills nothing during the test: the third connection is refused even
+    though the first two are gone (a rate, not a cap), and another source has its own bucket."""
+
+    async def main() -> None:
+        async with serving(UnixAddress(f"{d}/e.sock"), echo), relaying(
+            TcpAddress("127.0.0.1", 0),
+            UnixAddress(f"{d}/e.sock"),
+            connection_rate_per_source=0.001,
+            connection_burst_per_source=2,
+        ) as relay:
+            for _ in range(2):
+                r, w = await connect_from(relay, "127.0.0.2")
+                assert await served(r, w)
+                close(w)
+            await until(lambda: relay.stats.active == 0)
+            r, w = await connect_from(relay, "127.0.0.2")
+            assert await eof_or_reset(r, 10)
+            close(w)
+            b = await connect_from(relay, "127.0.0.3")
+            assert await served(*b)
+            close(b[1])
+            s = relay.stats
+            assert s.refused_by_reason["per_source_rate"] == 1 and s.refused == 1 and s.total == 3
+
+    run(main())
+
+
+def test_flood_from_one_address_does_not_stop_another(d: Path) -> None:
+    flood = 60
+
+    async def main() -> None:
+        async with serving(UnixAddress(f"{d}/e.sock"), echo), relaying(
+            TcpAddress("127.0.0.1", 0),
+            UnixAddress(f"{d}/e.sock"),
+            max_connections=32,
+            max_connections_per_source=4,
+        ) as relay:
+            attackers = await asyncio.gather(*(connect_from(relay, "127.0.0.2") for _ in range(flood)))
+            victim = await connect_from(relay, "127.0.0.3")
+            assert await served(*victim, b"still served")
+            await until(lambda: relay.stats.total + relay.stats.refused == flood + 1)
+            s = relay.stats
+            assert s.total == 4 + 1
+            assert s.refused_by_reason["per_source_connections"] == flood - 4
+            assert s.refused_by_reason["max_connections"] == 0
+            outcomes = await asyncio.gather(*(served(r, w) for r, w in attackers))
+            assert sum(outcomes) == 4  # exactly the admitted four are relayed, the rest were closed
+            assert await served(*victim, b"and again")
+            for _, w in (*attackers, victim):
+                close(w)
+
+    run(main())
+
+
+def test_source_of() -> None:
+    tcp, unix = TcpAddress("127.0.0.1", 1), UnixAddress("/tmp/x")
+    assert source_of(tcp, ("192.0.2.7", 5555)) == "192.0.2.7"
+    assert source_of(tcp, ("::ffff:192.0.2.7", 5555, 0, 0)) == "192.0.2.7"
+    # one IPv6 host holds a /64: every address in it is one source
+    assert source_of(tcp, ("2001:db8:1:2::1", 1, 0, 0)) == source_of(tcp, ("2001:db8:1:2:ffff::9", 1, 0, 0))
+    assert source_of(tcp, ("2001:db8:1:2::1", 1, 0, 0)) != source_of(tcp, ("2001:db8:1:3::1", 1, 0, 0))
+    assert source_of(unix, "") == source_of(unix, None) == "local"
+    assert source_of(VsockAddress(3, 1), (16, 1234)) == "cid:16"
+
+
+def test_token_bucket_refills_at_its_rate() -> None:
+    bucket = TokenBucket(rate=2.0, burst=3, now=100.0)
+    assert [bucket.take(100.0) for _ in range(4)] == [True, True, True, False]
+    assert bucket.take(100.4) is False  # 0.8 token
+    assert bucket.take(100.5) is True  # 1.0 token
+    assert not bucket.full(101.0)
+    assert bucket.full(102.0)  # capped at the burst, however long it waited
+    assert [bucket.take(1000.0) for _ in range(4)] == [True, True, True, False]
+
+
+# -- the TLS handshake guard -------------------------------------------------------------------------------
+
+
+def test_guard_passes_handshake_records_then_only_splices(d: Path) -> None:
+    rec = Recorder()
+    after = b"after the first application_data record anything goes: \x00\xff GET / HTTP/1.1\r\n"
+
+    async def main() -> None:
+        async with serving(UnixAddress(f"{d}/t.sock"), rec), relaying(
+            UnixAddress(f"{d}/r.sock"), UnixAddress(f"{d}/t.sock"), tls_handshake_timeout=30
+        ) as relay:
+            r, w = await open_connection(relay.bound)
+            flight = HELLO + CCS + record(22, b"finished") + APP
+            for i in (1, 3, 7, 120, len(flight)):  # headers split across reads
+                w.write(flight[:i])
+                flight = flight[i:]
+                await w.drain()
+            w.write(after)
+            want = HELLO + CCS + record(22, b"finished") + APP + after
+            assert await asyncio.wait_for(r.readexactly(len(want)), 10) == want
+            assert rec.conns == [bytearray(want)]
+            assert relay.stats.guard_closed == 0
+            close(w)
+
+    run(main())
+
+
+def test_guard_does_not_read_target_to_client(d: Path) -> None:
+    async def banner(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"not TLS at all")
+        await w.drain()
+        await echo(r, w)
+
+    async def main() -> None:
+        async with serving(UnixAddress(f"{d}/t.sock"), banner), relaying(
+            UnixAddress(f"{d}/r.sock"), UnixAddress(f"{d}/t.sock"), tls_handshake_timeout=30
+        ) as relay:
+            r, w = await open_connection(relay.bound)
+            assert await asyncio.wait_for(r.readexactly(14), 10) == b"not TLS at all"
+            assert await served(r, w, HELLO)
+            close(w)
+
+    run(main())
+
+
+def test_non_tls_first_byte_is_closed_before_reaching_the_target(
+    d: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rec = Recorder()
+
+    async def main() -> None:
+        async with serving(UnixAddress(f"{d}/t.sock"), rec), relaying(
+            UnixAddress(f"{d}/r.sock"), UnixAddress(f"{d}/t.sock"), tls_handshake_timeout=30
+        ) as relay:
+            for request in (b"GET /secret-path HTTP/1.1\r\n\r\n", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"):
+                r, w = await open_connection(relay.bound)
+                w.write(request)
+                assert await eof_or_reset(r, 10)
+                close(w)
+            await until(lambda: rec.ended == 2)
+            assert rec.conns == [bytearray(), bytearray()]  # not one byte reached the target
+            assert relay.stats.refused_by_reason["not_tls"] == 2 and relay.stats.guard_closed == 2
+            assert relay.stats.bytes_up == 0
+
+    with caplog.at_level("INFO", logger="nitrovault.transport.relay"):
+        run(main())
+    assert "not_tls" in caplog.text
+    assert "secret" not in caplog.text and "HTTP" not in caplog.text  # no payload in the log
+
+
+@pytest.mark.parametrize(
+    ("flight", "why"),
+    [
+        (HELLO + record(24, b"heartbeat"), "unknown content type"),
+        (record(22, b"hello", b"\x02\x00"), "SSL 2 record version"),
+        (record(22, b"hello", b"\x03\x04"), "record version above 3.3"),
+        (HELLO + record(22, b""), "empty handshake record"),
+        (HELLO + bytes([22, 3, 3]) + (0x4801).to_bytes(2, "big"), "longer than TLS allows"),
+    ],
+)
+def test_malformed_record_header_is_closed(d: Path, flight: bytes, why: str) -> None:
+    rec = Recorder()
+
+    async def main() -> None:
+        async with serving(UnixAddress(f"{d}/t.sock"), rec), relaying(
+            UnixAddress(f"{d}/r.sock"), UnixAddress(f"{d}/t.sock"), tls_handshake_timeout=30
+        ) as relay:
+            r, w = await open_connection(relay.bound)
+            w.write(flight)
+            assert await eof_or_reset(r, 10), why
+            close(w)
+            assert relay.stats.refused_by_reason["malformed_record"] == 1, why
+
+    run(main())
+
+
+def test_oversized_handshake_is_closed_on_the_header(d: Path) -> None:
+    rec = Recorder()
+    first = record(22, bytes(1000))  # 1005 bytes: within 1024
+
+    async def main() -> None:
+        async with serving(UnixAddress(f"{d}/t.sock"), rec), relaying(
+            UnixAddress(f"{d}/r.sock"),
+            UnixAddress(f"{d}/t.sock"),
+            tls_handshake_timeout=30,
+            max_handshake_bytes=1024,
+        ) as relay:
+            r, w = await open_connection(relay.bound)
+            w.write(first)
+            assert await asyncio.wait_for(r.readexactly(len(first)), 10) == first
+            w.write(bytes([22, 3, 3, 0, 100]))  # the next header alone takes the total past 1024
+            assert await eof_or_reset(r, 10)
+            close(w)
+            await until(lambda: rec.ended == 1)
+            assert rec.conns == [bytearray(first)]  # the oversized record's header was never forwarded
+            assert relay.stats.refused_by_reason["handshake_too_large"] == 1
+
+    run(main())
+
+
+def test_stalled_handshake_is_closed_while_another_client_is_served(d: Path) -> None:
+    async def main() -> None:
+        async with serving(UnixAddress(f"{d}/e.sock"), echo), relaying(
+            UnixAddress(f"{d}/r.sock"), UnixAddress(f"{d}/e.sock"), tls_handshake_timeout=1.0
+        ) as relay:
+            good = await open_connection(relay.bound)
+            assert await served(*good, HELLO + APP)  # past the guard: no handshake deadline any more
+            stalled_r, stalled_w = await open_connection(relay.bound)
+            assert await served(stalled_r, stalled_w, HELLO)  # a handshake that never finishes
+            assert await eof_or_reset(stalled_r, 15)
+            close(stalled_w)
+            assert relay.stats.refused_by_reason["handshake_timeout"] == 1
+            assert await served(*good, b"still here")  # the other client outlives the deadline
+            assert relay.stats.refused_by_reason["handshake_timeout"] == 1
+            close(good[1])
+
+    run(main())
+
+
+def test_guard_verdicts_in_any_chunking() -> None:
+    flight = HELLO + CCS + APP + b"tail"
+    for size in (1, 2, 5, 7, len(flight)):
+        guard = TlsRecordGuard(max_handshake_bytes=1024)
+        verdicts = [guard.feed(flight[i : i + size]) for i in range(0, len(flight), size)]
+        assert verdicts == [None] * len(verdicts) and guard.done
+    guard = TlsRecordGuard(1024)
+    assert guard.feed(b"\x16\x03") is None and guard.feed(b"\x01") is None and not guard.done
+    assert TlsRecordGuard(1024).feed(b"\x17\x03\x03\x00\x01x") is Refusal.NOT_TLS  # data before a hello
+    assert TlsRecordGuard(1024).feed(record(22, bytes(1020))) is Refusal.HANDSHAKE_TOO_LARGE
+
+
+# -- real TLS 1.3 sessions through the guard --------------------------------------------------------------
+
+SERVER_NAME = "enclave.nitrovault.test"
+
+
+def _self_signed(name: str) -> tuple[bytes, bytes]:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+class TlsEnd:
+    """A TLS 1.3 endpoint over an asyncio stream through memory BIOs, so the raw records it sends and
+    receives can be compared with the other end's."""
+
+    def __init__(
+        self, ctx: ssl.SSLContext, r: asyncio.StreamReader, w: asyncio.StreamWriter, *, server: bool
+    ) -> None:
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = ctx.wrap_bio(
+            self.incoming, self.outgoing, server_side=server, server_hostname=None if server else SERVER_NAME
+        )
+        self.r, self.w = r, w
+        self.sent, self.received = bytearray(), bytearray()
+
+    async def _flush(self) -> None:
+        if data := self.outgoing.read():
+            self.sent += data
+            self.w.write(data)
+            await self.w.drain()
+
+    async def _op(self, op: Callable[[], Any]) -> Any:
+        while True:
+            try:
+                result = op()
+            except ssl.SSLWantReadError:
+                await self._flush()
+                data = await self.r.read(65536)
+                if not data:
+                    raise ConnectionError("EOF inside TLS") from None
+                self.received += data
+                self.incoming.write(data)
+            else:
+                await self._flush()
+                return result
+
+    async def handshake(self) -> None:
+        await self._op(self.tls.do_handshake)
+
+    async def send(self, data: bytes) -> None:
+        self.tls.write(data)
+        await self._flush()
+
+    async def recv_exactly(self, n: int) -> bytes:
+        out = bytearray()
+        while len(out) < n:
+            out += await self._op(functools.partial(self.tls.read, n - len(out)))
+        return bytes(out)
+
+
+def _tls_contexts(d: Path) -> tuple[ssl.SSLContext, ssl.SSLContext, bytes, bytes]:
+    cert, key = _self_signed(SERVER_NAME)
+    (d / "cert.pem").write_bytes(cert)
+    (d / "key.pem").write_bytes(key)
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.minimum_version = ssl.TLSVersion.TLSv1_3
+    server.load_cert_chain(d / "cert.pem", d / "key.pem")
+    client = ssl.create_default_context(cadata=cert.decode())
+    client.minimum_version = ssl.TLSVersion.TLSv1_3
+    return server, client, cert, key
+
+
+def test_tls13_session_bytes_pass_unchanged(d: Path) -> None:
+    server_ctx, client_ctx, _, _ = _tls_contexts(d)
+    payload = os.urandom(300_000)
+    ends: list[TlsEnd] = []
+
+    async def tls_echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        end = TlsEnd(server_ctx, r, w, server=True)
+        ends.append(end)
+        await end.handshake()
+        data = await end.recv_exactly(len(payload))
+        await end.send(hashlib.sha256(data).digest() + data[::-1])
+        await r.read()
+        w.close()
+
+    async def main() -> None:
+        async with serving(UnixAddress(f"{d}/t.sock"), tls_echo), relaying(
+            TcpAddress("127.0.0.1", 0), UnixAddress(f"{d}/t.sock"), tls_handshake_timeout=30
+        ) as relay:
+            assert isinstance(relay.bound, TcpAddress)
+            r, w = await asyncio.open_connection(relay.bound.host, relay.bound.port)
+            client = TlsEnd(client_ctx, r, w, server=False)
+            await client.handshake()
+            assert client.tls.version() == "TLSv1.3"
+            await client.send(payload)
+            reply = await client.recv_exactly(32 + len(payload))
+            assert reply == hashlib.sha256(payload).digest() + payload[::-1]
+            (server,) = ends
+            # every record crossed the relay unchanged, in both directions
+            assert bytes(server.received) == bytes(client.sent)
+            assert bytes(client.received) == bytes(server.sent)
+            s = relay.stats
+            assert (s.bytes_up, s.bytes_down) == (len(client.sent), len(server.sent))
+            assert s.guard_closed == 0
+            close(w)
+
+    run(main())
+
+
+class _EchoHandlers(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpcio ships no type stubs
+    """A stand-in enclave gRPC service on raw bytes: every cardinality."""
+
+    def service(self, details: grpc.HandlerCallDetails) -> Any:
+        async def unary(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+            md = dict(context.invocation_metadata() or ())
+            context.set_trailing_metadata((("x-echo-back", str(md.get("x-echo", ""))),))
+            return request[::-1]
+
+        async def server_stream(request: bytes, context: Any) -> AsyncIterator[bytes]:
+            for i in range(int(request)):
+                yield b"chunk-%d" % i
+
+        async def client_stream(requests: AsyncIterator[bytes], context: Any) -> bytes:
+            return b"|".join([r async for r in requests])
+
+        async def bidi(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
+            async for r in requests:
+                yield r.upper()
+
+        table = {
+            "/test.Echo/Unary": grpc.unary_unary_rpc_method_handler(unary),
+            "/test.Echo/ServerStream": grpc.unary_stream_rpc_method_handler(server_stream),
+            "/test.Echo/ClientStream": grpc.stream_unary_rpc_method_handler(client_stream),
+            "/test.Echo/Bidi": grpc.stream_stream_rpc_method_handler(bidi),
+        }
+        return table.get(details.method)
+
+
+async def _grpc_tls_server(path: str, cert: bytes, key: bytes) -> grpc.aio.Server:
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((_EchoHandlers(),))
+    assert server.add_secure_port(f"unix:{path}", grpc.ssl_server_credentials([(key, cert)])) != 0
+    await server.start()
+    return server
+
+
+_OVERRIDE = (("grpc.ssl_target_name_override", SERVER_NAME),)
+
+
+def test_grpc_tls_calls_through_the_relay(d: Path) -> None:
+    """TLS ends at the (stand-in) enclave's gRPC server; the relay only carries its records."""
+    _, _, cert, key = _tls_contexts(d)
+
+    async def main() -> None:
+        server = await _grpc_tls_server(f"{d}/grpc.sock", cert, key)
+        try:
+            async with relaying(
+                TcpAddress("127.0.0.1", 0), UnixAddress(f"{d}/grpc.sock"), tls_handshake_timeout=30
+            ) as relay:
+                assert isinstance(relay.bound, TcpAddress)
+                target = f"127.0.0.1:{relay.bound.port}"
+                creds = grpc.ssl_channel_credentials(root_certificates=cert)
+                async with grpc.aio.secure_channel(target, creds, options=_OVERRIDE) as ch:
+                    call = ch.unary_unary("/test.Echo/Unary")(b"\x00abc\xff", metadata=(("x-echo", "p"),))
+                    assert await call == b"\xffcba\x00"
+                    assert ("x-echo-back", "p") in tuple(await call.trailing_metadata())
+                    got = [m async for m in ch.unary_stream("/test.Echo/ServerStream")(b"3", timeout=10)]
+                    assert got == [b"chunk-0", b"chunk-1", b"chunk-2"]
+
+                    async def parts() -> AsyncIterator[bytes]:
+                        for part in (b"a", b"b", b"c"):
+                            yield part
+
+                    assert await ch.stream_unary("/test.Echo/ClientStream")(parts(), timeout=10) == b"a|b|c"
+                    bidi = ch.stream_stream("/test.Echo/Bidi")(timeout=10)
+                    replies = []
+                    for word in (b"one", b"two"):
+                        await bidi.write(word)
+                        replies.append(await bidi.read())
+                    await bidi.done_writing()
+                    assert replies == [b"ONE", b"TWO"]
+                assert relay.stats.guard_closed == 0
+                # a client that does not trust the enclave's certificate fails end to end
+                other, _ = _self_signed(SERVER_NAME)
+                bad = grpc.ssl_channel_credentials(root_certificates=other)
+                async with grpc.aio.secure_channel(target, bad, options=_OVERRIDE) as ch:
+                    with pytest.raises(grpc.aio.AioRpcError) as err:
+                        await ch.unary_unary("/test.Echo/Unary")(b"x", timeout=5)
+                    assert err.value.code() is grpc.StatusCode.UNAVAILABLE
+                # a plaintext HTTP/2 client never reaches the enclave: the guard closes it
+                async with grpc.aio.insecure_channel(target) as ch:
+                    with pytest.raises(grpc.aio.AioRpcError):
+                        await ch.unary_unary("/test.Echo/Unary")(b"x", timeout=5)
+                assert relay.stats.refused_by_reason["not_tls"] >= 1
+        finally:
+            await server.stop(None)
+
+    run(main(), timeout=60)
+
+
+def test_grpc_tls_enclave_down_fails_fast_and_recovers(d: Path) -> None:
+    """While the target is down each connection is closed at once (UNAVAILABLE, well before the 30 s
+    connect timeout and the call's deadline); once it is back calls succeed without restarting the relay."""
+    _, _, cert, key = _tls_contexts(d)
+    options = (*_OVERRIDE, ("grpc.initial_reconnect_backoff_ms", 50), ("grpc.max_reconnect_backoff_ms", 200))
+
+    async def call(ch: grpc.aio.Channel) -> bytes:
+        result: bytes = await ch.unary_unary("/test.Echo/Unary")(b"abc", timeout=20)
+        return result
+
+    async def main() -> None:
+        async with relaying(
+            TcpAddress("127.0.0.1", 0),
+            UnixAddress(f"{d}/grpc.sock"),
+            connect_timeout=30,
+            tls_handshake_timeout=30,
+        ) as relay:
+            assert isinstance(relay.bound, TcpAddress)
+            creds = grpc.ssl_channel_credentials(root_certificates=cert)
+            async with grpc.aio.secure_channel(f"127.0.0.1:{relay.bound.port}", creds, options=options) as ch:
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await call(ch)
+                assert err.value.code() is grpc.StatusCode.UNAVAILABLE
+                assert relay.stats.failed >= 1
+                server = await _grpc_tls_server(f"{d}/grpc.sock", cert, key)
+                try:
+                    while True:
+                        try:
+                            assert await call(ch) == b"cba"
+                            break
+                        except grpc.aio.AioRpcError as exc:
+                            assert exc.code() is grpc.StatusCode.UNAVAILABLE
+                finally:
+                    await server.stop(None)
+
+    run(main(), timeout=60)
