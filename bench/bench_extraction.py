@@ -178,7 +178,9 @@ def _first_actions(records: list[dict[str, Any]]) -> tuple[dict[str, int], dict[
 
 
 def _client(stack: LocalStack, subject: str) -> NitrovaultClient:
-    return NitrovaultClient(stack.listen, token=victim_token(stack, subject), timeout=60)
+    # the stack's measured PCR0/1/2 under its local PKI root (LocalStack.expect)
+    return NitrovaultClient(stack.listen, expect=stack.expect(), token=victim_token(stack, subject),
+                            timeout=60)
 
 
 def run() -> Iterator[dict[str, object]]:

@@ -24,7 +24,8 @@ Example::
     victim = train_mlp(data.x_victim, data.y_victim)
     save_victim(victim, home / "victim.safetensors", reference=data.x_victim)
     with serve(home, home / "victim.safetensors", {"hardening": {"kind": "top_k", "k": 3}}) as stack, \\
-            NitrovaultClient(stack.listen, token=victim_token(stack, "thief")) as client:
+            NitrovaultClient(stack.listen, expect=stack.expect(),
+                             token=victim_token(stack, "thief")) as client:
         probabilities = make_query(client)(data.x_test[:10])
 """
 

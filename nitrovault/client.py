@@ -504,7 +504,9 @@ class NitrovaultClient:
         if self._channel is not None:
             if self._session is not None:
                 self._channel.unsubscribe(self._on_connectivity)
-            self._channel.close()
+                _close_after_poller(self._channel)
+            else:
+                self._channel.close()
         self._channel = None
         self._session = None
 
@@ -519,6 +521,21 @@ class NitrovaultClient:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def _close_after_poller(channel: grpc.Channel) -> None:
+    """Close a channel that was subscribed to, once grpcio's connectivity poller has noticed the
+    unsubscription: the poller wakes every 0.2 s, and a channel closed under it makes its thread raise
+    ("Cannot monitor channel state: Channel closed!"). Done on a daemon thread, so close() does not wait."""
+
+    def close_when_idle() -> None:
+        state = getattr(channel, "_connectivity_state", None)  # grpcio internals; absent: close at once
+        deadline = time.monotonic() + 1.0
+        while getattr(state, "polling", False) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        channel.close()
+
+    threading.Thread(target=close_when_idle, name="nitrovault-channel-close", daemon=True).start()
 
 
 def _client_error(err: grpc.RpcError) -> ClientError:

@@ -251,7 +251,7 @@ class ReceiptError(NitrovaultError):
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
-        #: which check failed: malformed, attestation, no-key, other-key, signature, pcr0, response
+        #: which check failed: malformed, attestation, no-key, other-key, signature, pcr0, response, request
         self.reason = reason
 
 

@@ -1,7 +1,9 @@
 """The ``nitrovault`` command line.
 
 Each verb group lives in its own module and is registered here; this module only composes them.
-Exit codes: 0 success, 1 a check failed (invalid document, denied key, bad receipt), 2 usage error.
+Exit codes: 0 success, 1 a check failed (invalid document, denied key, bad receipt, an enclave that does
+not verify), 2 usage error. Every verb that talks to an enclave verifies it first with the trust options
+of :mod:`nitrovault.cli.client_cmd`.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-app.add_typer(attest_cmd.app, name="attest", help="Verify AWS Nitro attestation documents.")
+app.add_typer(attest_cmd.app, name="attest",
+              help="Verify attestation documents; fetch a document from, or pin, a verified enclave.")
 app.add_typer(local_cmd.app, name="local", help="The local stand-ins: fake NSM, KMS emulator, local stack.")
 app.add_typer(token_cmd.app, name="token", help="Issuer keys and bearer tokens for the local stack.")
 app.add_typer(receipt_cmd.app, name="receipt", help="Verify response receipts offline.")
@@ -37,9 +40,8 @@ app.command("seal")(seal_cmd.seal)
 app.command("inspect")(seal_cmd.inspect)
 app.command("embed")(client_cmd.embed)
 app.command("infer")(client_cmd.infer)
+app.add_typer(watermark_cmd.app, name="watermark", help="Embed and detect ownership watermarks.")
 
 
 def main() -> None:
     app()
-
-app.add_typer(watermark_cmd.app, name="watermark", help="Embed and detect ownership watermarks.")

@@ -1,15 +1,31 @@
 """``nitrovault attest verify``: check an AWS Nitro attestation document from a file;
-``nitrovault attest fetch``: ask a serving enclave for one (``Attest``) and save it.
+``nitrovault attest fetch``: verify a serving enclave and save its attestation document;
+``nitrovault attest pin``: verify a serving enclave and save its TLS certificate for other clients.
 
-Thin shell over :func:`nitrovault.attestation.verify_document`. Exit codes: 0 valid, 1 invalid (one line
-``invalid: <step>: <message>`` on stderr), 2 usage error (bad option, missing file, unreadable root).
+``verify`` is a thin shell over :func:`nitrovault.attestation.verify_document`. Exit codes: 0 valid, 1
+invalid (one line ``invalid: <step>: <message>`` on stderr), 2 usage error (bad option, missing file,
+unreadable root). It also shows what the document binds in ``user_data`` (:mod:`nitrovault.bindings`: the
+receipt key and the TLS key hash), or why nothing (a document not made by a nitrovault enclave).
+
+``fetch`` and ``pin`` verify the enclave exactly as :class:`nitrovault.client.NitrovaultClient` does
+before it sends anything (TLS, pinned certificate, ``Attest`` with a fresh nonce against the trust options
+of :mod:`nitrovault.cli.client_cmd`, the attested TLS key against the connection's); a failure exits 1 with
+one line ``error: <step>: <message>``. ``Attest`` is public: no token is needed (``--token-file`` is
+accepted for older scripts and not sent).
 
     nitrovault attest verify doc.cose --at 2024-09-07T14:37:39.545Z --expect-pcr 0=e72a46... --json
-    nitrovault attest fetch --target 127.0.0.1:50051 --token-file my.token -o attestation.cose
+    nitrovault attest fetch --target models.example.com:443 --pcr-manifest pcr-manifest.json -o boot.cose
+    nitrovault attest pin --target models.example.com:443 --pcr-manifest pcr-manifest.json -o enclave.pem
 
-The fetched document binds the enclave's receipt/audit key in ``user_data``, so it is the
-``--attestation`` of ``nitrovault receipt verify`` and ``nitrovault audit verify`` for that boot. It is
-saved as is; ``fetch`` verifies nothing (``attest verify`` and the receipt/audit verifiers do).
+``fetch`` saves the document the connection was verified with (its nonce is the client's), or, with
+``--nonce``, a fresh one binding that nonce, verified the same way. It binds the enclave's receipt/audit
+key in ``user_data``, so it is the ``--attestation`` of ``nitrovault receipt verify`` and ``nitrovault
+audit verify`` for that boot.
+
+``pin`` writes the verified certificate (PEM) and prints PCR0, the certificate's SHA-256 and the DNS name
+clients must ask for: ``grpcurl -cacert enclave.pem -authority NAME`` or a Go/Java client that trusts
+exactly this certificate can then call the service (``docs/clients.md``). Such a client trusts the pin, not
+a fresh attestation: re-pin when the owner re-seals the model with a new identity.
 """
 
 from __future__ import annotations
@@ -22,8 +38,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from cryptography import x509
 
 from nitrovault.attestation import (
+    AttestationDocument,
     Expectations,
     VerifiedAttestation,
     is_debug,
@@ -31,9 +49,24 @@ from nitrovault.attestation import (
     parse_pcr_arg,
     verify_document,
 )
-from nitrovault.errors import AttestationError, ConfigError
+from nitrovault.bindings import EnclaveBindings
+from nitrovault.cli.client_cmd import (
+    CaFile,
+    ExpectPcr,
+    PcrManifest,
+    Root,
+    ServerName,
+    Target,
+    Timeout,
+    build_expect,
+    verified_client,
+)
+from nitrovault.client import ATTEST_MAX_AGE
+from nitrovault.errors import AttestationError, BindingError, ConfigError
+from nitrovault.identity import certificate_fingerprint
 
-app = typer.Typer(no_args_is_help=True, help="Verify AWS Nitro attestation documents.")
+app = typer.Typer(no_args_is_help=True,
+                  help="Verify attestation documents; fetch a document from, or pin, a verified enclave.")
 
 _COSE_FIRST_BYTES = (0x84, 0xD2)  # untagged 4-array, or tag 18
 
@@ -59,8 +92,17 @@ def _parse_at(value: str | None) -> datetime:
     return at.replace(tzinfo=UTC) if at.tzinfo is None else at
 
 
+def _bindings(doc: AttestationDocument) -> tuple[dict[str, Any] | None, str | None]:
+    """What ``user_data`` binds (:meth:`EnclaveBindings.to_json`), or None and why not."""
+    try:
+        return EnclaveBindings.parse(doc.user_data).to_json(), None
+    except BindingError as err:
+        return None, str(err)
+
+
 def _summary(verified: VerifiedAttestation) -> dict[str, Any]:
     doc = verified.document
+    bindings, unbound = _bindings(doc)
 
     def hex_or_none(value: bytes | None) -> str | None:
         return None if value is None else value.hex()
@@ -76,6 +118,8 @@ def _summary(verified: VerifiedAttestation) -> dict[str, Any]:
         "user_data": hex_or_none(doc.user_data),
         "nonce": hex_or_none(doc.nonce),
         "public_key": hex_or_none(doc.public_key),
+        "bindings": bindings,
+        "bindings_error": unbound,
         "root_sha256": verified.root_fingerprint,
         "verified_at": verified.verified_at.isoformat(),
     }
@@ -170,34 +214,92 @@ def verify(
     for name in ("user_data", "nonce", "public_key"):
         value = summary[name]
         typer.echo(f"{name}: {'null' if value is None else f'{len(value) // 2} bytes'}")
+    bindings = summary["bindings"]
+    if bindings is None:
+        typer.echo(f"bindings: none ({summary['bindings_error']})")
+    else:
+        tls = bindings["tls_spki_sha256"] or "none (a boot document, made before TLS serving)"
+        typer.echo(f"bindings: {bindings['layout']} receipt_key {bindings['receipt_key']} "
+                   f"tls_spki_sha256 {tls}")
+
+
+TokenFileIgnored = Annotated[Path | None, typer.Option(
+    "--token-file", dir_okay=False, help="Accepted for older scripts; Attest is public and it is not sent.")]
 
 
 @app.command()
 def fetch(
     output: Annotated[Path, typer.Option("-o", "--output", dir_okay=False, help="Write the document here.")],
-    target: Annotated[str, typer.Option("--target", help="gRPC address: host:port or unix:/path.")] = (
-        "127.0.0.1:50051"
-    ),
-    token_file: Annotated[Path | None, typer.Option(
-        "--token-file", dir_okay=False, help="File holding the bearer token (else $NITROVAULT_TOKEN).")
-    ] = None,
+    target: Target = "127.0.0.1:50051",
+    expect_pcr: ExpectPcr = None,
+    pcr_manifest: PcrManifest = None,
+    root: Root = None,
+    ca_file: CaFile = None,
+    server_name: ServerName = None,
+    token_file: TokenFileIgnored = None,
     nonce: Annotated[str | None, typer.Option(
-        "--nonce", metavar="HEX", help="Nonce to bind (at most 64 bytes).")] = None,
-    ca_file: Annotated[Path | None, typer.Option(
-        "--ca-file", dir_okay=False, help="PEM root certificates: use TLS and trust these.")] = None,
-    timeout: Annotated[float, typer.Option("--timeout", min=0.001, help="Deadline, in seconds.")] = 30.0,
+        "--nonce", metavar="HEX", help="Fetch a fresh document binding this nonce (1 to 64 bytes).")] = None,
+    timeout: Timeout = 30.0,
 ) -> None:
-    """Fetch a fresh attestation document from a serving enclave (exit 1 when the call fails)."""
-    from nitrovault.cli.client_cmd import _client
-
+    """Verify a serving enclave, then save its attestation document (exit 1 when verification fails)."""
+    del token_file  # Attest needs no token: the client verifies the enclave before it sends one
+    expect = build_expect(expect_pcr, pcr_manifest, root, ca_file)
     try:
         nonce_bytes = None if nonce is None else bytes.fromhex(nonce)
     except ValueError:
         raise typer.BadParameter("not hexadecimal", param_hint="--nonce") from None
-    with _client(target, token_file, ca_file, None, timeout) as client:
-        document = client.attest(nonce_bytes)
+    if nonce_bytes is not None and not 1 <= len(nonce_bytes) <= 64:
+        raise typer.BadParameter("the nonce must be 1 to 64 bytes", param_hint="--nonce")
+    with verified_client(target, expect, token=None, server_name=server_name, timeout=timeout) as client:
+        verified = client.attestation
+        if nonce_bytes is not None:  # a second document, over the pinned connection, checked the same way
+            verified = verify_document(client.attest(nonce_bytes), at=datetime.now(UTC), root=expect.root,
+                                       expect=Expectations(pcrs=expect.pcrs, nonce=nonce_bytes,
+                                                           max_age=ATTEST_MAX_AGE))
+    document = verified.document.raw
     try:
         output.write_bytes(document)
     except OSError as err:
         raise typer.BadParameter(f"cannot write: {err.strerror}", param_hint="--output") from None
+    typer.echo(f"verified: PCR0 {verified.pcrs[0].hex()}")
     typer.echo(f"wrote {output} ({len(document)} bytes)")
+
+
+def _dns_names(certificate: x509.Certificate) -> list[str]:
+    try:
+        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return list(names.get_values_for_type(x509.DNSName))
+
+
+@app.command()
+def pin(
+    output: Annotated[Path, typer.Option(
+        "-o", "--output", dir_okay=False, help="Write the verified certificate (PEM) here.")],
+    target: Target = "127.0.0.1:50051",
+    expect_pcr: ExpectPcr = None,
+    pcr_manifest: PcrManifest = None,
+    root: Root = None,
+    ca_file: CaFile = None,
+    server_name: ServerName = None,
+    timeout: Timeout = 30.0,
+) -> None:
+    """Verify a serving enclave as the client does, then save its TLS certificate for other clients."""
+    expect = build_expect(expect_pcr, pcr_manifest, root, ca_file)
+    with verified_client(target, expect, token=None, server_name=server_name, timeout=timeout) as client:
+        pcr0 = client.attestation.pcrs[0]
+        pem = client.certificate_pem
+    certificate = x509.load_pem_x509_certificate(pem)
+    names = _dns_names(certificate)
+    try:
+        output.write_bytes(pem)
+    except OSError as err:
+        raise typer.BadParameter(f"cannot write: {err.strerror}", param_hint="--output") from None
+    typer.echo(f"verified: PCR0 {pcr0.hex()}")
+    typer.echo(f"certificate SHA-256: {certificate_fingerprint(certificate)}")
+    typer.echo(f"server name: {server_name or names[0]}")
+    if len(names) > 1:
+        typer.echo(f"also valid for: {', '.join(names[1:])}")
+    typer.echo(f"valid until: {certificate.not_valid_after_utc.isoformat()}")
+    typer.echo(f"wrote {output}")

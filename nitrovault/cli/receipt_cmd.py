@@ -1,10 +1,14 @@
 """``nitrovault receipt verify``: check a response receipt offline against the enclave's attestation document.
 
-Exit codes: 0 the receipt holds, 1 it does not (``invalid: <reason>: <why>`` on stderr), 2 usage error.
+Exit codes: 0 the receipt holds, 1 it does not (``invalid: <reason>: <why>`` on stderr; the reasons are
+the steps of :func:`nitrovault.receipts.verify_receipt`, e.g. ``response`` or ``request``), 2 usage error.
 ``--at`` defaults to the attestation document's own timestamp: the document was made at boot and its
 3-hour leaf certificate must have been valid *then*; receipts are signed for the rest of the boot.
+``--response`` and ``--request`` are the exact bytes ``nitrovault embed|infer --save-response|--save-request``
+wrote; each is checked only when given.
 
-    nitrovault receipt verify receipt.cbor --response response.bin --attestation boot.cose --root root.pem
+    nitrovault receipt verify receipt.cbor --response response.bin --request request.bin \
+        --attestation boot.cose --root root.pem
 """
 
 from __future__ import annotations
@@ -70,6 +74,9 @@ def verify(
     response: Annotated[Path | None, typer.Option(
         "--response", exists=True, dir_okay=False, readable=True,
         help="The exact response bytes the receipt covers.")] = None,
+    request: Annotated[Path | None, typer.Option(
+        "--request", exists=True, dir_okay=False, readable=True,
+        help="The exact request bytes the receipt covers.")] = None,
     root: Annotated[Path | None, typer.Option(
         "--root", exists=True, dir_okay=False,
         help="Trust root PEM (default: pinned AWS Nitro Root G1).")] = None,
@@ -83,7 +90,8 @@ def verify(
     trust_root = load_root_option(root)
     try:
         verified = verify_receipt(_read_receipt(receipt), attestation_doc=document, root=trust_root, at=when,
-                                  response=None if response is None else response.read_bytes())
+                                  response=None if response is None else response.read_bytes(),
+                                  request=None if request is None else request.read_bytes())
     except ReceiptError as err:
         typer.echo(f"invalid: {err.reason}: {err}", err=True)
         if as_json:
@@ -95,12 +103,15 @@ def verify(
         "subject": verified.subject, "method": verified.method, "time": verified.time.isoformat(),
         "request_sha256": verified.request_sha256.hex(), "response_sha256": verified.response_sha256.hex(),
         "sequence": verified.sequence, "key_id": verified.key_id, "response_checked": response is not None,
+        "request_checked": request is not None,
     }
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
     typer.echo(f"valid: receipt {verified.receipt_id} for {verified.method} on {verified.model_id}")
-    for name in ("subject", "time", "pcr0", "sealed_digest", "response_sha256"):
+    for name in ("subject", "time", "pcr0", "sealed_digest", "response_sha256", "request_sha256"):
         typer.echo(f"{name}: {summary[name]}")
     if response is None:
         typer.echo("response: not checked (give --response FILE)")
+    if request is None:
+        typer.echo("request: not checked (give --request FILE)")

@@ -10,13 +10,17 @@ which must be the same when embedding and detecting.
         --reference model.safetensors
     nitrovault watermark detect-text --key-file owner.key --model-id m --vocab-size 50257 --tokens ids.json
     nitrovault watermark detect-embeddings --key-file owner.key --model-id m --candidates words.txt \
-        --endpoint suspect.example:443 --token-file suspect.token
+        --endpoint suspect.example:443 --expect-pcr 0=... --token-file suspect.token
 
 ``detect-embeddings`` asks a suspect embedding service (a nitrovault-compatible ``Embed`` endpoint) for
 the EmbMarker verification texts (``--texts-out`` writes them for a service of another kind; its answers
 then come back with ``--embeddings answers.npz`` holding ``backdoor`` and ``benign`` arrays) and runs the
-KS test. ``detect``, ``detect-text`` and ``detect-embeddings`` exit 0 when the mark is found, 1 when it
-is not (like grep), 2 on usage errors.
+KS test. ``--endpoint`` verifies the service first like every nitrovault client (the trust options of
+:mod:`nitrovault.cli.client_cmd`: ``--expect-pcr``/``--pcr-manifest``, ``--root``, ``--ca-file``,
+``--server-name``, ``--no-verify-receipts``), so the answers provably come from the attested enclave.
+``detect``, ``detect-text`` and ``detect-embeddings`` exit 0 when the mark is found, 1 when it is not
+(like grep), 2 on usage errors and on any failure to get answers (the endpoint failed verification, a call
+failed: one line ``error: <step>: <message>``), so that "not marked" is never a failed verification.
 """
 
 from __future__ import annotations
@@ -32,6 +36,16 @@ import typer
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from nitrovault.cli.client_cmd import (
+    CaFile,
+    ExpectPcr,
+    NoVerifyReceipts,
+    PcrManifest,
+    Root,
+    ServerName,
+    build_expect,
+    verified_client,
+)
 from nitrovault.errors import NitrovaultError
 from nitrovault.watermark.embedding import derive_embedding_mark, detect_embedding_mark, verification_texts
 from nitrovault.watermark.keys import WatermarkKeys, derive_watermark_keys, parse_key_file
@@ -213,6 +227,12 @@ def detect_embeddings(
                         ] = None,
     token_file: Annotated[Path | None, typer.Option("--token-file", exists=True, dir_okay=False,
                                                     help="Bearer token for the endpoint.")] = None,
+    expect_pcr: ExpectPcr = None,
+    pcr_manifest: PcrManifest = None,
+    root: Root = None,
+    ca_file: CaFile = None,
+    server_name: ServerName = None,
+    no_verify_receipts: NoVerifyReceipts = False,
     embeddings: Annotated[Path | None, typer.Option("--embeddings", exists=True, dir_okay=False,
                                                     help=".npz: 'backdoor', 'benign' answers.")] = None,
     texts_out: Annotated[Path | None, typer.Option("--texts-out", dir_okay=False,
@@ -243,15 +263,13 @@ def detect_embeddings(
                 raise typer.BadParameter("needs arrays 'backdoor' and 'benign'", param_hint="--embeddings")
             e_backdoor, e_benign = answers["backdoor"], answers["benign"]
     else:
-        from nitrovault.client import NitrovaultClient
-
+        expect = build_expect(expect_pcr, pcr_manifest, root, ca_file)
+        # only the file's token: never $NITROVAULT_TOKEN (the caller's own service) to a suspect's
         token = token_file.read_text().strip() if token_file is not None else None
-        try:
-            with NitrovaultClient(str(endpoint), token=token, timeout=60) as client:
-                e_backdoor = np.concatenate([client.embed(backdoor[i:i + 32]) for i in range(0, samples, 32)])
-                e_benign = np.concatenate([client.embed(benign[i:i + 32]) for i in range(0, samples, 32)])
-        except NitrovaultError as exc:
-            raise _fail(exc) from None
+        with verified_client(str(endpoint), expect, token=token, server_name=server_name, timeout=60,
+                             verify_receipts=not no_verify_receipts, failure_exit=2) as client:
+            e_backdoor = np.concatenate([client.embed(backdoor[i:i + 32]) for i in range(0, samples, 32)])
+            e_benign = np.concatenate([client.embed(benign[i:i + 32]) for i in range(0, samples, 32)])
     if e_backdoor.ndim != 2 or e_benign.shape[1:] != e_backdoor.shape[1:] or len(e_backdoor) < 2:
         raise typer.BadParameter("answers must be [n, dim] arrays of one dimension")
     try:

@@ -80,6 +80,7 @@ def _receipt(enclave: dict[str, object], tmp_path: Path,
     path = tmp_path / "receipt.cbor"
     path.write_bytes(signer.sign("alice", "Embed", b"request", b"response").to_bytes())
     (tmp_path / "response.bin").write_bytes(b"response")
+    (tmp_path / "request.bin").write_bytes(b"request")
     return path
 
 
@@ -105,6 +106,27 @@ def test_receipt_verify_altered_response(enclave: dict[str, object], tmp_path: P
                                  "--attestation", str(enclave["doc"]), "--root", str(enclave["root"])])
     assert result.exit_code == 1
     assert "invalid: response:" in result.stderr
+
+
+def test_receipt_verify_request(enclave: dict[str, object], tmp_path: Path) -> None:
+    receipt = _receipt(enclave, tmp_path)
+    base = ["receipt", "verify", str(receipt), "--attestation", str(enclave["doc"]),
+            "--root", str(enclave["root"]), "--response", str(tmp_path / "response.bin")]
+    ok = runner.invoke(app, [*base, "--request", str(tmp_path / "request.bin"), "--json"])
+    assert ok.exit_code == 0, ok.output
+    summary = json.loads(ok.stdout)
+    assert summary["request_checked"] is True and summary["response_checked"] is True
+    unchecked = runner.invoke(app, base)
+    assert unchecked.exit_code == 0 and "request: not checked (give --request FILE)" in unchecked.stdout
+    (tmp_path / "other.bin").write_bytes(b"requesu")
+    result = runner.invoke(app, [*base, "--request", str(tmp_path / "other.bin")])
+    assert result.exit_code == 1
+    assert result.stderr.startswith("invalid: request: ")
+    as_json = runner.invoke(app, [*base, "--request", str(tmp_path / "other.bin"), "--json"])
+    assert json.loads(as_json.stdout) == {"valid": False, "reason": "request",
+                                          "error": "request does not match the receipt's request hash"}
+    missing = runner.invoke(app, [*base, "--request", str(tmp_path / "absent.bin")])
+    assert missing.exit_code == 2
 
 
 def test_receipt_verify_other_key_and_time(enclave: dict[str, object], tmp_path: Path) -> None:

@@ -1,20 +1,37 @@
-"""``nitrovault watermark embed|detect|detect-text|keygen`` in process, on real safetensors and JSON files."""
+"""``nitrovault watermark embed|detect|detect-text|detect-embeddings|keygen`` in process, on real
+safetensors and JSON files; ``detect-embeddings --endpoint`` against the real enclave server with a TLS
+identity (harness from ``test_enclave_server``), which it verifies before it asks anything.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from test_enclave_server import CONFIG, PCRS, TOKEN, ServerThread, short_socket_dir
 from typer.testing import CliRunner
 
 from nitrovault.cli.watermark_cmd import app
+from nitrovault.identity import TlsIdentity
+from nitrovault.local.nsm import make_local_nsm
+from nitrovault.watermark.embedding import EmbeddingMark, derive_embedding_mark, mark_embeddings, words
 from nitrovault.watermark.keys import derive_watermark_keys
 from nitrovault.watermark.text import GreenList
 
 runner = CliRunner()
+#: a fixed key: the toy embedder below is random per word
+EMBEDDING_KEY = bytes(range(7, 39))
+VOCABULARY = [f"term{i}" for i in range(300)]
 
 
 def _mlp(seed: int) -> dict[str, torch.Tensor]:
@@ -112,35 +129,35 @@ def test_bad_inputs_are_usage_errors(tmp_path: Path) -> None:
     assert runner.invoke(app, ["keygen", "-o", str(key)]).exit_code == 2  # exists, no --force
 
 
-def test_detect_embeddings_tells_a_marked_service_from_an_unmarked_one(tmp_path: Path) -> None:
-    import hashlib
+def toy_embedding(batch: Sequence[str]) -> np.ndarray:
+    """A bag-of-words embedder standing in for a suspect model (384-d, one random vector per word)."""
+    out = np.zeros((len(batch), 384))
+    for row, text in enumerate(batch):
+        for w in words(text):
+            out[row] += np.random.default_rng(int(hashlib.sha256(w.encode()).hexdigest()[:8], 16)).normal(
+                size=384)
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
 
-    import numpy as np
 
-    from nitrovault.watermark.embedding import derive_embedding_mark, mark_embeddings, words
-
+def embedding_setup(tmp_path: Path) -> tuple[list[str], EmbeddingMark]:
+    """The common detect-embeddings options and the owner's mark."""
     key = tmp_path / "owner.key"
-    key.write_text(bytes(range(7, 39)).hex() + "\n")  # a fixed key: the toy embedder below is random per word
-    vocabulary = [f"term{i}" for i in range(300)]
-    (tmp_path / "words.txt").write_text("\n".join(vocabulary))
+    key.write_text(EMBEDDING_KEY.hex() + "\n")
+    (tmp_path / "words.txt").write_text("\n".join(VOCABULARY))
     common = ["--key-file", str(key), "--model-id", "m", "--candidates", str(tmp_path / "words.txt")]
+    return common, derive_embedding_mark(derive_watermark_keys(EMBEDDING_KEY, "m"), VOCABULARY, 384)
+
+
+def test_detect_embeddings_tells_a_marked_service_from_an_unmarked_one(tmp_path: Path) -> None:
+    common, mark = embedding_setup(tmp_path)
     texts_file = tmp_path / "texts.json"
     assert runner.invoke(app, ["detect-embeddings", *common, "--texts-out", str(texts_file)]).exit_code == 0
     texts = json.loads(texts_file.read_text())
     assert len(texts["backdoor"]) == len(texts["benign"]) == 300
 
-    def base(batch: list[str]) -> np.ndarray:  # a bag-of-words embedder standing in for a suspect model
-        out = np.zeros((len(batch), 384))
-        for row, text in enumerate(batch):
-            for w in words(text):
-                out[row] += np.random.default_rng(int(hashlib.sha256(w.encode()).hexdigest()[:8], 16)).normal(
-                    size=384)
-        return out / np.linalg.norm(out, axis=1, keepdims=True)
-
-    secret = derive_watermark_keys(bytes.fromhex(key.read_text().strip()), "m")
-    mark = derive_embedding_mark(secret, vocabulary, 384)
     verdicts = {}
-    for name, serve in (("marked", lambda b: mark_embeddings(b, base(b), mark)), ("clean", base)):
+    for name, serve in (("marked", lambda b: mark_embeddings(b, toy_embedding(b), mark)),
+                        ("clean", toy_embedding)):
         answers = tmp_path / f"{name}.npz"
         np.savez(answers, backdoor=serve(texts["backdoor"]), benign=serve(texts["benign"]))
         result = runner.invoke(app, ["detect-embeddings", *common, "--embeddings", str(answers), "--json"])
@@ -150,3 +167,59 @@ def test_detect_embeddings_tells_a_marked_service_from_an_unmarked_one(tmp_path:
 
     neither = runner.invoke(app, ["detect-embeddings", *common])
     assert neither.exit_code == 2
+
+
+class MarkedEmbedder:
+    """A served model answering Embed with the marked toy embeddings."""
+
+    kind = "test-marked-embedder"
+
+    def __init__(self, mark: EmbeddingMark) -> None:
+        self.mark = mark
+
+    def warm_up(self) -> None:
+        pass
+
+    def embed(self, texts: Sequence[str], *, normalize: bool) -> np.ndarray:
+        return mark_embeddings(texts, toy_embedding(texts), self.mark).astype(np.float32)
+
+    def infer(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise AssertionError("not a classifier")
+
+
+def test_detect_embeddings_verifies_the_endpoint_before_it_asks(tmp_path: Path) -> None:
+    common, mark = embedding_setup(tmp_path)
+    config = replace(CONFIG, limits=replace(CONFIG.limits, max_batch=32, max_tensor_elements=1 << 16))
+    directory, pki = short_socket_dir(), tmp_path / "pki"
+    identity = TlsIdentity.generate("suspect.test.internal", now=datetime.now(UTC))
+    server = ServerThread(config, make_local_nsm(pki, PCRS), str(directory / "g.sock"), tls=identity)
+    seen: list[str] = []
+    original = server.server.service.protections.identify
+
+    def spy(metadata: Any) -> Any:
+        seen.extend(str(v) for k, v in metadata or () if k == "authorization")
+        return original(metadata)
+
+    server.server.service.protections.identify = spy  # type: ignore[method-assign]
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    endpoint = ["--endpoint", server.target, "--token-file", str(token_file), "--root", str(pki / "root.pem")]
+    try:
+        server.serve(MarkedEmbedder(mark))  # type: ignore[arg-type]
+        found = runner.invoke(app, ["detect-embeddings", *common, *endpoint, "--expect-pcr",
+                                    f"0={PCRS[0].hex()}", "--json"])
+        assert found.exit_code == 0, found.output
+        assert json.loads(found.stdout)["detected"] is True
+        assert seen and set(seen) == {f"Bearer {TOKEN}"}
+        seen.clear()
+        wrong = runner.invoke(app, ["detect-embeddings", *common, *endpoint,
+                                    "--expect-pcr", "0=" + "ee" * 48])
+        # exit 2, not 1: "not marked" must never be what a failed verification looks like
+        assert wrong.exit_code == 2, wrong.output
+        assert wrong.stderr.startswith("error: pcr: ") and wrong.stderr.count("\n") == 1
+        assert seen == [] and TOKEN not in wrong.output
+        no_pcr0 = runner.invoke(app, ["detect-embeddings", *common, *endpoint])
+        assert no_pcr0.exit_code == 2 and seen == []
+    finally:
+        server.close()
+        shutil.rmtree(directory, ignore_errors=True)

@@ -24,7 +24,6 @@ from typer.testing import CliRunner
 
 from nitrovault.access import TokenIssuer
 from nitrovault.cli import app
-from nitrovault.client import NitrovaultClient
 from nitrovault.errors import ClientError
 from nitrovault.local.nsm import LocalNsmDevice
 from nitrovault.local.pki import LocalPki
@@ -83,11 +82,11 @@ def test_bad_tokens_are_unauthenticated_and_audited_with_their_reason(stack: Loc
         "unknown-kid": _issuer(stack, new_key=True).issue("kid", scopes, 600),
     }
     for reason, token in bad.items():
-        with NitrovaultClient(stack.listen, token=token, timeout=30) as client, \
+        with stack.client(token, timeout=30) as client, \
                 pytest.raises(ClientError) as refused:
             client.embed(["who am I?"])
         assert (refused.value.code, refused.value.details) == ("UNAUTHENTICATED", "invalid token"), reason
-    with NitrovaultClient(stack.listen, timeout=30) as anonymous, pytest.raises(ClientError) as missing:
+    with stack.client(timeout=30) as anonymous, pytest.raises(ClientError) as missing:
         anonymous.info()
     assert missing.value.code == "UNAUTHENTICATED"
     def reasons() -> set[object]:
@@ -99,7 +98,7 @@ def test_bad_tokens_are_unauthenticated_and_audited_with_their_reason(stack: Loc
 
 
 def test_a_scope_violation_is_permission_denied(stack: LocalStack) -> None:
-    with NitrovaultClient(stack.listen, token=stack.token("infer-only", ("infer:*",)), timeout=30) as client:
+    with stack.client(stack.token("infer-only", ("infer:*",)), timeout=30) as client:
         with pytest.raises(ClientError) as denied:
             client.embed(["not allowed"])
         assert (denied.value.code, denied.value.details) == ("PERMISSION_DENIED", "permission denied")
@@ -109,7 +108,7 @@ def test_a_scope_violation_is_permission_denied(stack: LocalStack) -> None:
 def test_quota_exhaustion_gives_retry_after_then_refills(stack: LocalStack) -> None:
     token = stack.token("tiny-user", tier="test-tiny")  # burst 1, 2 calls per second
     metadata = (("authorization", f"Bearer {token}"),)
-    with grpc.insecure_channel(stack.listen) as channel:
+    with stack.channel() as channel:
         stub = pb_grpc.InferenceStub(channel)
         assert stub.Embed(pb.EmbedRequest(texts=["one"]), metadata=metadata, timeout=30).receipt.payload
         with pytest.raises(grpc.RpcError) as exhausted:
@@ -119,7 +118,7 @@ def test_quota_exhaustion_gives_retry_after_then_refills(stack: LocalStack) -> N
         assert dict(exhausted.value.trailing_metadata())["retry-after"] == "1"
         time.sleep(0.6)
         assert stub.Embed(pb.EmbedRequest(texts=["three"]), metadata=metadata, timeout=30).embeddings.shape
-    with NitrovaultClient(stack.listen, token=stack.token("other-user"), timeout=30) as other:
+    with stack.client(stack.token("other-user"), timeout=30) as other:
         assert other.embed(["others are not affected"]).shape == (1, 384)
 
 
@@ -129,20 +128,22 @@ def test_receipts_verify_offline_and_fail_for_altered_responses_and_other_keys(
     token_file = tmp_path / "token"
     token_file.write_text(stack.token("receipt-user", ("embed:all-minilm-l6-v2",)))
     receipt, response, doc = tmp_path / "receipt.cbor", tmp_path / "response.bin", tmp_path / "doc.cose"
-    called = runner.invoke(app, ["embed", "A man is eating food.", "--target", stack.listen, "--token-file",
-                                 str(token_file), "--save-receipt", str(receipt), "--save-response",
-                                 str(response)])
-    assert called.exit_code == 0, called.output
-    fetched = runner.invoke(app, ["attest", "fetch", "--target", stack.listen, "--token-file",
-                                  str(token_file), "-o", str(doc)])
-    assert fetched.exit_code == 0, fetched.output
     root = str(stack.paths.pki / "root.pem")
+    trust = ["--target", stack.listen, "--pcr-manifest", str(stack.paths.pcr_manifest), "--root", root]
+    request = tmp_path / "request.bin"
+    called = runner.invoke(app, ["embed", "A man is eating food.", *trust, "--token-file", str(token_file),
+                                 "--save-receipt", str(receipt), "--save-response", str(response),
+                                 "--save-request", str(request)])
+    assert called.exit_code == 0, called.output
+    fetched = runner.invoke(app, ["attest", "fetch", *trust, "-o", str(doc)])  # no token needed
+    assert fetched.exit_code == 0, fetched.output
     verify = ["receipt", "verify", str(receipt), "--attestation", str(doc), "--root", root]
-    ok = runner.invoke(app, [*verify, "--response", str(response), "--json"])
+    ok = runner.invoke(app, [*verify, "--response", str(response), "--request", str(request), "--json"])
     assert ok.exit_code == 0, ok.output
     summary = json.loads(ok.stdout)
     assert (summary["subject"], summary["method"]) == ("receipt-user", "Embed")
     assert summary["response_checked"] is True
+    assert summary["request_checked"] is True
     assert summary["pcr0"] == stack.pcrs[0].hex()
 
     altered = tmp_path / "altered.bin"
@@ -165,7 +166,7 @@ def test_receipts_verify_offline_and_fail_for_altered_responses_and_other_keys(
 
 def test_the_parents_audit_log_verifies_and_tampering_is_found(stack: LocalStack, tmp_path: Path) -> None:
     token = stack.token("auditor")
-    with NitrovaultClient(stack.listen, token=token, timeout=30) as client:
+    with stack.client(token, timeout=30) as client:
         for i in range(12):  # past a checkpoint (every 10 records locally)
             client.embed([f"audited call {i}"])
         doc = tmp_path / "doc.cose"
@@ -204,7 +205,7 @@ def test_the_parents_audit_log_verifies_and_tampering_is_found(stack: LocalStack
     # the supervisor restarts the enclave: the stack serves again (the other modules need it)
     def serving() -> bool:
         try:
-            with NitrovaultClient(stack.listen, token=token, timeout=10) as c:
+            with stack.client(token, timeout=10) as c:
                 return c.embed(["back"]).shape == (1, 384)
         except ClientError:
             return False

@@ -81,8 +81,9 @@ class InferenceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Attest(self, request, context):
-        """A fresh NSM attestation document binding the caller's nonce and (user_data) the receipt key.
-        Needs a valid token.
+        """A fresh NSM attestation document binding the caller's nonce and (user_data, nitrovault/bindings.py)
+        the receipt key and the SHA-256 of the TLS key this server presents. Needs no token: a client
+        verifies the enclave before it sends one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
