@@ -8,10 +8,7 @@ Hostile parents are played by relays between the client and the server's socket.
 
 from __future__ import annotations
 
-import asyncio
 import shutil
-import socket
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -22,16 +19,11 @@ import numpy as np
 import pytest
 from test_enclave_server import CONFIG, PCRS, TOKEN, ServerThread, mlp_handler, mlp_module, short_socket_dir
 
-from nitrovault.attestation import load_root
 from nitrovault.client import Expect, NitrovaultClient
 from nitrovault.errors import (
     ClientError,
-    ConfigError,
     DocumentTooOldError,
     PCRMismatchError,
-    ReceiptError,
-    TlsBindingError,
-    TlsIdentityError,
     UntrustedRootError,
 )
 from nitrovault.identity import TlsIdentity
@@ -117,3 +109,41 @@ def test_a_wrong_expectation_refuses_before_the_token_is_sent(enclave: Enclave, 
             pytest.raises(error):
         client.infer(ROWS)
     assert enclave.seen_tokens == []
+
+
+def test_a_new_connection_is_attested_again_before_the_next_call(pki_root: Path) -> None:
+    """The instance behind the address restarts (same fleet identity, a new boot key): the client's next
+    call first attests the new connection, and receipts are checked against the new boot's key."""
+    first = start_enclave(pki_root)
+    target, directory = first.target, first.directory
+    attests: list[str] = []
+    try:
+        with NitrovaultClient(target, expect=first.expect(), token=TOKEN) as client:
+            client.infer(ROWS)
+            first_key = client.attestation.document.user_data
+            first.server.close()
+            second = ServerThread(CONFIG, make_local_nsm(pki_root, PCRS), str(directory / "g.sock"),
+                                  tls=IDENTITY)
+            second.serve(mlp_handler(mlp_module()))
+            original = second.server.service._attest
+
+            async def counted(request: Any) -> Any:
+                attests.append("Attest")
+                return await original(request)
+
+            second.server.service._attest = counted  # type: ignore[method-assign]
+            try:
+                outcome = None
+                for _ in range(3):  # the first call may still fail on the dead connection
+                    try:
+                        outcome = client.infer(ROWS)
+                        break
+                    except ClientError as err:
+                        assert err.code == "UNAVAILABLE"
+                assert outcome is not None
+                assert attests, "the new connection was not attested"
+                assert client.attestation.document.user_data != first_key  # the new boot's receipt key
+            finally:
+                second.close()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
