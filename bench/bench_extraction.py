@@ -4,7 +4,7 @@ the victim served by the live local stack.
 Victim: :class:`enclave_app.models.generic.MLPClassifier` trained on scikit-learn's digits (see
 ``bench/extraction_victim.py``), sealed with the extraction detector's reference sample (its training
 inputs) and served by a :class:`~nitrovault.local.stack.LocalStack`: every query is an ``Infer`` call
-through the parent's bridge with a signed token, so auth, quotas, extraction detection, calibrated
+through the parent's relay with a signed token, so auth, quotas, extraction detection, calibrated
 noise and hardening all run inside the enclave, with its real clock. Thieves: ART's ``CopycatCNN`` and
 ``KnockoffNets`` (random strategy for the fidelity grid, adaptive for the alarm runs), each training a
 ``PyTorchClassifier`` surrogate (a small MLP) on what a ``BlackBoxClassifier`` around the query

@@ -9,7 +9,7 @@ the attacker's own natural data (from which it takes a few labelled seeds).
 safetensors file (with the victim's training inputs as the extraction detector's sealed reference
 sample), :func:`serve` seals it and runs it in a :class:`~nitrovault.local.stack.LocalStack` under a
 measured ``protection`` section, and :func:`make_query` is the thief's view: every query is an
-``Infer`` call through the parent's bridge with a signed token, so it goes through auth, quotas, the
+``Infer`` call through the parent's relay with a signed token, so it goes through auth, quotas, the
 extraction monitor (admit → model → observe), noise and hardening *inside the enclave*, with the
 enclave's real clock. The thieves only ever see the query function.
 

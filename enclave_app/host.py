@@ -165,7 +165,7 @@ class AuditShipper:
                     return
                 if self._pending and not self._down:
                     # let a few more lines join the batch: one parent call per call costs the parent
-                    # (which also runs the bridge) more than the wait costs the log
+                    # (which also runs the relay) more than the wait costs the log
                     self._cond.wait_for(lambda: len(self._pending) >= self._batch or self._stopping,
                                         self._linger)
                 batch = list(islice(self._pending, self._batch))

@@ -175,11 +175,10 @@ class Receipted:
 # -- steps 1 and 2: the server's certificate -----------------------------------------------------------------
 
 
-def _socket_address(target: str) -> tuple[int, Any, str]:
-    """(family, address, host) of a gRPC target ``host:port``, ``[v6]:port`` or ``unix:/path``."""
+def _socket_address(target: str) -> tuple[int, Any]:
+    """(family, address) of a gRPC target ``host:port``, ``[v6]:port`` or ``unix:/path``."""
     if target.startswith("unix:"):
-        path = target.removeprefix("unix:").removeprefix("//")
-        return socket.AF_UNIX, path, "localhost"
+        return socket.AF_UNIX, target.removeprefix("unix:").removeprefix("//")
     host = target.removeprefix("dns:").removeprefix("ipv4:").removeprefix("ipv6:").lstrip("/")
     if host.startswith("["):
         end = host.find("]")
@@ -188,7 +187,7 @@ def _socket_address(target: str) -> tuple[int, Any, str]:
         name, _, port = host.rpartition(":")
     if not name or not port.isdigit():
         raise ConfigError(f"target must be host:port or unix:/path, got {target!r}")
-    return socket.AF_UNSPEC, (name, int(port)), name
+    return socket.AF_UNSPEC, (name, int(port))
 
 
 def probe_certificate(target: str, *, timeout: float, ca: bytes | None = None,
@@ -199,7 +198,7 @@ def probe_certificate(target: str, *, timeout: float, ca: bytes | None = None,
     ``ca`` for ``server_name``. :class:`TlsIdentityError` when the server is not TLS 1.3 + h2 or its
     chain does not validate; :class:`ClientError` ``UNAVAILABLE`` when it cannot be reached.
     """
-    family, address, host = _socket_address(target)
+    family, address = _socket_address(target)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     context.set_alpn_protocols(["h2"])
@@ -219,7 +218,9 @@ def probe_certificate(target: str, *, timeout: float, ca: bytes | None = None,
     except OSError as err:
         raise ClientError("UNAVAILABLE", f"cannot connect to {target} ({type(err).__name__})") from None
     try:
-        with context.wrap_socket(raw, server_hostname=server_name or host) as tls:
+        # No SNI unless a name is known: the certificate's name is learnt from this very handshake, and a
+        # name the enclave does not serve would only make it log a mismatch for every new client.
+        with context.wrap_socket(raw, server_hostname=server_name) as tls:
             der = tls.getpeercert(binary_form=True)
             if tls.version() != "TLSv1.3" or tls.selected_alpn_protocol() != "h2":
                 raise TlsIdentityError("the server did not negotiate TLS 1.3 with ALPN h2")

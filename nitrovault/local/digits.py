@@ -113,7 +113,7 @@ def write_digits_weights(path: Path, *, seed: int = 0) -> Path:
 
 
 def digits_demo(client: NitrovaultClient) -> str:
-    """The demo step's call: 20 held-out digits through the bridge, against their true labels."""
+    """The demo step's call: 20 held-out digits through the relay, against their true labels."""
     _, _, x_test, y_test = digits_data()
     outputs = client.infer({"x": x_test[:20]})
     predicted = outputs["probabilities"].argmax(axis=1)

@@ -267,7 +267,7 @@ class LocalModel:
     protection: Mapping[str, Any] | None = None
     #: quota tiers replacing :data:`LOCAL_TIERS` (tokens without a ``tier`` claim get ``default``), or None
     tiers: Mapping[str, Mapping[str, Any]] | None = None
-    #: for models that do not embed: a demo call made through the bridge, returning the line to print
+    #: for models that do not embed: a demo call made through the relay, returning the line to print
     demo_call: Callable[[NitrovaultClient], str] | None = None
 
     def __post_init__(self) -> None:

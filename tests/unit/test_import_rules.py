@@ -59,5 +59,5 @@ def test_import_rules(package: str, forbidden: tuple[str, ...], exempt: tuple[st
 
 def test_rule_checker_sees_a_violation(tmp_path: Path) -> None:
     bad = tmp_path / "m.py"
-    bad.write_text("from nitrovault.local.nsm import LocalNsmDevice\nimport parent_app.bridge\n")
-    assert {"nitrovault.local.nsm", "parent_app.bridge"} <= _imports(bad)
+    bad.write_text("from nitrovault.local.nsm import LocalNsmDevice\nimport parent_app.main\n")
+    assert {"nitrovault.local.nsm", "parent_app.main"} <= _imports(bad)
