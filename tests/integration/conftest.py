@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -19,3 +22,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
         yield local
     finally:
         local.close()
+
+
+@pytest.fixture
+def d() -> Iterator[Path]:
+    """A private folder with a short path (tmp_path can exceed the 107-byte unix socket path limit)."""
+    path = tempfile.mkdtemp(dir="/tmp", prefix="nv")
+    yield Path(path)
+    shutil.rmtree(path, ignore_errors=True)

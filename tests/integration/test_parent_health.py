@@ -14,16 +14,14 @@ import json
 import logging
 import os
 import re
-import shutil
 import signal
 import ssl
 import sys
-import tempfile
-from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from test_relay import run, until
 
 from nitrovault.errors import ConfigError
 from nitrovault.local.vsock import LocalVsockMap
@@ -31,24 +29,6 @@ from nitrovault.transport import TcpAddress, VsockAddress, open_connection
 from parent_app.config import ParentConfig
 from parent_app.health import HealthEndpoint, answer
 from parent_app.main import run as run_parent
-
-
-def run(coro: Coroutine[Any, Any, Any], timeout: float = 30.0) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, timeout))
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    """Wait for ``condition`` (polled; bounded by :func:`run`'s timeout, not by a time of its own)."""
-    while not condition():
-        await asyncio.sleep(0.005)
-
-
-@pytest.fixture
-def d() -> Iterator[Path]:
-    # tmp_path can exceed the 107-byte unix socket path limit; keep these short.
-    path = tempfile.mkdtemp(dir="/tmp", prefix="nvh")
-    yield Path(path)
-    shutil.rmtree(path, ignore_errors=True)
 
 
 async def get(address: TcpAddress, request: bytes) -> tuple[int, bytes]:

@@ -14,14 +14,12 @@ import errno
 import functools
 import hashlib
 import os
-import shutil
 import signal
 import socket
 import ssl
 import subprocess
 import sys
-import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -59,12 +57,6 @@ async def until(condition: Callable[[], bool]) -> None:
         await asyncio.sleep(0.005)
 
 
-@pytest.fixture
-def d() -> Iterator[Path]:
-    # tmp_path can exceed the 107-byte unix socket path limit; keep these short.
-    path = tempfile.mkdtemp(dir="/tmp", prefix="nvr")
-    yield Path(path)
-    shutil.rmtree(path, ignore_errors=True)
 
 
 # -- test peers ----------------------------------------------------------------------------------------
