@@ -27,15 +27,8 @@ from nitrovault.transport.address import (
     VsockAddress,
     parse_address,
 )
-from nitrovault.transport.relay import (
-    Refusal,
-    Relay,
-    RelayStats,
-    TlsRecordGuard,
-    TokenBucket,
-    run_relay,
-    source_of,
-)
+from nitrovault.transport.admission import Refusal, TlsRecordGuard, TokenBucket, source_of
+from nitrovault.transport.relay import Relay, RelayStats, run_relay
 from nitrovault.transport.streams import Listener, open_connection, start_server
 
 __all__ = [
