@@ -5,7 +5,8 @@
   ends in the enclave), over the same call made directly to the enclave's gRPC server socket (the same
   TLS), both measured in this run with the same concurrency. Target >= 0.8.
 * ``stack_relay_added_latency_us``: p50 latency of ``Info`` (no model work, so the transport dominates)
-  through the relays minus direct, sequential calls. Target <= 500 us on loopback.
+  through both relays (the parent's and the enclave's vsock one) minus direct, sequential calls made
+  alternately on one client each. Target <= 500 us on loopback.
 * ``cold_start``: seconds from the enclave process's start to SERVING, split into the boot steps the
   enclave reports, with the ratio of the whole to loading the plain model in a fresh process (same
   handler code, plaintext safetensors, no attestation, no KMS, no decryption).
@@ -68,16 +69,21 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def _sequential(target: str, token: str, expect: Expect,
-                call: Callable[[NitrovaultClient], object]) -> list[float]:
-    with NitrovaultClient(target, expect=expect, timeout=30, token=token) as client:
+def _sequential(direct: str, relayed: str, token: str, expect: Expect,
+                call: Callable[[NitrovaultClient], object]) -> tuple[list[float], list[float]]:
+    """Sequential latencies of ``call`` straight to ``direct`` and through ``relayed``, one call of each in
+    turn, so that both see the same load from everything else on the machine."""
+    with NitrovaultClient(direct, expect=expect, timeout=30, token=token) as near, \
+            NitrovaultClient(relayed, expect=expect, timeout=30, token=token) as far:
         for _ in range(50):
-            call(client)
-        out = []
+            call(near)
+            call(far)
+        out: tuple[list[float], list[float]] = ([], [])
         for _ in range(LATENCY_CALLS):
-            t = time.perf_counter()
-            call(client)
-            out.append(time.perf_counter() - t)
+            for client, times in ((near, out[0]), (far, out[1])):
+                t = time.perf_counter()
+                call(client)
+                times.append(time.perf_counter() - t)
     return out
 
 
@@ -134,8 +140,7 @@ def run() -> Iterator[dict[str, Any]]:
             def info(c: NitrovaultClient) -> object:
                 return c.info()
 
-            seq_direct = _sequential(direct, token, expect, info)
-            seq_relay = _sequential(relayed, token, expect, info)
+            seq_direct, seq_relay = _sequential(direct, relayed, token, expect, info)
             p50_direct = statistics.median(seq_direct)
             p50_relay = statistics.median(seq_relay)
             added_us = (p50_relay - p50_direct) * 1e6
