@@ -70,7 +70,7 @@ from nitrovault.errors import (
     TlsBindingError,
     TlsIdentityError,
 )
-from nitrovault.identity import certificate_fingerprint, spki_sha256
+from nitrovault.identity import certificate_fingerprint, dns_names, spki_sha256
 from nitrovault.policy.manifest import load_manifest
 from nitrovault.receipts import Receipt, check_receipt
 from nitrovault.rpc.gen.nitrovault.v1 import inference_pb2 as pb
@@ -243,14 +243,10 @@ def probe_certificate(target: str, *, timeout: float, ca: bytes | None = None,
 
 
 def _dns_name(certificate: x509.Certificate) -> str:
-    try:
-        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        names = None
-    dns = names.get_values_for_type(x509.DNSName) if names is not None else []
-    if not dns:
+    names = dns_names(certificate)
+    if not names:
         raise TlsIdentityError("the server's certificate names no DNS host (subjectAltName)")
-    return dns[0]
+    return names[0]
 
 
 @dataclass(frozen=True)

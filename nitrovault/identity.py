@@ -48,6 +48,7 @@ __all__ = [
     "SEALED_KEY",
     "TlsIdentity",
     "certificate_fingerprint",
+    "dns_names",
     "load_certificates",
     "spki_sha256",
 ]
@@ -71,6 +72,15 @@ def spki_sha256(certificate: x509.Certificate) -> bytes:
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     return hashlib.sha256(spki).digest()
+
+
+def dns_names(certificate: x509.Certificate) -> list[str]:
+    """The certificate's subjectAltName DNS names, in order (empty when it has none)."""
+    try:
+        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return list(names.get_values_for_type(x509.DNSName))
 
 
 def certificate_fingerprint(certificate: x509.Certificate) -> str:
@@ -169,11 +179,7 @@ class TlsIdentity:
         der, spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         if key.public_key().public_bytes(der, spki) != leaf.public_key().public_bytes(der, spki):
             raise TlsIdentityError("the TLS private key does not belong to the chain's first certificate")
-        try:
-            names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        except x509.ExtensionNotFound:
-            raise TlsIdentityError("the TLS certificate has no subjectAltName DNS name") from None
-        dns = names.get_values_for_type(x509.DNSName)
+        dns = dns_names(leaf)
         if not dns:
             raise TlsIdentityError("the TLS certificate has no subjectAltName DNS name")
         canonical = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain)

@@ -63,7 +63,7 @@ from nitrovault.cli.client_cmd import (
 )
 from nitrovault.client import ATTEST_MAX_AGE
 from nitrovault.errors import AttestationError, BindingError, ConfigError
-from nitrovault.identity import certificate_fingerprint
+from nitrovault.identity import certificate_fingerprint, dns_names
 
 app = typer.Typer(no_args_is_help=True,
                   help="Verify attestation documents; fetch a document from, or pin, a verified enclave.")
@@ -265,14 +265,6 @@ def fetch(
     typer.echo(f"wrote {output} ({len(document)} bytes)")
 
 
-def _dns_names(certificate: x509.Certificate) -> list[str]:
-    try:
-        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return []
-    return list(names.get_values_for_type(x509.DNSName))
-
-
 @app.command()
 def pin(
     output: Annotated[Path, typer.Option(
@@ -291,7 +283,7 @@ def pin(
         pcr0 = client.attestation.pcrs[0]
         pem = client.certificate_pem
     certificate = x509.load_pem_x509_certificate(pem)
-    names = _dns_names(certificate)
+    names = dns_names(certificate)
     try:
         output.write_bytes(pem)
     except OSError as err:
