@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -17,6 +18,7 @@ from typer.testing import CliRunner
 from nitrovault.cli import app
 from nitrovault.envelope import SealedModel
 from nitrovault.errors import KeyAccessDeniedError
+from nitrovault.identity import TlsIdentity
 
 KEY = bytes(range(32))
 runner = CliRunner()
@@ -209,3 +211,39 @@ def test_bad_extras_are_a_usage_error(tmp_path: Path, model: Path, keyfiles: lis
                                      option, str(tmp_path / path)])
         assert result.exit_code == 2, (option, result.output)
         assert not out.exists()
+
+
+def test_seal_carries_a_fresh_self_signed_tls_identity_by_default(
+    tmp_path: Path, model: Path, keyfiles: list[str]
+) -> None:
+    out = tmp_path / "model.sealed"
+    result = runner.invoke(app, ["seal", str(model), "--key-id", "k", "-o", str(out), "--tls-name",
+                                 "models.example.internal", *keyfiles])
+    assert result.exit_code == 0, result.output
+    identity = TlsIdentity.from_sealed_metadata(SealedModel.open(out).metadata(KEY))
+    assert identity is not None and identity.server_name == "models.example.internal"
+    written = (tmp_path / "model.sealed.tls.pem").read_bytes()
+    assert written == identity.chain_pem and b"PRIVATE KEY" not in written
+    assert identity.fingerprint in result.stderr
+
+
+def test_seal_takes_the_owners_key_and_chain_and_refuses_a_mismatch(
+    tmp_path: Path, model: Path, keyfiles: list[str]
+) -> None:
+    owner = TlsIdentity.generate("owner.example.internal", now=datetime.now(UTC))
+    other = TlsIdentity.generate("owner.example.internal", now=datetime.now(UTC))
+    (tmp_path / "key.pem").write_bytes(owner.private_key_pem)
+    (tmp_path / "chain.pem").write_bytes(owner.chain_pem)
+    (tmp_path / "other.pem").write_bytes(other.chain_pem)
+    out = tmp_path / "model.sealed"
+    base = ["seal", str(model), "--key-id", "k", "-o", str(out), *keyfiles,
+            "--tls-key", str(tmp_path / "key.pem")]
+    ok = runner.invoke(app, [*base, "--tls-chain", str(tmp_path / "chain.pem")])
+    assert ok.exit_code == 0, ok.output
+    sealed = TlsIdentity.from_sealed_metadata(SealedModel.open(out).metadata(KEY))
+    assert sealed is not None and sealed.spki_sha256 == owner.spki_sha256
+    mismatch = runner.invoke(app, [*base, "--tls-chain", str(tmp_path / "other.pem")])
+    assert mismatch.exit_code == 2 and "does not belong" in mismatch.output
+    alone = runner.invoke(app, base)
+    assert alone.exit_code == 2 and "go together" in alone.output
+    assert "PRIVATE KEY" not in ok.output + mismatch.output + alone.output

@@ -761,3 +761,31 @@ def test_write_npz_keeps_names_numpy_would_take_as_keywords(tmp_path: Path) -> N
         assert saved["allow_pickle"].tolist() == [0, 1, 2] and saved["file"].dtype == np.float32
     with zipfile.ZipFile(io.BytesIO(path.read_bytes())) as archive:
         assert sorted(archive.namelist()) == ["allow_pickle.npy", "file.npy"]
+
+
+def test_a_new_connection_is_attested_again_before_the_next_call(pki_root: Path, expect: Expect) -> None:
+    """The instance behind the address restarts (same fleet identity, a new boot key): the client's next
+    call first attests the new connection."""
+    first = start_server(pki_root)
+    socket_path = first.server.socket_path
+    second: ServerThread | None = None
+    try:
+        with NitrovaultClient(first.target, expect=expect, token=TOKEN, timeout=10) as client:
+            assert client.embed(["before"]).shape == (1, DIM)
+            first_boot = client.attestation.document.user_data
+            first.close()
+            second = ServerThread(CONFIG, make_local_nsm(pki_root, PCRS), socket_path, tls=IDENTITY)
+            second.serve(FakeModel())
+            outcome = None
+            for _ in range(3):  # the first call may still meet the dead connection
+                try:
+                    outcome = client.embed(["after"])
+                    break
+                except ClientError as err:
+                    assert err.code == "UNAVAILABLE"
+            assert outcome is not None and outcome.shape == (1, DIM)
+            assert client.attestation.document.user_data != first_boot  # the new boot's receipt key
+    finally:
+        if second is not None:
+            second.close()
+        shutil.rmtree(Path(socket_path).parent, ignore_errors=True)

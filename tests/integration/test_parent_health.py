@@ -237,9 +237,9 @@ def test_config_rejects_the_retired_bridge_keys(tmp_path: Path, retired: str) ->
 # -- the parent, wired end to end -------------------------------------------------------------------------
 
 #: A stand-in enclave process: it reports SERVING to the parent's host services over "vsock" once the test
-#: creates the go file, on its first boot only (a restart stays silent, so the parent's RESTARTING shows).
+#: writes to the go FIFO, on its first boot only (a restart stays silent, so the parent's RESTARTING shows).
 FAKE_ENCLAVE = r"""
-import os, signal, sys, time
+import os, signal, sys
 import grpc
 from nitrovault.local.vsock import LocalVsockMap
 from nitrovault.rpc.gen.nitrovault.v1 import host_pb2, host_pb2_grpc
@@ -250,8 +250,8 @@ first = not os.path.exists(boots)
 with open(boots, "a") as f:
     f.write(f"{os.getpid()}\n")
 if first:
-    while not os.path.exists(go):
-        time.sleep(0.01)
+    with open(go) as fifo:  # blocks until the test says go (a FIFO: no polling)
+        fifo.read()
     path = LocalVsockMap(vsock_dir, create=False).path_for(VsockAddress(3, 8001))
     with grpc.insecure_channel(f"unix:{path}") as channel:
         report = host_pb2.StatusReport(state=host_pb2.StatusReport.SERVING, step="ready")
@@ -304,6 +304,7 @@ def test_parent_relays_tls_to_the_enclave_port_and_health_follows_the_enclave(
 ) -> None:
     vsock_dir, boots, go = d / "v", d / "boots", d / "go"
     fake_args = (vsock_dir, boots, go)
+    os.mkfifo(go)
     (d / "creds.json").write_text(json.dumps({"access_key_id": "AKID", "secret_access_key": "s"}))
     (d / "models").mkdir()
     config = ParentConfig(
@@ -355,7 +356,7 @@ def test_parent_relays_tls_to_the_enclave_port_and_health_follows_the_enclave(
             health = TcpAddress(found.group(1), int(found.group(2)))
 
             assert await get(health, health_request()) == (503, b"BOOTING\n")
-            go.touch()
+            await asyncio.to_thread(go.write_bytes, b"go")  # returns once the fake enclave reads it
             await health_becomes(health, 200)
             assert await get(health, health_request()) == (200, b"SERVING\n")
 
