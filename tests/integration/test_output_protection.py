@@ -63,7 +63,7 @@ class Served:
             self.server.serve(mlp_handler(self.module))
 
     def client(self, token: str = TOKEN) -> NitrovaultClient:
-        # the subject is the output guard, not the transport: a plaintext server (TLS: test_confidential)
+        # the subject is the output guard, not the transport: a plaintext server (TLS: test_client)
         return NitrovaultClient(self.server.target, token=token, timeout=10, unsafe_plaintext=True)
 
     def records(self) -> list[dict[str, Any]]:
