@@ -31,7 +31,9 @@ from typing import Any
 from rich.console import Console
 
 from nitrovault.client import Expect, NitrovaultClient
-from nitrovault.local.stack import LOCAL_TIERS, LocalStack, Paths, demo_model
+from nitrovault.local.homes import Paths
+from nitrovault.local.models import demo_model
+from nitrovault.local.stack import LOCAL_TIERS, LocalStack
 
 DURATION_S = 5.0
 CONCURRENCY = 4
@@ -92,7 +94,7 @@ import json, sys, time
 from pathlib import Path
 from safetensors.torch import load_file
 from enclave_app.models import load_handler
-from nitrovault.local.stack import demo_model_source
+from nitrovault.local.models import demo_model_source
 source, metadata = demo_model_source()
 handler = load_handler("sentence-embedding", load_file(source), metadata)
 handler.warm_up()

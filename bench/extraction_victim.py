@@ -47,7 +47,9 @@ from enclave_app.models.generic import MLPClassifier
 from nitrovault.client import NitrovaultClient
 from nitrovault.errors import ClientError
 from nitrovault.local.digits import DIGITS_HANDLER, save_classifier, train_classifier
-from nitrovault.local.stack import LocalModel, LocalStack, free_port
+from nitrovault.local.homes import free_port
+from nitrovault.local.models import LocalModel
+from nitrovault.local.stack import LocalStack
 
 Query = Callable[[np.ndarray], np.ndarray]
 

@@ -4,10 +4,13 @@ memory, then ready.
 1. Fetch AWS credentials and the sealed model from the parent's host services (both untrusted: KMS
    enforces the attestation condition whatever credentials are used, and the weights are authenticated
    by AEAD under the released key).
-2. Check the sealed header against the measured config (encryption context, optional digest pin).
-3. Attest and release the data key (:mod:`enclave_app.key_release`).
-4. Unseal straight into tensors (no plaintext is written anywhere), zero the data key.
-5. Take the sealed extras (watermark secret → keys, the secret zeroed; the extraction detector's
+2. Check the sealed header against the measured config (encryption context, the mandatory digest pin).
+3. Attest and release the data key (:mod:`enclave_app.key_release`) over TLS to KMS.
+4. Check the header's key commitment against the released key (step ``key-commitment``): a file whose
+   chunks were encrypted under any other key is refused before one chunk is decrypted. With the digest
+   pin, this is what makes the parent unable to get any model but the owner's served.
+5. Unseal straight into tensors (no plaintext is written anywhere), zero the data key.
+6. Take the sealed extras (watermark secret → keys, the secret zeroed; the extraction detector's
    reference sample; the fleet's TLS identity, :mod:`nitrovault.identity`, which must be there and
    valid now: without it the enclave could not serve confidentially, so it does not serve at all),
    build the model handler, attach the text watermark when the policy asks for it, warm up, and build
@@ -34,7 +37,9 @@ from nitrovault.envelope import SealedModel, zeroize
 from nitrovault.errors import (
     ConfigError,
     KeyAccessDeniedError,
+    KeyCommitmentError,
     KeyReleaseError,
+    KmsTlsError,
     NitrovaultError,
     SealedModelError,
     TlsIdentityError,
@@ -105,9 +110,11 @@ def boot(
             config, sealed.header, nsm=nsm, kms=kms_factory(credentials), user_data=user_data
         )
 
-        step = "unseal"
         unseal_started = time.perf_counter()
         try:
+            step = "key-commitment"
+            sealed.verify_key(data_key)
+            step = "unseal"
             tensors = sealed.load_tensors(data_key)
             metadata = sealed.metadata(data_key)
         finally:
@@ -126,8 +133,14 @@ def boot(
         loaded = time.perf_counter()
     except KeyAccessDeniedError as err:
         raise BootFailure(step, f"KMS denied the key: {err.code}") from err
+    except KmsTlsError as err:
+        raise BootFailure(step, "TLS to KMS failed verification: the endpoint's certificate is not from "
+                                "the measured CA bundle or not for the KMS host name") from err
     except KeyReleaseError as err:
         raise BootFailure(step, f"key release failed: {type(err).__name__} {err.code or ''}".strip()) from err
+    except KeyCommitmentError as err:
+        raise BootFailure(step, "the released key is not the sealed model's key (key commitment "
+                                "mismatch): refusing the file") from err
     except SealedModelError as err:
         raise BootFailure(step, "sealed model is invalid or was tampered with") from err
     except TlsIdentityError as err:

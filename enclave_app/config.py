@@ -10,6 +10,8 @@ Example (JSON)::
       "model_id": "all-minilm-l6-v2", "model_version": "1", "handler": "sentence-embedding",
       "kms_key_arn": "arn:aws:kms:us-east-1:111122223333:key/...", "region": "us-east-1",
       "encryption_context": {"model": "all-minilm-l6-v2", "version": "1"},
+      "sealed_digest": "<64 hex digits: nitrovault seal prints it>",
+      "kms_ca_bundle": "-----BEGIN CERTIFICATE-----...(Amazon Trust Services roots)",
       "access": {"issuer": "https://issuer.example", "audience": "nitrovault",
                  "jwks": {"keys": [{"kty": "OKP", "crv": "Ed25519", "x": "...", "kid": "k1"}]},
                  "tiers": {"default": {"rate_per_s": 50, "burst": 100}}, "default_tier": "default"},
@@ -22,22 +24,34 @@ Example (JSON)::
 Access is **fail closed**: a config without ``access.issuer`` loads (so tools can inspect it), but the
 enclave refuses to boot with it and its server refuses every call (``UNAUTHENTICATED``, audit reason
 ``no-issuer``). There is no anonymous serving mode.
+
+Key release is **pinned**: ``sealed_digest`` (the one sealed model this image serves) and ``kms_ca_bundle``
+(the CAs trusted for KMS's TLS certificate) are required, the KMS endpoint is ``https`` only, and the
+in-enclave forwarder is always on (docs/confidential-serving.md, "Key release").
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
+from urllib.parse import urlsplit
+
+from cryptography import x509
 
 from nitrovault.access import QuotaPolicy, QuotaTiers, TokenVerifier
 from nitrovault.access.tokens import DEFAULT_MAX_LIFETIME_S, MAX_LIFETIME_S, Clock
 from nitrovault.errors import ConfigError
 from nitrovault.protection import BudgetPolicy, ExtractionPolicy, HardeningPolicy, PrivacyMechanism
+
+#: where the in-enclave KMS forwarder listens on 127.0.0.1 unless the config says otherwise
+DEFAULT_KMS_FORWARDER_PORT = 8000
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 _DEFAULT_TIERS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
     {"default": MappingProxyType({"rate_per_s": 50.0, "burst": 100})}
@@ -305,14 +319,20 @@ class EnclaveConfig:
     region: str
     #: the encryption context the sealed model must carry, exactly.
     encryption_context: Mapping[str, str]
-    #: SHA-256 (hex) of the sealed header the enclave accepts; empty accepts any model sealed under the key
-    #: with the right encryption context.
+    #: SHA-256 (hex) of the sealed header the enclave serves (``nitrovault seal`` prints it). Required: with
+    #: the key-committing sealed format (docs/sealed-format.md) it means a parent can only ever make the
+    #: enclave serve the exact file the owner sealed.
     sealed_digest: str = ""
-    #: KMS endpoint as boto3 sees it inside the enclave; empty means ``https://kms.<region>.amazonaws.com``
-    #: resolved to the in-enclave forwarder.
+    #: the CA certificates (PEM) the enclave trusts for KMS's TLS certificate: Amazon Trust Services'
+    #: roots in production (``nitrovault/data/amazon-trust-services.pem``), the KMS emulator's local CA
+    #: locally. Required, and never taken from the parent or the environment.
+    kms_ca_bundle: str = ""
+    #: KMS endpoint as boto3 sees it inside the enclave (``https`` only); empty means the region's real
+    #: endpoint, ``https://kms.<region>.amazonaws.com``, reached through the in-enclave forwarder.
     kms_endpoint_url: str = ""
-    #: local TCP port of the in-enclave forwarder to the parent's KMS proxy (0: no forwarder).
-    kms_forwarder_port: int = 0
+    #: port of the in-enclave forwarder on 127.0.0.1: an HTTP CONNECT proxy (the enclave's only route to
+    #: KMS) that tunnels the TLS connection to vsock ``(parent_cid, ports.kms_proxy)``.
+    kms_forwarder_port: int = DEFAULT_KMS_FORWARDER_PORT
     ports: Ports = field(default_factory=Ports)
     limits: Limits = field(default_factory=Limits)
     access: Access = field(default_factory=Access)
@@ -337,7 +357,18 @@ class EnclaveConfig:
         values["encryption_context"] = MappingProxyType(dict(context))
         if not str(values.get("kms_key_arn", "")).startswith("arn:aws"):
             raise ConfigError("kms_key_arn must be a full key ARN")
+        _check_key_release(values)
         return cls(**values)
+
+    @property
+    def kms_endpoint(self) -> str:
+        """The KMS URL boto3 uses: the configured ``https`` one, else the region's real endpoint."""
+        return self.kms_endpoint_url or f"https://{kms_hostname(self.region)}"
+
+    @property
+    def kms_proxy_url(self) -> str:
+        """The in-enclave forwarder as boto3's HTTPS proxy."""
+        return f"http://127.0.0.1:{self.kms_forwarder_port}"
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> EnclaveConfig:
@@ -358,6 +389,41 @@ class EnclaveConfig:
             return obj
 
         return json.dumps(plain(self), indent=2, sort_keys=True) + "\n"
+
+
+def kms_hostname(region: str) -> str:
+    """KMS's host name in ``region`` (the China partition has its own DNS suffix)."""
+    if not re.fullmatch(r"[a-z]{2}(-gov)?-[a-z]+-[1-9][0-9]?", region):
+        raise ConfigError(f"not an AWS region name: {region!r}")
+    return f"kms.{region}.amazonaws.com" + (".cn" if region.startswith("cn-") else "")
+
+
+def _check_key_release(values: Mapping[str, Any]) -> None:
+    """What makes key release something a parent cannot subvert: a pinned model, TLS to KMS checked
+    against a CA bundle that is part of the measurement, and the forwarder as the only route."""
+    digest = values.get("sealed_digest", "")
+    if not _DIGEST.fullmatch(digest):
+        raise ConfigError("sealed_digest must be the sealed model's SHA-256 digest (64 lower-case hex "
+                          "digits, as `nitrovault seal` prints it): the enclave serves exactly one model")
+    kms_hostname(str(values.get("region", "")))
+    url = values.get("kms_endpoint_url", "")
+    if url:
+        parsed = urlsplit(url)
+        if parsed.scheme != "https" or not parsed.hostname or parsed.path not in ("", "/") or (
+                parsed.query or parsed.fragment or parsed.username or parsed.password):
+            raise ConfigError("kms_endpoint_url must be an https:// URL with a host name and nothing else "
+                              "(TLS to KMS is what keeps the parent out of key release)")
+    bundle = values.get("kms_ca_bundle", "")
+    try:
+        certificates = x509.load_pem_x509_certificates(bundle.encode()) if bundle else []
+    except ValueError:
+        certificates = []
+    if not certificates:
+        raise ConfigError("kms_ca_bundle must hold the PEM CA certificates trusted for KMS's TLS certificate")
+    port = values.get("kms_forwarder_port", DEFAULT_KMS_FORWARDER_PORT)
+    if not 1 <= port <= 65535:
+        raise ConfigError("kms_forwarder_port must be a TCP port (1..65535): the forwarder is the "
+                          "enclave's only route to KMS")
 
 
 def _checked(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:

@@ -41,7 +41,8 @@ def check_sealed_header(config: EnclaveConfig, header: SealedHeader) -> None:
     """Refuse, before any KMS call, a sealed model that is not the one the measured config names."""
     if dict(header.encryption_context) != dict(config.encryption_context):
         raise SealedModelMismatchError("sealed model's encryption context differs from the enclave config")
-    if config.sealed_digest and not hmac.compare_digest(header.digest.hex(), config.sealed_digest.lower()):
+    # always compared: an empty pin (a config built around from_mapping's checks) matches nothing
+    if not hmac.compare_digest(header.digest.hex(), config.sealed_digest.lower() or "-"):
         raise SealedModelMismatchError("sealed model's digest differs from the enclave config")
 
 

@@ -5,11 +5,20 @@
 (``nitrovault.local.enclave``) locally (unix sockets, the local NSM service). Everything below that choice
 is the same code.
 
-In-enclave plumbing (all through :class:`nitrovault.transport.Relay`)::
+In-enclave plumbing (relays: :class:`nitrovault.transport.Relay`)::
 
     vsock(enclave_cid, inference)  ──► unix RUN/grpc.sock       (the gRPC server, TLS ends here)
     unix RUN/host.sock             ──► vsock(3, host_services)  (credentials, sealed model, status, audit)
     tcp 127.0.0.1:kms_forwarder    ──► vsock(3, kms_proxy)      (boto3 → KMS, TLS end to end)
+
+The route to KMS: the enclave starts with its loopback interface down, so ``run`` brings ``lo`` up first
+(:func:`nitrovault.transport.loopback.ensure_loopback_up`, an ioctl: the image has no ``ip``). boto3 then
+talks to the region's real endpoint, ``https://kms.<region>.amazonaws.com``, with the forwarder on
+127.0.0.1 as its HTTPS proxy: an HTTP ``CONNECT`` tunnel (:class:`nitrovault.transport.ConnectForwarder`)
+that admits only that host and port and splices the bytes to vsock ``(3, kms_proxy)``, where the parent's
+``vsock-proxy`` relays them to KMS. No DNS, no ``/etc/hosts``: the CONNECT line names the host, and TLS
+(SNI and certificate checked against the measured ``kms_ca_bundle``, nothing from the environment) runs
+from boto3 to KMS, so the parent relays ciphertext it can neither read nor answer.
 
 Access is fail closed: a measured config without a token issuer makes the enclave refuse to boot (FAILED,
 step ``config``). The boot's receipt/audit key is made from NSM randomness before boot, so the document
@@ -32,15 +41,19 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
+
+from nitrovault.transport.loopback import ensure_loopback_up
 
 from enclave_app.boot import BootFailure, boot
 from enclave_app.config import EnclaveConfig
 from enclave_app.host import AuditShipper, HostClient
 from enclave_app.server import EnclaveServer, InferenceService, ServingModel
 from nitrovault.audit import AuditStatus
+from nitrovault.errors import NetworkSetupError
 from nitrovault.kms import AwsCredentials, KmsClient, kms_client_from_env
 from nitrovault.nsm import Nsm, NsmTransport
-from nitrovault.transport import AddressMap, Relay, TcpAddress, UnixAddress, VsockAddress
+from nitrovault.transport import AddressMap, ConnectForwarder, Relay, TcpAddress, UnixAddress, VsockAddress
 
 log = logging.getLogger("enclave")
 
@@ -76,14 +89,13 @@ async def run(
             UnixAddress(str(host_sock)), VsockAddress(ports.parent_cid, ports.host_services), mapping=mapping
         ),
     ]
-    if config.kms_forwarder_port:
-        relays.append(
-            Relay(
-                TcpAddress("127.0.0.1", config.kms_forwarder_port),
-                VsockAddress(ports.parent_cid, ports.kms_proxy),
-                mapping=mapping,
-            )
-        )
+    kms_url = urlsplit(config.kms_endpoint)
+    forwarder = ConnectForwarder(
+        TcpAddress("127.0.0.1", config.kms_forwarder_port),
+        VsockAddress(ports.parent_cid, ports.kms_proxy),
+        allowed=[(str(kms_url.hostname), kms_url.port or 443)],
+        mapping=mapping,
+    )
     nsm = Nsm(nsm_transport)
     host = HostClient(
         f"unix:{host_sock}", download_dir=run_dir, max_model_bytes=config.limits.max_model_bytes
@@ -100,10 +112,13 @@ async def run(
     shipper.start(protections.audit)
     for relay in relays:
         await relay.start()
-    endpoint = config.kms_endpoint_url or None
+    ca_bundle = config.kms_ca_bundle.encode()
 
     def kms_factory(credentials: AwsCredentials) -> KmsClient:
-        return KmsClient(kms_client_from_env(config.region, endpoint_url=endpoint, credentials=credentials))
+        return KmsClient(kms_client_from_env(
+            config.region, endpoint_url=config.kms_endpoint, credentials=credentials,
+            ca_bundle=ca_bundle, proxy=config.kms_proxy_url,
+        ))
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -115,6 +130,15 @@ async def run(
             reason = "no token issuer in the measured config: refusing to serve anyone"
             _say("boot-failed", step="config", reason=reason)
             await asyncio.to_thread(host.report, "FAILED", reason=reason, step="config")
+            return 3
+        try:
+            if ensure_loopback_up():
+                _say("network", detail="brought the loopback interface up")
+            await forwarder.start()
+        except (NetworkSetupError, OSError) as err:
+            reason = f"cannot set up the route to KMS: {type(err).__name__}: {err}"
+            _say("boot-failed", step="network", reason=reason)
+            await asyncio.to_thread(host.report, "FAILED", reason=reason, step="network")
             return 3
         _say("booting", model=config.model_id, version=config.model_version,
              receipt_key_id=protections.key_id, audit_boot=protections.audit.boot_id)
@@ -146,6 +170,7 @@ async def run(
         await asyncio.to_thread(_close_audit, protections.close, protections.audit.flush, shipper)
         for relay in relays:
             await relay.close()
+        await forwarder.close()
         host.close()
     return exit_code
 

@@ -18,6 +18,10 @@ Context keys (``-c key=value``, or ``cdk.json``):
 ``internetFacing``        ``true`` for a public load balancer (default internal)
 ``clientCidr``            who may reach the listener (default the VPC)
 ``nag``                   ``false`` to skip the cdk-nag AwsSolutions checks (default on)
+``bootAlarmThreshold``    attested model-key Decrypts (enclave boots) per hour that alarm (default
+                          3 x the Auto Scaling group's max size); a positive integer
+``cloudTrailLogGroup``    an existing trail's CloudWatch log group to count boots in (default: the
+                          stack creates a trail delivering to ``/nitrovault/cloudtrail``)
 ``unsafeAllowDebugPcrs``  ``true`` lets all-zero (debug) PCRs into the key policy: NEVER in production
 ========================  ==========================================================================
 
@@ -87,6 +91,15 @@ def _int(value: object, name: str) -> int:
         raise ConfigError(f"context {name} must be an integer, not {value!r}") from None
 
 
+def _boot_threshold(value: object) -> int | None:
+    if value is None or str(value).strip() == "":
+        return None
+    threshold = _int(value, "bootAlarmThreshold")
+    if threshold < 1:
+        raise ConfigError(f"context bootAlarmThreshold must be a positive integer, not {value!r}")
+    return threshold
+
+
 def props_from_context(ctx: Mapping[str, Any], env: Mapping[str, str] | None = None) -> NitrovaultStackProps:
     """Build the stack props from CDK context (``ctx``) and the CDK CLI's environment (``env``)."""
     env = os.environ if env is None else env
@@ -127,6 +140,8 @@ def props_from_context(ctx: Mapping[str, Any], env: Mapping[str, str] | None = N
         internet_facing=_flag(ctx.get("internetFacing", False), "internetFacing"),
         client_cidr=str(ctx["clientCidr"]) if ctx.get("clientCidr") else None,
         unsafe_allow_debug_pcrs=unsafe,
+        boot_alarm_threshold=_boot_threshold(ctx.get("bootAlarmThreshold")),
+        cloudtrail_log_group=str(ctx["cloudTrailLogGroup"]) if ctx.get("cloudTrailLogGroup") else None,
         tags={"project": "nitrovault", "model": str(ctx.get("modelId") or "model")},
     )
 
@@ -149,6 +164,8 @@ _CONTEXT_KEYS = (
     "clientCidr",
     "nag",
     "unsafeAllowDebugPcrs",
+    "bootAlarmThreshold",
+    "cloudTrailLogGroup",
 )
 
 

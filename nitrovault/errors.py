@@ -32,7 +32,11 @@ single opaque failure (:class:`SealedModelError`) so that it is no decryption or
     │   ├── KeyUnavailableError            DisabledException / KeyUnavailableException / pending deletion
     │   ├── InvalidCiphertextError         InvalidCiphertextException (bad blob or encryption context)
     │   └── KmsTransportError              endpoint unreachable, throttled, 5xx
+    │       └── KmsTlsError                  KMS's TLS certificate did not verify (measured CA bundle)
     ├── SealedModelError                 the sealed model could not be opened (one opaque failure)
+    │   ├── KeyCommitmentError             the header does not commit to this data key (format v2)
+    │   └── LegacySealedFormatError        a version-1 (non-committing) file, refused by default
+    ├── NetworkSetupError                the enclave could not set up its route to KMS (loopback)
     ├── PolicyError                      a key policy document is malformed
     ├── EifError                         an enclave image file (.eif) is truncated, corrupt or not an EIF
     ├── NsmError                         the NSM device (real or local) answered with an error
@@ -181,6 +185,13 @@ class KmsTransportError(KeyReleaseError):
     step = "kms-transport"
 
 
+class KmsTlsError(KmsTransportError):
+    """TLS to KMS failed verification: the certificate is not from the trusted CA bundle or not for the
+    KMS host name (a parent answering on the KMS leg itself ends here)."""
+
+    step = "kms-tls"
+
+
 # -- sealed models, policies, NSM -----------------------------------------------------------------------
 
 
@@ -191,6 +202,31 @@ class SealedModelError(NitrovaultError):
 
     def __init__(self, message: str = "sealed model is invalid or was tampered with") -> None:
         super().__init__(message)
+
+
+class KeyCommitmentError(SealedModelError):
+    """The sealed header's key commitment does not match the data key: the file was not sealed under the
+    released key. Raised before any chunk is decrypted. Not an oracle: the caller chose the key."""
+
+    step = "key-commitment"
+
+    def __init__(self) -> None:
+        super().__init__("sealed model was not sealed under the released key (key commitment mismatch)")
+
+
+class LegacySealedFormatError(SealedModelError):
+    """A version-1 sealed file: its header does not commit to the data key, so it is refused unless the
+    caller opts in (``SealedModel.open(path, allow_legacy_v1=True)``, for inspection and migration)."""
+
+    def __init__(self) -> None:
+        super().__init__("sealed format version 1 is not key-committing: re-seal the model "
+                         "(nitrovault seal writes version 2)")
+
+
+class NetworkSetupError(NitrovaultError):
+    """The enclave could not set up its network (bring the loopback interface up for its KMS forwarder)."""
+
+    step = "network"
 
 
 class PolicyError(NitrovaultError):

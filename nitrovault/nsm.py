@@ -300,11 +300,13 @@ class UnixSocketTransport:
 
     Used by the enclave process when it runs locally (served by ``nitrovault.local.nsm_service``), so the
     enclave never imports ``nitrovault.local``. Framing, per call on a fresh connection: a 4-byte
-    big-endian length, then the bytes; the answer comes back framed the same way.
+    big-endian length, then the bytes; the answer comes back framed the same way. ``@name`` is an
+    abstract socket (Linux): it lives in a network namespace, not in a folder, so only processes in the
+    enclave's namespace can reach it.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, timeout: float = 10.0) -> None:
-        self._path = os.fspath(path)
+        self._path = unix_socket_address(os.fspath(path))
         self._timeout = timeout
 
     def call(self, request: bytes) -> bytes:
@@ -321,6 +323,11 @@ class UnixSocketTransport:
                 return _recv_exact(sock, length)
         except OSError as exc:
             raise NsmError(f"local NSM socket failed ({type(exc).__name__})", code="InternalError") from None
+
+
+def unix_socket_address(path: str) -> str:
+    """``@name`` (an abstract socket, as ``ss`` prints it) as Python's ``"\\0name"``; paths unchanged."""
+    return "\0" + path[1:] if path.startswith("@") else path
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:

@@ -5,6 +5,11 @@ The enclave's status reports are the parent's only view of why it is not serving
 reason and the failed step (never a secret), and are kept as the latest :class:`EnclaveStatus`, written
 atomically to a JSON status file for operators and the local stack.
 
+Boots are counted: every enclave boot is one attested KMS ``Decrypt`` (a ``BOOTING`` report precedes it),
+so the status carries ``boots`` (since this parent started) and each boot is logged as ``enclave boot N``.
+An honest parent's count is for operators; the figure a hostile parent cannot hide is CloudTrail's, which
+the CDK app alarms on (docs/deploy.md, "Boots are visible").
+
 Audit sink: the enclave's chained, signed audit lines are stored as they arrive, one folder per enclave
 boot (``AUDIT_DIR/<boot id>/audit-NNNNNN.jsonl``, rotated past ``audit_max_bytes``), so each folder
 verifies against that boot's attestation document with ``nitrovault audit verify``. The parent cannot
@@ -42,6 +47,8 @@ class EnclaveStatus:
     reason: str
     step: str
     at: float
+    #: enclave boots (``BOOTING`` reports: one attested KMS Decrypt each) since this parent started
+    boots: int = 0
 
 
 _BOOT_ID = re.compile(r"[0-9a-f]{8,64}")
@@ -106,7 +113,11 @@ class HostServices(pb_grpc.HostServicesServicer):
 
     async def ReportStatus(self, request: pb.StatusReport, context: grpc.aio.ServicerContext) -> pb.Ack:
         state = pb.StatusReport.State.Name(request.state)
-        self.status = EnclaveStatus(state, request.reason[:512], request.step[:64], time.time())
+        boots = self.status.boots
+        if state == "BOOTING":
+            boots += 1
+            log.warning("enclave boot %d: the enclave attests to KMS (one Decrypt with a Recipient)", boots)
+        self.status = EnclaveStatus(state, request.reason[:512], request.step[:64], time.time(), boots)
         log.info("enclave status %s step=%s reason=%s", state, self.status.step, self.status.reason)
         self.write_status()
         if self._on_status is not None:
@@ -147,7 +158,7 @@ class HostServices(pb_grpc.HostServicesServicer):
 
     def mark(self, state: str, reason: str = "", step: str = "") -> None:
         """Record a status the parent itself observed (e.g. the enclave process exited)."""
-        self.status = EnclaveStatus(state, reason, step, time.time())
+        self.status = EnclaveStatus(state, reason, step, time.time(), self.status.boots)
         self.write_status()
 
     def write_status(self) -> None:

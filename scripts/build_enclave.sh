@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Build the enclave image and its PCR manifest:
+#   0. scripts/enclave_config.py -> the measured config: the sealed model's digest pinned, Amazon Trust
+#      Services' roots as the KMS CA bundle unless the config has its own (build fails on a bad config),
 #   1. docker build (enclave_app/Dockerfile; the measured config passed as the "config" build context),
 #   2. nitro-cli build-enclave -> enclave.eif (signed for PCR8 when a certificate and key are given),
 #   3. scripts/pcr_manifest.py -> pcr-manifest.json (PCR0/1/2/8 from nitro-cli, cross-checked against the
 #      EIF measured in pure Python; image digest, source commit, build time).
 #
 # Usage:
-#   scripts/build_enclave.sh --config enclave.json [--tag nitrovault-enclave:dev] [--out-dir build/]
+#   scripts/build_enclave.sh --config enclave.json --sealed-model model.sealed
+#       [--tag nitrovault-enclave:dev] [--out-dir build/]
 #       [--signing-certificate cert.pem --private-key key.pem] [--built-at 2025-01-01T00:00:00Z] [--dry-run]
 #
 # --dry-run prints every command it would run (one per line, shell-quoted, prefixed with "+ ") and runs
@@ -17,13 +20,14 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 python="${PYTHON:-$repo/.venv/bin/python}"
 [[ -x "$python" ]] || python="python3"
 
-config="" tag="nitrovault-enclave:latest" out_dir="$repo/build" cert="" key="" built_at="" dry_run=0
+config="" sealed="" tag="nitrovault-enclave:latest" out_dir="$repo/build" cert="" key="" built_at="" dry_run=0
 
-usage() { sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --config) config="${2:?}"; shift 2 ;;
+        --sealed-model) sealed="${2:?}"; shift 2 ;;
         --tag) tag="${2:?}"; shift 2 ;;
         --out-dir) out_dir="${2:?}"; shift 2 ;;
         --signing-certificate) cert="${2:?}"; shift 2 ;;
@@ -37,6 +41,8 @@ done
 
 [[ -n "$config" ]] || { echo "error: --config FILE (the measured enclave config) is required" >&2; exit 2; }
 [[ -f "$config" ]] || { echo "error: config $config does not exist" >&2; exit 2; }
+[[ -n "$sealed" ]] || { echo "error: --sealed-model FILE is required (the image serves exactly that model)" >&2; exit 2; }
+[[ -f "$sealed" ]] || { echo "error: sealed model $sealed does not exist" >&2; exit 2; }
 if [[ -n "$cert" && -z "$key" ]] || [[ -z "$cert" && -n "$key" ]]; then
     echo "error: --signing-certificate and --private-key go together" >&2; exit 2
 fi
@@ -60,7 +66,8 @@ manifest="$out_dir/pcr-manifest.json"
 context_dir="$out_dir/config-context"
 
 run mkdir -p "$out_dir" "$context_dir"
-run cp "$config" "$context_dir/enclave.json"
+run "$python" "$repo/scripts/enclave_config.py" --config "$config" --sealed-model "$sealed" \
+    --output "$context_dir/enclave.json"
 
 # 1. the docker image (the measured config enters only through the "config" build context)
 run docker build --file "$repo/enclave_app/Dockerfile" --build-context "config=$context_dir" \

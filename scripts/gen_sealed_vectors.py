@@ -5,18 +5,26 @@ Deterministic: a fixed data key, a fixed "random" source (SHA-256 in counter mod
 the salt and nonce prefix, and a plain model written byte by byte here (not with the safetensors
 library, whose exact output could change between versions and cause false drift).
 
-The positive vector ``model.sealed`` decodes to the tensors of ``model-plain.st`` (safetensors bytes;
-named so that no model-file pattern ignores or flags it). Each negative
-vector breaks one thing and must fail with SealedModelError:
+The positive vector ``model.sealed`` (format version 2, key-committing) decodes to the tensors of
+``model-plain.st`` (safetensors bytes; named so that no model-file pattern ignores or flags it). Each
+negative vector breaks one thing and must fail with SealedModelError; ``error`` in the manifest says which
+check catches it: ``commitment`` (KeyCommitmentError, before any chunk is decrypted) or ``opaque``:
 
-* ``header_byte_flipped``: one byte of the wrapped key flipped (the header still parses; its digest,
-  the AAD of every chunk, changes).
+* ``header_byte_flipped``: one byte of the wrapped key flipped (the header still parses; it no longer
+  commits to the key, and its digest, the AAD of every chunk, changes).
+* ``commitment_flipped``: one byte of the header's key commitment flipped.
+* ``other_key_chunks``: the genuine header byte for byte, every chunk re-encrypted under another key
+  with the header's own salt, nonces and AAD (the forgery a holder of another key can make).
 * ``chunk_byte_flipped``: one ciphertext byte of a payload chunk flipped.
 * ``swapped_chunks``: two full payload chunks exchanged.
 * ``truncated``: the last chunk dropped.
 * ``appended_data``: 16 bytes appended.
-* ``wrong_encryption_context``: the header re-encoded with an edited context value (well-formed).
+* ``wrong_encryption_context``: the header re-encoded with an edited context value and a valid commitment
+  (well-formed, committing): the chunks' AAD no longer matches.
 * ``wrong_key``: the positive file opened with another data key.
+
+``legacy_v1.sealed`` is the same model in format version 1 (no commitment): refused by default
+(LegacySealedFormatError), readable with ``allow_legacy_v1=True``.
 
 Usage: ``python scripts/gen_sealed_vectors.py [--check] [--out DIR]``
 """
@@ -36,7 +44,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from nitrovault.envelope import SealedModel, seal_file  # noqa: E402
-from nitrovault.envelope.format import TAG_LEN, encode_header  # noqa: E402
+from nitrovault.envelope.format import (  # noqa: E402
+    LEGACY_VERSION,
+    TAG_LEN,
+    ChunkCipher,
+    SealedHeader,
+    encode_header,
+    key_commitment,
+)
 
 OUT = REPO / "tests" / "vectors" / "sealed"
 CHUNK_SIZE = 64
@@ -105,10 +120,16 @@ def generate() -> dict[str, bytes]:
             key_id=KEY_ID,
             encryption_context=CONTEXT,
             chunk_size=CHUNK_SIZE,
-            rng=fixed_rng(b"nitrovault sealed vectors v1"),
+            rng=fixed_rng(b"nitrovault sealed vectors v2"),
         )
         sealed = dst.read_bytes()
         assert SealedModel.open(dst).header == header
+        legacy_path = Path(tmp) / "legacy.sealed"
+        seal_file(src, legacy_path, data_key=DATA_KEY, wrapped_key=WRAPPED_KEY, key_id=KEY_ID,
+                  encryption_context=CONTEXT, chunk_size=CHUNK_SIZE,
+                  rng=fixed_rng(b"nitrovault sealed vectors v1"), version=LEGACY_VERSION)
+        legacy = legacy_path.read_bytes()
+        plaintexts = _plaintext_chunks(dst, header)
     h = header
     first_payload = h.metadata_chunks
     assert h.payload_chunks >= 4, "need several full payload chunks"
@@ -116,7 +137,7 @@ def generate() -> dict[str, bytes]:
     a, b = h.chunk_offset(first_payload + 1), h.chunk_offset(first_payload + 2)
     step = h.chunk_size + TAG_LEN
     swapped = sealed[:a] + sealed[b : b + step] + sealed[a : a + step] + sealed[b + step :]
-    edited_ctx = encode_header(
+    edited_body = encode_header(
         key_id=h.key_id,
         encryption_context={**CONTEXT, "model": "other-model"},
         wrapped_key=h.wrapped_key,
@@ -126,11 +147,28 @@ def generate() -> dict[str, bytes]:
         salt=h.salt,
         nonce_prefix=h.nonce_prefix,
     )
+    edited_ctx = edited_body + key_commitment(DATA_KEY, h.salt, edited_body)
     last = h.chunk_count - 1
+    # the forgery: the genuine header, each chunk's plaintext sealed under WRONG_KEY at the same position
+    # with the same AAD. It authenticates under WRONG_KEY; only the commitment refuses it.
+    forger = ChunkCipher.for_header(
+        SealedHeader.build(key_id=h.key_id, encryption_context=h.encryption_context,
+                           wrapped_key=h.wrapped_key, chunk_size=h.chunk_size,
+                           metadata_chunks=h.metadata_chunks,
+                           payload_size=h.payload_size, salt=h.salt, nonce_prefix=h.nonce_prefix,
+                           data_key=WRONG_KEY), WRONG_KEY)
+    forged = bytearray(h.raw)
+    for i, chunk in enumerate(plaintexts):
+        out = bytearray(len(chunk) + TAG_LEN)
+        forger.aead.encrypt_into(forger.nonce(i), chunk, h.digest, out)
+        forged += out
     files = {
         "model-plain.st": plain,
         "model.sealed": sealed,
         "header_byte_flipped.sealed": _flip(sealed, wrapped_at + 3),
+        "commitment_flipped.sealed": _flip(sealed, h.header_length - 1),
+        "other_key_chunks.sealed": bytes(forged),
+        "legacy_v1.sealed": legacy,
         "chunk_byte_flipped.sealed": _flip(sealed, h.chunk_offset(first_payload + 1) + 5),
         "swapped_chunks.sealed": swapped,
         "truncated.sealed": sealed[: h.chunk_offset(last)],
@@ -138,20 +176,26 @@ def generate() -> dict[str, bytes]:
         "wrong_encryption_context.sealed": edited_ctx + sealed[h.header_length :],
     }
     negatives = [
-        {"name": name, "file": f"{name}.sealed", "data_key": DATA_KEY.hex()}
-        for name in (
-            "header_byte_flipped",
-            "chunk_byte_flipped",
-            "swapped_chunks",
-            "truncated",
-            "appended_data",
-            "wrong_encryption_context",
+        {"name": name, "file": f"{name}.sealed", "data_key": DATA_KEY.hex(), "error": error}
+        for name, error in (
+            ("header_byte_flipped", "commitment"),
+            ("commitment_flipped", "commitment"),
+            ("chunk_byte_flipped", "opaque"),
+            ("swapped_chunks", "opaque"),
+            ("truncated", "opaque"),
+            ("appended_data", "opaque"),
+            ("wrong_encryption_context", "opaque"),
         )
     ]
-    negatives.append({"name": "wrong_key", "file": "model.sealed", "data_key": WRONG_KEY.hex()})
+    # opened with the key its chunks were sealed under: the key a hostile KMS answer would release
+    negatives.append({"name": "other_key_chunks", "file": "other_key_chunks.sealed",
+                      "data_key": WRONG_KEY.hex(), "error": "commitment"})
+    negatives.append({"name": "wrong_key", "file": "model.sealed", "data_key": WRONG_KEY.hex(),
+                      "error": "commitment"})
     manifest = {
-        "description": "nitrovault sealed format v1 vectors; generated by scripts/gen_sealed_vectors.py",
-        "format_version": 1,
+        "description": "nitrovault sealed format v2 vectors; generated by scripts/gen_sealed_vectors.py",
+        "format_version": 2,
+        "legacy_v1": {"file": "legacy_v1.sealed", "format_version": 1, "data_key": DATA_KEY.hex()},
         "chunk_size": CHUNK_SIZE,
         "data_key": DATA_KEY.hex(),
         "positive": {
@@ -163,6 +207,7 @@ def generate() -> dict[str, bytes]:
             "wrapped_key_hex": WRAPPED_KEY.hex(),
             "salt_hex": h.salt.hex(),
             "nonce_prefix_hex": h.nonce_prefix.hex(),
+            "commitment_hex": h.commitment.hex(),
             "metadata_chunks": h.metadata_chunks,
             "chunk_count": h.chunk_count,
             "payload_size": h.payload_size,
@@ -176,6 +221,21 @@ def generate() -> dict[str, bytes]:
     }
     files["vectors.json"] = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
     return files
+
+
+def _plaintext_chunks(path: Path, header: SealedHeader) -> list[bytes]:
+    """Every chunk's plaintext (metadata and payload), opened with the vectors' data key."""
+    model = SealedModel.open(path)
+    out: list[bytes] = []
+    with model.unsealer(DATA_KEY) as u:
+        data = path.read_bytes()
+        for i in range(header.chunk_count):
+            start = header.chunk_offset(i)
+            sealed = memoryview(data)[start:start + header.chunk_plain_len(i) + TAG_LEN]
+            plain = bytearray(header.chunk_plain_len(i))
+            u.cipher.open_into(i, sealed, memoryview(plain))
+            out.append(bytes(plain))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -272,6 +272,7 @@ class EnclaveHost(Construct):
             ],
         )
 
+        self.asg_max_capacity = max_capacity
         self.asg = autoscaling.AutoScalingGroup(
             self,
             "Asg",

@@ -20,6 +20,7 @@ from aws_cdk import aws_iam as iam
 from aws_cdk import aws_logs as logs
 from constructs import Construct
 
+from infra.constructs.boot_watch import BootWatch
 from infra.constructs.enclave_host import EnclaveHost
 from infra.constructs.identity_canary import IdentityCanary
 from infra.constructs.model_key import ModelKey
@@ -59,6 +60,10 @@ class NitrovaultStackProps:
     client_cidr: str | None = None
     log_retention: logs.RetentionDays = logs.RetentionDays.ONE_YEAR
     unsafe_allow_debug_pcrs: bool = False
+    #: attested model-key Decrypts (boots) per hour that alarm; None: 3 x the ASG's max size (see below)
+    boot_alarm_threshold: int | None = None
+    #: an existing CloudTrail trail's CloudWatch log group; None: the stack creates a trail
+    cloudtrail_log_group: str | None = None
     tags: Mapping[str, str] = field(default_factory=dict)
 
     @property
@@ -170,6 +175,21 @@ class NitrovaultStack(Stack):
             encryption_context=props.encryption_context,
             ciphertext_b64=props.canary_ciphertext_b64,
         )
+        # Default: 3 x the ASG's max size per hour. A rolling instance refresh boots every host once and a
+        # crash loop is already caught by EnclaveRestarts; three full fleets of boots in one hour is more
+        # than any legitimate roll, so the alarm means someone is releasing the key unusually often.
+        threshold = props.boot_alarm_threshold or 3 * self.host.asg_max_capacity
+        self.boots = BootWatch(
+            self,
+            "BootWatch",
+            observability=self.observability,
+            model_key_arn=self.model_key.key.key_arn,
+            threshold=threshold,
+            access_log_bucket=self.store.log_bucket,
+            existing_log_group=props.cloudtrail_log_group,
+        )
+        CfnOutput(self, "BootMetricName", value="nitrovault/AttestedModelKeyDecrypts")
+        CfnOutput(self, "BootAlarmName", value=self.boots.alarm.alarm_name)
         CfnOutput(self, "ModelKeyArn", value=self.model_key.key.key_arn)
         CfnOutput(self, "WeightsBucket", value=self.store.bucket.bucket_name)
         CfnOutput(self, "LoadBalancerDns", value=self.host.nlb.load_balancer_dns_name)

@@ -13,7 +13,9 @@ from typing import Annotated
 
 import typer
 
-from nitrovault.local.stack import REPO_ROOT, LocalModel, LocalStack, Paths
+from nitrovault.local.homes import Paths
+from nitrovault.local.models import LocalModel
+from nitrovault.local.stack import REPO_ROOT, LocalStack
 
 
 class DemoModel(enum.StrEnum):

@@ -99,6 +99,7 @@ def _header_summary(header: SealedHeader, path: Path) -> dict[str, Any]:
     return {
         "path": str(path),
         "version": header.version,
+        "key_committing": header.version >= 2,
         "key_id": header.key_id,
         "encryption_context": dict(header.encryption_context),
         "wrapped_key_b64": base64.b64encode(header.wrapped_key).decode(),
@@ -262,11 +263,14 @@ def inspect(
 ) -> None:
     """Print the public header of a sealed model (never tensor names: they are encrypted)."""
     try:
-        header = SealedModel.open(sealed).header
+        header = SealedModel.open(sealed, allow_legacy_v1=True).header  # shown, marked as legacy
     except NitrovaultError as exc:
         _err.print(exc.diagnostics(), markup=False, highlight=False)
         raise typer.Exit(1) from None
     summary = _header_summary(header, sealed)
+    if header.version == 1:
+        _err.print("legacy sealed format version 1: not key-committing, enclaves refuse it; re-seal it",
+                   markup=False, highlight=False)
     if as_json:
         typer.echo(json.dumps(summary, sort_keys=True))
         return

@@ -1,4 +1,4 @@
-"""The sealed model format, version 1: pure encoding and decoding (spec: ``docs/sealed-format.md``).
+"""The sealed model format, version 2: pure encoding and decoding (spec: ``docs/sealed-format.md``).
 
 Everything here takes bytes and returns values; file and torch I/O live in ``stream`` and ``torch_load``.
 
@@ -6,8 +6,12 @@ Invariants:
 
 * A sealed file is ``header || chunk_0 || ... || chunk_{n-1}``; every chunk is
   ``AES-256-GCM(stream_key, nonce_i, plaintext_i, aad=SHA-256(header))`` (ciphertext then 16-byte tag).
-* ``stream_key = HKDF-SHA256(ikm=data_key, salt=header.salt, info=KDF_INFO)``; the salt is random per
-  file, so a data key reused across files never reuses a (key, nonce) pair.
+* ``stream_key = HKDF-SHA256(ikm=data_key, salt=header.salt, info=KDF_INFO[version])``; the salt is
+  random per file, so a data key reused across files never reuses a (key, nonce) pair.
+* Version 2 headers end with ``commitment = HMAC-SHA256(HKDF(data_key, salt, COMMIT_INFO), header bytes
+  before it)``: :func:`check_commitment` compares it in constant time before any chunk is decrypted
+  (:class:`ChunkCipher` checks it on construction), so no chunk is ever opened under a key the header
+  does not commit to (:class:`KeyCommitmentError`). Version 1 has no commitment and is legacy.
 * ``nonce_i = nonce_prefix(7) || i (u32 BE) || last(1)``: Tink's AES-GCM-HKDF streaming AEAD segment
   nonce, i.e. the STREAM construction (nonce-based online AE, Hoang et al. 2015).
 * Every chunk but the last holds exactly ``chunk_size`` plaintext bytes; the header fixes all sizes,
@@ -15,7 +19,9 @@ Invariants:
 * Chunks ``0 .. metadata_chunks-1`` hold the encrypted tensor index (names, dtypes, shapes, byte
   ranges; the architecture is IP), padded with zeros to whole chunks; the rest hold the safetensors
   data region copied as is, so payload chunk ``j`` covers payload bytes ``[j*chunk_size, ...)``.
-* Every failure to decode or authenticate raises :class:`SealedModelError` with its default message.
+* Every failure to decode or authenticate raises :class:`SealedModelError` with its default message
+  (a commitment mismatch is its subclass :class:`KeyCommitmentError`: the caller chose the key, so
+  saying so is no oracle).
 
 The header and the safetensors header are parsed by hand: the header is our own fixed binary layout
 (canonical bytes are needed because their hash is bound into every chunk), and the ``safetensors``
@@ -25,14 +31,16 @@ byte for byte without loading it.
 Example::
 
     >>> h = SealedHeader.build(key_id="k", encryption_context={"model": "m"}, wrapped_key=b"w",
-    ...     chunk_size=64, metadata_chunks=1, payload_size=100, salt=bytes(32), nonce_prefix=bytes(7))
-    >>> decode_header(h.raw) == h, h.chunk_count
-    (True, 3)
+    ...     chunk_size=64, metadata_chunks=1, payload_size=100, salt=bytes(32), nonce_prefix=bytes(7),
+    ...     data_key=bytes(32))
+    >>> decode_header(h.raw) == h, h.chunk_count, h.version
+    (True, 3, 2)
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import math
 import struct
@@ -46,11 +54,21 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from nitrovault.errors import ConfigError, SealedModelError
+from nitrovault.errors import ConfigError, KeyCommitmentError, SealedModelError
 
 MAGIC = b"NVSEALED"
-VERSION = 1
-KDF_INFO = b"nitrovault sealed model v1 stream key"
+#: the version written; readers accept :data:`VERSIONS`
+VERSION = 2
+#: version 1: no key commitment (read only behind ``allow_legacy_v1``)
+LEGACY_VERSION = 1
+VERSIONS = (LEGACY_VERSION, VERSION)
+KDF_INFOS: Mapping[int, bytes] = MappingProxyType({
+    1: b"nitrovault sealed model v1 stream key",
+    2: b"nitrovault sealed model v2 stream key",
+})
+KDF_INFO = KDF_INFOS[VERSION]
+COMMIT_INFO = b"nitrovault sealed model v2 key commitment"
+COMMITMENT_LEN = 32
 DATA_KEY_LEN = 32
 SALT_LEN = 32
 NONCE_PREFIX_LEN = 7
@@ -106,6 +124,8 @@ class SealedHeader:
     salt: bytes = field(repr=False)
     nonce_prefix: bytes = field(repr=False)
     raw: bytes = field(repr=False, compare=False)
+    #: HMAC-SHA256 over the header bytes before it, under a key derived from the data key (v2; b"" in v1)
+    commitment: bytes = field(default=b"", repr=False)
 
     @staticmethod
     def build(
@@ -118,18 +138,23 @@ class SealedHeader:
         payload_size: int,
         salt: bytes,
         nonce_prefix: bytes,
+        data_key: bytes | bytearray | None = None,
+        version: int = VERSION,
     ) -> SealedHeader:
-        """Encode and validate a version-1 header (raises ConfigError on bad parameters)."""
-        raw = encode_header(
-            key_id=key_id,
-            encryption_context=encryption_context,
-            wrapped_key=wrapped_key,
-            chunk_size=chunk_size,
-            metadata_chunks=metadata_chunks,
-            payload_size=payload_size,
-            salt=salt,
-            nonce_prefix=nonce_prefix,
-        )
+        """Encode and validate a header (raises ConfigError on bad parameters). Version 2 commits to
+        ``data_key``, which it then needs."""
+        fields = dict(key_id=key_id, encryption_context=encryption_context, wrapped_key=wrapped_key,
+                      chunk_size=chunk_size, metadata_chunks=metadata_chunks, payload_size=payload_size,
+                      salt=salt, nonce_prefix=nonce_prefix)
+        if version == VERSION:
+            if data_key is None or len(data_key) != DATA_KEY_LEN:
+                raise ConfigError("a version-2 header commits to the data key: pass the 32-byte data_key")
+            body = encode_header(**fields, version=VERSION)  # type: ignore[arg-type]
+            raw = body + key_commitment(data_key, salt, body)
+        elif version == LEGACY_VERSION:
+            raw = encode_header(**fields, version=LEGACY_VERSION)  # type: ignore[arg-type]
+        else:
+            raise ConfigError(f"sealed format version must be one of {VERSIONS}")
         return decode_header(raw)
 
     @property
@@ -191,8 +216,10 @@ def encode_header(
     payload_size: int,
     salt: bytes,
     nonce_prefix: bytes,
+    version: int = VERSION,
 ) -> bytes:
-    """Canonical header bytes (context pairs sorted by key bytes; see the spec's layout table)."""
+    """Canonical header bytes (context pairs sorted by key bytes; see the spec's layout table). For
+    version 2 this is everything but the trailing commitment, whose length ``header_length`` counts."""
     if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
         raise ConfigError(f"chunk size must be {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE} bytes")
     if len(salt) != SALT_LEN or len(nonce_prefix) != NONCE_PREFIX_LEN:
@@ -221,11 +248,33 @@ def encode_header(
     parts.append(struct.pack(">H", len(pairs)))
     for k, v in pairs:
         parts += [struct.pack(">H", len(k)), k, struct.pack(">H", len(v)), v]
-    length = sum(len(p) for p in parts) + 6
+    if version not in VERSIONS:
+        raise ConfigError(f"sealed format version must be one of {VERSIONS}")
+    length = sum(len(p) for p in parts) + 6 + (COMMITMENT_LEN if version == VERSION else 0)
     if length > MAX_HEADER_LEN:
         raise ConfigError(f"header would exceed {MAX_HEADER_LEN} bytes")
-    parts[1] = struct.pack(">HI", VERSION, length)
+    parts[1] = struct.pack(">HI", version, length)
     return b"".join(parts)
+
+
+def key_commitment(data_key: bytes | bytearray, salt: bytes, body: bytes) -> bytes:
+    """``HMAC-SHA256(HKDF-SHA256(data_key, salt, COMMIT_INFO), body)``: the v2 header's last field."""
+    if len(data_key) != DATA_KEY_LEN:
+        raise _fail()
+    commit_key = HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=COMMIT_INFO).derive(data_key)
+    return hmac.new(commit_key, body, hashlib.sha256).digest()
+
+
+def check_commitment(header: SealedHeader, data_key: bytes | bytearray) -> None:
+    """Raise :class:`KeyCommitmentError` unless ``header`` commits to ``data_key`` (constant time).
+    Version 1 headers commit to nothing: they pass (callers refuse them unless opted in)."""
+    if header.version == LEGACY_VERSION:
+        return
+    if len(data_key) != DATA_KEY_LEN:
+        raise KeyCommitmentError()
+    body = header.raw[: header.header_length - COMMITMENT_LEN]
+    if not hmac.compare_digest(key_commitment(data_key, header.salt, body), header.commitment):
+        raise KeyCommitmentError()
 
 
 def header_length_from_prefix(prefix: bytes) -> int:
@@ -233,7 +282,8 @@ def header_length_from_prefix(prefix: bytes) -> int:
     if len(prefix) != PREFIX_LEN or prefix[:8] != MAGIC:
         raise _fail()
     version, length = struct.unpack(">HI", prefix[8:])
-    if version != VERSION or not FIXED_LEN + 8 <= length <= MAX_HEADER_LEN:
+    minimum = FIXED_LEN + 8 + (COMMITMENT_LEN if version == VERSION else 0)
+    if version not in VERSIONS or not minimum <= length <= MAX_HEADER_LEN:
         raise _fail()
     return int(length)
 
@@ -267,6 +317,7 @@ def decode_header(data: bytes) -> SealedHeader:
     data = bytes(data)
     if header_length_from_prefix(data[:PREFIX_LEN]) != len(data):
         raise _fail()
+    (version,) = struct.unpack(">H", data[8:10])
     cur = _Cursor(data, PREFIX_LEN)
     chunk_size, metadata_chunks, payload_size = struct.unpack(">IIQ", cur.take(16))
     salt = cur.take(SALT_LEN)
@@ -283,10 +334,11 @@ def decode_header(data: bytes) -> SealedHeader:
             raise _fail()
         previous = encoded
         context[key] = value
+    commitment = cur.take(COMMITMENT_LEN) if version == VERSION else b""
     if cur.pos != len(data):
         raise _fail()
     header = SealedHeader(
-        version=VERSION,
+        version=version,
         key_id=key_id,
         encryption_context=MappingProxyType(context),
         wrapped_key=wrapped_key,
@@ -296,6 +348,7 @@ def decode_header(data: bytes) -> SealedHeader:
         salt=salt,
         nonce_prefix=nonce_prefix,
         raw=data,
+        commitment=commitment,
     )
     try:  # re-encoding must give the same bytes, which also re-applies every limit
         canonical = encode_header(
@@ -307,7 +360,8 @@ def decode_header(data: bytes) -> SealedHeader:
             payload_size=payload_size,
             salt=salt,
             nonce_prefix=nonce_prefix,
-        )
+            version=version,
+        ) + commitment
     except ConfigError:
         raise _fail() from None
     if canonical != data or metadata_chunks * chunk_size > MAX_METADATA_LEN:
@@ -318,11 +372,11 @@ def decode_header(data: bytes) -> SealedHeader:
 # -- keys, nonces, chunks -------------------------------------------------------------------------------
 
 
-def derive_stream_key(data_key: bytes | bytearray, salt: bytes) -> bytes:
-    """HKDF-SHA256(ikm=data_key, salt=salt, info=KDF_INFO) -> 32-byte AES-256-GCM key."""
-    if len(data_key) != DATA_KEY_LEN:
+def derive_stream_key(data_key: bytes | bytearray, salt: bytes, version: int = VERSION) -> bytes:
+    """HKDF-SHA256(ikm=data_key, salt=salt, info=KDF_INFOS[version]) -> 32-byte AES-256-GCM key."""
+    if len(data_key) != DATA_KEY_LEN or version not in KDF_INFOS:
         raise _fail()
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=KDF_INFO).derive(data_key)
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=KDF_INFOS[version]).derive(data_key)
 
 
 def chunk_nonce(nonce_prefix: bytes, index: int, last: bool) -> bytes:
@@ -340,7 +394,11 @@ class ChunkCipher:
 
     @staticmethod
     def for_header(header: SealedHeader, data_key: bytes | bytearray) -> ChunkCipher:
-        return ChunkCipher(AESGCM(derive_stream_key(data_key, header.salt)), header, header.digest)
+        """The cipher for ``header`` under ``data_key``; a v2 header must commit to the key first
+        (:class:`KeyCommitmentError`), so no chunk can be decrypted under another key."""
+        check_commitment(header, data_key)
+        key = derive_stream_key(data_key, header.salt, header.version)
+        return ChunkCipher(AESGCM(key), header, header.digest)
 
     def nonce(self, index: int) -> bytes:
         return chunk_nonce(self.header.nonce_prefix, index, index == self.header.chunk_count - 1)

@@ -38,20 +38,23 @@ from typing import IO, TYPE_CHECKING, Any
 
 from nitrovault.envelope.format import (
     DATA_KEY_LEN,
+    LEGACY_VERSION,
     NONCE_PREFIX_LEN,
     PREFIX_LEN,
     SALT_LEN,
     TAG_LEN,
+    VERSION,
     ChunkCipher,
     SealedHeader,
     TensorInfo,
+    check_commitment,
     decode_header,
     decode_metadata,
     encode_metadata,
     header_length_from_prefix,
     parse_safetensors_header,
 )
-from nitrovault.errors import ConfigError, SealedModelError
+from nitrovault.errors import ConfigError, LegacySealedFormatError, SealedModelError
 
 if TYPE_CHECKING:
     import torch
@@ -110,6 +113,7 @@ def seal_file(
     chunk_size: int = 1 << 20,
     progress: Callable[[int], None] | None = None,
     rng: Callable[[int], bytes] = os.urandom,
+    version: int = VERSION,
 ) -> SealedHeader:
     """Seal the safetensors file ``src`` into ``dst``; returns the header (``.digest`` names the result).
 
@@ -133,6 +137,8 @@ def seal_file(
             payload_size=payload_size,
             salt=rng(SALT_LEN),
             nonce_prefix=rng(NONCE_PREFIX_LEN),
+            data_key=data_key,
+            version=version,
         )
         cipher = ChunkCipher.for_header(header, data_key)
         fd, tmp_name = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".partial")
@@ -311,8 +317,10 @@ class SealedModel:
     header: SealedHeader
 
     @classmethod
-    def open(cls, path: Path | str) -> SealedModel:
-        """Read and check the plain header and the file length (no key needed)."""
+    def open(cls, path: Path | str, *, allow_legacy_v1: bool = False) -> SealedModel:
+        """Read and check the plain header and the file length (no key needed). A version-1 file is not
+        key-committing: :class:`LegacySealedFormatError` unless ``allow_legacy_v1`` (inspection,
+        migration)."""
         path = Path(path)
         with open(path, "rb", buffering=0) as f:
             prefix = f.read(PREFIX_LEN)
@@ -321,7 +329,15 @@ class SealedModel:
             header = decode_header(prefix + rest)
             if os.fstat(f.fileno()).st_size != header.sealed_size:
                 raise SealedModelError()
+        if header.version == LEGACY_VERSION and not allow_legacy_v1:
+            raise LegacySealedFormatError()
         return cls(path, header)
+
+    def verify_key(self, data_key: bytes | bytearray) -> None:
+        """Check, in constant time and before anything is decrypted, that the header commits to
+        ``data_key``; :class:`~nitrovault.errors.KeyCommitmentError` otherwise. Every decrypting method
+        checks it too (through the chunk cipher)."""
+        check_commitment(self.header, data_key)
 
     def unsealer(self, data_key: bytes | bytearray) -> Unsealer:
         return Unsealer(self.path, self.header, data_key)

@@ -3,7 +3,7 @@
 ``nitrovault local up --model digits`` serves it. The model is
 :class:`enclave_app.models.generic.MLPClassifier` (64 → 64 → 10) trained here on scikit-learn's digits
 (8x8 images, pixels scaled to [0, 1]; ~1 s, deterministic), written once to
-``HOME/plain/digits.safetensors`` with its architecture config and, as a sealed extra, a reference
+``HOME/owner/plain/digits.safetensors`` with its architecture config and, as a sealed extra, a reference
 sample of its training inputs for the extraction detector's coverage signal. The measured protection
 section (:data:`DIGITS_PROTECTION`) is the default an owner should start from (docs/model-stealing.md):
 reverse-sigmoid answers and detection with the default actions, plus a Laplace mechanism whose budget

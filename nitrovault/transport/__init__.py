@@ -28,6 +28,7 @@ from nitrovault.transport.address import (
     parse_address,
 )
 from nitrovault.transport.admission import Refusal, TlsRecordGuard, TokenBucket, source_of
+from nitrovault.transport.connect import ConnectForwarder
 from nitrovault.transport.relay import Relay, RelayStats, run_relay
 from nitrovault.transport.streams import Listener, open_connection, start_server
 
@@ -35,6 +36,7 @@ __all__ = [
     "DIRECT",
     "Address",
     "AddressMap",
+    "ConnectForwarder",
     "DirectMap",
     "Listener",
     "Refusal",

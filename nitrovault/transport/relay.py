@@ -44,6 +44,11 @@ Invariants:
   the log.
 * **Unreachable target.** If the target cannot be connected within ``connect_timeout`` the client is
   closed at once (``stats.failed``). The client is not read from until the target is connected.
+* **Front ends.** :meth:`Relay.adopt` splices a connection some front end already accepted and read from
+  (the in-enclave CONNECT forwarder, :mod:`nitrovault.transport.connect`), with a :class:`Preface`: its
+  ``greeting`` goes to the client as soon as the target is connected, before any target byte; the
+  client bytes it already read (``early``) go to the target first; and an unreachable target gets
+  ``unreachable`` written to the client before it is closed. The splice itself is the same.
 * **Clean shutdown.** :meth:`Relay.close` stops accepting, aborts every active pair, waits until both
   sockets of each pair are closed and removes the unix socket file it bound.
 
@@ -105,6 +110,15 @@ class RelayStats:
     refused_by_reason: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
 
 
+@dataclass(frozen=True)
+class Preface:
+    """What a front end adds around the splice of a connection it hands to :meth:`Relay.adopt`."""
+
+    greeting: bytes = b""  #: written to the client once the target is connected, before any target byte
+    early: bytes = b""  #: client bytes the front end read past its own request: sent to the target first
+    unreachable: bytes = b""  #: written to the client (then closed) when the target cannot be reached
+
+
 # -- the I/O shell ------------------------------------------------------------------------------------------
 
 
@@ -161,8 +175,11 @@ class _End(asyncio.BufferedProtocol):
 class _Pair:
     """A client and its target connection; all the per-connection state and its transitions."""
 
-    def __init__(self, relay: Relay, client: asyncio.Transport, source: str, slot: _Source) -> None:
+    def __init__(
+        self, relay: Relay, client: asyncio.Transport, source: str, slot: _Source, preface: Preface | None
+    ) -> None:
         self.relay = relay
+        self.preface = preface
         self.loop = asyncio.get_running_loop()
         self.ends: list[asyncio.Transport | None] = [client, None]
         self.source = source
@@ -190,6 +207,14 @@ class _Pair:
             transport.abort()
             return
         transport.set_write_buffer_limits(high=self.relay._bufsize)
+        # connection_made comes before the target's first byte can be read: the greeting goes first
+        if self.preface is not None:
+            client = self.ends[_UP]
+            assert client is not None
+            if self.preface.greeting:
+                client.write(self.preface.greeting)
+            if self.preface.early:
+                self.received(_UP, memoryview(self.preface.early))
 
     def connected(self) -> None:
         client = self.ends[_UP]
@@ -257,6 +282,22 @@ class _Pair:
         for end in self.ends:
             if end is not None and not end.is_closing():
                 end.close()
+
+    def unreachable(self) -> None:
+        """The target could not be connected: say so if the front end has words for it, then close."""
+        client = self.ends[_UP]
+        if (
+            self.preface is None
+            or not self.preface.unreachable
+            or client is None
+            or client.is_closing()
+            or self.ends[_DOWN] is not None
+        ):  # greeted already (connected, then timed out): abort
+            self.abort()
+            return
+        self.closing = True
+        client.write(self.preface.unreachable)
+        client.close()  # flush, then close; connection_lost finishes the pair
 
     def abort(self) -> None:
         self.closing = True
@@ -466,7 +507,17 @@ class Relay:
 
     # -- admission -------------------------------------------------------------------------------------
 
-    def _admit(self, end: _End, client: asyncio.Transport) -> None:
+    def adopt(self, client: asyncio.Transport, preface: Preface) -> None:
+        """Splice ``client``, a connection a front end accepted (its reading paused), to the target.
+
+        Admission is the same as for a connection the relay accepted itself (a refusal aborts ``client``).
+        """
+        end = _End(self, _UP)
+        end.transport = client
+        client.set_protocol(end)
+        self._admit(end, client, preface)
+
+    def _admit(self, end: _End, client: asyncio.Transport, preface: Preface | None = None) -> None:
         source = source_of(self._where, client.get_extra_info("peername"))
         now = asyncio.get_running_loop().time()
         reason = self._admission(source, now)
@@ -486,7 +537,7 @@ class Relay:
         self._total += 1
         client.set_write_buffer_limits(high=self._bufsize)
         client.pause_reading()  # until the target is connected
-        pair = _Pair(self, client, source, slot)
+        pair = _Pair(self, client, source, slot, preface)
         end.pair = pair
         self._pairs.add(pair)
         pair.connector = asyncio.get_running_loop().create_task(self._connect(pair))
@@ -552,7 +603,7 @@ class Relay:
                 log.warning(
                     "relay %s: target %s unreachable (%s)", self.listen, self.target, type(exc).__name__
                 )
-            pair.abort()
+            pair.unreachable()
         except asyncio.CancelledError:
             pair.abort()  # the client went away, or the relay is closing
         else:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from nitrovault.local.stack import LocalStack, free_port
+from nitrovault.local.homes import free_port
+from nitrovault.local.stack import LocalStack
 
 
 @pytest.fixture(scope="session")

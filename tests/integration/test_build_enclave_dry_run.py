@@ -14,6 +14,12 @@ REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "build_enclave.sh"
 
 
+def sealed_args(tmp_path: Path) -> list[str]:
+    sealed = tmp_path / "model.sealed"
+    sealed.write_bytes(b"NVSEALED")  # a dry run only names it
+    return ["--sealed-model", str(sealed)]
+
+
 def run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=60, check=False
@@ -35,6 +41,7 @@ def test_dry_run_prints_docker_nitro_cli_and_manifest_steps(tmp_path: Path) -> N
     result = run(
         "--config",
         str(config),
+        *sealed_args(tmp_path),
         "--out-dir",
         str(out),
         "--tag",
@@ -46,8 +53,11 @@ def test_dry_run_prints_docker_nitro_cli_and_manifest_steps(tmp_path: Path) -> N
     assert result.returncode == 0, result.stderr
     cmds = commands(result.stdout)
     tools = [c[0] for c in cmds]
+    completion = next(i for i, c in enumerate(cmds) if "enclave_config.py" in " ".join(c))
+    assert cmds[completion][cmds[completion].index("--output") + 1] == f"{out}/config-context/enclave.json"
+    assert cmds[completion][cmds[completion].index("--sealed-model") + 1] == str(tmp_path / "model.sealed")
     assert (
-        tools.index("docker")
+        completion < tools.index("docker")
         < tools.index("nitro-cli")
         < next(i for i, c in enumerate(cmds) if "pcr_manifest.py" in " ".join(c))
     )
@@ -74,7 +84,8 @@ def test_dry_run_signs_for_pcr8_when_given_a_certificate(tmp_path: Path) -> None
     config = tmp_path / "enclave.json"
     config.write_text("{}")
     result = run(
-        "--config", str(config), "--signing-certificate", "c.pem", "--private-key", "k.pem", "--dry-run"
+        "--config", str(config), *sealed_args(tmp_path), "--signing-certificate", "c.pem", "--private-key",
+        "k.pem", "--dry-run"
     )
     assert result.returncode == 0, result.stderr
     nitro = next(c for c in commands(result.stdout) if c[0] == "nitro-cli")
@@ -86,5 +97,8 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
     assert run("--config", str(tmp_path / "missing.json"), "--dry-run").returncode == 2
     config = tmp_path / "enclave.json"
     config.write_text("{}")
-    assert run("--config", str(config), "--signing-certificate", "c.pem", "--dry-run").returncode == 2
+    assert run("--config", str(config), "--dry-run").returncode == 2  # no --sealed-model
+    assert run("--config", str(config), "--sealed-model", str(tmp_path / "none"), "--dry-run").returncode == 2
+    assert run("--config", str(config), *sealed_args(tmp_path), "--signing-certificate", "c.pem",
+               "--dry-run").returncode == 2
     assert run("--config", str(config), "--bogus").returncode == 2

@@ -247,3 +247,12 @@ def test_seal_takes_the_owners_key_and_chain_and_refuses_a_mismatch(
     alone = runner.invoke(app, base)
     assert alone.exit_code == 2 and "go together" in alone.output
     assert "PRIVATE KEY" not in ok.output + mismatch.output + alone.output
+
+
+def test_inspect_shows_a_legacy_v1_header_and_says_so() -> None:
+    legacy = Path(__file__).resolve().parents[1] / "vectors" / "sealed" / "legacy_v1.sealed"
+    shown = runner.invoke(app, ["inspect", str(legacy), "--json"])
+    assert shown.exit_code == 0, shown.output
+    summary = json.loads(shown.stdout)
+    assert summary["version"] == 1 and summary["key_committing"] is False
+    assert "not key-committing" in shown.stderr

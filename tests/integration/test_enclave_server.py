@@ -40,6 +40,7 @@ from enclave_app.server import INFO_PCRS, EnclaveServer, ServingModel
 from enclave_app.status import CORRELATION_KEY
 from nitrovault.access import TokenIssuer
 from nitrovault.attestation import Expectations, load_root, parse_document, verify_document
+from nitrovault.kms.trust import amazon_trust_services_pem
 from nitrovault.local.nsm import make_local_nsm
 from nitrovault.nsm import Nsm
 from nitrovault.rpc.gen.nitrovault.v1 import inference_pb2 as pb
@@ -75,6 +76,8 @@ CONFIG = EnclaveConfig(
     kms_key_arn="arn:aws:kms:us-east-1:111122223333:key/00000000-0000-0000-0000-000000000000",
     region="us-east-1",
     encryption_context={"model": "mlp", "version": "3"},
+    sealed_digest="cd" * 32,
+    kms_ca_bundle=amazon_trust_services_pem(),
     limits=LIMITS,
     access=ACCESS,
 )

@@ -25,7 +25,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nitrovault.errors import ClientError, TlsBindingError
 from nitrovault.identity import TlsIdentity
-from nitrovault.local.stack import TLS_SERVER_NAME, LocalStack, free_port
+from nitrovault.local.homes import free_port
+from nitrovault.local.stack import TLS_SERVER_NAME, LocalStack
 from nitrovault.rpc.gen.nitrovault.v1 import inference_pb2 as pb
 from nitrovault.rpc.gen.nitrovault.v1 import inference_pb2_grpc as pb_grpc
 
@@ -244,7 +245,7 @@ def test_the_parent_process_memory_holds_no_token_and_no_input(stack: LocalStack
     assert pids, "parent process not found"
     needles = {"token": token.encode(), "claims": token.split(".")[1].encode(), "text": secret_text.encode(),
                # in the parent's own argv: the one needle the dump must find
-               "control": str(stack.paths.home / "parent.json").encode()}
+               "control": str(stack.paths.parent_config).encode()}
     found: set[str] = set()
     for region in _readable_memory(pids[0]):
         found |= {name for name, needle in needles.items() if needle in region}

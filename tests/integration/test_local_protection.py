@@ -38,7 +38,9 @@ from typer.testing import CliRunner
 from nitrovault.cli import app
 from nitrovault.errors import ClientError, ConfigError
 from nitrovault.local.digits import save_classifier, train_classifier
-from nitrovault.local.stack import LocalModel, LocalStack, StackError, demo_watermark_candidates, free_port
+from nitrovault.local.homes import StackError, free_port
+from nitrovault.local.models import LocalModel, demo_watermark_candidates
+from nitrovault.local.stack import LocalStack
 from nitrovault.rpc.gen.nitrovault.v1 import inference_pb2 as pb
 from nitrovault.rpc.gen.nitrovault.v1 import inference_pb2_grpc as pb_grpc
 from nitrovault.rpc.tensors import from_numpy
@@ -130,7 +132,7 @@ def test_a_bad_protection_section_fails_the_measure_step(tmp_path: Path) -> None
     with pytest.raises(StackError) as failed:
         stack.write_enclave_config(arn, "")
     assert failed.value.step == "measure enclave"
-    assert not (tmp_path / "home" / "enclave.json").exists()
+    assert not stack.paths.enclave_config.exists()
 
 
 def test_answers_carry_only_normalised_probabilities(digits: tuple[LocalStack, np.ndarray]) -> None:

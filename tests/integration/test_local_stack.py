@@ -25,7 +25,8 @@ import pytest
 
 from nitrovault.client import NitrovaultClient
 from nitrovault.errors import ClientError
-from nitrovault.local.stack import REPO_ROOT, LocalStack, free_port
+from nitrovault.local.homes import free_port
+from nitrovault.local.stack import REPO_ROOT, LocalStack
 
 pytestmark = pytest.mark.slow
 

@@ -40,6 +40,7 @@ from nitrovault.access.tokens import (
 )
 from nitrovault.cli.token_cmd import parse_ttl
 from nitrovault.errors import AuthenticationError, ConfigError, PermissionDeniedError
+from nitrovault.kms.trust import amazon_trust_services_pem
 from nitrovault.local.nsm import make_local_nsm
 
 NOW = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
@@ -182,6 +183,7 @@ def _config(**access: Any) -> dict[str, Any]:
         "model_id": MODEL, "model_version": "1", "handler": "generic:mlp-classifier",
         "kms_key_arn": "arn:aws:kms:us-east-1:111122223333:key/00000000-0000-0000-0000-000000000000",
         "region": "us-east-1", "encryption_context": {"model": MODEL, "version": "1"},
+        "sealed_digest": "ab" * 32, "kms_ca_bundle": amazon_trust_services_pem(),
         "access": {"issuer": ISS, "audience": AUD, "jwks": JWKS, **access},
     }
 

@@ -7,6 +7,7 @@ import json
 import os
 import struct
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -33,7 +34,7 @@ from nitrovault.envelope.format import (
     encode_metadata,
     parse_safetensors_header,
 )
-from nitrovault.errors import ConfigError, SealedModelError
+from nitrovault.errors import ConfigError, KeyCommitmentError, SealedModelError
 
 KEY = bytes(range(32))
 OPAQUE = str(SealedModelError())
@@ -49,6 +50,7 @@ def _header(**over: object) -> SealedHeader:
         "payload_size": 200,
         "salt": bytes(range(32)),
         "nonce_prefix": b"\xaa" * 7,
+        "data_key": KEY,
     }
     args.update(over)
     return SealedHeader.build(**args)  # type: ignore[arg-type]
@@ -98,7 +100,8 @@ def test_header_round_trip_and_layout() -> None:
     h = _header()
     assert decode_header(h.raw) == h
     assert h.raw[:8] == MAGIC == b"NVSEALED"
-    assert struct.unpack(">HI", h.raw[8:14]) == (1, len(h.raw))
+    assert struct.unpack(">HI", h.raw[8:14]) == (2, len(h.raw))
+    assert h.raw[-32:] == h.commitment and len(h.commitment) == 32
     assert struct.unpack(">IIQ", h.raw[14:30]) == (64, 2, 200)
     assert h.raw[30:62] == bytes(range(32)) and h.raw[62:69] == b"\xaa" * 7
     assert list(h.encryption_context) == ["model", "version"]  # canonical: sorted
@@ -111,7 +114,8 @@ def test_header_round_trip_and_layout() -> None:
     "mutate",
     [
         pytest.param(lambda b: b"NVSEALEX" + b[8:], id="magic"),
-        pytest.param(lambda b: b[:8] + b"\x00\x02" + b[10:], id="version"),
+        pytest.param(lambda b: b[:8] + b"\x00\x03" + b[10:], id="version"),
+        pytest.param(lambda b: b[:8] + b"\x00\x01" + b[10:], id="v2-body-as-v1"),
         pytest.param(lambda b: b + b"\x00", id="trailing-byte"),
         pytest.param(lambda b: b[:-1], id="short"),
         pytest.param(lambda b: b[:10] + struct.pack(">I", len(b) + 1) + b[14:] + b"\x00", id="length-field"),
@@ -157,6 +161,7 @@ def test_encode_rejects_bad_parameters(over: dict[str, object]) -> None:
 def test_stream_key_is_hkdf_sha256_of_data_key_and_salt() -> None:
     salt = os.urandom(32)
     expected = HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=KDF_INFO).derive(KEY)
+    assert KDF_INFO == b"nitrovault sealed model v2 stream key"
     assert derive_stream_key(KEY, salt) == expected
     assert derive_stream_key(bytearray(KEY), salt) == expected
     assert derive_stream_key(KEY, os.urandom(32)) != expected
@@ -402,24 +407,93 @@ def test_tamper_anywhere_fails(tmp_path: Path) -> None:
     good = dst.read_bytes()
     assert _unseal(dst)["b"].tolist() == [1, 1, 1]
     bad = tmp_path / "bad.sealed"
+    header_length = SealedModel.open(dst).header.header_length
     for pos in range(len(good)):
         bad.write_bytes(good[:pos] + bytes([good[pos] ^ 0x80]) + good[pos + 1 :])
         with pytest.raises(SealedModelError) as exc:
             _unseal(bad)
-        _opaque(exc)
+        if pos < header_length and isinstance(exc.value, KeyCommitmentError):
+            assert exc.value.__cause__ is None  # a parsed header whose bytes no longer commit to the key
+        else:
+            _opaque(exc)
     for cut in range(0, len(good), 7):
         bad.write_bytes(good[:cut])
         with pytest.raises(SealedModelError):
             _unseal(bad)
 
 
-def test_wrong_key_fails_opaquely(tmp_path: Path) -> None:
+def test_wrong_key_fails_the_commitment(tmp_path: Path) -> None:
     dst = _seal(tmp_path, {"a": torch.ones(3)})
-    with pytest.raises(SealedModelError) as exc:
+    with pytest.raises(KeyCommitmentError) as exc:
         _unseal(dst, bytes(32))
-    _opaque(exc)
+    assert exc.value.__cause__ is None and exc.value.step == "key-commitment"
     with pytest.raises(SealedModelError):
         _unseal(dst, KEY[:31])
+
+
+class _SpyAESGCM:
+    """Stands in for AESGCM in the format module and records every decryption."""
+
+    decrypted: ClassVar[list[bytes]] = []
+
+    def __init__(self, key: bytes) -> None:
+        self._aead = AESGCM(key)
+
+    def encrypt_into(self, *args: object) -> None:
+        self._aead.encrypt_into(*args)  # type: ignore[arg-type]
+
+    def decrypt_into(self, nonce: bytes, *args: object) -> None:
+        _SpyAESGCM.decrypted.append(nonce)
+        self._aead.decrypt_into(nonce, *args)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        pytest.param(lambda m, k: m.load_tensors(k), id="load_tensors"),
+        pytest.param(lambda m, k: m.load_tensors(k, ["a"]), id="load_tensors-subset"),
+        pytest.param(lambda m, k: m.metadata(k), id="metadata"),
+        pytest.param(lambda m, k: m.tensor_index(k), id="tensor_index"),
+        pytest.param(lambda m, k: list(m.iter_plaintext(k)), id="iter_plaintext"),
+        pytest.param(lambda m, k: m.unsealer(k), id="unsealer"),
+        pytest.param(lambda m, k: m.verify_key(k), id="verify_key"),
+    ],
+)
+def test_wrong_key_is_refused_before_any_chunk_is_decrypted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, entry: object
+) -> None:
+    from nitrovault.envelope import format as format_mod
+
+    dst = _seal(tmp_path, {"a": torch.arange(40, dtype=torch.float32)})
+    monkeypatch.setattr(format_mod, "AESGCM", _SpyAESGCM)
+    monkeypatch.setattr(_SpyAESGCM, "decrypted", [])
+    model = SealedModel.open(dst)
+    with pytest.raises(KeyCommitmentError, match="key commitment mismatch") as exc:
+        entry(model, bytearray(32))  # type: ignore[operator]
+    assert exc.value.__cause__ is None and _SpyAESGCM.decrypted == []
+    model.verify_key(KEY)  # the right key passes, and then chunks are decrypted
+    assert model.load_tensors(KEY)["a"].tolist() == list(range(40)) and _SpyAESGCM.decrypted
+
+
+def test_version_1_is_refused_by_default_and_readable_with_the_switch(tmp_path: Path) -> None:
+    from nitrovault.errors import LegacySealedFormatError
+
+    tensors = {"a": torch.arange(30, dtype=torch.int16), "b": torch.ones(2, 3)}
+    v1 = _seal(tmp_path, tensors, version=1)
+    with pytest.raises(LegacySealedFormatError, match="not key-committing") as exc:
+        SealedModel.open(v1)
+    assert isinstance(exc.value, SealedModelError)
+    model = SealedModel.open(v1, allow_legacy_v1=True)
+    h = model.header
+    assert (h.version, h.commitment, struct.unpack(">H", h.raw[8:10])[0]) == (1, b"", 1)
+    assert decode_header(h.raw) == h and h.header_length == len(h.raw)
+    out = model.load_tensors(KEY)
+    assert all(torch.equal(out[k], v) for k, v in tensors.items())
+    # the v1 body and the v2 body differ only in the version field and the trailing commitment
+    (tmp_path / "v2").mkdir()
+    v2 = _seal(tmp_path / "v2", tensors)
+    h2 = SealedModel.open(v2).header
+    assert h2.header_length == h.header_length + 32 and h2.version == 2
 
 
 def test_file_swapped_after_open_fails(tmp_path: Path) -> None:

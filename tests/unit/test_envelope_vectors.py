@@ -12,16 +12,20 @@ from typing import Any
 
 import pytest
 import torch
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from safetensors.torch import load_file
 
 from nitrovault.envelope import SealedModel
-from nitrovault.errors import SealedModelError
+from nitrovault.envelope.format import ChunkCipher, check_commitment, derive_stream_key
+from nitrovault.errors import KeyCommitmentError, LegacySealedFormatError, SealedModelError
 
 REPO = Path(__file__).resolve().parents[2]
 VECTORS = REPO / "tests" / "vectors" / "sealed"
 MANIFEST: dict[str, Any] = json.loads((VECTORS / "vectors.json").read_text())
 ATTACKS = {
     "header_byte_flipped",
+    "commitment_flipped",
+    "other_key_chunks",
     "chunk_byte_flipped",
     "swapped_chunks",
     "truncated",
@@ -53,6 +57,8 @@ def test_positive_vector_decodes_to_expected_tensors() -> None:
     assert h.digest.hex() == pos["digest"]
     assert h.key_id == pos["key_id"] and dict(h.encryption_context) == pos["encryption_context"]
     assert h.wrapped_key.hex() == pos["wrapped_key_hex"] and h.chunk_size == MANIFEST["chunk_size"] == 64
+    assert h.version == MANIFEST["format_version"] == 2 and h.commitment.hex() == pos["commitment_hex"]
+    model.verify_key(bytes.fromhex(MANIFEST["data_key"]))
     assert h.chunk_count == pos["chunk_count"] > 10
     tensors = model.load_tensors(bytearray.fromhex(MANIFEST["data_key"]))
     assert tensors.keys() == pos["tensors"].keys()
@@ -74,10 +80,49 @@ def test_every_attack_has_a_vector() -> None:
 
 
 @pytest.mark.parametrize("vector", MANIFEST["negative"], ids=lambda v: v["name"])
-def test_negative_vector_fails_opaquely(vector: dict[str, str]) -> None:
+def test_negative_vector_fails_at_its_check(vector: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    decrypted: list[int] = []
+    real_open = ChunkCipher.open_into
+
+    def spy(self: ChunkCipher, i: int, sealed: memoryview, out: memoryview) -> None:
+        decrypted.append(i)
+        real_open(self, i, sealed, out)
+
+    monkeypatch.setattr(ChunkCipher, "open_into", spy)
     with pytest.raises(SealedModelError) as exc:
         SealedModel.open(VECTORS / vector["file"]).load_tensors(bytes.fromhex(vector["data_key"]))
-    assert str(exc.value) == str(SealedModelError())
+    assert exc.value.__cause__ is None
+    if vector["error"] == "commitment":
+        assert type(exc.value) is KeyCommitmentError and decrypted == []  # refused before any chunk
+    else:
+        assert type(exc.value) is SealedModelError and str(exc.value) == str(SealedModelError())
+
+
+def test_the_forged_chunks_would_authenticate_without_the_commitment() -> None:
+    """other_key_chunks is a complete forgery: every chunk opens under the other key with the genuine
+    header's AAD, so the commitment is the only check that refuses it."""
+    forged = VECTORS / "other_key_chunks.sealed"
+    model = SealedModel.open(forged)
+    assert model.header.raw == SealedModel.open(VECTORS / "model.sealed").header.raw
+    other = bytes(range(1, 33))
+    with pytest.raises(KeyCommitmentError):
+        check_commitment(model.header, other)
+    aead, h, data = AESGCM(derive_stream_key(other, model.header.salt)), model.header, forged.read_bytes()
+    for i in range(h.chunk_count):
+        start = h.chunk_offset(i)
+        sealed = data[start:start + h.chunk_plain_len(i) + 16]
+        nonce = h.nonce_prefix + i.to_bytes(4, "big") + (b"\x01" if i == h.chunk_count - 1 else b"\x00")
+        aead.decrypt(nonce, sealed, h.digest)  # authenticates
+
+
+def test_the_legacy_v1_vector_is_refused_unless_opted_in() -> None:
+    legacy = MANIFEST["legacy_v1"]
+    with pytest.raises(LegacySealedFormatError, match="version 1"):
+        SealedModel.open(VECTORS / legacy["file"])
+    model = SealedModel.open(VECTORS / legacy["file"], allow_legacy_v1=True)
+    assert model.header.version == 1 and model.header.commitment == b""
+    tensors = model.load_tensors(bytes.fromhex(legacy["data_key"]))
+    assert tensors["position_ids"].tolist() == [0, 1, 2, 3, -4]
 
 
 def test_check_mode_passes() -> None:

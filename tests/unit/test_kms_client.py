@@ -5,7 +5,9 @@ The Stubber is a unit-test double only; the integration against the KMS emulator
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import ssl
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -15,17 +17,24 @@ from botocore.exceptions import (
     EndpointConnectionError,
     NoCredentialsError,
     ParamValidationError,
+    ProxyConnectionError,
     ReadTimeoutError,
+    SSLError,
 )
 from botocore.stub import Stubber
+from urllib3.exceptions import ProxyError
+from urllib3.exceptions import SSLError as URLLib3SSLError
+from urllib3.util.ssl_match_hostname import CertificateError as HostnameMismatch
 
 from nitrovault.errors import (
+    ConfigError,
     EnvelopeError,
     InvalidCiphertextError,
     KeyAccessDeniedError,
     KeyNotFoundError,
     KeyReleaseError,
     KeyUnavailableError,
+    KmsTlsError,
     KmsTransportError,
 )
 from nitrovault.kms import (
@@ -298,7 +307,7 @@ def test_client_errors_map_to_the_tree(
 def test_every_operation_translates_errors(stub: Stubber, boto: Any, operation: str) -> None:
     stub.add_client_error(operation, service_error_code="AccessDeniedException", http_status_code=400)
     client = KmsClient(boto)
-    calls = {
+    calls: dict[str, Callable[[], object]] = {
         "generate_data_key": lambda: client.generate_data_key(KEY_ARN, encryption_context=CONTEXT),
         "generate_random": lambda: client.generate_random(32),
         "encrypt": lambda: client.encrypt(KEY_ARN, SECRET, encryption_context=CONTEXT),
@@ -364,3 +373,97 @@ def test_kms_client_from_env_config() -> None:
 def test_kms_client_from_env_default_endpoint() -> None:
     client = kms_client_from_env("us-east-2", credentials=AwsCredentials("AKID", "SECRET"))
     assert client.meta.endpoint_url == "https://kms.us-east-2.amazonaws.com"
+
+
+# -- TLS to KMS: the measured bundle, the forwarder as proxy, and TLS failures ----------------------------
+
+
+def _verify_error(message: str = "unable to get local issuer certificate") -> ssl.SSLCertVerificationError:
+    err = ssl.SSLCertVerificationError(
+        1, f"[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: {message}"
+    )
+    err.verify_message = message
+    err.reason = "CERTIFICATE_VERIFY_FAILED"
+    return err
+
+
+_KMS_URL = "https://kms.us-east-1.amazonaws.com/"
+
+
+@pytest.mark.parametrize(
+    ("err", "detail"),
+    [
+        pytest.param(
+            SSLError(endpoint_url=_KMS_URL, error=URLLib3SSLError(_verify_error())),
+            "certificate verify failed: unable to get local issuer certificate",
+            id="botocore_ssl_error",
+        ),
+        pytest.param(
+            SSLError(
+                endpoint_url=_KMS_URL,
+                error=URLLib3SSLError(
+                    HostnameMismatch("hostname 'kms.us-east-1.amazonaws.com' doesn't match 'evil.example'")
+                ),
+            ),
+            "not for the KMS host name",
+            id="urllib3_hostname_mismatch",
+        ),
+        pytest.param(
+            EndpointConnectionError(endpoint_url=_KMS_URL, error=_verify_error("self-signed certificate")),
+            "certificate verify failed: self-signed certificate",
+            id="endpoint_connection_error_over_a_verify_error",
+        ),
+        pytest.param(
+            ProxyConnectionError(
+                proxy_url="http://127.0.0.1:8001",
+                error=ProxyError("Unable to connect to proxy", _verify_error()),
+            ),
+            "certificate verify failed",
+            id="proxy_connection_error_over_a_verify_error",
+        ),
+        pytest.param(
+            SSLError(
+                endpoint_url=_KMS_URL, error=URLLib3SSLError(ssl.SSLError(1, "[SSL] wrong version number"))
+            ),
+            "TLS handshake failed",
+            id="handshake_failure",
+        ),
+    ],
+)
+def test_tls_failures_are_kms_tls_errors(err: Exception, detail: str) -> None:
+    translated = _translate(err)
+    assert isinstance(translated, KmsTlsError)
+    assert isinstance(translated, KmsTransportError)  # callers catching transport errors still do
+    assert str(translated).startswith("TLS verification of the KMS endpoint failed: ")
+    assert detail in str(translated)
+    assert translated.step == "kms-tls"
+
+
+def test_a_refused_connection_is_a_transport_error_not_a_tls_error() -> None:
+    err = EndpointConnectionError(endpoint_url=_KMS_URL, error=ConnectionRefusedError(111, "refused"))
+    assert type(_translate(err)) is KmsTransportError
+
+
+def test_proxy_and_bundle_defaults_leave_botocore_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    client = kms_client_from_env("us-east-1", credentials=AwsCredentials("AKID", "SECRET"))
+    session = client._endpoint.http_session
+    assert client.meta.config.proxies is None
+    assert session._verify == os.environ.get("REQUESTS_CA_BUNDLE", True)  # botocore's default, as before
+    assert session._proxy_config.proxy_url_for(_KMS_URL) == "http://proxy.example:3128"  # env, as before
+
+
+def test_an_explicit_proxy_ignores_proxy_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    monkeypatch.setenv("NO_PROXY", "*")
+    client = kms_client_from_env(
+        "us-east-1", credentials=AwsCredentials("AKID", "SECRET"), proxy="http://127.0.0.1:8001"
+    )
+    assert client.meta.config.proxies == {"https": "http://127.0.0.1:8001"}
+    assert client._endpoint.http_session._proxy_config.proxy_url_for(_KMS_URL) == "http://127.0.0.1:8001"
+
+
+@pytest.mark.parametrize("proxy", ["https://127.0.0.1:8001", "socks5://127.0.0.1:1080", "127.0.0.1:8001"])
+def test_the_proxy_must_be_a_plain_http_url(proxy: str) -> None:
+    with pytest.raises(ConfigError, match="http://"):
+        kms_client_from_env("us-east-1", credentials=AwsCredentials("AKID", "SECRET"), proxy=proxy)

@@ -13,6 +13,7 @@ from enclave_app.config import EnclaveConfig
 from enclave_app.models import load_handler
 from enclave_app.outputs import SealedExtras
 from nitrovault.envelope.extras import REFERENCE_TENSOR
+from nitrovault.kms.trust import amazon_trust_services_pem
 from nitrovault.local.digits import (
     DIGITS_HANDLER,
     DIGITS_PROTECTION,
@@ -45,6 +46,7 @@ def test_the_demo_protection_is_a_valid_measured_section() -> None:
         "model_id": "digits", "model_version": "1", "handler": DIGITS_HANDLER,
         "kms_key_arn": "arn:aws:kms:us-east-1:111122223333:key/k", "region": "us-east-1",
         "encryption_context": {"model": "digits", "version": "1"},
+        "sealed_digest": "ab" * 32, "kms_ca_bundle": amazon_trust_services_pem(),
         "protection": json.loads(json.dumps(dict(DIGITS_PROTECTION))),
     })
     p = config.protection

@@ -27,6 +27,7 @@ from enclave_app.outputs import (
     SealedExtras,
 )
 from nitrovault.errors import ConfigError, PermissionDeniedError, QuotaExceededError
+from nitrovault.kms.trust import amazon_trust_services_pem
 from nitrovault.watermark import derive_watermark_keys
 from nitrovault.watermark.embedding import trigger_weight
 
@@ -37,6 +38,8 @@ BASE: dict[str, Any] = {
     "kms_key_arn": "arn:aws:kms:us-east-1:111122223333:key/k",
     "region": "us-east-1",
     "encryption_context": {"model": "m", "version": "1"},
+    "sealed_digest": "ab" * 32,
+    "kms_ca_bundle": amazon_trust_services_pem(),
 }
 FULL_PROTECTION: dict[str, Any] = {
     "hardening": {"kind": "top_k", "k": 2},

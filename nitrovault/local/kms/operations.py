@@ -15,6 +15,23 @@ Authorisation (documented in ``docs/kms-emulator.md``):
   principal may call them.
 * CreateKey without ``Policy`` gets the AWS default key policy (the caller's account root, ``kms:*``).
 
+Where a key is found (as in AWS, "Find the key ID and key ARN" / "Using aliases"): the request's region is
+its SigV4 credential scope's region, and keys and aliases live in one account and one region.
+
+* A bare key id or ``alias/name`` names a key or alias of the caller's account in the request's region
+  only; anything else is ``NotFoundException`` whose message names the ARN the reference would have
+  had in the caller's account (so it reveals nothing about other accounts' keys).
+* Another account's key is reached by its key ARN (or alias ARN) only, in the same region; the key
+  policy then decides. A key or alias ARN of another region is ``NotFoundException``.
+* ListKeys and ListAliases list the caller's account in the request's region.
+* A ciphertext blob whose key is not in the request's region is ``InvalidCiphertextException``.
+
+``DryRun`` (Decrypt, Encrypt, GenerateDataKey, GenerateDataKeyWithoutPlaintext, ReEncrypt: the
+operations the emulator implements of those that take it in AWS): every check runs, the key policy,
+the key state, the ciphertext and the ``Recipient`` document included, and then, instead of the answer,
+``DryRunOperationException`` ("The request would have succeeded, but the DryRun option is set."). A
+request that would fail answers that failure. Nothing is created, released or written.
+
 ``Recipient``: the attestation document is verified with :func:`nitrovault.attestation.verify_document`
 against the configured root at the emulator's clock, with ``max_age``; any failure is an
 ``AccessDeniedException`` naming the failed step (like real KMS, "without a valid attestation document
@@ -54,6 +71,7 @@ from nitrovault.errors import (
     KeyUnavailableError,
     PolicyError,
 )
+from nitrovault.kms.endpoints import partition
 from nitrovault.local.kms import blob
 from nitrovault.local.kms.sigv4 import Caller
 from nitrovault.local.kms.store import AliasRecord, KeyRecord, Store, replace
@@ -104,6 +122,24 @@ def _validation(message: str) -> KeyReleaseError:
 
 def _invalid_state(message: str) -> KeyUnavailableError:
     return KeyUnavailableError(message, code="KMSInvalidStateException")
+
+
+DRY_RUN_CODE = "DryRunOperationException"
+DRY_RUN_MESSAGE = "The request would have succeeded, but the DryRun option is set."
+
+
+def _dry_run(body: Mapping[str, Any]) -> bool:
+    """The request's ``DryRun`` flag (absent: False)."""
+    value = body.get("DryRun", False)
+    if not isinstance(value, bool):
+        raise _fault("SerializationException", "'DryRun' must be a boolean")
+    return value
+
+
+def _finish_dry_run(dry_run: bool) -> None:
+    """The last step of a DryRun-capable operation: every check passed, so say so instead of acting."""
+    if dry_run:
+        raise _fault(DRY_RUN_CODE, DRY_RUN_MESSAGE)
 
 
 # -- request decoding ----------------------------------------------------------------------------------
@@ -244,8 +280,10 @@ class Operations:
     def _now(self) -> float:
         return self.clock().timestamp()
 
-    def _arn_prefix(self, caller: Caller) -> str:
-        return f"arn:aws:kms:{caller.region}:{caller.account}"
+    @staticmethod
+    def _arn_prefix(caller: Caller) -> str:
+        """Where the caller's own keys and aliases are: its account in the request's region."""
+        return f"arn:{partition(caller.region)}:kms:{caller.region}:{caller.account}"
 
     def _refresh(self, record: KeyRecord) -> KeyRecord | None:
         """Apply what time did: finish a scheduled deletion, perform a due automatic rotation."""
@@ -261,43 +299,61 @@ class Operations:
             self.store.put(record)
         return record
 
-    def _key_by_uuid(self, key_id: str, shown: str) -> KeyRecord:
+    def _key_in(self, key_id: str, account: str, region: str, shown: str) -> KeyRecord:
+        """The key ``key_id`` if it lives in ``account`` and ``region``, else NotFound naming ``shown``."""
         record = self.store.get(key_id)
-        record = self._refresh(record) if record is not None else None
+        if record is not None and (record.account, record.region) == (account, region):
+            record = self._refresh(record)
+        else:
+            record = None
         if record is None:
             raise KeyNotFoundError(f"Key '{shown}' does not exist")
         return record
 
     def _resolve(self, caller: Caller, key_ref: str, *, allow_alias: bool = True) -> KeyRecord:
-        """Key id, key ARN, alias name or alias ARN -> key (NotFoundException when absent)."""
+        """Key id, key ARN, alias name or alias ARN -> key (NotFoundException when absent).
+
+        A bare id or alias name only names the caller's account in the request's region; an ARN names
+        its account, and its region must be the request's.
+        """
         if key_ref.startswith("arn:"):
             parts = key_ref.split(":", 5)
-            if len(parts) != 6 or parts[2] != "kms":
+            if len(parts) != 6 or parts[2] != "kms" or not parts[4].isdigit():
                 raise _fault("InvalidArnException", f"{key_ref} is not a valid KMS ARN.")
-            resource = parts[5]
+            _, _, _, region, account, resource = parts
             if resource.startswith("key/"):
-                record = self._key_by_uuid(resource[4:], key_ref)
+                if region != caller.region:
+                    raise KeyNotFoundError(f"Key '{key_ref}' does not exist")
+                try:
+                    canonical = str(uuid.UUID(resource[4:]))
+                except ValueError:
+                    raise KeyNotFoundError(f"Invalid keyId '{key_ref}'") from None
+                record = self._key_in(canonical, account, region, key_ref)
                 if record.arn != key_ref:
                     raise KeyNotFoundError(f"Key '{key_ref}' does not exist")
                 return record
             if resource.startswith("alias/") and allow_alias:
-                return self._by_alias(resource, key_ref)
+                if region != caller.region:
+                    raise KeyNotFoundError(f"Alias {key_ref} is not found.")
+                return self._by_alias(account, region, resource, key_ref)
             raise _fault("InvalidArnException", f"{key_ref} is not a valid KMS key or alias ARN.")
         if key_ref.startswith("alias/"):
             if not allow_alias:
                 raise _validation("An alias cannot point to another alias.")
-            return self._by_alias(key_ref, f"{self._arn_prefix(caller)}:{key_ref}")
+            shown = f"{self._arn_prefix(caller)}:{key_ref}"
+            return self._by_alias(caller.account, caller.region, key_ref, shown)
         try:
             canonical = str(uuid.UUID(key_ref))
         except ValueError:
             raise KeyNotFoundError(f"Invalid keyId '{key_ref}'") from None
-        return self._key_by_uuid(canonical, f"{self._arn_prefix(caller)}:key/{key_ref}")
+        shown = f"{self._arn_prefix(caller)}:key/{key_ref}"
+        return self._key_in(canonical, caller.account, caller.region, shown)
 
-    def _by_alias(self, name: str, shown: str) -> KeyRecord:
-        alias = self.store.alias(name)
+    def _by_alias(self, account: str, region: str, name: str, shown: str) -> KeyRecord:
+        alias = self.store.alias(account, region, name)
         if alias is None:
             raise KeyNotFoundError(f"Alias {shown} is not found.")
-        return self._key_by_uuid(alias.key_id, shown)
+        return self._key_in(alias.key_id, account, region, shown)
 
     def _authorise(
         self,
@@ -307,6 +363,7 @@ class Operations:
         *,
         context: Mapping[str, str] | None = None,
         recipient: AttestedRecipient | None = None,
+        dry_run: bool = False,
     ) -> None:
         from nitrovault.policy import build_request_context, evaluate_key_policy
 
@@ -321,7 +378,7 @@ class Operations:
             allowed, deny = decision.allowed, decision.deny
         if recipient is not None:
             self._audit_recipient(action, caller, record.arn, recipient, allowed=allowed,
-                                  reason="policy" if allowed else "policy-denied")
+                                  reason="policy" if allowed else "policy-denied", dry_run=dry_run)
         if not allowed:
             why = ("with an explicit deny in a resource-based policy" if deny
                    else f"because no resource-based policy allows the {action} action")
@@ -330,7 +387,8 @@ class Operations:
             )
 
     def _audit_recipient(self, action: str, caller: Caller, key: str | None,
-                         recipient: AttestedRecipient | None, *, allowed: bool, reason: str) -> None:
+                         recipient: AttestedRecipient | None, *, allowed: bool, reason: str,
+                         dry_run: bool = False) -> None:
         pcr0 = recipient.pcrs.get(0, b"") if recipient is not None else b""
         self.audit({
             "event": "kms.recipient_decision",
@@ -342,6 +400,7 @@ class Operations:
             "reason": reason,
             "module_id": recipient.module_id if recipient is not None else None,
             "pcr0_prefix": pcr0.hex()[:16] if pcr0 else None,
+            "dry_run": dry_run,
         })
 
     @staticmethod
@@ -400,7 +459,7 @@ class Operations:
             )
         except AttestationError as exc:
             self._audit_recipient(operation, caller, key, None, allowed=False,
-                                  reason=f"attestation:{exc.step}")
+                                  reason=f"attestation:{exc.step}", dry_run=body.get("DryRun") is True)
             raise KeyAccessDeniedError(
                 f"User: {caller.arn} is not authorized to perform: {operation}: the attestation document "
                 f"in Recipient is not valid (failed step: {exc.step})"
@@ -414,7 +473,8 @@ class Operations:
         except ValueError:
             loaded = None
         if not isinstance(loaded, rsa.RSAPublicKey) or loaded.key_size < 2048:
-            self._audit_recipient(operation, caller, key, attested, allowed=False, reason="public-key")
+            self._audit_recipient(operation, caller, key, attested, allowed=False, reason="public-key",
+                                  dry_run=body.get("DryRun") is True)
             raise _validation("The attestation document's public_key must be a DER SubjectPublicKeyInfo "
                               "RSA key of at least 2048 bits")
         return attested
@@ -488,7 +548,8 @@ class Operations:
 
     def list_keys(self, caller: Caller, body: Json) -> Json:
         limit = _int(body, "Limit", 1, 1000) or 100
-        records = [r for r in self.store.all_keys() if r.account == caller.account]
+        records = [r for r in self.store.all_keys()
+                   if (r.account, r.region) == (caller.account, caller.region)]
         records = [r for r in (self._refresh(r) for r in records) if r is not None]
         start = self._marker(body)
         page = records[start : start + limit]
@@ -512,15 +573,15 @@ class Operations:
         key_ref = _str(body, "KeyId")
         target = self._resolve(caller, key_ref, allow_alias=False).key_id if key_ref else None
         entries = []
-        for alias in self.store.aliases():
+        for alias in self.store.aliases(caller.account, caller.region):
             record = self.store.get(alias.key_id)
-            if record is None or record.account != caller.account:
+            if record is None or self._refresh(record) is None:
                 continue
             if target is not None and alias.key_id != target:
                 continue
             entries.append({
                 "AliasName": alias.name,
-                "AliasArn": f"arn:aws:kms:{record.region}:{record.account}:{alias.name}",
+                "AliasArn": alias.arn,
                 "TargetKeyId": alias.key_id,
                 "CreationDate": alias.created,
                 "LastUpdatedDate": alias.created,
@@ -564,11 +625,13 @@ class Operations:
         record = self._resolve(caller, target, allow_alias=False)
         self._authorise("kms:CreateAlias", caller, record)
         self._not_pending(record)
-        if self.store.alias(name) is not None:
-            raise _fault("AlreadyExistsException",
-                         f"An alias with the name arn:aws:kms:{record.region}:{record.account}:{name} "
-                         "already exists")
-        self.store.put_alias(AliasRecord(name=name, key_id=record.key_id, created=self._now()))
+        if record.account != caller.account:  # an alias lives beside its key
+            raise _validation("The alias and its target key must be in the same AWS account and Region.")
+        alias = AliasRecord(name=name, key_id=record.key_id, created=self._now(), account=caller.account,
+                            region=caller.region)
+        if self.store.alias(alias.account, alias.region, name) is not None:
+            raise _fault("AlreadyExistsException", f"An alias with the name {alias.arn} already exists")
+        self.store.put_alias(alias)
         return {}
 
     def put_key_policy(self, caller: Caller, body: Json) -> Json:
@@ -658,6 +721,8 @@ class Operations:
         assert data is not None
         parsed = blob.parse(data)
         record = self.store.get(str(parsed.key_id))
+        if record is not None and record.region != caller.region:
+            record = None  # keys are regional: another region's ciphertext means nothing here
         record = self._refresh(record) if record is not None else None
         if record is None:
             raise InvalidCiphertextError("The ciphertext refers to a key that does not exist.")
@@ -681,20 +746,25 @@ class Operations:
         algorithm = _algorithm(body)
         key_ref = _str(body, "KeyId", required=True)
         assert key_ref is not None
+        dry_run = _dry_run(body)
         record = self._resolve(caller, key_ref)
         self._authorise("kms:Encrypt", caller, record, context=context)
         self._usable(record)
+        _finish_dry_run(dry_run)
         return {"CiphertextBlob": _b64(self._seal(record, context, plaintext)), "KeyId": record.arn,
                 "EncryptionAlgorithm": algorithm}
 
     def decrypt(self, caller: Caller, body: Json) -> Json:
         context = _context(body)
         algorithm = _algorithm(body)
+        dry_run = _dry_run(body)
         record, parsed = self._source(caller, body, "KeyId")
         recipient = self._recipient("kms:Decrypt", caller, body, record.arn)
-        self._authorise("kms:Decrypt", caller, record, context=context, recipient=recipient)
+        self._authorise("kms:Decrypt", caller, record, context=context, recipient=recipient,
+                        dry_run=dry_run)
         self._usable(record)
         plaintext = self._open(record, parsed, context)
+        _finish_dry_run(dry_run)
         return {"KeyId": record.arn, "EncryptionAlgorithm": algorithm, **self._release(plaintext, recipient)}
 
     def re_encrypt(self, caller: Caller, body: Json) -> Json:
@@ -702,6 +772,7 @@ class Operations:
         dest_context = _context(body, "DestinationEncryptionContext")
         _algorithm(body, "SourceEncryptionAlgorithm")
         _algorithm(body, "DestinationEncryptionAlgorithm")
+        dry_run = _dry_run(body)
         source, parsed = self._source(caller, body, "SourceKeyId")
         dest_ref = _str(body, "DestinationKeyId", required=True)
         assert dest_ref is not None
@@ -711,6 +782,7 @@ class Operations:
         self._usable(source)
         self._usable(dest)
         plaintext = self._open(source, parsed, source_context)
+        _finish_dry_run(dry_run)
         return {"CiphertextBlob": _b64(self._seal(dest, dest_context, plaintext)), "SourceKeyId": source.arn,
                 "KeyId": dest.arn, "SourceEncryptionAlgorithm": SYMMETRIC_DEFAULT,
                 "DestinationEncryptionAlgorithm": SYMMETRIC_DEFAULT}
@@ -730,11 +802,13 @@ class Operations:
         assert n is not None
         key_ref = _str(body, "KeyId", required=True)
         assert key_ref is not None
+        dry_run = _dry_run(body)
         record = self._resolve(caller, key_ref)
         if with_recipient:
             recipient = self._recipient(action, caller, body, record.arn)
-        self._authorise(action, caller, record, context=context, recipient=recipient)
+        self._authorise(action, caller, record, context=context, recipient=recipient, dry_run=dry_run)
         self._usable(record)
+        _finish_dry_run(dry_run)
         data_key = self.random(n)
         out: Json = {"CiphertextBlob": _b64(self._seal(record, context, data_key)), "KeyId": record.arn}
         if action == "kms:GenerateDataKey":

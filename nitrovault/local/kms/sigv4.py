@@ -7,7 +7,7 @@ The steps follow the AWS SigV4 documentation ("Create a signed AWS API request")
 2. Look up the access key id (unknown: ``UnrecognizedClientException``); a configured session token
    must match ``x-amz-security-token``.
 3. Check the credential scope: service ``kms``, terminator ``aws4_request``, date = the x-amz-date day,
-   region = the configured region when one is configured.
+   region = one of the configured regions when some are configured.
 4. Check ``x-amz-date`` is within 15 minutes of the verifier's clock (``InvalidSignatureException``,
    "Signature expired").
 5. ``host`` and ``x-amz-date`` must be signed.
@@ -35,7 +35,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from urllib.parse import parse_qsl, quote
@@ -117,9 +117,11 @@ def verify_request(
     *,
     creds: Mapping[str, Credentials],
     now: datetime,
-    region: str | None = None,
+    region: str | Collection[str] | None = None,
 ) -> Caller:
     """Verify one request; ``headers`` keys are compared case-insensitively. Returns the caller.
+
+    ``region``: the region (or regions) the scope must name; ``None`` accepts any.
 
     Raises :class:`KeyReleaseError` whose ``code`` is the KMS error code to answer with.
     """
@@ -160,7 +162,8 @@ def verify_request(
         raise _invalid_signature(f"Credential should be scoped to correct service: '{SERVICE}'.")
     if date != amz_date[:8]:
         raise _invalid_signature("Date in Credential scope does not match YYYYMMDD from x-amz-date.")
-    if region is not None and scope_region != region:
+    allowed = None if region is None else {region} if isinstance(region, str) else set(region)
+    if allowed is not None and scope_region not in allowed:
         raise _invalid_signature(f"Credential should be scoped to a valid region, not '{scope_region}'.")
     # Step 4: freshness.
     if abs(now - signed_at) > MAX_SKEW:
