@@ -43,8 +43,6 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from nitrovault.transport.loopback import ensure_loopback_up
-
 from enclave_app.boot import BootFailure, boot
 from enclave_app.config import EnclaveConfig
 from enclave_app.host import AuditShipper, HostClient
@@ -54,6 +52,7 @@ from nitrovault.errors import NetworkSetupError
 from nitrovault.kms import AwsCredentials, KmsClient, kms_client_from_env
 from nitrovault.nsm import Nsm, NsmTransport
 from nitrovault.transport import AddressMap, ConnectForwarder, Relay, TcpAddress, UnixAddress, VsockAddress
+from nitrovault.transport.loopback import ensure_loopback_up
 
 log = logging.getLogger("enclave")
 
