@@ -47,6 +47,7 @@ from cryptography import x509
 from nitrovault.access import QuotaPolicy, QuotaTiers, TokenVerifier
 from nitrovault.access.tokens import DEFAULT_MAX_LIFETIME_S, MAX_LIFETIME_S, Clock
 from nitrovault.errors import ConfigError
+from nitrovault.kms.endpoints import kms_hostname
 from nitrovault.protection import BudgetPolicy, ExtractionPolicy, HardeningPolicy, PrivacyMechanism
 
 #: where the in-enclave KMS forwarder listens on 127.0.0.1 unless the config says otherwise
@@ -389,13 +390,6 @@ class EnclaveConfig:
             return obj
 
         return json.dumps(plain(self), indent=2, sort_keys=True) + "\n"
-
-
-def kms_hostname(region: str) -> str:
-    """KMS's host name in ``region`` (the China partition has its own DNS suffix)."""
-    if not re.fullmatch(r"[a-z]{2}(-gov)?-[a-z]+-[1-9][0-9]?", region):
-        raise ConfigError(f"not an AWS region name: {region!r}")
-    return f"kms.{region}.amazonaws.com" + (".cn" if region.startswith("cn-") else "")
 
 
 def _check_key_release(values: Mapping[str, Any]) -> None:

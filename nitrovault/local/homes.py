@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nitrovault.errors import NitrovaultError
+from nitrovault.local.files import write_atomic
 
 ACCOUNT = "111122223333"
 REGION = "us-east-1"
@@ -203,9 +204,7 @@ def free_port() -> int:
 def write_private(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` (0600; the folder made 0700 if missing)."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
+    write_atomic(path, text.encode())
 
 
 def ensure_principals(path: Path) -> dict[str, dict[str, str]]:

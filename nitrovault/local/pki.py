@@ -47,6 +47,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from nitrovault.errors import ConfigError
+from nitrovault.local.files import key_pem, write_atomic
 
 __all__ = ["LEAF_LIFETIME", "LocalPki", "utc_now"]
 
@@ -134,8 +135,8 @@ class LocalPki:
             root_key = ec.generate_private_key(ec.SECP384R1())
             root = _root_cert(root_key, now)
             # key first, certificate last: root.pem existing means the pair is complete.
-            _write(root_key_path, _key_pem(root_key), 0o600)
-            _write(root_pem, root.public_bytes(serialization.Encoding.PEM), 0o644)
+            write_atomic(root_key_path, key_pem(root_key), 0o600)
+            write_atomic(root_pem, root.public_bytes(serialization.Encoding.PEM), 0o644)
         intermediate = intermediate_key = None
         if int_pem.exists() and int_key_path.exists():
             intermediate = x509.load_pem_x509_certificate(int_pem.read_bytes())
@@ -146,8 +147,8 @@ class LocalPki:
         if intermediate is None or intermediate_key is None:
             intermediate_key = ec.generate_private_key(ec.SECP384R1())
             intermediate = _intermediate_cert(intermediate_key, root, root_key, now)
-            _write(int_key_path, _key_pem(intermediate_key), 0o600)
-            _write(int_pem, intermediate.public_bytes(serialization.Encoding.PEM), 0o644)
+            write_atomic(int_key_path, key_pem(intermediate_key), 0o600)
+            write_atomic(int_pem, intermediate.public_bytes(serialization.Encoding.PEM), 0o644)
         return cls(directory, root, root_key, intermediate, intermediate_key)
 
     def issue_leaf(self, module_id: str, at: datetime) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
@@ -229,29 +230,8 @@ def _intermediate_cert(key: ec.EllipticCurvePrivateKey, root: x509.Certificate,
     )
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-
-
 def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
     key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP384R1):
         raise ConfigError(f"{path.name} in the local PKI directory is not a P-384 key")
     return key
-
-
-def _write(path: Path, data: bytes, mode: int) -> None:
-    """Atomic write with ``mode`` set before any byte lands (keys are never world-readable, even briefly)."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)  # in case the umask narrowed or widened it
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -83,12 +83,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import boto3
 from rich.console import Console
 
-from enclave_app.config import EnclaveConfig, kms_hostname
+from enclave_app.config import EnclaveConfig
 from nitrovault.access import TokenIssuer, generate_issuer_keys, load_issuer
 from nitrovault.envelope import SealedModel, seal_file, zeroize
 from nitrovault.errors import KeyAccessDeniedError, NitrovaultError
 from nitrovault.identity import TlsIdentity
 from nitrovault.kms import KmsClient, Recipient, RecipientKey
+from nitrovault.kms.endpoints import kms_hostname
 from nitrovault.local.homes import (
     ACCOUNT,
     REGION,

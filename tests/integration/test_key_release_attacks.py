@@ -39,11 +39,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import NameOID
 
 from nitrovault.attestation import parse_document
 from nitrovault.envelope import SealedModel, seal_file
+from nitrovault.envelope.format import chunk_nonce, derive_stream_key
 from nitrovault.kms import build_ciphertext_for_recipient
 from nitrovault.local.digits import digits_data, save_classifier, train_classifier
 from nitrovault.local.homes import REGION, StackError, free_port
@@ -175,11 +175,11 @@ def forge_under(genuine: Path, plain: Path, attacker_key: bytes, work: Path) -> 
 
 
 def _stream_key(key: bytes, salt: bytes) -> bytes:
-    return HKDF(hashes.SHA256(), 32, salt, b"nitrovault sealed model v2 stream key").derive(key)
+    return derive_stream_key(key, salt)  # the format's own KDF: the forger knows the spec
 
 
 def _nonce(prefix: bytes, i: int, n: int) -> bytes:
-    return prefix + i.to_bytes(4, "big") + (b"\x01" if i == n - 1 else b"\x00")
+    return chunk_nonce(prefix, i, i == n - 1)
 
 
 def _chunks(path: Path, header_length: int, key: bytes) -> Iterator[bytes]:

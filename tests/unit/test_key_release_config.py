@@ -10,9 +10,10 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from enclave_app.config import DEFAULT_KMS_FORWARDER_PORT, EnclaveConfig, kms_hostname
+from enclave_app.config import DEFAULT_KMS_FORWARDER_PORT, EnclaveConfig
 from enclave_app.key_release import SealedModelMismatchError, check_sealed_header
 from nitrovault.errors import ConfigError
+from nitrovault.kms.endpoints import kms_hostname
 from nitrovault.kms.trust import AMAZON_ROOT_FINGERPRINTS, amazon_trust_services_pem
 
 DIGEST = "ab" * 32

@@ -32,7 +32,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import tempfile
 import threading
 import uuid
 from dataclasses import asdict, dataclass, field, replace
@@ -41,6 +40,7 @@ from typing import Any
 
 from nitrovault.errors import ConfigError
 from nitrovault.kms.endpoints import partition
+from nitrovault.local.files import write_atomic
 
 __all__ = ["FORMAT", "AliasRecord", "KeyRecord", "Store", "replace"]
 
@@ -107,20 +107,6 @@ class AliasRecord:
 FORMAT = 2
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 AliasKey = tuple[str, str, str]   # (account, region, name)
 
 
@@ -181,7 +167,7 @@ class Store:
     def put(self, record: KeyRecord) -> None:
         uuid.UUID(record.key_id)  # never a path component that is not a UUID
         with self.lock:
-            _atomic_write(self._keys_dir / f"{record.key_id}.json",
+            write_atomic(self._keys_dir / f"{record.key_id}.json",
                           json.dumps(record.to_json(), sort_keys=True).encode())
             self._keys[record.key_id] = record
 
@@ -213,5 +199,5 @@ class Store:
         entries = [{"name": a.name, "account": a.account, "region": a.region, "key_id": a.key_id,
                     "created": a.created} for a in sorted(self._aliases.values(),
                                                           key=lambda a: (a.account, a.region, a.name))]
-        _atomic_write(self.root / "aliases.json",
+        write_atomic(self.root / "aliases.json",
                       json.dumps({"format": FORMAT, "aliases": entries}, sort_keys=True).encode())

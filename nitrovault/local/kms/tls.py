@@ -31,7 +31,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import ssl
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -44,6 +43,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from nitrovault.errors import ConfigError
 from nitrovault.kms.endpoints import kms_hostname
+from nitrovault.local.files import key_pem, write_atomic
 
 __all__ = ["CA_LIFETIME", "LOOPBACK", "RENEW_BEFORE", "SERVER_LIFETIME", "KmsTls", "server_names"]
 
@@ -60,25 +60,6 @@ def server_names(regions: Sequence[str]) -> list[str]:
     if isinstance(regions, str):  # a bare "us-east-1" would be iterated letter by letter
         raise ConfigError("regions must be a sequence of region names, not one string")
     return sorted({kms_hostname(r) for r in regions} | {"localhost"})
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-
-
-def _write(path: Path, data: bytes, mode: int) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass(frozen=True)
@@ -165,8 +146,8 @@ class KmsTls:
             .sign(key, hashes.SHA256())
         )
         (directory / "server.pem").unlink(missing_ok=True)  # a new CA: the old server certificate is void
-        _write(key_path, _key_pem(key), 0o600)
-        _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        write_atomic(key_path, key_pem(key), 0o600)
+        write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
         return key, cert
 
     @staticmethod
@@ -208,5 +189,5 @@ class KmsTls:
                            critical=False)
             .sign(ca_key, hashes.SHA256())
         )
-        _write(tls.key_path, _key_pem(key), 0o600)
-        _write(tls.cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        write_atomic(tls.key_path, key_pem(key), 0o600)
+        write_atomic(tls.cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
