@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 EXTRAS := model,demo,dev,infra,bench
 export JSII_SILENCE_WARNING_DEPRECATED_NODE_VERSION := 1
 
-.PHONY: venv run test lint bench synth lock clean
+.PHONY: venv system run test lint bench synth lock clean
 
 $(STAMP): pyproject.toml requirements/lock.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,12 +20,17 @@ $(STAMP): pyproject.toml requirements/lock.txt
 
 venv: $(STAMP)
 
+## System packages from Debian's registry: redis-server is the local shared state store (real, TLS).
+system:
+	@command -v redis-server >/dev/null 2>&1 || command -v valkey-server >/dev/null 2>&1 \
+		|| (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null)
+
 ## The main job: the local stack serving a sealed model end to end, then exit.
-run: venv
+run: venv system
 	$(BIN)/nitrovault local up --once
 
 ## The whole test suite (lint first: it is cheap and catches what tests do not).
-test: venv
+test: venv system
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python scripts/gen_protos.py --check
@@ -38,7 +43,7 @@ lint: venv
 
 ## Benchmarks: one JSON object per line, each with `name` and `ratio` against a baseline of the same run.
 ## socat (Debian's package) is bench_relay's reference splice; without it that figure is null, not an error.
-bench: venv
+bench: venv system
 	command -v socat >/dev/null || (apt-get update -qq && apt-get install -y -qq socat) \
 		|| echo "socat could not be installed: bench_relay reports its socat figures as null"
 	$(BIN)/python -m bench.run

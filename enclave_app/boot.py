@@ -10,7 +10,10 @@ memory, then ready.
    chunks were encrypted under any other key is refused before one chunk is decrypted. With the digest
    pin, this is what makes the parent unable to get any model but the owner's served.
 5. Unseal straight into tensors (no plaintext is written anywhere), zero the data key.
-6. Take the sealed extras (watermark secret → keys, the secret zeroed; the extraction detector's
+6. Open the shared state store (step ``state-store``, when the measured config names one) with the
+   password sealed with the model: a store that refuses it fails the boot; one that cannot be reached
+   yet does not (protected calls get UNAVAILABLE until it can, :mod:`nitrovault.state`).
+7. Take the sealed extras (watermark secret → keys, the secret zeroed; the extraction detector's
    reference sample; the fleet's TLS identity, :mod:`nitrovault.identity`, which must be there and
    valid now: without it the enclave could not serve confidentially, so it does not serve at all),
    build the model handler, attach the text watermark when the policy asks for it, warm up, and build
@@ -22,6 +25,7 @@ failed step; the caller reports it and exits non-zero.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +38,7 @@ from enclave_app.key_release import release_data_key
 from enclave_app.models import ModelHandler, ModelLoadError, load_handler
 from enclave_app.outputs import OutputGuard, SealedExtras
 from nitrovault.envelope import SealedModel, zeroize
+from nitrovault.envelope.extras import STATE_STORE_PASSWORD_KEY
 from nitrovault.errors import (
     ConfigError,
     KeyAccessDeniedError,
@@ -42,12 +47,19 @@ from nitrovault.errors import (
     KmsTlsError,
     NitrovaultError,
     SealedModelError,
+    StateStoreCredentialError,
+    StateStoreError,
     TlsIdentityError,
 )
 from nitrovault.identity import SEALED_CHAIN, SEALED_KEY, TlsIdentity
 from nitrovault.kms import AwsCredentials, KmsClient
 from nitrovault.nsm import Nsm
+from nitrovault.state import StateStore
 from nitrovault.watermark import GreenListProcessor
+
+#: opens the shared state store with the sealed password (``enclave_app.main`` routes it via the parent)
+StoreFactory = Callable[[str], StateStore]
+log = logging.getLogger(__name__)
 
 
 class HostServices(Protocol):
@@ -79,6 +91,8 @@ class BootResult:
     outputs: OutputGuard
     #: the TLS identity sealed with the model: the gRPC server terminates TLS with it
     tls: TlsIdentity
+    #: the shared state store (quotas, budgets, extraction refusals), or None: limits in memory only
+    store: StateStore | None = None
 
 
 class BootFailure(Exception):
@@ -97,6 +111,7 @@ def boot(
     nsm: Nsm,
     kms_factory: Callable[[AwsCredentials], KmsClient],
     user_data: bytes | None = None,
+    store_factory: StoreFactory | None = None,
 ) -> BootResult:
     started = time.perf_counter()
     step = "fetch"
@@ -124,12 +139,15 @@ def boot(
         step = "tls-identity"
         tls = take_tls_identity(metadata, now=datetime.now(UTC))
 
+        step = "state-store"
+        store = open_state_store(config, metadata, store_factory)
+
         step = "model-load"
         extras = SealedExtras.take(tensors, metadata, config.model_id)
         handler = load_handler(config.handler, tensors, metadata)
         attach_text_watermark(config, handler, extras)
         handler.warm_up()
-        outputs = OutputGuard.for_handler(config.protection, extras, handler)
+        outputs = OutputGuard.for_handler(config.protection, extras, handler, store=store)
         loaded = time.perf_counter()
     except KeyAccessDeniedError as err:
         raise BootFailure(step, f"KMS denied the key: {err.code}") from err
@@ -143,7 +161,7 @@ def boot(
                                 "mismatch): refusing the file") from err
     except SealedModelError as err:
         raise BootFailure(step, "sealed model is invalid or was tampered with") from err
-    except TlsIdentityError as err:
+    except (TlsIdentityError, StateStoreError) as err:  # their messages name no secret
         raise BootFailure(step, str(err)) from err
     except (ConfigError, NitrovaultError) as err:
         raise BootFailure(step, f"{type(err).__name__}") from err
@@ -159,7 +177,30 @@ def boot(
         total_s=loaded - started,
     )
     return BootResult(handler=handler, sealed_digest=sealed.header.digest.hex(), timings=timings,
-                      outputs=outputs, tls=tls)
+                      outputs=outputs, tls=tls, store=store)
+
+
+def open_state_store(config: EnclaveConfig, metadata: dict[str, str],
+                     factory: StoreFactory | None) -> StateStore | None:
+    """The shared state store of the measured config, authenticated with the sealed password (removed
+    from ``metadata``: the handler never sees it). ``None`` when the config names no store."""
+    password = metadata.pop(STATE_STORE_PASSWORD_KEY, None)
+    if config.state_store is None:
+        return None
+    if password is None:
+        raise StateStoreError("the measured config names a state store but the sealed model carries no "
+                              "credential for it (seal it with --state-store-password-file)")
+    if factory is None:
+        raise StateStoreError("the measured config names a state store but this enclave has no route to it")
+    store = factory(password)
+    try:
+        store.ping()
+    except StateStoreCredentialError:
+        store.close()
+        raise
+    except StateStoreError as err:
+        log.warning("%s at boot: protected calls get UNAVAILABLE until it answers", err)
+    return store
 
 
 def take_tls_identity(metadata: dict[str, str], *, now: datetime) -> TlsIdentity:

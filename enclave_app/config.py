@@ -49,6 +49,7 @@ from nitrovault.access.tokens import DEFAULT_MAX_LIFETIME_S, MAX_LIFETIME_S, Clo
 from nitrovault.errors import ConfigError
 from nitrovault.kms.endpoints import kms_hostname
 from nitrovault.protection import BudgetPolicy, ExtractionPolicy, HardeningPolicy, PrivacyMechanism
+from nitrovault.state.store import StoreSettings
 
 #: where the in-enclave KMS forwarder listens on 127.0.0.1 unless the config says otherwise
 DEFAULT_KMS_FORWARDER_PORT = 8000
@@ -73,6 +74,8 @@ class Ports:
     kms_proxy: int = 8000
     #: parent vsock port of the host services (credentials, sealed model, status, audit sink).
     host_services: int = 8001
+    #: parent vsock port relaying to the shared state store (a second vsock-proxy in production).
+    state_store: int = 8002
 
 
 @dataclass(frozen=True)
@@ -181,6 +184,35 @@ class Audit:
     #: chained entries kept while the parent's sink is down; beyond it records are counted as lost
     #: and a signed gap entry reports them once the sink is back.
     max_buffered: int = 10_000
+    #: audit entries the parent may leave unacknowledged (queued, buffered or lost) before protected
+    #: calls are refused with UNAVAILABLE (reason ``audit-withheld``) until it stores them again.
+    max_withheld_records: int = 1_000
+    #: seconds the parent's audit sink may stay down before protected calls are refused the same way.
+    max_withheld_s: int = 60
+
+
+@dataclass(frozen=True)
+class StateStoreConfig:
+    """The shared state store (Valkey/Redis) holding quotas, privacy budgets and extraction refusals for
+    every enclave of the deployment (``docs/access-and-audit.md``). Measured: its host name and CA decide
+    who the enclave believes is the store; the user's password is sealed with the model."""
+
+    #: the store's host name (ElastiCache's primary endpoint): SNI and the name its certificate carries.
+    #: No port: the enclave reaches the store only through vsock ``ports.state_store``, where the parent's
+    #: proxy connects to the one endpoint it allowlists (the enclave's TLS is what makes that safe).
+    host: str
+    #: PEM CA certificates trusted for the store's TLS certificate (Amazon's roots for ElastiCache).
+    ca_bundle: str
+    #: the RBAC user the sealed password belongs to (``nitrovault seal --state-store-password-file``).
+    username: str = "nitrovault-enclave"
+    #: key namespace (deployments sharing one store keep apart); empty: the model id.
+    namespace: str = ""
+    #: milliseconds to connect or to get an answer before the store counts as unreachable.
+    timeout_ms: int = 500
+
+    def settings(self, model_id: str) -> StoreSettings:
+        return StoreSettings(host=self.host, ca_bundle=self.ca_bundle, username=self.username,
+                             namespace=self.namespace or model_id, timeout_s=self.timeout_ms / 1000.0)
 
 
 @dataclass(frozen=True)
@@ -339,6 +371,9 @@ class EnclaveConfig:
     access: Access = field(default_factory=Access)
     audit: Audit = field(default_factory=Audit)
     protection: Protection = field(default_factory=Protection)
+    #: the shared state store; null: limits live in this enclave's memory only (a restart resets them,
+    #: and every enclave of a fleet counts alone: for tests and single-instance trials only).
+    state_store: StateStoreConfig | None = None
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> EnclaveConfig:
@@ -348,8 +383,14 @@ class EnclaveConfig:
         values["access"] = _access(data.get("access", {}))
         values["audit"] = Audit(**_checked(Audit, data.get("audit", {})))
         values["protection"] = Protection.from_mapping(data.get("protection", {}))
-        if values["audit"].checkpoint_every < 1 or values["audit"].max_buffered < 1:
-            raise ConfigError("audit.checkpoint_every and audit.max_buffered must be at least 1")
+        audit = values["audit"]
+        if min(audit.checkpoint_every, audit.max_buffered, audit.max_withheld_records,
+               audit.max_withheld_s) < 1:
+            raise ConfigError("audit.checkpoint_every, max_buffered, max_withheld_records and max_withheld_s "
+                              "must be at least 1")
+        store = data.get("state_store")
+        if store is not None:
+            values["state_store"] = _state_store(store)
         context = values.get("encryption_context")
         if not isinstance(context, Mapping) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in context.items()
@@ -427,7 +468,7 @@ def _checked(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise ConfigError(f"unknown {cls.__name__} key(s): {', '.join(unknown)}")
-    nested = {"ports", "limits", "access", "audit", "protection"}
+    nested = {"ports", "limits", "access", "audit", "protection", "state_store"}
     out: dict[str, Any] = {}
     for name, f in known.items():
         if name in nested or name not in data:
@@ -462,6 +503,19 @@ def _access(data: Mapping[str, Any]) -> Access:
     elif access.jwks:
         raise ConfigError("Access.jwks is set but Access.issuer is empty")
     return access
+
+
+def _state_store(data: Mapping[str, Any]) -> StateStoreConfig:
+    values = _checked(StateStoreConfig, data)
+    store = StateStoreConfig(**values)
+    try:
+        certificates = x509.load_pem_x509_certificates(store.ca_bundle.encode())
+    except ValueError:
+        certificates = []
+    if not certificates:
+        raise ConfigError("state_store.ca_bundle must hold the PEM CA certificates trusted for the store")
+    store.settings("model")  # validates host, port, user and timeout
+    return store
 
 
 def _required(f: Any) -> bool:

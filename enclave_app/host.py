@@ -15,6 +15,12 @@ queue and is retried, so lines reach the parent in chain order, each at least on
 unless the parent answered an error after storing a batch (a repeated entry is then reported by
 ``nitrovault audit verify``). Degradation is reported (log line, a ``DEGRADED`` status report) when the
 sink goes down and ``SERVING`` when it is back.
+
+The audit log cannot be withheld for long: :meth:`AuditShipper.withheld` says why it counts as withheld
+once more than ``max_withheld`` entries are unacknowledged by the parent (queued here, buffered in the
+writer, or lost and not yet reported in a gap entry) or the sink has been down for more than
+``max_withheld_s`` seconds; the server then refuses protected calls (UNAVAILABLE, ``audit-withheld``)
+until the parent has stored everything again. Each change is announced once (``on_withheld``).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from itertools import islice
@@ -113,8 +120,16 @@ class AuditShipper:
 
     def __init__(self, send: Callable[[str, list[bytes]], None], *, max_pending: int = 4096,
                  batch: int = 256, retry_s: float = 0.5, linger_s: float = 0.01,
-                 on_change: Callable[[bool, str], None] | None = None) -> None:
+                 on_change: Callable[[bool, str], None] | None = None, max_withheld: int = 1000,
+                 max_withheld_s: float = 60.0, monotonic: Callable[[], float] = time.monotonic,
+                 on_withheld: Callable[[str | None], None] | None = None) -> None:
         self._send = send
+        self._max_withheld = max_withheld
+        self._max_withheld_s = max_withheld_s
+        self._monotonic = monotonic
+        self._on_withheld = on_withheld
+        self._down_since: float | None = None
+        self._withheld: str | None = None
         self._linger = linger_s
         self._max = max_pending
         self._batch = batch
@@ -130,6 +145,33 @@ class AuditShipper:
     @property
     def down(self) -> bool:
         return self._down
+
+    def withheld(self) -> str | None:
+        """Why the audit log counts as withheld by the parent now, or ``None`` (module docstring)."""
+        with self._cond:
+            unacked = len(self._pending)
+            down_since = self._down_since
+        writer = self._writer
+        if writer is not None:
+            status = writer.status
+            unacked += status.buffered + status.dropped_pending
+        reason: str | None = None
+        if unacked > self._max_withheld:
+            reason = f"{unacked} audit entries not stored by the parent (bound {self._max_withheld})"
+        elif down_since is not None and self._monotonic() - down_since > self._max_withheld_s:
+            reason = f"audit sink down for more than {self._max_withheld_s:g} s"
+        if (reason is None) != (self._withheld is None):
+            self._withheld = reason
+            if reason is not None:
+                log.warning("audit withheld: %s; refusing protected calls", reason)
+            else:
+                log.warning("audit stored again; serving protected calls")
+            if self._on_withheld is not None:
+                try:
+                    self._on_withheld(reason)
+                except Exception as err:  # reporting is best effort
+                    log.warning("withheld report failed (%s)", type(err).__name__)
+        return reason
 
     def __call__(self, line: bytes) -> None:
         with self._cond:
@@ -175,6 +217,8 @@ class AuditShipper:
                 except Exception as err:  # the parent's I/O: any failure means "not stored"
                     with self._cond:
                         was_down, self._down = self._down, True
+                        if not was_down:
+                            self._down_since = self._monotonic()
                     if not was_down:
                         self._report(True, f"audit sink unavailable ({type(err).__name__})")
                     with self._cond:
@@ -188,6 +232,7 @@ class AuditShipper:
                     back = self._down and not self._pending
                     if back:
                         self._down = False  # before notifying the writer, so its retries are accepted
+                        self._down_since = None
                     self._cond.notify_all()
                 if back:
                     self._report(False, "audit sink recovered")

@@ -10,6 +10,7 @@ In-enclave plumbing (relays: :class:`nitrovault.transport.Relay`)::
     vsock(enclave_cid, inference)  ──► unix RUN/grpc.sock       (the gRPC server, TLS ends here)
     unix RUN/host.sock             ──► vsock(3, host_services)  (credentials, sealed model, status, audit)
     tcp 127.0.0.1:kms_forwarder    ──► vsock(3, kms_proxy)      (boto3 → KMS, TLS end to end)
+    redis-py (no listener)         ──► vsock(3, state_store)    (the shared state store, TLS end to end)
 
 The route to KMS: the enclave starts with its loopback interface down, so ``run`` brings ``lo`` up first
 (:func:`nitrovault.transport.loopback.ensure_loopback_up`, an ioctl: the image has no ``ip``). boto3 then
@@ -37,6 +38,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -51,7 +53,16 @@ from nitrovault.audit import AuditStatus
 from nitrovault.errors import NetworkSetupError
 from nitrovault.kms import AwsCredentials, KmsClient, kms_client_from_env
 from nitrovault.nsm import Nsm, NsmTransport
-from nitrovault.transport import AddressMap, ConnectForwarder, Relay, TcpAddress, UnixAddress, VsockAddress
+from nitrovault.state import StateStore
+from nitrovault.transport import (
+    AddressMap,
+    ConnectForwarder,
+    Relay,
+    TcpAddress,
+    UnixAddress,
+    VsockAddress,
+    open_socket,
+)
 from nitrovault.transport.loopback import ensure_loopback_up
 
 log = logging.getLogger("enclave")
@@ -104,10 +115,19 @@ async def run(
         _say("audit-degraded" if down else "audit-recovered", reason=reason)
         host.report("DEGRADED" if down else "SERVING", reason=reason, step="audit")
 
-    shipper = AuditShipper(host.audit_append, on_change=on_audit_change)
+    def on_withheld(reason: str | None) -> None:
+        if reason is None:
+            _say("audit-stored", detail="the parent stores the audit log again: serving protected calls")
+        else:
+            _say("audit-withheld", reason=reason)
+
+    audit = config.audit
+    shipper = AuditShipper(host.audit_append, on_change=on_audit_change, on_withheld=on_withheld,
+                           max_withheld=audit.max_withheld_records, max_withheld_s=audit.max_withheld_s)
     service = InferenceService(config, nsm, audit_sink=shipper)
     server: EnclaveServer | None = None
     protections = service.protections
+    protections.audit_withheld = shipper.withheld
     shipper.start(protections.audit)
     for relay in relays:
         await relay.start()
@@ -119,11 +139,23 @@ async def run(
             ca_bundle=ca_bundle, proxy=config.kms_proxy_url,
         ))
 
+    store_factory: Callable[[str], StateStore] | None = None
+    if config.state_store is not None:
+        settings = config.state_store.settings(config.model_id)
+        store_address = VsockAddress(ports.parent_cid, ports.state_store)
+
+        def route() -> socket.socket:
+            return open_socket(store_address, mapping, timeout=settings.timeout_s)
+
+        def store_factory(password: str) -> StateStore:
+            return StateStore.connect(settings, password, route=route)
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     exit_code = 0
+    store: StateStore | None = None
     try:
         if not config.access.enabled:
             reason = "no token issuer in the measured config: refusing to serve anyone"
@@ -144,7 +176,8 @@ async def run(
         await asyncio.to_thread(host.report, "BOOTING", step="boot")
         try:
             result = await asyncio.to_thread(
-                boot, config, host=host, nsm=nsm, kms_factory=kms_factory, user_data=service.user_data
+                boot, config, host=host, nsm=nsm, kms_factory=kms_factory, user_data=service.user_data,
+                store_factory=store_factory,
             )
         except BootFailure as failure:
             _say("boot-failed", step=failure.step, reason=failure.reason)
@@ -152,7 +185,8 @@ async def run(
             return 3
         server = EnclaveServer(config, nsm, str(grpc_sock), service=service, tls=result.tls)
         await server.start()
-        await server.serve(ServingModel(result.handler, result.sealed_digest, result.outputs))
+        store = result.store
+        await server.serve(ServingModel(result.handler, result.sealed_digest, result.outputs, store))
         timings = result.timings.as_dict()
         age = process_age_s()
         if age is not None:
@@ -170,6 +204,8 @@ async def run(
         for relay in relays:
             await relay.close()
         await forwarder.close()
+        if store is not None:
+            store.close()
         host.close()
     return exit_code
 

@@ -52,6 +52,7 @@ from enclave_app.models.base import ModelHandler, ModelLoadError
 from nitrovault.envelope.extras import REFERENCE_TENSOR, WATERMARK_CANDIDATES_KEY, WATERMARK_SECRET_KEY
 from nitrovault.errors import ConfigError
 from nitrovault.protection import Action, ExtractionMonitor, PrivacyBudget
+from nitrovault.state import SharedPrivacyBudget, SharedRefusals, StateStore
 from nitrovault.watermark import EmbeddingMark, WatermarkKeys, derive_embedding_mark, derive_watermark_keys
 from nitrovault.watermark.embedding import mark_embedding, trigger_weight
 
@@ -162,15 +163,18 @@ class OutputGuard:
 
     def __init__(self, protection: Protection, extras: SealedExtras, *, embedding_dim: int | None = None,
                  clock: Clock = _utc_now, rng_factory: RngFactory = thread_rng,
-                 max_subjects: int = 10_000) -> None:
+                 max_subjects: int = 10_000, store: StateStore | None = None) -> None:
         self.hardening = protection.hardening_policy
         self.mechanism = protection.privacy_mechanism
         budget = protection.budget_policy
-        self.budget = None if budget is None else PrivacyBudget(
-            budget, clock=clock, max_subjects=max_subjects)
+        self.budget: PrivacyBudget | SharedPrivacyBudget | None = None
+        if budget is not None:
+            self.budget = (PrivacyBudget(budget, clock=clock, max_subjects=max_subjects) if store is None
+                           else SharedPrivacyBudget(store, budget, clock=clock))
         policy = protection.extraction_policy
         self.monitor = None if policy is None else ExtractionMonitor(
-            policy, clock=clock, max_subjects=max_subjects, reference=extras.reference)
+            policy, clock=clock, max_subjects=max_subjects, reference=extras.reference,
+            refusals=None if store is None else SharedRefusals(store, clock=clock))
         self._rng = rng_factory
         self.embedding_mark: EmbeddingMark | None = None
         mark = protection.embedding_mark
@@ -191,11 +195,12 @@ class OutputGuard:
             self.mechanism is not None and self.mechanism.output == "probabilities")
 
     @classmethod
-    def for_handler(cls, protection: Protection, extras: SealedExtras, handler: ModelHandler) -> OutputGuard:
+    def for_handler(cls, protection: Protection, extras: SealedExtras, handler: ModelHandler, *,
+                    store: StateStore | None = None) -> OutputGuard:
         """The guard for ``handler``; its embedding width is probed only when the policy needs it (the
-        embedding watermark)."""
+        embedding watermark). With ``store``, budgets and extraction refusals are the shared ones."""
         dim = _embedding_dim(handler) if protection.embedding_mark is not None else None
-        return cls(protection, extras, embedding_dim=dim)
+        return cls(protection, extras, embedding_dim=dim, store=store)
 
     def admit(self, subject: str) -> None:
         """Step 1: refuse a blocked or throttled subject before the model runs."""

@@ -39,11 +39,20 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from enclave_app.config import EnclaveConfig
 from enclave_app.outputs import GuardNotes
+from enclave_app.status import NotReadyError
 from nitrovault.access import Principal, QuotaLedger, QuotaState, TokenVerifier
 from nitrovault.audit import AuditWriter
-from nitrovault.errors import AccessError, AuthenticationError, NsmError, QuotaExceededError
+from nitrovault.errors import (
+    AccessError,
+    AuthenticationError,
+    ConfigError,
+    NsmError,
+    ProtectionUnavailableError,
+    QuotaExceededError,
+)
 from nitrovault.nsm import Nsm
 from nitrovault.receipts import Receipt, ReceiptSigner, enclave_user_data, key_id
+from nitrovault.state import SharedQuotaLedger, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +67,10 @@ MAX_AUTHORIZATION = 8 * 1024 + 16
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+def _never() -> str | None:
+    return None
 
 
 def boot_key_from_nsm(nsm: Nsm) -> ed25519.Ed25519PrivateKey:
@@ -109,13 +122,28 @@ class Protections:
         self._clock = clock
         access = config.access
         self.verifier: TokenVerifier | None = access.verifier(clock=clock) if access.enabled else None
-        self.ledger = QuotaLedger(access.quota_tiers(), clock=clock, max_subjects=access.max_subjects)
+        #: the quota ledger: in memory, or (from :meth:`serving`) the shared store's when the config names
+        #: one; until then a config with a store charges nobody (the call is refused as not ready)
+        self.ledger: QuotaLedger | SharedQuotaLedger | None = None if config.state_store is not None else (
+            QuotaLedger(access.quota_tiers(), clock=clock, max_subjects=access.max_subjects))
         self.audit = AuditWriter(boot_key, sink=sink, checkpoint_every=config.audit.checkpoint_every,
                                  max_buffered=config.audit.max_buffered, clock=clock)
         self.signer: ReceiptSigner | None = None
+        #: says why the audit log counts as withheld (``None``: it does not); set by the composition root
+        self.audit_withheld: Callable[[], str | None] = _never
 
-    def serving(self, sealed_digest_hex: str) -> None:
-        """The model is loaded: receipts can name its sealed digest from now on."""
+    @property
+    def shared(self) -> bool:
+        """Whether limits are charged in the shared state store (a round trip: keep it off the event loop)."""
+        return isinstance(self.ledger, SharedQuotaLedger)
+
+    def serving(self, sealed_digest_hex: str, store: StateStore | None = None) -> None:
+        """The model is loaded: receipts can name its sealed digest from now on, and quotas are charged
+        in ``store`` when the config names one."""
+        if self.config.state_store is not None:
+            if store is None:
+                raise ConfigError("the measured config names a state store but none was opened")
+            self.ledger = SharedQuotaLedger(store, self.config.access.quota_tiers(), clock=self._clock)
         self.signer = ReceiptSigner(self.boot_key, model_id=self.config.model_id,
                                     sealed_digest=bytes.fromhex(sealed_digest_hex), pcr0=self._pcr0,
                                     clock=self._clock)
@@ -140,13 +168,22 @@ class Protections:
         self.authorize(principal, method)
         return principal
 
+    def check_audit(self) -> None:
+        """Refuse protected calls while the parent withholds the audit log beyond the measured bound
+        (``ProtectionUnavailableError("audit-withheld")``): serving on would mean serving unaudited."""
+        if self.audit_withheld() is not None:
+            raise ProtectionUnavailableError("audit-withheld")
+
     def charge(self, principal: Principal, items: int) -> QuotaState:
+        if self.ledger is None:
+            raise NotReadyError("limits not ready")
         return self.ledger.charge(principal.subject, principal.tier, items)
 
     def sign(self, principal: Principal, method: str, request_bytes: bytes, response_bytes: bytes) -> Receipt:
         if self.signer is None:  # serving() comes before any model call can succeed
             raise RuntimeError("receipt signer used before the model was loaded")
-        return self.signer.sign(principal.subject, method, request_bytes, response_bytes)
+        return self.signer.sign(principal.subject, method, request_bytes, response_bytes,
+                                audit=self.audit.position())
 
     def record(self, call: CallRecord, *, decision: str, latency_us: int, reason: str | None = None,
                code: str = "OK") -> None:

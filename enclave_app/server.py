@@ -60,13 +60,14 @@ from enclave_app.models.base import InvalidInputError
 from enclave_app.outputs import OutputGuard
 from enclave_app.protections import RECEIPTED, CallRecord, Protections, Sink, boot_key_from_nsm
 from enclave_app.status import NotReadyError, OverloadedError, abort_with, classify
-from nitrovault.errors import AccessError
+from nitrovault.errors import AccessError, ProtectionUnavailableError, StateStoreError
 from nitrovault.identity import TlsIdentity
 from nitrovault.nsm import Nsm
 from nitrovault.receipts import enclave_user_data
 from nitrovault.rpc.gen.nitrovault.v1 import inference_pb2 as pb
 from nitrovault.rpc.gen.nitrovault.v1 import inference_pb2_grpc as pb_grpc
 from nitrovault.rpc.tensors import from_numpy, to_numpy
+from nitrovault.state import StateStore
 
 T = TypeVar("T")
 SERVICE = "nitrovault.v1.Inference"
@@ -92,6 +93,8 @@ class ServingModel:
     sealed_digest: str
     #: the boot's output protections (:func:`enclave_app.boot.boot` builds them with the sealed extras)
     outputs: OutputGuard
+    #: the shared state store the boot opened (quotas are charged there), or None: limits in memory
+    store: StateStore | None = None
 
 
 class InferenceService(pb_grpc.InferenceServicer):
@@ -177,9 +180,16 @@ class InferenceService(pb_grpc.InferenceServicer):
                 return response
             call.principal = guard.identify(context.invocation_metadata())
             guard.authorize(call.principal, method)  # after call.principal: a scope refusal is attributed
-            call.quota = guard.charge(call.principal, items)
-            if method in RECEIPTED and self.model is not None:
-                self.model.outputs.admit(call.principal.subject)
+            guard.check_audit()
+            principal = call.principal
+            if guard.shared:  # store round trips: never on the event loop (a slow store must not stall it)
+                call.quota = await asyncio.to_thread(guard.charge, principal, items)
+                if method in RECEIPTED and self.model is not None:
+                    await asyncio.to_thread(self.model.outputs.admit, principal.subject)
+            else:
+                call.quota = guard.charge(principal, items)
+                if method in RECEIPTED and self.model is not None:
+                    self.model.outputs.admit(principal.subject)
             response = await work(call)
             if method in RECEIPTED:
                 raw = _RAW_REQUEST.get()
@@ -190,8 +200,12 @@ class InferenceService(pb_grpc.InferenceServicer):
                 response.receipt.signature = receipt.signature  # type: ignore[attr-defined]
                 response.receipt.key_id = receipt.key_id  # type: ignore[attr-defined]
                 call.receipt_id = receipt.receipt_id
-        except Exception as err:
+        except Exception as caught:
             latency_us = (time.perf_counter_ns() - started) // 1000
+            err: Exception = caught
+            if isinstance(caught, StateStoreError):  # limits cannot be decided: fail closed
+                log.warning("%s: refusing the call", caught)
+                err = ProtectionUnavailableError("state-store-unavailable")
             decision, reason = guard.decision_of(err)
             if isinstance(err, grpc.aio.AbortError):  # aborted by grpc itself, already answered
                 guard.record(call, decision=decision, reason=reason, code="ABORTED", latency_us=latency_us)
@@ -456,7 +470,7 @@ class EnclaveServer:
         os.chmod(self.socket_path, 0o600)
 
     async def serve(self, model: ServingModel) -> None:
-        self.service.protections.serving(model.sealed_digest)
+        self.service.protections.serving(model.sealed_digest, model.store)
         self.service.model = model
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
 

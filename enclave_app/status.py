@@ -23,6 +23,7 @@ from nitrovault.errors import (
     AuthenticationError,
     NitrovaultError,
     PermissionDeniedError,
+    ProtectionUnavailableError,
     QuotaExceededError,
 )
 from nitrovault.rpc.tensors import TensorFormatError
@@ -50,6 +51,8 @@ TABLE: tuple[tuple[type[BaseException], grpc.StatusCode, bool], ...] = (
     (AuthenticationError, grpc.StatusCode.UNAUTHENTICATED, True),
     (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED, True),
     (QuotaExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED, True),
+    # fail closed: limits or audit cannot be enforced right now (state store unreachable, audit withheld)
+    (ProtectionUnavailableError, grpc.StatusCode.UNAVAILABLE, True),
 )
 
 _FIXED = {

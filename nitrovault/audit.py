@@ -24,6 +24,14 @@ only: floats are refused so every implementation hashes the same bytes) of::
   hash, hence (through ``prev``) the whole chain up to it: head hash and sequence number.
 * ``gap`` bodies are ``{"kid", "dropped": n, "from_t", "to_t"}``: signed, chained like any entry.
 
+Audit position: :meth:`AuditWriter.position` is the :class:`AuditPosition` ``(seq, head)`` the next
+chained entry extends (``seq`` it will get, ``head`` the hash of entry ``seq - 1``, :data:`GENESIS` at
+seq 0). The server takes it before appending a call's record and signs it into that call's receipt
+(:meth:`nitrovault.receipts.ReceiptSigner.sign` ``audit=``, receipt body v2 ``aseq``/``ahead``). A
+receipt therefore proves, to whoever holds it, that entries ``0 .. aseq-1`` exist with that head, and
+that the call's record (or a signed gap entry reporting it lost) comes at ``seq >= aseq``: the parent
+can no longer cut the log at a checkpoint and pass it off as complete.
+
 Sink failure (the parent's audit sink is down): serving continues. Entries already chained wait in a
 buffer of ``max_buffered`` records (plus the checkpoint, gap and final entries they lead to) and are
 retried in order on every append and :meth:`AuditWriter.flush`.
@@ -49,14 +57,36 @@ boot's attestation document). The first line that breaks a rule is reported as `
    A running enclave's log has no final checkpoint yet: ``live=True`` accepts that, counts the records
    after the last checkpoint as ``uncovered`` (not verified) and requires the log to begin at seq 0.
    An enclave that crashed also leaves no final checkpoint: strict verification cannot tell that from
-   truncation, and says so.
+   truncation, and says so (unless receipts prove entries past the end: ``cut``, rule 8).
+8. receipts (``receipts=``: each a :meth:`~nitrovault.receipts.Receipt.to_bytes`, as clients save them):
+   each must verify under the same document's key and PCR0 (steps 1, 4-6 of
+   :func:`nitrovault.receipts.verify_receipt`; a receipt that does not is reported with that step's
+   reason, e.g. ``other-key`` for another boot's, never raised). Then, for a v2 receipt with
+   ``aseq = N``, ``ahead = H`` and receipt id ``R``:
+
+   a. if ``N > 0`` the log must hold entry ``N - 1`` and its hash must be ``H``: ``withheld`` when the
+      log ends before ``N - 1``, ``forked`` when entry ``N - 1`` has another hash (a rewritten chain,
+      even in an open tail no checkpoint covers yet);
+   b. a record whose body's ``receipt`` is ``R`` must be at ``seq >= N``, else ``missing``, unless a
+      signed gap entry at ``seq >= N`` reports enough lost records (each gap's ``dropped`` count is
+      shared among the receipts it may cover): then the receipt is counted ``in gap``, not a failure.
+
+   A v1 receipt carries no position: only (b), with ``N = 0``. The highest ``N - 1`` over the receipts
+   is the seq they prove exists; if the log ends before it the report fails with ``cut`` (receipts
+   prove entries up to seq X, the log ends at Y), in strict **and** live mode: a log cut at a
+   checkpoint passes ``live=True`` on its own, not against a receipt issued after the cut. A receipt
+   issued moments ago may name a record that is still in flight (or buffered while the sink is down):
+   verify again once it has been written. Any receipt finding other than ``in gap`` makes the report
+   fail. ``first_bad`` is the log's own first bad line as before; ``cut`` takes the place of
+   ``truncated`` (or of no failure at all), as ``(last file, 0, "cut: ...")``.
 
 Example::
 
     writer = AuditWriter(boot_key, sink=RotatingFileSink(Path("audit"), 10 << 20))
     writer.append({"subject": "alice", "method": "Embed", "decision": "ok", "latency_us": 812})
     writer.close()
-    report = verify_audit(sorted(Path("audit").glob("*.jsonl")), attestation_doc=doc, root=None, at=t)
+    report = verify_audit(sorted(Path("audit").glob("*.jsonl")), attestation_doc=doc, root=None, at=t,
+                          receipts=[Path("receipt.cbor").read_bytes()])
 """
 
 from __future__ import annotations
@@ -69,7 +99,7 @@ import re
 import threading
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -80,15 +110,24 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from nitrovault.attestation import verify_document
 from nitrovault.errors import AttestationError, AuditError, ConfigError, ReceiptError
-from nitrovault.receipts import key_id, public_key_from_user_data
+from nitrovault.receipts import (
+    AUDIT_GENESIS,
+    AuditPosition,
+    Receipt,
+    check_receipt,
+    key_id,
+    public_key_from_user_data,
+)
 
 __all__ = [
     "FORBIDDEN_KEYS",
     "AuditEntry",
+    "AuditPosition",
     "AuditReport",
     "AuditStatus",
     "AuditWriter",
     "BadRecord",
+    "ReceiptFinding",
     "RotatingFileSink",
     "canonical_json",
     "verify_audit",
@@ -100,7 +139,7 @@ Clock = Callable[[], datetime]
 Sink = Callable[[bytes], None]
 
 VERSION = 1
-GENESIS = "0" * 64
+GENESIS = AUDIT_GENESIS  #: "0" * 64: ``prev`` of the entry at seq 0
 FORBIDDEN_KEYS = frozenset({"input", "output", "text", "texts", "tensor"})
 _HASH_CONTEXT = b"nitrovault-audit-v1\x00"
 _SIG_CONTEXT = b"nitrovault-audit-sig-v1\x00"
@@ -222,6 +261,13 @@ class AuditWriter:
                 degraded=bool(self._buffer) or self._dropped > 0, buffered=len(self._buffer),
                 dropped_pending=self._dropped, dropped_total=self._dropped_total, next_seq=self._seq,
             )
+
+    def position(self) -> AuditPosition:
+        """Where the chain stands now: the seq the next chained entry gets and the hash of the last one
+        (``GENESIS`` at seq 0). Take it before appending a call's record and sign it into the call's
+        receipt; that record is then chained at ``seq >= position().seq`` (or reported lost in a gap)."""
+        with self._lock:
+            return AuditPosition(self._seq, self._head)
 
     def append(self, record: Mapping[str, Any]) -> AuditEntry | None:
         """Chain ``record`` and hand it to the sink. ``None``: the buffer is full and the record was
@@ -379,6 +425,18 @@ class BadRecord(NamedTuple):
 
 
 @dataclass(frozen=True)
+class ReceiptFinding:
+    """A receipt the log does not account for (rule 8)."""
+
+    receipt_id: str | None  #: ``<kid>:<seq>``; None when the receipt does not even decode
+    #: ``withheld``, ``forked``, ``missing``, or the receipt's own failure (:class:`ReceiptError` reason:
+    #: ``other-key``, ``signature``, ``pcr0``, ``malformed``)
+    reason: str
+    detail: str
+    audit_seq: int | None = None  #: the receipt's ``aseq`` (None: v1 or undecodable)
+
+
+@dataclass(frozen=True)
 class AuditReport:
     ok: bool
     records: int  #: call records verified (covered by a valid checkpoint signature)
@@ -387,6 +445,12 @@ class AuditReport:
     dropped: int = 0  #: records the enclave reported lost in signed gap entries
     uncovered: int = 0  #: live mode: records after the last checkpoint, not (yet) verified
     boot_id: str | None = None
+    last_seq: int | None = None  #: seq of the log's last entry read (before ``first_bad``, if any)
+    receipts_checked: int = 0  #: distinct receipts given
+    receipts_missing: list[ReceiptFinding] = field(default_factory=list)  #: any of these fails the report
+    receipts_in_gaps: int = 0  #: receipts whose record a signed gap entry reports lost (not a failure)
+    receipts_proven_seq: int | None = None  #: highest seq the (valid v2) receipts prove exists
+    cut: bool = False  #: receipts prove entries beyond ``last_seq`` of a log that verifies up to there
 
 
 class _Bad(Exception):
@@ -439,9 +503,18 @@ def _parse(raw: bytes) -> dict[str, Any]:
 class _Chain:
     """The verifier's running state over all files."""
 
-    def __init__(self, public_key: ed25519.Ed25519PublicKey) -> None:
+    def __init__(self, public_key: ed25519.Ed25519PublicKey, receipts: Sequence[Receipt] = (),
+                 invalid: Sequence[ReceiptFinding] = ()) -> None:
         self.key = public_key
         self.kid = key_id(public_key)
+        self.receipts = list(receipts)  # verified receipts (rule 8)
+        self.invalid = list(invalid)  # receipts that did not verify
+        self.watch_seqs = {r.audit_seq - 1 for r in receipts if r.audit_seq}  # heads to compare
+        self.watch_ids = {r.receipt_id for r in receipts}
+        self.heads: dict[int, str] = {}  # seq -> hash, for watch_seqs only
+        self.found: dict[str, int] = {}  # receipt id -> highest seq of a record naming it
+        self.gaps: list[tuple[int, int]] = []  # (seq, dropped) of every gap entry
+        self.broken = False  # a line broke rules 1-6: nothing after it was read
         self.boot: str | None = None
         self.head = GENESIS
         self.next_seq = 0
@@ -489,10 +562,16 @@ class _Chain:
                 if isinstance(dropped, bool) or not isinstance(dropped, int) or dropped < 1:
                     raise _Bad(lineno, "gap entry without a positive 'dropped' count")
                 self.dropped += dropped
+                self.gaps.append((seq, dropped))
             else:
                 self.checkpoints += 1
                 if entry["body"].get("final") is True:
                     self.final_at = (file, lineno)
+        if seq in self.watch_seqs:
+            self.heads[seq] = entry["hash"]
+        receipt_id = entry["body"].get("receipt") if entry["kind"] == "record" else None
+        if isinstance(receipt_id, str) and receipt_id in self.watch_ids:
+            self.found[receipt_id] = seq  # seqs only go up: the highest
         self.last = (file, lineno, seq, entry["prev"])
         self.head = entry["hash"]
         self.next_seq = seq + 1
@@ -508,8 +587,9 @@ class _Chain:
 
 
 def verify_audit(files: Sequence[Path], *, attestation_doc: bytes, root: x509.Certificate | None,
-                 at: datetime, live: bool = False) -> AuditReport:
-    """Check one boot's audit log, given as its files in rotation order (rules 1-7, module docstring)."""
+                 at: datetime, live: bool = False, receipts: Sequence[bytes] = ()) -> AuditReport:
+    """Check one boot's audit log, given as its files in rotation order (rules 1-7, module docstring),
+    and that it accounts for every receipt given (rule 8)."""
     if not files:
         raise ConfigError("no audit files given")
     first = Path(files[0])
@@ -518,7 +598,8 @@ def verify_audit(files: Sequence[Path], *, attestation_doc: bytes, root: x509.Ce
         public_key = public_key_from_user_data(verified.document.user_data)
     except (AttestationError, ReceiptError) as err:
         return AuditReport(False, 0, BadRecord(first, 0, f"attestation document: {err}"))
-    chain = _Chain(public_key)
+    valid, invalid = _check_receipts(receipts, public_key, verified.document.pcrs.get(0, b""))
+    chain = _Chain(public_key, valid, invalid)
     current = first
     try:
         for file in map(Path, files):
@@ -531,6 +612,7 @@ def verify_audit(files: Sequence[Path], *, attestation_doc: bytes, root: x509.Ce
                         raise _Bad(lineno, "line too long")
                     chain.feed(file, lineno, raw)
     except _Bad as bad:
+        chain.broken = True
         return _report(chain, BadRecord(current, bad.line, bad.reason))
     if chain.last is None:
         return _report(chain, BadRecord(first, 0, "empty audit log"))
@@ -542,6 +624,80 @@ def verify_audit(files: Sequence[Path], *, attestation_doc: bytes, root: x509.Ce
     return _report(chain, None)
 
 
+def _check_receipts(receipts: Sequence[bytes], public_key: ed25519.Ed25519PublicKey,
+                    pcr0: bytes) -> tuple[list[Receipt], list[ReceiptFinding]]:
+    """Rule 8, first part: decode and verify each distinct receipt (steps 1, 4-6); report, never raise."""
+    valid: dict[str, Receipt] = {}
+    invalid: list[ReceiptFinding] = []
+    for data in dict.fromkeys(bytes(r) for r in receipts):
+        receipt: Receipt | None = None
+        try:
+            receipt = Receipt.from_bytes(data)
+            check_receipt(receipt, public_key=public_key, pcr0=pcr0)
+        except ReceiptError as err:
+            invalid.append(ReceiptFinding(None if receipt is None else receipt.receipt_id, err.reason,
+                                          f"receipt does not verify against this boot's document: {err}",
+                                          None if receipt is None else receipt.audit_seq))
+            continue
+        valid.setdefault(receipt.receipt_id, receipt)
+    return list(valid.values()), invalid
+
+
+def _receipt_findings(chain: _Chain, last_seq: int | None) -> tuple[list[ReceiptFinding], int]:
+    """Rule 8 (a) and (b) over the entries read; returns the findings and how many receipts fell in gaps."""
+    ends = f"the log ends at seq {last_seq}" if last_seq is not None else "the log has no entries"
+    if chain.broken:
+        ends += " (where it stops verifying)"
+    findings: dict[str, ReceiptFinding] = {}
+    unaccounted: list[Receipt] = []
+    for receipt in chain.receipts:
+        n = receipt.audit_seq or 0
+        if n > 0:
+            if last_seq is None or n - 1 > last_seq:  # (a)
+                findings[receipt.receipt_id] = ReceiptFinding(
+                    receipt.receipt_id, "withheld",
+                    f"the receipt proves audit entry seq {n - 1} exists; {ends}", n)
+                continue
+            if chain.heads.get(n - 1) != receipt.audit_head:
+                findings[receipt.receipt_id] = ReceiptFinding(
+                    receipt.receipt_id, "forked", f"audit entry seq {n - 1} is not the one the receipt was "
+                    "signed after (another hash: the chain was rewritten)", n)
+                continue
+        if chain.found.get(receipt.receipt_id, -1) < n:  # (b)
+            unaccounted.append(receipt)
+    # a gap entry at seq >= N may cover the record; each gap's ``dropped`` is shared. The candidate sets
+    # are nested (a later N has fewer gaps to choose from), so serving the latest N first is optimal.
+    room = [[seq, dropped] for seq, dropped in chain.gaps]
+    in_gaps = 0
+    for receipt in sorted(unaccounted, key=lambda r: r.audit_seq or 0, reverse=True):
+        n = receipt.audit_seq or 0
+        slot = next((g for g in room if g[0] >= n and g[1] > 0), None)
+        if slot is not None:
+            slot[1] -= 1
+            in_gaps += 1
+            continue
+        where = chain.found.get(receipt.receipt_id)
+        detail = (f"no record names this receipt at seq >= {n} and no signed gap entry after it reports "
+                  "it lost" + (f" (a record at seq {where} names it, before its audit position)"
+                               if where is not None else "") + f"; {ends}")
+        findings[receipt.receipt_id] = ReceiptFinding(receipt.receipt_id, "missing", detail,
+                                                      receipt.audit_seq)
+    ordered = [findings[r.receipt_id] for r in chain.receipts if r.receipt_id in findings]
+    return [*chain.invalid, *ordered], in_gaps
+
+
 def _report(chain: _Chain, bad: BadRecord | None) -> AuditReport:
-    return AuditReport(ok=bad is None, records=chain.records, first_bad=bad, checkpoints=chain.checkpoints,
-                       dropped=chain.dropped, uncovered=len(chain.pending), boot_id=chain.boot)
+    last_seq = chain.next_seq - 1 if chain.last is not None else None
+    proven = max((r.audit_seq - 1 for r in chain.receipts if r.audit_seq), default=None)
+    findings, in_gaps = _receipt_findings(chain, last_seq)
+    # an empty log or one broken at a line already fails on its own; "cut" is for a log that verifies
+    cut = proven is not None and last_seq is not None and proven > last_seq and not chain.broken
+    if cut and chain.last is not None:
+        # replaces "truncated" too: receipts tell a cut log from a crashed enclave's
+        bad = BadRecord(chain.last[0], 0, f"cut: receipts prove audit entries up to seq {proven} exist but "
+                                          f"the log ends at seq {last_seq}")
+    return AuditReport(ok=bad is None and not findings, records=chain.records, first_bad=bad,
+                       checkpoints=chain.checkpoints, dropped=chain.dropped, uncovered=len(chain.pending),
+                       boot_id=chain.boot, last_seq=last_seq, receipts_checked=len(chain.receipts)
+                       + len(chain.invalid), receipts_missing=findings, receipts_in_gaps=in_gaps,
+                       receipts_proven_seq=proven, cut=cut)

@@ -43,7 +43,10 @@ single opaque failure (:class:`SealedModelError`) so that it is no decryption or
     ├── AccessError                      a caller was refused; ``reason`` is for the audit log ONLY
     │   ├── AuthenticationError            bad/missing bearer token          -> UNAUTHENTICATED
     │   ├── PermissionDeniedError          valid token, scope does not allow -> PERMISSION_DENIED
-    │   └── QuotaExceededError             rate/daily quota used up -> RESOURCE_EXHAUSTED (retry_after_s)
+    │   ├── QuotaExceededError             rate/daily quota used up -> RESOURCE_EXHAUSTED (retry_after_s)
+    │   └── ProtectionUnavailableError     limits or audit cannot be enforced now -> UNAVAILABLE (fail closed)
+    ├── StateStoreError                  the shared state store could not be reached or answered oddly
+    │   └── StateStoreCredentialError      it refused the sealed credential (a boot failure, not a retry)
     ├── BindingError                     a document's ``user_data`` is not the nitrovault/v1 layout
     ├── TlsIdentityError                 a TLS identity or a server's TLS session is unusable
     ├── ClientError                      a nitrovault.client call failed (gRPC ``code`` name, ``details``)
@@ -280,6 +283,27 @@ class QuotaExceededError(AccessError):
         super().__init__(reason)
         #: seconds after which the same call would be accepted (the retry-after hint)
         self.retry_after_s = retry_after_s
+
+
+class ProtectionUnavailableError(AccessError):
+    """A protected call cannot be served because a protection cannot be enforced right now: the shared
+    state store is unreachable (reason ``state-store-unavailable``) or the audit log has been withheld
+    beyond the measured bound (``audit-withheld``). Fail closed: the caller gets UNAVAILABLE, never
+    unlimited or unaudited service."""
+
+    step = "protection"
+    generic_message = "service temporarily unavailable; retry later"
+
+
+class StateStoreError(NitrovaultError):
+    """The shared state store (Valkey/Redis) could not be reached, refused our credential or answered
+    something unexpected. The message names no secret."""
+
+    step = "state-store"
+
+
+class StateStoreCredentialError(StateStoreError):
+    """The state store refused the credential sealed with the model (or its user lacks a permission)."""
 
 
 class ReceiptError(NitrovaultError):

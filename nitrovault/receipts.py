@@ -13,21 +13,33 @@ without an extra text encoding, the receipt fits gRPC binary trailing metadata, 
 what the attestation documents need. Wire form::
 
     receipt = [ body: bstr, signature: bstr(64) ]          ; a CBOR array of two byte strings
-    body    = canonical CBOR map {"v": 1, "model": tstr, "sealed": bstr(32), "pcr0": bstr(48),
+    body    = canonical CBOR map {"v": 1 | 2, "model": tstr, "sealed": bstr(32), "pcr0": bstr(48),
               "sub": tstr, "method": tstr, "t": uint (Unix ms), "req": bstr(32), "resp": bstr(32),
-              "seq": uint (per boot, from 0), "kid": tstr (hex SHA-256(raw public key)[:16])}
+              "seq": uint (per boot, from 0), "kid": tstr (hex SHA-256(raw public key)[:16]),
+              ; version 2 only, both present:
+              "aseq": uint (audit position: seq the audit log's next chained entry gets),
+              "ahead": bstr(32) (hash of the audit entry aseq-1; 32 zero bytes when aseq is 0)}
     signature = Ed25519(key, b"nitrovault-receipt-v1\\x00" || body)
 
 ``req``/``resp`` are SHA-256 of the serialized request and response messages. The signature covers the
 exact ``body`` bytes received, and a body that is not in canonical form is rejected, so one receipt has
-one encoding. Verification steps (:func:`verify_receipt`), each failing with
-:class:`~nitrovault.errors.ReceiptError` whose ``reason`` names it:
+one encoding. Version 2 bodies (:meth:`ReceiptSigner.sign` with ``audit=``) also carry the audit log
+position the call's record extends (:class:`AuditPosition`, taken from
+:meth:`nitrovault.audit.AuditWriter.position` before the record is appended): whoever holds the receipt
+can prove that the log has an entry ``aseq - 1`` with hash ``ahead`` and that the call's record comes
+at ``seq >= aseq`` (``nitrovault.audit.verify_audit(receipts=...)``), so the parent cannot withhold the
+log's tail unnoticed. Version 1 bodies (no audit position) still verify.
+Verification steps (:func:`verify_receipt`), each failing with :class:`~nitrovault.errors.ReceiptError`
+whose ``reason`` names it:
 
-1. ``malformed``: the receipt does not decode to the layout above;
+1. ``malformed``: the receipt does not decode to the layout above: not ``[bstr, bstr(64)]``, a body with
+   missing or unknown keys for its version (a v1 body carrying ``aseq``/``ahead``, a v2 body without
+   them), a field of the wrong type or length (``aseq`` not an unsigned integer, ``ahead`` not 32 bytes),
+   ``aseq`` 0 with a non-zero ``ahead``, an unknown version, or a body not in deterministic form;
 2. ``attestation``: the attestation document does not verify (``nitrovault.attestation.verify_document``);
 3. ``no-key``: its ``user_data`` does not carry a receipt key in the layout above;
 4. ``other-key``: the receipt's ``kid`` is not that key's (signed by another enclave or boot);
-5. ``signature``: the Ed25519 signature does not verify;
+5. ``signature``: the Ed25519 signature does not verify (it covers ``aseq``/``ahead`` too);
 6. ``pcr0``: the receipt's PCR0 is not the document's;
 7. ``response``: (only when the response bytes are given) their SHA-256 is not the receipt's ``resp``;
 8. ``request``: (only when the request bytes are given) their SHA-256 is not the receipt's ``req``.
@@ -35,13 +47,14 @@ one encoding. Verification steps (:func:`verify_receipt`), each failing with
 Example::
 
     signer = ReceiptSigner(key, model_id="m", sealed_digest=digest, pcr0=pcr0)
-    receipt = signer.sign("alice", "Embed", request_bytes, response_bytes)
+    receipt = signer.sign("alice", "Embed", request_bytes, response_bytes, audit=writer.position())
     verify_receipt(receipt.to_bytes(), attestation_doc=doc, root=root, at=doc_time, response=response_bytes)
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -59,8 +72,10 @@ from nitrovault.bindings import USER_DATA_MAGIC, EnclaveBindings
 from nitrovault.errors import AttestationError, BindingError, ConfigError, ReceiptError
 
 __all__ = [
+    "AUDIT_GENESIS",
     "MAX_RECEIPT_BYTES",
     "USER_DATA_MAGIC",
+    "AuditPosition",
     "Receipt",
     "ReceiptSigner",
     "check_receipt",
@@ -72,7 +87,9 @@ __all__ = [
 
 Clock = Callable[[], datetime]
 
-RECEIPT_VERSION = 1
+RECEIPT_VERSION = 1  #: bodies without an audit position
+RECEIPT_VERSION_AUDIT = 2  #: bodies with ``aseq``/``ahead``
+AUDIT_GENESIS = "0" * 64  #: the audit chain's ``prev`` at seq 0 (``nitrovault.audit.GENESIS``)
 MAX_RECEIPT_BYTES = 2048
 _SIGNING_CONTEXT = b"nitrovault-receipt-v1\x00"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -80,7 +97,9 @@ _BODY_FIELDS: dict[str, type[Any]] = {
     "v": int, "model": str, "sealed": bytes, "pcr0": bytes, "sub": str, "method": str, "t": int,
     "req": bytes, "resp": bytes, "seq": int, "kid": str,
 }
-_LENGTHS = {"sealed": 32, "pcr0": 48, "req": 32, "resp": 32}
+_AUDIT_FIELDS: dict[str, type[Any]] = {"aseq": int, "ahead": bytes}
+_FIELDS_BY_VERSION = {RECEIPT_VERSION: _BODY_FIELDS, RECEIPT_VERSION_AUDIT: {**_BODY_FIELDS, **_AUDIT_FIELDS}}
+_LENGTHS = {"sealed": 32, "pcr0": 48, "req": 32, "resp": 32, "ahead": 32}
 
 
 def _utc_now() -> datetime:
@@ -117,6 +136,23 @@ def public_key_from_user_data(user_data: bytes | None) -> ed25519.Ed25519PublicK
 
 
 @dataclass(frozen=True)
+class AuditPosition:
+    """Where the audit chain stands: ``seq`` is the seq the next chained entry gets, ``head`` the hex
+    hash of entry ``seq - 1`` (:data:`AUDIT_GENESIS` at seq 0). Defined here, not in
+    :mod:`nitrovault.audit` (which re-exports it), because the audit module imports this one."""
+
+    seq: int
+    head: str
+
+    def __post_init__(self) -> None:
+        if (isinstance(self.seq, bool) or not isinstance(self.seq, int) or self.seq < 0
+                or not isinstance(self.head, str) or not re.fullmatch(r"[0-9a-f]{64}", self.head)
+                or (self.seq == 0) != (self.head == AUDIT_GENESIS)):
+            raise ConfigError("an audit position is a seq >= 0 and a 64-digit lowercase hex head "
+                              "(the genesis head exactly at seq 0)")
+
+
+@dataclass(frozen=True)
 class Receipt:
     """A decoded receipt. Fields mirror the CBOR body; ``body`` and ``signature`` are the signed bytes."""
 
@@ -132,6 +168,19 @@ class Receipt:
     key_id: str
     body: bytes = field(repr=False)
     signature: bytes = field(repr=False)
+    audit_seq: int | None = None  #: v2: the audit position's seq at signing time (None in v1)
+    audit_head: str | None = None  #: v2: hex hash of audit entry ``audit_seq - 1`` (None in v1)
+
+    @property
+    def version(self) -> int:
+        return RECEIPT_VERSION if self.audit_seq is None else RECEIPT_VERSION_AUDIT
+
+    @property
+    def audit_position(self) -> AuditPosition | None:
+        """The audit position the receipt extends (v2), ``None`` for a v1 receipt."""
+        if self.audit_seq is None or self.audit_head is None:
+            return None
+        return AuditPosition(self.audit_seq, self.audit_head)
 
     @property
     def receipt_id(self) -> str:
@@ -153,16 +202,27 @@ class Receipt:
             raise ReceiptError("malformed", "receipt is not [body, signature]")
         body_bytes, signature = outer
         body = _loads(body_bytes)
-        if not isinstance(body, dict) or set(body) != set(_BODY_FIELDS):
-            raise ReceiptError("malformed", "receipt body has missing or unknown fields")
-        for name, kind in _BODY_FIELDS.items():
+        version = body.get("v") if isinstance(body, dict) else None
+        fields = _FIELDS_BY_VERSION.get(version) if type(version) is int else None
+        if fields is None:
+            raise ReceiptError("malformed", "receipt body is not a map of a known version")
+        if set(body) != set(fields):
+            raise ReceiptError("malformed", f"receipt body has missing or unknown fields for v{version}")
+        for name, kind in fields.items():
             value = body[name]
             if not isinstance(value, kind) or isinstance(value, bool):
                 raise ReceiptError("malformed", f"receipt field {name!r} has the wrong type")
             if name in _LENGTHS and len(value) != _LENGTHS[name]:  # value is bytes here
                 raise ReceiptError("malformed", f"receipt field {name!r} has the wrong length")
-        if body["v"] != RECEIPT_VERSION or body["t"] < 0 or body["seq"] < 0 or len(signature) != 64:
-            raise ReceiptError("malformed", "unsupported receipt version or bad field value")
+        if body["t"] < 0 or body["seq"] < 0 or len(signature) != 64:
+            raise ReceiptError("malformed", "bad receipt field value")
+        audit_seq: int | None = None
+        audit_head: str | None = None
+        if version == RECEIPT_VERSION_AUDIT:
+            audit_seq, audit_head = body["aseq"], body["ahead"].hex()
+            if audit_seq < 0 or (audit_seq == 0) != (audit_head == AUDIT_GENESIS):
+                raise ReceiptError("malformed", "receipt audit position is not a valid one "
+                                                "(the genesis head goes with aseq 0, and only with it)")
         if cbor2.dumps(body, canonical=True) != body_bytes:
             raise ReceiptError("malformed", "receipt body is not in deterministic CBOR form")
         return cls(
@@ -170,6 +230,7 @@ class Receipt:
             method=body["method"], time=_EPOCH + timedelta(milliseconds=body["t"]),
             request_sha256=body["req"], response_sha256=body["resp"], sequence=body["seq"],
             key_id=body["kid"], body=body_bytes, signature=signature,
+            audit_seq=audit_seq, audit_head=audit_head,
         )
 
 
@@ -200,7 +261,12 @@ class ReceiptSigner:
     def key_id(self) -> str:
         return self._kid
 
-    def sign(self, subject: str, method: str, request_bytes: bytes, response_bytes: bytes) -> Receipt:
+    def sign(self, subject: str, method: str, request_bytes: bytes, response_bytes: bytes, *,
+             audit: AuditPosition | None = None) -> Receipt:
+        """Sign one response. With ``audit`` (:meth:`nitrovault.audit.AuditWriter.position`, taken before
+        the call's record is appended) the body is version 2 and binds that audit position."""
+        if audit is not None and not isinstance(audit, AuditPosition):
+            raise ConfigError("audit must be an AuditPosition")
         now_ms = (self._clock() - _EPOCH) // timedelta(milliseconds=1)
         with self._lock:
             seq = self._seq
@@ -212,12 +278,15 @@ class ReceiptSigner:
             "req": req, "resp": resp,
             "seq": seq, "kid": self._kid,
         }
+        if audit is not None:
+            body.update(v=RECEIPT_VERSION_AUDIT, aseq=audit.seq, ahead=bytes.fromhex(audit.head))
         body_bytes = cbor2.dumps(body, canonical=True)
         signature = self._key.sign(_SIGNING_CONTEXT + body_bytes)
         return Receipt(
             model_id=self._model_id, sealed_digest=self._sealed, pcr0=self._pcr0, subject=subject,
             method=method, time=_EPOCH + timedelta(milliseconds=now_ms), request_sha256=req,
             response_sha256=resp, sequence=seq, key_id=self._kid, body=body_bytes, signature=signature,
+            audit_seq=None if audit is None else audit.seq, audit_head=None if audit is None else audit.head,
         )
 
 

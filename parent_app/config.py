@@ -76,6 +76,10 @@ class ParentConfig:
     enclave: Mapping[str, Any]
     #: where the local KMS proxy relays vsock(3, kms_proxy) to; empty in production (vsock-proxy does it)
     kms_proxy_target: str = ""
+    #: where the local state-store proxy relays vsock(3, state_store_proxy_port) to (the store's TLS port);
+    #: empty in production (a second vsock-proxy, allowlisting only the store's endpoint, does it)
+    state_store_proxy_target: str = ""
+    state_store_proxy_port: int = 8002
     enclave_cid: int = 16
     inference_port: int = 5000
     host_services_port: int = 8001

@@ -8,6 +8,8 @@ production (real ``AF_VSOCK``), the local stack's runner (``nitrovault.local.par
     tcp health_listen ──► GET /health: 200 while the enclave reports SERVING, else 503
     vsock(3, host_services) ──► relay ──► unix RUN/host.sock (HostServices gRPC)
     vsock(3, kms_proxy) ──► relay ──► KMS (local only; AWS's vsock-proxy in production)
+    vsock(3, state_store) ──► relay ──► the shared state store (local only; a second vsock-proxy in
+                                        production); the enclave's TLS and AUTH pass through unread
 
 The parent is hostile by design: on the public path it only copies ciphertext. It terminates no TLS,
 parses no HTTP/2 and sees no payload or metadata; its limits are per connection (caps per client IP, a
@@ -131,6 +133,14 @@ async def run(config: ParentConfig, *, mapping: AddressMap, stop: asyncio.Event 
             Relay(
                 VsockAddress(3, config.kms_proxy_port),
                 parse_address(config.kms_proxy_target),
+                mapping=mapping,
+            )
+        )
+    if config.state_store_proxy_target:  # bytes only: TLS runs from the enclave to the store
+        relays.append(
+            Relay(
+                VsockAddress(3, config.state_store_proxy_port),
+                parse_address(config.state_store_proxy_target),
                 mapping=mapping,
             )
         )

@@ -57,3 +57,32 @@ def nitro_vectors(nitro_vectors_dir: Path) -> list[dict[str, Any]]:
         item["at"] = datetime.fromisoformat(entry["suggested_verify_time_utc"].replace("Z", "+00:00"))
         out.append(item)
     return out
+
+
+@pytest.fixture(scope="session")
+def state_store_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real redis-server (Debian's package, installed by ``make system``), TLS only, default user off:
+    the local stand-in for ElastiCache, as :mod:`nitrovault.local.state_store` configures it."""
+    from nitrovault.local.homes import free_port
+    from nitrovault.local.state_store import LocalStateStore
+
+    home = tmp_path_factory.mktemp("state-store")
+    server = LocalStateStore.ensure(home / "server", home / "password")
+    port = free_port()
+    with (home / "out.log").open("ab") as log:
+        proc = server.start(port=port, log=log)
+    try:
+        yield server, port, proc
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture
+def store(state_store_server: Any) -> Iterator[Any]:
+    from stores import store_for
+
+    server, port, _ = state_store_server
+    client = store_for(server, port)
+    yield client
+    client.close()

@@ -43,6 +43,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColu
 from nitrovault.envelope import DEFAULT_CHUNK_SIZE, SealedHeader, SealedModel, seal_file, zeroize
 from nitrovault.envelope.extras import (
     REFERENCE_TENSOR,
+    STATE_STORE_PASSWORD_KEY,
     WATERMARK_CANDIDATES_KEY,
     WATERMARK_SECRET_KEY,
     read_header,
@@ -153,11 +154,17 @@ def seal(
         dir_okay=False)] = None,
     tls_chain: Annotated[Path | None, typer.Option(
         "--tls-chain", help="Its certificate chain (PEM, leaf first).", exists=True, dir_okay=False)] = None,
+    state_store_password_file: Annotated[Path | None, typer.Option(
+        "--state-store-password-file", help="The shared state store user's password (sealed with the "
+        "model: only attested enclaves can authenticate to the store).", exists=True,
+        dir_okay=False)] = None,
 ) -> None:
     """Seal a safetensors model under a fresh KMS data key and print its digest."""
     ctx = _parse_context(context or [])
     try:
         extras = _extras(watermark_key, watermark_candidates, reference)
+        if state_store_password_file is not None:
+            extras[0][STATE_STORE_PASSWORD_KEY] = _store_password(state_store_password_file)
         identity = _tls_identity(model, tls_name, tls_key, tls_chain)
     except (ConfigError, TlsIdentityError, OSError, ValueError) as exc:
         _err.print(f"extras: {exc}", markup=False, highlight=False)
@@ -219,6 +226,16 @@ def _tls_identity(model: Path, name: str, key: Path | None, chain: Path | None) 
     if SEALED_KEY in read_header(model)[0].get("__metadata__", {}):
         return None
     return TlsIdentity.generate(name, now=datetime.now(UTC))
+
+
+def _store_password(path: Path) -> str:
+    """The password file's one line (printable ASCII, 16 to 128 characters: ElastiCache's rules)."""
+    password = path.read_text().strip()
+    if not 16 <= len(password) <= 128 or not password.isascii() or not password.isprintable() or (
+            any(c in password for c in " \"@/")):
+        raise ConfigError("the state store password must be 16-128 printable ASCII characters without "
+                          "spaces, quotes, '@' or '/'")
+    return password
 
 
 def _extras(key_file: Path | None, candidates: Path | None,

@@ -37,6 +37,7 @@ from nitrovault.errors import ConfigError
 
 __all__ = [
     "REFERENCE_TENSOR",
+    "STATE_STORE_PASSWORD_KEY",
     "WATERMARK_CANDIDATES_KEY",
     "WATERMARK_SECRET_KEY",
     "read_header",
@@ -49,6 +50,8 @@ REFERENCE_TENSOR = "nitrovault.reference"
 WATERMARK_SECRET_KEY = "nitrovault.watermark.secret"  # noqa: S105 - a metadata key name, not a secret
 #: sealed metadata: the embedding mark's candidate words (a JSON list of strings)
 WATERMARK_CANDIDATES_KEY = "nitrovault.watermark.candidates"
+#: sealed metadata: the shared state store user's password (only attested enclaves can authenticate)
+STATE_STORE_PASSWORD_KEY = "nitrovault.state_store.password"  # noqa: S105 - a metadata key name
 
 #: numpy dtype -> safetensors dtype name (the dtypes extra tensors may have)
 _DTYPES = {

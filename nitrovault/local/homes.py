@@ -103,6 +103,11 @@ class Paths:
     def kms_principals(self) -> Path:
         return self.aws / "kms-principals.json"
 
+    @property
+    def state_store(self) -> Path:
+        """The shared state store's server files: TLS, the ACL (a password hash only), its data."""
+        return self.aws / "state-store"
+
     # -- the owner ------------------------------------------------------------------------------------
 
     @property
@@ -122,6 +127,11 @@ class Paths:
     def owner_watermark_key(self) -> Path:
         """The model owner's watermark secret (32 random bytes, hex, 0600), sealed into the demo model."""
         return self.owner / "owner-watermark.key"
+
+    @property
+    def state_store_password(self) -> Path:
+        """The state store user's password (0600): sealed with the model, never under ``HOME/parent``."""
+        return self.owner / "state-store.password"
 
     @property
     def plain(self) -> Path:

@@ -86,6 +86,7 @@ from rich.console import Console
 from enclave_app.config import EnclaveConfig
 from nitrovault.access import TokenIssuer, generate_issuer_keys, load_issuer
 from nitrovault.envelope import SealedModel, seal_file, zeroize
+from nitrovault.envelope.extras import STATE_STORE_PASSWORD_KEY
 from nitrovault.errors import KeyAccessDeniedError, NitrovaultError
 from nitrovault.identity import TlsIdentity
 from nitrovault.kms import KmsClient, Recipient, RecipientKey
@@ -112,9 +113,13 @@ from nitrovault.local.models import (
 )
 from nitrovault.local.nsm import LocalNsmDevice
 from nitrovault.local.pki import LocalPki
+from nitrovault.local.state_store import HOST as STORE_HOST
+from nitrovault.local.state_store import USERNAME as STORE_USER
+from nitrovault.local.state_store import LocalStateStore
 from nitrovault.nsm import Nsm
 from nitrovault.policy.build import model_key_policy
 from nitrovault.policy.manifest import PcrManifest
+from nitrovault.state import StateStore, StoreSettings
 
 if TYPE_CHECKING:
     from nitrovault.client import Expect, NitrovaultClient
@@ -188,6 +193,7 @@ class LocalStack:
         listen: str = "127.0.0.1:50051",
         isolate: bool = True,
         kms_proxy_target: str | None = None,
+        state_store_proxy_target: str | None = None,
     ) -> None:
         self.paths = Paths(home)
         self._model = model
@@ -207,6 +213,11 @@ class LocalStack:
         self.nsm_process: subprocess.Popen[bytes] | None = None
         self.nsm_socket = ""
         self.principals: dict[str, dict[str, str]] = {}
+        #: the shared state store (a real redis-server, TLS only) and its TLS port on 127.0.0.1
+        self.state_store: LocalStateStore | None = None
+        self.state_store_port = 0
+        #: where the parent's state-store proxy relays to (default: the store); tests play a hostile parent
+        self.state_store_proxy_target = state_store_proxy_target
         self.key_arn = ""
         self.pcrs: dict[int, bytes] = {}
         #: the parent's HTTP health endpoint (what a load balancer's health check would ask)
@@ -313,6 +324,32 @@ class LocalStack:
             note(f"{self.kms_endpoint}, certificate for {kms_hostname(REGION)} from the local CA "
                  f"{tls.ca_path}")
 
+    def start_state_store(self) -> None:
+        with self.steps.step("shared state store (redis-server, TLS)") as note:
+            store = LocalStateStore.ensure(self.paths.state_store, self.paths.state_store_password)
+            self.paths.logs.mkdir(parents=True, exist_ok=True)
+            port = free_port()
+            with (self.paths.logs / "state-store.log").open("ab") as log:
+                try:
+                    self.processes.append(store.start(port=port, log=log))
+                except (OSError, RuntimeError) as err:
+                    raise StackError("state store", str(err)) from None
+            self.state_store, self.state_store_port = store, port
+            note(f"127.0.0.1:{port} as {STORE_HOST} (TLS only, default user off, user {STORE_USER})")
+
+    def store_client(self, password: str | None = None) -> StateStore:
+        """A client of the running state store as the enclaves' user (the owner's copy of the password),
+        verified like the enclave verifies it; for tests and operators."""
+        import socket
+
+        if self.state_store is None:
+            raise StackError("state store", "not started")
+        port = self.state_store_port
+        settings = StoreSettings(host=STORE_HOST, ca_bundle=self.state_store.ca_pem.decode(),
+                                 username=STORE_USER, namespace=self.model.model_id)
+        return StateStore.connect(settings, self.state_store.password if password is None else password,
+                                  route=lambda: socket.create_connection(("127.0.0.1", port), 2.0))
+
     def kms(self, role: str) -> Any:
         """A boto3 KMS client of the emulator as ``role`` (``admin``, ``sealer``, ``enclave``), over TLS."""
         principal = self.principals[role]
@@ -366,7 +403,9 @@ class LocalStack:
                 raise StackError("seal", f"no model weights at {model.weights}")
             with model.weights.open("rb") as f:
                 weights_sha256 = hashlib.file_digest(f, "sha256").hexdigest()
-            record = {"weights_sha256": weights_sha256, "key_id": key_arn, "encryption_context": context}
+            password = self.paths.state_store_password.read_text().strip()
+            record = {"weights_sha256": weights_sha256, "key_id": key_arn, "encryption_context": context,
+                      "state_store_password_sha256": hashlib.sha256(password.encode()).hexdigest()}
             if sealed_path.is_file() and record_path.is_file() and self._tls_cert_current():
                 header = SealedModel.open(sealed_path).header
                 with contextlib.suppress(ValueError):
@@ -385,7 +424,8 @@ class LocalStack:
             staging = Path(tempfile.mkdtemp(prefix=".seal-", dir=self.paths.models))
             try:
                 ready = staging / "ready.safetensors"
-                with_metadata(model.weights, ready, identity.sealed_metadata())
+                with_metadata(model.weights, ready,
+                              {**identity.sealed_metadata(), STATE_STORE_PASSWORD_KEY: password})
                 assert isinstance(data_key.plaintext, bytearray)
                 header = seal_file(
                     ready,
@@ -403,6 +443,11 @@ class LocalStack:
             note(f"{sealed_path.stat().st_size / 1e6:.1f} MB, digest {header.digest.hex()[:16]}…, "
                  f"TLS identity {identity.fingerprint[:16]}… ({TLS_SERVER_NAME})")
             return header.digest.hex()
+
+    def _store(self) -> LocalStateStore:
+        if self.state_store is None:
+            raise StackError("state store", "not started")
+        return self.state_store
 
     def _tls_cert_current(self) -> bool:
         """Whether the sealed identity's certificate (``HOME/owner/enclave-cert.pem``) has a month left."""
@@ -440,6 +485,10 @@ class LocalStack:
                         "default_tier": "default",
                     },
                     "audit": {"checkpoint_every": LOCAL_CHECKPOINT_EVERY},
+                    "state_store": {
+                        "host": STORE_HOST,
+                        "ca_bundle": self._store().ca_pem.decode(), "username": STORE_USER,
+                    },
                     **({"protection": plain_json(model.protection)} if model.protection is not None else {}),
                 }
             )
@@ -534,6 +583,9 @@ class LocalStack:
                 "models": {"kind": "directory", "path": str(self.paths.models)},
                 # a raw TCP relay, as vsock-proxy is: the enclave's TLS to KMS passes through it
                 "kms_proxy_target": self.kms_proxy_target or "tcp:" + self.kms_endpoint.removeprefix("https://"),
+                # the same kind of relay to the state store: the enclave's TLS and AUTH pass through it
+                "state_store_proxy_target": self.state_store_proxy_target
+                or f"tcp:127.0.0.1:{self.state_store_port}",
                 "enclave": {"kind": "process", "argv": enclave_argv},
                 "stable_after_s": 30.0,
                 "audit_dir": str(self.paths.audit),
@@ -701,6 +753,7 @@ class LocalStack:
         self.paths.make()
         _ = self.model  # the demo's plain file and owner key are made here, before any process starts
         self.start_kms()
+        self.start_state_store()
         self.key_arn = self.ensure_key()
         digest = self.ensure_sealed(self.key_arn)
         _, self.pcrs = self.write_enclave_config(self.key_arn, digest)

@@ -63,7 +63,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -348,6 +348,15 @@ class _Coverage:
         return float(np.sum(1.0 - (1.0 - self.p) ** n))
 
 
+class SharedRefusals(Protocol):
+    """Where blocks and throttles are also kept so that every enclave, and the next boot, honours them
+    (:class:`nitrovault.state.SharedRefusals`, in the shared state store)."""
+
+    def admit(self, subject: str) -> None: ...
+
+    def refuse(self, subject: str, kind: str, seconds: float) -> None: ...
+
+
 @dataclass
 class _Subject:
     prada: PradaDetector
@@ -370,10 +379,12 @@ class ExtractionMonitor:
         max_subjects: int = 10_000,
         reference: npt.ArrayLike | None = None,
         rng: np.random.Generator | None = None,
+        refusals: SharedRefusals | None = None,
     ) -> None:
         if max_subjects < 1:
             raise ConfigError("max_subjects must be at least 1")
         self.policy = policy or ExtractionPolicy()
+        self._refusals = refusals
         self._clock = clock
         self._max = max_subjects
         self._subjects: OrderedDict[str, _Subject] = OrderedDict()
@@ -408,6 +419,8 @@ class ExtractionMonitor:
             state = self._subjects.get(subject)
             if state is not None and now < state.refused_until:
                 raise QuotaExceededError("extraction-throttled", retry_after_s=state.refused_until - now)
+        if self._refusals is not None:  # what any enclave decided, before this one restarted too
+            self._refusals.admit(subject)
 
     def _state(self, subject: str) -> _Subject:
         state = self._subjects.get(subject)
@@ -465,8 +478,10 @@ class ExtractionMonitor:
             elif action is Action.THROTTLE:
                 state.refused_until = now + p.throttle_s
                 refused_for = p.throttle_s
-            return Decision(action=action, signals=tuple(fired), evidence=MappingProxyType(evidence),
-                            refused_for_s=refused_for)
+        if self._refusals is not None and refused_for is not None:  # outside the lock: a store round trip
+            self._refusals.refuse(subject, "block" if action is Action.BLOCK else "throttle", refused_for)
+        return Decision(action=action, signals=tuple(fired), evidence=MappingProxyType(evidence),
+                        refused_for_s=refused_for)
 
     def _signals(
         self, state: _Subject, x: FloatArray, prada: PradaResult, now: float

@@ -72,7 +72,7 @@ __all__ = ["BudgetPolicy", "BudgetState", "PrivacyBudget", "PrivacyMechanism"]
 
 FloatArray = npt.NDArray[np.float64]
 Clock = Callable[[], datetime]
-_TOLERANCE = 1e-9  # float sums of many small spends must not refuse the exact last one
+TOLERANCE = 1e-9  # float sums of many small spends must not refuse the exact last one
 
 
 def _utc_now() -> datetime:
@@ -212,7 +212,7 @@ class BudgetPolicy:
     def admits(self, mechanism: PrivacyMechanism) -> bool:
         """Whether one answer of ``mechanism`` fits in a full budget (check this when loading config)."""
         eps, delta = mechanism.cost(1)
-        return eps <= self.epsilon * (1 + _TOLERANCE) and delta <= self.delta * (1 + _TOLERANCE)
+        return eps <= self.epsilon * (1 + TOLERANCE) and delta <= self.delta * (1 + TOLERANCE)
 
 
 @dataclass(frozen=True)
@@ -287,8 +287,8 @@ class PrivacyBudget:
                 spent.period, spent.epsilon, spent.one_minus_delta = period, 0.0, 1.0
             new_eps = spent.epsilon + epsilon
             new_omd = spent.one_minus_delta * (1.0 - delta)
-            over_eps = new_eps > self._policy.epsilon * (1 + _TOLERANCE)
-            over_delta = (1.0 - new_omd) > self._policy.delta * (1 + _TOLERANCE) + 1e-15
+            over_eps = new_eps > self._policy.epsilon * (1 + TOLERANCE)
+            over_delta = (1.0 - new_omd) > self._policy.delta * (1 + TOLERANCE) + 1e-15
             if over_eps or over_delta:
                 raise QuotaExceededError("privacy-budget", retry_after_s=refill_in)
             spent.epsilon, spent.one_minus_delta = new_eps, new_omd

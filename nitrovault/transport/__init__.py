@@ -30,7 +30,7 @@ from nitrovault.transport.address import (
 from nitrovault.transport.admission import Refusal, TlsRecordGuard, TokenBucket, source_of
 from nitrovault.transport.connect import ConnectForwarder
 from nitrovault.transport.relay import Relay, RelayStats, run_relay
-from nitrovault.transport.streams import Listener, open_connection, start_server
+from nitrovault.transport.streams import Listener, open_connection, open_socket, start_server
 
 __all__ = [
     "DIRECT",
@@ -48,6 +48,7 @@ __all__ = [
     "UnixAddress",
     "VsockAddress",
     "open_connection",
+    "open_socket",
     "parse_address",
     "run_relay",
     "source_of",

@@ -59,6 +59,31 @@ async def open_connection(
         raise
 
 
+def open_socket(address: Address, mapping: AddressMap = DIRECT, *, timeout: float) -> socket.socket:
+    """A connected blocking socket to ``address`` (as resolved by ``mapping``) with ``timeout`` for the
+    connect and every later operation: for synchronous clients (the state store's redis-py pool).
+    Raises ``OSError`` when unreachable; the socket is closed on any failure."""
+    target = mapping.resolve(address)
+    if isinstance(target, TcpAddress):
+        return socket.create_connection((target.host, target.port), timeout=timeout)
+    if isinstance(target, UnixAddress):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        where: object = target.path
+    else:
+        family = getattr(socket, "AF_VSOCK", None)
+        if family is None:
+            raise ConfigError("this platform has no AF_VSOCK; use a local address map (--run-dir)")
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        where = (target.cid, target.port)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(where)  # type: ignore[arg-type]
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 @dataclass
 class Listener:
     """A listening server: ``address`` as asked for, ``bound`` as actually bound (tcp port filled in)."""

@@ -13,6 +13,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from nitrovault.audit import (
+    GENESIS,
+    AuditPosition,
     AuditReport,
     AuditWriter,
     RotatingFileSink,
@@ -368,3 +370,47 @@ def test_boot_id_must_be_hex(boot: tuple[Any, bytes]) -> None:
     with pytest.raises(ConfigError):
         AuditWriter(boot[0], sink=lambda _b: None, boot_id='x","kind":"checkpoint')
     assert AuditWriter(boot[0], sink=lambda _b: None, boot_id="ab" * 8).boot_id == "ab" * 8
+
+
+def test_position_tracks_the_chain_head(boot: tuple[Any, bytes]) -> None:
+    sink = FlakySink()
+    writer = AuditWriter(boot[0], sink=sink, checkpoint_every=2, clock=Clock(), max_buffered=2)
+    assert writer.position() == AuditPosition(0, GENESIS)
+    first = writer.append(record(0))
+    assert first is not None and writer.position() == AuditPosition(1, first.hash)
+    writer.append(record(1))  # seq 1, then the checkpoint at seq 2: the position is past both
+    assert writer.position() == AuditPosition(3, entry(sink.lines[-1])["hash"])
+    assert entry(sink.lines[-1])["kind"] == "checkpoint"
+    sink.down = True
+    writer.append(record(2))
+    writer.append(record(3))  # seq 3, 4 + checkpoint 5 buffered; the buffer is now full
+    before = writer.position()
+    assert writer.append(record(4)) is None  # lost: not chained, the position does not move
+    assert writer.position() == before and before.seq == writer.status.next_seq == 6
+    sink.down = False
+    writer.flush()  # drains, then chains the gap entry
+    gap = entry(sink.lines[-1])
+    assert gap["kind"] == "gap" and writer.position() == AuditPosition(gap["seq"] + 1, gap["hash"])
+
+
+def test_position_is_consistent_under_threads(boot: tuple[Any, bytes]) -> None:
+    import threading
+
+    lines: list[bytes] = []
+    writer = AuditWriter(boot[0], sink=lines.append, checkpoint_every=7, clock=Clock())
+    seen: list[AuditPosition] = []
+
+    def work(t: int) -> None:
+        for i in range(50):
+            seen.append(writer.position())
+            writer.append(record(t * 100 + i))
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    hashes = {entry(line)["seq"]: entry(line)["hash"] for line in lines}
+    assert writer.position() == AuditPosition(len(lines), hashes[len(lines) - 1])
+    for position in seen:  # every position ever handed out names a real (seq, head) pair of the chain
+        assert position.head == (GENESIS if position.seq == 0 else hashes[position.seq - 1])

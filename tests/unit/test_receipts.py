@@ -13,12 +13,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from nitrovault.bindings import EnclaveBindings
-from nitrovault.errors import BindingError, ReceiptError
+from nitrovault.errors import BindingError, ConfigError, ReceiptError
 from nitrovault.local.nsm import LocalNsmDevice
 from nitrovault.local.pki import LocalPki
 from nitrovault.nsm import Nsm
 from nitrovault.receipts import (
+    AUDIT_GENESIS,
     USER_DATA_MAGIC,
+    AuditPosition,
     Receipt,
     ReceiptSigner,
     enclave_user_data,
@@ -31,6 +33,8 @@ NOW = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
 PCR0 = bytes(range(48))
 SEALED = hashlib.sha256(b"sealed header").digest()
 REQUEST, RESPONSE = b"\x0a\x05hello", b"\x12\x08embedding"
+HEAD = hashlib.sha256(b"audit entry 41").hexdigest()
+POSITION = AuditPosition(42, HEAD)
 
 
 @dataclass(frozen=True)
@@ -188,3 +192,103 @@ def test_user_data_layout() -> None:
         with pytest.raises(ReceiptError) as info:
             public_key_from_user_data(bad)
         assert info.value.reason == "no-key"
+
+
+# -- v2: the audit position ----------------------------------------------------------------------------------
+
+
+def resign(enclave: Enclave, body: dict[str, object]) -> bytes:
+    """A body the enclave's key really signed: only the layout can be wrong."""
+    body_bytes = cbor2.dumps(body, canonical=True)
+    return cbor2.dumps([body_bytes, enclave.key.sign(b"nitrovault-receipt-v1\x00" + body_bytes)],
+                       canonical=True)
+
+
+def test_v2_receipt_roundtrips_and_verifies(enclave: Enclave) -> None:
+    signer = signer_for(enclave)
+    receipt = signer.sign("alice", "Embed", REQUEST, RESPONSE, audit=POSITION)
+    body = cbor2.loads(receipt.body)
+    assert body["v"] == 2 and body["aseq"] == 42 and body["ahead"] == bytes.fromhex(HEAD)
+    assert (receipt.version, receipt.audit_seq, receipt.audit_head) == (2, 42, HEAD)
+    assert receipt.audit_position == POSITION
+    data = receipt.to_bytes()
+    assert Receipt.from_bytes(data) == receipt
+    verified = verify(enclave, data)
+    assert (verified.audit_seq, verified.audit_head, verified.sequence) == (42, HEAD, 0)
+    assert len(data) < 512
+    genesis = signer.sign("alice", "Embed", REQUEST, RESPONSE, audit=AuditPosition(0, AUDIT_GENESIS))
+    assert verify(enclave, genesis.to_bytes()).audit_position == AuditPosition(0, AUDIT_GENESIS)
+
+
+def test_v1_receipt_still_verifies(enclave: Enclave) -> None:
+    receipt = signer_for(enclave).sign("alice", "Embed", REQUEST, RESPONSE)
+    assert cbor2.loads(receipt.body)["v"] == 1 and "aseq" not in cbor2.loads(receipt.body)
+    verified = verify(enclave, receipt.to_bytes())
+    assert (verified.version, verified.audit_seq, verified.audit_head, verified.audit_position) == (
+        1, None, None, None)
+
+
+@pytest.mark.parametrize(("name", "value"), [("aseq", 41), ("aseq", 43), ("ahead", b"\x00" * 31 + b"\x01")])
+def test_tampered_audit_position_breaks_the_signature(enclave: Enclave, name: str, value: object) -> None:
+    receipt = signer_for(enclave).sign("alice", "Embed", REQUEST, RESPONSE, audit=POSITION)
+    body = cbor2.loads(receipt.body)
+    body[name] = value
+    forged = cbor2.dumps([cbor2.dumps(body, canonical=True), receipt.signature], canonical=True)
+    assert Receipt.from_bytes(forged).audit_seq in (41, 42, 43)  # the layout is fine: only the signature
+    assert reason(enclave, forged) == "signature"
+
+
+def test_downgrade_to_v1_breaks_the_signature(enclave: Enclave) -> None:
+    receipt = signer_for(enclave).sign("alice", "Embed", REQUEST, RESPONSE, audit=POSITION)
+    body = cbor2.loads(receipt.body)
+    del body["aseq"], body["ahead"]
+    body["v"] = 1
+    stripped = cbor2.dumps([cbor2.dumps(body, canonical=True), receipt.signature], canonical=True)
+    assert reason(enclave, stripped) == "signature"
+
+
+@pytest.mark.parametrize("change", [
+    {"aseq": True},
+    {"aseq": -1},
+    {"aseq": "42"},
+    {"aseq": 1.0},
+    {"ahead": b"\x01" * 31},
+    {"ahead": b"\x01" * 33},
+    {"ahead": HEAD},
+    {"aseq": None},
+    {"aseq": 0},  # the genesis head goes with aseq 0 only...
+    {"ahead": b"\x00" * 32},  # ...and aseq 0 with the genesis head only
+    {"v": 1},  # a v1 body carrying aseq/ahead
+    {"v": 3},
+    {"v": True},
+    {"extra": 1},
+    {"ahead": None, "drop": "ahead"},
+    {"aseq": None, "drop": "aseq"},
+])
+def test_malformed_v2(enclave: Enclave, change: dict[str, object]) -> None:
+    receipt = signer_for(enclave).sign("alice", "Embed", REQUEST, RESPONSE, audit=POSITION)
+    body = {**cbor2.loads(receipt.body), **{k: v for k, v in change.items() if k != "drop"}}
+    if "drop" in change:
+        del body[str(change["drop"])]
+    with pytest.raises(ReceiptError) as info:
+        Receipt.from_bytes(resign(enclave, body))
+    assert info.value.reason == "malformed"
+    with pytest.raises(ReceiptError) as verified:
+        verify(enclave, resign(enclave, body))
+    assert verified.value.reason == "malformed"
+
+
+def test_v1_body_with_one_audit_field_is_malformed(enclave: Enclave) -> None:
+    body = cbor2.loads(signer_for(enclave).sign("alice", "Embed", REQUEST, RESPONSE).body)
+    for extra in ({"aseq": 3}, {"ahead": bytes.fromhex(HEAD)}):
+        with pytest.raises(ReceiptError) as info:
+            Receipt.from_bytes(resign(enclave, {**body, **extra}))
+        assert info.value.reason == "malformed"
+    assert Receipt.from_bytes(resign(enclave, body)).audit_seq is None  # the helper itself is sound
+
+
+@pytest.mark.parametrize(("seq", "head"), [(-1, HEAD), (1, AUDIT_GENESIS), (0, HEAD), (1, HEAD.upper()),
+                                           (1, HEAD[:-2]), (True, HEAD)])
+def test_audit_position_is_validated(seq: int, head: str) -> None:
+    with pytest.raises(ConfigError):
+        AuditPosition(seq, head)

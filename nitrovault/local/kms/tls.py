@@ -95,12 +95,16 @@ class KmsTls:
         return context
 
     @classmethod
-    def ensure(cls, directory: Path | str, regions: Sequence[str], *, now: datetime | None = None) -> KmsTls:
-        """Make (or reuse) the CA and a server certificate naming every region's KMS host.
+    def ensure(cls, directory: Path | str, regions: Sequence[str], *, now: datetime | None = None,
+               extra_names: Sequence[str] = ()) -> KmsTls:
+        """Make (or reuse) the CA and a server certificate naming every region's KMS host, and
+        ``extra_names`` (the local state store uses this class with its own host name and no region).
 
         ``now`` (timezone-aware; default: the current time) decides validity and renewal.
         """
-        names = server_names(regions)
+        if isinstance(extra_names, str):
+            raise ConfigError("extra_names must be a sequence of host names, not one string")
+        names = sorted(set(server_names(regions)) | set(extra_names))
         directory = Path(directory)
         now = now or datetime.now(UTC)
         if now.tzinfo is None:

@@ -1,0 +1,276 @@
+"""Quotas, privacy budgets and extraction refusals kept in the shared state store, charged atomically.
+
+Each class here has the interface and the invariants of its in-memory twin, which stays the reference
+(and what an enclave without a store uses):
+
+* :class:`SharedQuotaLedger` — :class:`nitrovault.access.QuotaLedger` (token bucket, daily requests and
+  items per UTC day, refusal reasons ``rate`` / ``daily-requests`` / ``daily-items`` with
+  ``retry_after_s``; a clock step back refills nothing);
+* :class:`SharedPrivacyBudget` — :class:`nitrovault.protection.PrivacyBudget` (ε adds up, δ composes as
+  ``1 - Π(1 - δᵢ)``, per period aligned to the epoch, refusal ``privacy-budget``);
+* :class:`SharedRefusals` — the extraction monitor's blocks and throttles
+  (:class:`nitrovault.protection.ExtractionMonitor`), so killing an enclave does not lift a block.
+
+What changes is where the state lives, and that is the point:
+
+* **Restarts reset nothing, and N enclaves share one budget.** Every charge is one server-side script
+  (``EVALSHA``): it reads the subject's state, decides, and writes only when it admits, all in one atomic
+  step of the store. However many enclaves race on one subject's last units, the store admits exactly
+  the quota (``tests/integration/test_shared_limits.py`` races 16 clients over two enclaves).
+* **All or nothing.** A refused charge writes nothing (the refill is a function of time, recomputed on
+  the next charge), so a refused call consumes nothing, as in memory.
+* **Bounded memory without resets.** Keys expire (``PEXPIRE``) only once their state no longer matters:
+  a quota's after the next UTC midnight plus the time to refill a full bucket, a budget's after its
+  period. There is no LRU: the store must run with ``maxmemory-policy noeviction`` (the CDK app sets
+  it), so a full store refuses writes (fail closed) instead of silently forgetting a subject's spend.
+* **Fail closed.** A store failure raises :class:`~nitrovault.errors.StateStoreError`; the caller answers
+  UNAVAILABLE (:class:`~nitrovault.errors.ProtectionUnavailableError`), never "unlimited".
+* **Time is the enclave's** (the injected clock, passed to the script), not the store's: the enclave's
+  clock comes from the Nitro hypervisor, which the parent does not control. Enclaves whose clocks
+  disagree a little only ever see "no time passed" from each other's later stamps.
+
+Numbers cross into Lua as decimal strings with 17 significant digits (exact for doubles) and back the
+same way, so the scripts compute with the very doubles Python would.
+
+Example::
+
+    ledger = SharedQuotaLedger(store, tiers)
+    state = ledger.charge("alice", None, items=3)   # raises QuotaExceededError, or StateStoreError
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+from nitrovault.access.quota import QuotaState, QuotaTiers
+from nitrovault.errors import ConfigError, PermissionDeniedError, QuotaExceededError, StateStoreError
+from nitrovault.protection.privacy import TOLERANCE, BudgetPolicy, BudgetState
+from nitrovault.state.store import StateStore
+
+__all__ = ["SharedPrivacyBudget", "SharedQuotaLedger", "SharedRefusals"]
+
+Clock = Callable[[], datetime]
+_DAY_MS = 86_400_000
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _num(value: float) -> str:
+    return repr(float(value))  # shortest repr that round-trips a double; Lua's tonumber reads it exactly
+
+
+def _ms(at: datetime) -> int:
+    return int(at.timestamp() * 1000)
+
+
+# KEYS[1]: the subject's quota hash {tokens, last, day, req, items}
+# ARGV: now_ms, rate_per_ms, burst, daily_requests (-1: none), daily_items (-1: none), items, ttl_ms
+# -> {1, requests, items, tokens} admitted; {0, reason, retry_after_ms} refused (nothing written)
+_QUOTA = """
+local now = tonumber(ARGV[1])
+local rate = tonumber(ARGV[2])
+local burst = tonumber(ARGV[3])
+local dreq = tonumber(ARGV[4])
+local ditems = tonumber(ARGV[5])
+local items = tonumber(ARGV[6])
+local day = math.floor(now / 86400000)
+local s = redis.call('HMGET', KEYS[1], 'tokens', 'last', 'day', 'req', 'items')
+local tokens = tonumber(s[1]) or burst
+local last = tonumber(s[2]) or now
+local sday = tonumber(s[3]) or day
+local req = tonumber(s[4]) or 0
+local used = tonumber(s[5]) or 0
+if now > last then
+  tokens = math.min(burst, tokens + (now - last) * rate)
+  last = now
+end
+if day > sday then
+  sday = day
+  req = 0
+  used = 0
+end
+local retry, reason = -1, ''
+if tokens < 1.0 then
+  retry, reason = (1.0 - tokens) / rate, 'rate'
+end
+local midnight = (day + 1) * 86400000 - now
+if dreq >= 0 and req + 1 > dreq and midnight > retry then
+  retry, reason = midnight, 'daily-requests'
+end
+if ditems >= 0 and used + items > ditems and midnight > retry then
+  retry, reason = midnight, 'daily-items'
+end
+if retry >= 0 then
+  return {0, reason, string.format('%.17g', retry)}
+end
+tokens = tokens - 1.0
+req = req + 1
+used = used + items
+redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens), 'last', string.format('%.17g', last),
+           'day', sday, 'req', req, 'items', used)
+redis.call('PEXPIRE', KEYS[1], math.ceil(midnight + burst / rate))
+return {1, req, used, string.format('%.17g', tokens)}
+"""
+
+# KEYS[1]: the subject's budget hash {period, eps, omd}  (omd = Π(1 - δᵢ))
+# ARGV: period, eps_cost, one_minus_delta_cost, eps_budget, delta_budget, tolerance, ttl_ms
+# -> {1, eps_spent, omd} admitted; {0} refused (nothing written)
+_BUDGET = """
+local period = tonumber(ARGV[1])
+local s = redis.call('HMGET', KEYS[1], 'period', 'eps', 'omd')
+local sp = tonumber(s[1])
+local eps, omd = 0.0, 1.0
+if sp ~= nil and sp >= period then
+  eps = tonumber(s[2])
+  omd = tonumber(s[3])
+  period = sp
+end
+local new_eps = eps + tonumber(ARGV[2])
+local new_omd = omd * tonumber(ARGV[3])
+local tol = tonumber(ARGV[6])
+if new_eps > tonumber(ARGV[4]) * (1 + tol) or (1.0 - new_omd) > tonumber(ARGV[5]) * (1 + tol) + 1e-15 then
+  return {0}
+end
+redis.call('HSET', KEYS[1], 'period', period, 'eps', string.format('%.17g', new_eps),
+           'omd', string.format('%.17g', new_omd))
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[7]))
+return {1, string.format('%.17g', new_eps), string.format('%.17g', new_omd)}
+"""
+
+# KEYS[1]: the subject's refusal hash {kind, until}
+# ARGV: now_ms -> {} none; {kind, until_ms}
+_REFUSED = """
+local s = redis.call('HMGET', KEYS[1], 'kind', 'until')
+if s[1] and tonumber(s[2]) > tonumber(ARGV[1]) then
+  return {s[1], s[2]}
+end
+return {}
+"""
+
+# KEYS[1]: the subject's refusal hash; ARGV: kind ('block' | 'throttle'), until_ms, ttl_ms
+# A block is never shortened or replaced by a throttle.
+_REFUSE = """
+local s = redis.call('HMGET', KEYS[1], 'kind', 'until')
+local until_ms = tonumber(ARGV[2])
+if s[1] == 'block' and ARGV[1] ~= 'block' and tonumber(s[2]) > until_ms then
+  return 0
+end
+if s[1] and tonumber(s[2]) > until_ms and s[1] == ARGV[1] then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'kind', ARGV[1], 'until', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
+return 1
+"""
+
+
+def _reply(value: object) -> list[object]:
+    """A script's reply as a list, or :class:`StateStoreError` (the store answered something else)."""
+    if not isinstance(value, list):
+        raise StateStoreError("the state store answered a limit script unexpectedly")
+    return [v.decode() if isinstance(v, bytes) else v for v in value]
+
+
+class SharedQuotaLedger:
+    """:class:`~nitrovault.access.QuotaLedger`'s ``charge`` over the shared store (module docstring)."""
+
+    def __init__(self, store: StateStore, policies: QuotaTiers, *, clock: Clock = _utc_now) -> None:
+        self._store = store
+        self._policies = policies
+        self._clock = clock
+        self._script = store.script(_QUOTA)
+
+    def charge(self, subject: str, tier: str | None, items: int = 1) -> QuotaState:
+        """Charge one call of ``items`` items or raise :class:`QuotaExceededError`
+        (:class:`StateStoreError` when the store cannot decide)."""
+        if items < 0:
+            raise ConfigError("items must not be negative")
+        policy = self._policies.resolve(tier)
+        now = _ms(self._clock().astimezone(UTC))
+        reply = _reply(self._script(
+            [self._store.settings.key(subject, "q")],
+            [now, _num(policy.rate_per_s / 1000.0), policy.burst,
+             -1 if policy.daily_requests is None else policy.daily_requests,
+             -1 if policy.daily_items is None else policy.daily_items, items],
+        ))
+        try:
+            if reply[0] == 0:
+                raise QuotaExceededError(str(reply[1]), retry_after_s=float(str(reply[2])) / 1000.0)
+            requests, used, tokens = int(str(reply[1])), int(str(reply[2])), float(str(reply[3]))
+        except (IndexError, ValueError):
+            raise StateStoreError("the state store answered a limit script unexpectedly") from None
+        return QuotaState(
+            remaining_requests=None if policy.daily_requests is None else policy.daily_requests - requests,
+            remaining_items=None if policy.daily_items is None else policy.daily_items - used,
+            tokens=tokens,
+        )
+
+
+class SharedPrivacyBudget:
+    """:class:`~nitrovault.protection.PrivacyBudget`'s ``spend`` over the shared store."""
+
+    def __init__(self, store: StateStore, policy: BudgetPolicy, *, clock: Clock = _utc_now) -> None:
+        self._store = store
+        self._policy = policy
+        self._clock = clock
+        self._script = store.script(_BUDGET)
+
+    def spend(self, subject: str, epsilon: float, delta: float = 0.0) -> BudgetState:
+        """Spend (ε, δ) for ``subject`` or raise :class:`QuotaExceededError` (``privacy-budget``)."""
+        if not (epsilon >= 0 and 0 <= delta < 1):
+            raise ValueError("epsilon must be >= 0 and delta within [0, 1)")
+        policy = self._policy
+        ts = self._clock().timestamp()
+        period = math.floor(ts / policy.period_s)
+        refill_in = (period + 1) * policy.period_s - ts
+        reply = _reply(self._script(
+            [self._store.settings.key(subject, "dp")],
+            [period, _num(epsilon), _num(1.0 - delta), _num(policy.epsilon), _num(policy.delta),
+             _num(TOLERANCE), math.ceil(refill_in * 1000) + 1000],
+        ))
+        if reply == [0]:
+            raise QuotaExceededError("privacy-budget", retry_after_s=refill_in)
+        try:
+            spent_eps, omd = float(str(reply[1])), float(str(reply[2]))
+        except (IndexError, ValueError):
+            raise StateStoreError("the state store answered a limit script unexpectedly") from None
+        return BudgetState(remaining_epsilon=max(0.0, policy.epsilon - spent_eps),
+                           remaining_delta=max(0.0, policy.delta - (1.0 - omd)), refill_in_s=refill_in)
+
+
+class SharedRefusals:
+    """Extraction blocks and throttles in the shared store: what the monitor decided about a subject holds
+    on every enclave and across restarts until it ends."""
+
+    def __init__(self, store: StateStore, *, clock: Clock = _utc_now) -> None:
+        self._store = store
+        self._clock = clock
+        self._get = store.script(_REFUSED)
+        self._set = store.script(_REFUSE)
+
+    def admit(self, subject: str) -> None:
+        """Raise ``PermissionDeniedError("extraction-blocked")`` / ``QuotaExceededError
+        ("extraction-throttled")`` while a refusal holds (:class:`StateStoreError` if unknown)."""
+        now = _ms(self._clock())
+        reply = _reply(self._get([self._store.settings.key(subject, "x")], [now]))
+        if not reply:
+            return
+        try:
+            kind, until = str(reply[0]), int(str(reply[1]))
+        except (IndexError, ValueError):
+            raise StateStoreError("the state store answered a limit script unexpectedly") from None
+        if kind == "block":
+            raise PermissionDeniedError("extraction-blocked")
+        raise QuotaExceededError("extraction-throttled", retry_after_s=(until - now) / 1000.0)
+
+    def refuse(self, subject: str, kind: str, seconds: float) -> None:
+        """Record a ``block`` or ``throttle`` of ``subject`` for ``seconds`` from now."""
+        if kind not in ("block", "throttle") or not seconds > 0:
+            raise ValueError("kind must be block or throttle, for a positive time")
+        until = self._clock() + timedelta(seconds=seconds)
+        self._set([self._store.settings.key(subject, "x")],
+                  [kind, _ms(until), math.ceil(seconds * 1000) + 1000])

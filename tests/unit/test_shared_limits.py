@@ -1,0 +1,240 @@
+"""The shared limits against a real redis-server (TLS, RBAC user): the same decisions as the in-memory
+ledgers, shared by every client ("enclave") of one namespace, atomic under races, and fail closed.
+
+The in-memory :class:`QuotaLedger` and :class:`PrivacyBudget` are the reference: a random sequence of
+charges is replayed against both and every decision (admitted state, or refusal reason and retry time)
+must agree.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import threading
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import redis
+
+from nitrovault.access import QuotaLedger, QuotaPolicy, QuotaTiers
+from nitrovault.errors import (
+    PermissionDeniedError,
+    QuotaExceededError,
+    StateStoreCredentialError,
+    StateStoreError,
+)
+from nitrovault.local.state_store import USERNAME, LocalStateStore
+from nitrovault.protection import BudgetPolicy, ExtractionMonitor, ExtractionPolicy, PrivacyBudget
+from nitrovault.state import SharedPrivacyBudget, SharedQuotaLedger, SharedRefusals, StateStore
+from stores import store_for
+
+T0 = datetime(2026, 12, 3, 23, 59, 50, tzinfo=UTC)  # ten seconds before midnight: daily windows roll
+
+
+class Clock:
+    def __init__(self, at: datetime = T0) -> None:
+        self.at = at
+
+    def __call__(self) -> datetime:
+        return self.at
+
+    def advance(self, ms: int) -> None:
+        self.at += timedelta(milliseconds=ms)
+
+
+TIERS = QuotaTiers({"t": QuotaPolicy(rate_per_s=2.0, burst=3, daily_requests=7, daily_items=12),
+                    "open": QuotaPolicy(rate_per_s=1000.0, burst=1000)}, default="t")
+
+
+def _outcome(fn: Any) -> tuple[Any, ...]:
+    try:
+        state = fn()
+    except QuotaExceededError as err:
+        return ("refused", err.reason, round(err.retry_after_s, 3))
+    return ("ok", *(round(v, 6) if isinstance(v, float) else v for v in vars(state).values()))
+
+
+def test_quota_decisions_equal_the_in_memory_ledger(store: StateStore) -> None:
+    clock = Clock()
+    memory = QuotaLedger(TIERS, clock=clock)
+    shared = SharedQuotaLedger(store, TIERS, clock=clock)
+    rng = random.Random(7)
+    refusals = set()
+    for _ in range(400):
+        clock.advance(rng.choice([0, 0, 1, 50, 250, 700, 3000]))
+        subject, items = rng.choice(["a", "b"]), rng.randint(0, 4)
+        expected = _outcome(lambda: memory.charge(subject, None, items))  # noqa: B023
+        got = _outcome(lambda: shared.charge(subject, None, items))  # noqa: B023
+        assert got == expected, (clock.at, subject, items)
+        if expected[0] == "refused":
+            refusals.add(expected[1])
+    assert refusals == {"rate", "daily-requests", "daily-items"}  # every rule was exercised
+
+
+def test_privacy_budget_decisions_equal_the_in_memory_budget(store: StateStore) -> None:
+    clock = Clock()
+    policy = BudgetPolicy(epsilon=1.0, delta=1e-5, period_s=5.0)
+    memory = PrivacyBudget(policy, clock=clock)
+    shared = SharedPrivacyBudget(store, policy, clock=clock)
+    rng = random.Random(3)
+    outcomes = set()
+    for _ in range(300):
+        clock.advance(rng.choice([0, 10, 400, 2000]))
+        subject = rng.choice(["a", "b"])
+        eps, delta = rng.choice([0.1, 0.25, 0.3]), rng.choice([0.0, 1e-6, 3e-6])
+        expected = _outcome(lambda: memory.spend(subject, eps, delta))  # noqa: B023
+        got = _outcome(lambda: shared.spend(subject, eps, delta))  # noqa: B023
+        assert got[:2] == expected[:2]
+        if got[0] == "ok":
+            assert got[1:3] == pytest.approx(expected[1:3], abs=1e-12)  # remaining ε and δ
+        outcomes.add(expected[0])
+    assert outcomes == {"ok", "refused"}
+
+
+def test_a_refused_charge_writes_nothing(store: StateStore) -> None:
+    clock = Clock()
+    ledger = SharedQuotaLedger(store, TIERS, clock=clock)
+    for _ in range(3):
+        ledger.charge("x", None, 1)
+    key = store.settings.key("x", "q")
+    before = store.client.hgetall(key)
+    with pytest.raises(QuotaExceededError):
+        ledger.charge("x", None, 1)
+    assert store.client.hgetall(key) == before
+
+
+def test_a_new_client_sees_every_charge_restart_and_fleet(state_store_server: Any, store: StateStore) -> None:
+    """A restarted enclave (a new client) and a second enclave (another client at once) share one count."""
+    server, port, _ = state_store_server
+    clock = Clock()
+    first = SharedQuotaLedger(store, TIERS, clock=clock)
+    for _ in range(3):
+        first.charge("shared", None, 1)
+    other = store_for(server, port, namespace=store.settings.namespace)
+    try:
+        second = SharedQuotaLedger(other, TIERS, clock=clock)
+        with pytest.raises(QuotaExceededError) as refused:
+            second.charge("shared", None, 1)
+        assert refused.value.reason == "rate"
+        clock.advance(500)  # one token back: exactly one more call on either enclave
+        second.charge("shared", None, 1)
+        with pytest.raises(QuotaExceededError):
+            first.charge("shared", None, 1)
+    finally:
+        other.close()
+
+
+def test_sixteen_racing_clients_admit_exactly_the_quota(state_store_server: Any, store: StateStore) -> None:
+    server, port, _ = state_store_server
+    tiers = QuotaTiers({"d": QuotaPolicy(rate_per_s=1000.0, burst=1000, daily_requests=10)}, default="d")
+    clients = [store_for(server, port, namespace=store.settings.namespace) for _ in range(16)]
+    admitted: list[int] = []
+    start = threading.Barrier(16)
+
+    def race(client: StateStore) -> None:
+        ledger = SharedQuotaLedger(client, tiers)
+        start.wait()
+        for _ in range(3):
+            try:
+                ledger.charge("racer", None, 1)
+                admitted.append(1)
+            except QuotaExceededError:
+                pass
+
+    threads = [threading.Thread(target=race, args=(c,)) for c in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for c in clients:
+        c.close()
+    assert len(admitted) == 10  # 48 attempts on 10 units
+
+
+def test_refusals_hold_for_a_new_client_and_end_on_time(state_store_server: Any, store: StateStore) -> None:
+    server, port, _ = state_store_server
+    clock = Clock()
+    refusals = SharedRefusals(store, clock=clock)
+    refusals.refuse("thief", "block", 60)
+    refusals.refuse("thief", "throttle", 5)  # a throttle never shortens a block
+    refusals.refuse("slow", "throttle", 5)
+    other = store_for(server, port, namespace=store.settings.namespace)
+    try:
+        again = SharedRefusals(other, clock=clock)
+        with pytest.raises(PermissionDeniedError) as blocked:
+            again.admit("thief")
+        assert blocked.value.reason == "extraction-blocked"
+        with pytest.raises(QuotaExceededError) as throttled:
+            again.admit("slow")
+        assert throttled.value.reason == "extraction-throttled"
+        assert throttled.value.retry_after_s == pytest.approx(5.0)
+        clock.advance(5_001)
+        again.admit("slow")
+        again.admit("honest")
+        with pytest.raises(PermissionDeniedError):
+            again.admit("thief")
+        clock.advance(55_000)
+        again.admit("thief")
+    finally:
+        other.close()
+
+
+def test_a_block_decided_by_one_monitor_refuses_on_another(store: StateStore) -> None:
+    """Enclave A's monitor blocks a subject; a fresh monitor (enclave B, or A after a restart) refuses it."""
+    clock = Clock()
+    policy = ExtractionPolicy.from_config({"volume_max": 2, "volume_window_s": 60, "block_s": 600,
+                                           "actions": {"volume": "block"}})
+    first = ExtractionMonitor(policy, clock=clock, refusals=SharedRefusals(store, clock=clock))
+    for _ in range(3):
+        decision = first.observe("greedy", [[1.0, 2.0]], [0])
+    assert decision.error() is not None
+    fresh = ExtractionMonitor(policy, clock=clock, refusals=SharedRefusals(store, clock=clock))
+    with pytest.raises(PermissionDeniedError):
+        fresh.admit("greedy")
+    fresh.admit("someone-else")
+
+
+def test_the_wrong_password_is_a_credential_error(state_store_server: Any) -> None:
+    server, port, _ = state_store_server
+    client = store_for(server, port, password="not-the-sealed-password")
+    with pytest.raises(StateStoreCredentialError):
+        client.ping()
+
+
+def test_an_impostor_store_fails_tls_verification(state_store_server: Any, tmp_path: Any) -> None:
+    """A parent that answers the store leg itself (its own redis-server and CA) gets no AUTH from us."""
+    server, port, _ = state_store_server
+    impostor = LocalStateStore.ensure(tmp_path / "impostor", tmp_path / "pw")
+    client = store_for(server, port, ca=impostor.ca_pem)  # we trust only the impostor's CA: must fail
+    with pytest.raises(StateStoreError, match="unreachable"):
+        client.ping()
+    other_name = store_for(server, port, host="not-the-store.example")
+    with pytest.raises(StateStoreError, match="unreachable"):
+        other_name.ping()
+
+
+def test_an_unreachable_store_fails_closed(state_store_server: Any) -> None:
+    server, _, _ = state_store_server
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    ledger = SharedQuotaLedger(store_for(server, closed), TIERS)
+    with pytest.raises(StateStoreError, match="unreachable"):
+        ledger.charge("anyone", None, 1)
+
+
+def test_nobody_else_gets_in_default_user_plaintext_and_other_commands(state_store_server: Any,
+                                                                       store: StateStore) -> None:
+    server, port, _ = state_store_server
+    ca = server.ca_pem.decode()
+    with pytest.raises(redis.AuthenticationError):  # the default user is off
+        redis.Redis(host="127.0.0.1", port=port, ssl=True, ssl_ca_data=ca, ssl_check_hostname=False).ping()
+    with socket.create_connection(("127.0.0.1", port)) as plain:  # TLS only: plaintext gets no answer
+        plain.sendall(b"*1\r\n$4\r\nPING\r\n")
+        assert plain.recv(64) == b""  # the server closed the connection without a reply
+    for command in (("FLUSHALL",), ("KEYS", "*"), ("CONFIG", "GET", "*"), ("SET", "other:key", "1")):
+        with pytest.raises(StateStoreCredentialError):
+            store.call(lambda c=command: store.client.execute_command(*c))  # type: ignore[misc]
+    assert USERNAME in server.acl_file.read_text()
+    assert server.password not in server.acl_file.read_text()  # the server holds only its hash
