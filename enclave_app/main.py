@@ -40,6 +40,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -116,10 +117,17 @@ async def run(
         host.report("DEGRADED" if down else "SERVING", reason=reason, step="audit")
 
     def on_withheld(reason: str | None) -> None:
+        """Announce it on the console and to the parent (its log feeds the CDK app's alarm); the report is
+        a blocking call and this runs on the request path, so it goes from a thread of its own."""
         if reason is None:
             _say("audit-stored", detail="the parent stores the audit log again: serving protected calls")
+            report = ("SERVING", "audit log stored again", "audit")
         else:
             _say("audit-withheld", reason=reason)
+            report = ("DEGRADED", reason, "audit-withheld")
+        state, why, step = report
+        threading.Thread(target=host.report, args=(state,), kwargs={"reason": why, "step": step},
+                         name="withheld-report", daemon=True).start()
 
     audit = config.audit
     shipper = AuditShipper(host.audit_append, on_change=on_audit_change, on_withheld=on_withheld,

@@ -22,6 +22,8 @@ Context keys (``-c key=value``, or ``cdk.json``):
                           3 x the Auto Scaling group's max size); a positive integer
 ``cloudTrailLogGroup``    an existing trail's CloudWatch log group to count boots in (default: the
                           stack creates a trail delivering to ``/nitrovault/cloudtrail``)
+``stateStore``            ``false`` to leave out the shared state store (ElastiCache for Valkey, the
+                          enclaves' quotas, privacy budgets and extraction state; default on)
 ``unsafeAllowDebugPcrs``  ``true`` lets all-zero (debug) PCRs into the key policy: NEVER in production
 ========================  ==========================================================================
 
@@ -142,6 +144,7 @@ def props_from_context(ctx: Mapping[str, Any], env: Mapping[str, str] | None = N
         unsafe_allow_debug_pcrs=unsafe,
         boot_alarm_threshold=_boot_threshold(ctx.get("bootAlarmThreshold")),
         cloudtrail_log_group=str(ctx["cloudTrailLogGroup"]) if ctx.get("cloudTrailLogGroup") else None,
+        state_store=_flag(ctx.get("stateStore", True), "stateStore"),
         tags={"project": "nitrovault", "model": str(ctx.get("modelId") or "model")},
     )
 
@@ -166,6 +169,7 @@ _CONTEXT_KEYS = (
     "unsafeAllowDebugPcrs",
     "bootAlarmThreshold",
     "cloudTrailLogGroup",
+    "stateStore",
 )
 
 

@@ -3,6 +3,9 @@
 Suppressions are added by construct path inside the stack (never stack-wide) and, for IAM5, only for
 the exact wildcard they excuse (``applies_to``), so a new resource or a new wildcard that trips a rule
 fails the nag test instead of being silently covered.
+
+Paths under an optional construct (:data:`OPTIONAL_ROOTS`: the state store, context ``stateStore``) are
+skipped when the stack does not have that construct; every other path must exist.
 """
 
 from __future__ import annotations
@@ -47,6 +50,29 @@ SUPPRESSIONS: tuple[tuple[str, str, str, tuple[str | RegexAppliesTo, ...]], ...]
         ("Resource::*",),
     ),
     (
+        "StateStore/ReplicationGroup",
+        "AwsSolutions-AEC6",
+        "The store authenticates with RBAC instead of one shared AUTH token: a user group whose enclave "
+        "user has a generated password and a key-prefix-limited access string, and whose default user is "
+        "off. IAM authentication is deliberately not used: the hostile parent holds the instance role.",
+        (),
+    ),
+    (
+        "StateStore/EnclaveUserSecret/Resource",
+        "AwsSolutions-SMG4",
+        "The enclave user's password is read once by the owner and sealed with the model; only the "
+        "attested enclave learns it. A rotation would lock the enclaves out until the model is resealed, "
+        "so it is rotated by resealing (docs/deploy.md, The shared state store), not on a schedule.",
+        (),
+    ),
+    (
+        "StateStore/DefaultUserSecret/Resource",
+        "AwsSolutions-SMG4",
+        "Password of the replacement default user, whose access string is off: nobody can authenticate "
+        "as it whatever the password, ElastiCache only requires one, and no principal reads the secret.",
+        (),
+    ),
+    (
         "EnclaveHost/Asg/ASG",
         "AwsSolutions-AS3",
         "Scaling activity is recorded in the group's activity history and CloudTrail; what matters for "
@@ -57,8 +83,15 @@ SUPPRESSIONS: tuple[tuple[str, str, str, tuple[str | RegexAppliesTo, ...]], ...]
 )
 
 
+#: top-level constructs the stack may leave out (their suppressions are skipped then)
+OPTIONAL_ROOTS = ("StateStore",)
+
+
 def apply_suppressions(stack: Stack) -> None:
     for path, rule, reason, applies_to in SUPPRESSIONS:
+        root = path.split("/", 1)[0]
+        if root in OPTIONAL_ROOTS and stack.node.try_find_child(root) is None:
+            continue
         suppression = (
             NagPackSuppression(id=rule, reason=reason, applies_to=list(applies_to))
             if applies_to

@@ -38,6 +38,8 @@ from nitrovault.rpc.gen.nitrovault.v1 import host_pb2 as pb
 from nitrovault.rpc.gen.nitrovault.v1 import host_pb2_grpc as pb_grpc
 from parent_app.host_sources import CredentialsSource, ModelSource
 
+#: the status step an enclave reports when it refuses protected calls because its audit log is not stored
+AUDIT_WITHHELD = "audit-withheld"
 log = logging.getLogger(__name__)
 
 
@@ -119,6 +121,9 @@ class HostServices(pb_grpc.HostServicesServicer):
             log.warning("enclave boot %d: the enclave attests to KMS (one Decrypt with a Recipient)", boots)
         self.status = EnclaveStatus(state, request.reason[:512], request.step[:64], time.time(), boots)
         log.info("enclave status %s step=%s reason=%s", state, self.status.step, self.status.reason)
+        if self.status.step == AUDIT_WITHHELD:  # the CDK app's AuditWithheld alarm counts these lines
+            log.warning("audit-withheld: the enclave refuses protected calls until its audit log is stored "
+                        "(%s)", self.status.reason)
         self.write_status()
         if self._on_status is not None:
             self._on_status(self.status)

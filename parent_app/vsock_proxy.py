@@ -160,4 +160,5 @@ def store_proxy_argv(
     if not config_path or "\x00" in config_path:
         raise ConfigError("vsock-proxy config path must be a non-empty path")
     host = store_endpoint_host(host)
-    return [binary, str(local_port), host, str(_check_port(port, "state store port")), "--config", config_path]
+    port = _check_port(port, "state store port")
+    return [binary, str(local_port), host, str(port), "--config", config_path]

@@ -17,6 +17,15 @@ Invariants:
   ``nitro-cli``, beside AWS's ``nitro-enclaves-allocator.service`` and
   ``nitro-enclaves-vsock-proxy.service``. Region, sizes and names are validated or typed values, never
   free text, and every file is written from a quoted heredoc, so nothing can inject shell through them.
+* With the shared state store (``state_store_endpoint``), the allowlist holds the KMS entry and the
+  store's endpoint (:func:`parent_app.vsock_proxy.kms_and_store_allowlist`), and a second vsock-proxy,
+  ``vsock-proxy-state-store.service`` (an instance of AWS's relay, not a nitrovault unit), relays vsock
+  port :data:`parent_app.vsock_proxy.STATE_STORE_VSOCK_PORT` to it
+  (:func:`parent_app.vsock_proxy.store_proxy_argv`). The store host is the replication group's endpoint
+  attribute, a CDK token: a literal host is validated at synth time, a token is rendered in place of a
+  validated placeholder (CloudFormation fills it in through ``Fn::Join``) and the boot script checks the
+  filled-in value against :data:`parent_app.vsock_proxy.STORE_HOST_PATTERN` before writing any file.
+  The hosts' security group is ``.security_group`` (the store admits it on its port).
 * TLS ends **inside the enclave**. The parent instance is untrusted: its public listener (``listen``,
   the target group's port) is a layer-4 relay that copies TLS records between the load balancer and the
   enclave's vsock port, and the load balancer's listener is plain TCP. Neither ever holds a certificate,
@@ -40,7 +49,7 @@ import shlex
 from collections.abc import Sequence
 from typing import Any
 
-from aws_cdk import Duration, Stack, Tags
+from aws_cdk import Duration, Stack, Tags, Token
 from aws_cdk import aws_autoscaling as autoscaling
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_elasticloadbalancingv2 as elbv2
@@ -51,7 +60,15 @@ from constructs import Construct
 
 from infra.constructs.weights_store import ARTIFACTS_PREFIX, ENCLAVE_IMAGE_PREFIX, SEALED_PREFIX
 from parent_app.host_sources import MODEL_ID
-from parent_app.vsock_proxy import DEFAULT_CONFIG_PATH, kms_allowlist, vsock_proxy_argv
+from parent_app.vsock_proxy import (
+    DEFAULT_CONFIG_PATH,
+    STORE_HOST_PATTERN,
+    kms_allowlist,
+    kms_and_store_allowlist,
+    store_endpoint_host,
+    store_proxy_argv,
+    vsock_proxy_argv,
+)
 
 ALLOCATOR_PATH = "/etc/nitro_enclaves/allocator.yaml"
 INSTALL_DIR = "/opt/nitrovault"
@@ -75,6 +92,11 @@ DEFAULT_RELAY_PORT = 50051
 #: The parent's HTTP health endpoint (``health_listen``), the load balancer's health-check port.
 DEFAULT_HEALTH_PORT = 8080
 HEALTH_PATH = "/health"
+#: The state store's relay (a second instance of AWS's vsock-proxy) and its log.
+STORE_PROXY_UNIT = "vsock-proxy-state-store.service"
+STORE_PROXY_LOG = "/var/log/nitrovault/vsock-proxy-state-store.log"
+#: Stands in for a store host that CloudFormation fills in, while the validated text is rendered.
+STORE_HOST_PLACEHOLDER = "state-store.placeholder.cache.amazonaws.com"
 _ROLE_NAME = re.compile(r"[A-Za-z0-9+=,.@_-]{1,64}")
 
 
@@ -115,6 +137,34 @@ def systemd_unit(description: str, argv: Sequence[str], *, after: Sequence[str],
             "",
         ]
     )
+
+
+def store_proxy_lines(region: str, host: str, port: int) -> tuple[str, list[str], list[str]]:
+    """The allowlist (KMS and the store), the boot-time host check and the relay's unit-writing lines.
+
+    ``host`` is validated when it is a literal; a CDK token is rendered where a validated placeholder
+    stood, and the first returned line re-checks the resolved value on the host before anything is
+    written (``grep -Eqx`` with :data:`STORE_HOST_PATTERN`; ``set -e`` stops the boot on a mismatch).
+    """
+    literal = STORE_HOST_PLACEHOLDER if Token.is_unresolved(host) else store_endpoint_host(host)
+
+    def fill(text: str) -> str:
+        return text.replace(literal, host)
+
+    allowlist = fill(kms_and_store_allowlist(region, literal, port))
+    unit = fill(
+        systemd_unit(
+            "vsock-proxy to the nitrovault state store (TLS from the enclave, relayed as TCP)",
+            store_proxy_argv(literal, port, binary="/usr/bin/vsock-proxy"),
+            after=("network-online.target",),
+            log_file=STORE_PROXY_LOG,
+        )
+    )
+    check = [
+        f"printf '%s\\n' '{host}' | grep -Eqx '{STORE_HOST_PATTERN}' || "
+        "{ echo 'the state store endpoint is not an ElastiCache host name' >&2; exit 1; }"
+    ]
+    return allowlist, check, _heredoc(f"/etc/systemd/system/{STORE_PROXY_UNIT}", unit)
 
 
 def _port(value: int) -> int:
@@ -159,7 +209,8 @@ def parent_config(
 
 
 class EnclaveHost(Construct):
-    """``.role``, ``.role_arn`` (literal), ``.launch_template``, ``.asg``, ``.nlb``, ``.target_group``."""
+    """``.role``, ``.role_arn`` (literal), ``.security_group``, ``.launch_template``, ``.asg``, ``.nlb``,
+    ``.target_group``."""
 
     def __init__(
         self,
@@ -187,6 +238,7 @@ class EnclaveHost(Construct):
         model_id: str = "model",
         parent_command: Sequence[str] = DEFAULT_PARENT_COMMAND,
         volume_size_gib: int = 64,
+        state_store_endpoint: tuple[str, int] | None = None,
     ) -> None:
         super().__init__(scope, construct_id)
         if not _ROLE_NAME.fullmatch(role_name):
@@ -211,6 +263,7 @@ class EnclaveHost(Construct):
         host_sg = ec2.SecurityGroup(
             self, "HostSg", vpc=vpc, description="nitrovault enclave hosts", allow_all_outbound=True
         )
+        self.security_group = host_sg
         lb_sg = ec2.SecurityGroup(
             self,
             "LoadBalancerSg",
@@ -242,6 +295,7 @@ class EnclaveHost(Construct):
                 health_port=health_port,
                 parent_log_group=parent_log_group.log_group_name,
                 enclave_log_group=enclave_log_group.log_group_name,
+                state_store=state_store_endpoint,
             )
         )
 
@@ -350,8 +404,14 @@ class EnclaveHost(Construct):
         health_port: int,
         parent_log_group: str,
         enclave_log_group: str,
+        state_store: tuple[str, int] | None = None,
     ) -> list[str]:
-        allowlist = kms_allowlist(region)  # validates the region too
+        store_check: list[str] = []
+        store_unit: list[str] = []
+        if state_store is None:
+            allowlist = kms_allowlist(region)  # validates the region too
+        else:
+            allowlist, store_check, store_unit = store_proxy_lines(region, *state_store)
         proxy_argv = vsock_proxy_argv(region)
         proxy_dropin = "\n".join(
             ["[Service]", "ExecStart=", "ExecStart=/usr/bin/" + " ".join(shlex.quote(a) for a in proxy_argv)]
@@ -389,6 +449,7 @@ class EnclaveHost(Construct):
         config_dir = PARENT_CONFIG_PATH.rsplit("/", 1)[0]
         lines = [
             "set -euo pipefail",
+            *store_check,
             "dnf install -y aws-nitro-enclaves-cli aws-nitro-enclaves-cli-devel",
             "dnf install -y amazon-cloudwatch-agent python3.11",
             f"mkdir -p {INSTALL_DIR} /var/log/nitrovault {PROXY_DROPIN_DIR}",
@@ -418,10 +479,12 @@ class EnclaveHost(Construct):
                     log_file=PARENT_LOG,
                 ),
             ),
+            *store_unit,
             "/opt/aws/amazon-cloudwatch-agent/bin/amazon-cloudwatch-agent-ctl -a fetch-config -m ec2 -s "
             "-c file:/opt/aws/amazon-cloudwatch-agent/etc/nitrovault.json",
             "systemctl daemon-reload",
             *(f"systemctl enable --now {unit}" for unit in AWS_UNITS),
+            *([f"systemctl enable --now {STORE_PROXY_UNIT}"] if state_store is not None else []),
             f"systemctl enable --now {PARENT_UNIT}",
         ]
         return lines

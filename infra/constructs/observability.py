@@ -11,8 +11,8 @@ Invariants:
   whose policy is exactly :func:`nitrovault.policy.build.alarm_topic_key_policy`: administrators, and the
   CloudWatch service principal so alarms can publish. The logs key thus serves CloudWatch Logs alone.
 * Both keys are created after the administrator roles they name (``principals_created_by``).
-* Metrics live in the namespace ``nitrovault``. Two come from metric filters, and the patterns are the
-  contract with ``parent_app`` (documented in ``docs/deploy.md``):
+* Metrics live in the namespace ``nitrovault``. Four come from metric filters, and the patterns are the
+  contract with ``parent_app`` and the enclave (documented in ``docs/deploy.md``):
 
   - ``EnclaveRestarts``: lines containing ``enclave ended`` in the parent's log group
     (``/nitrovault/parent``). The enclave supervisor (``parent_app.supervisor``) runs inside the parent
@@ -21,7 +21,20 @@ Invariants:
     to ``/nitrovault/parent`` (``infra.constructs.enclave_host``). The enclave log group holds only the
     enclave's signed audit lines, never that line, so it is not read;
   - ``KeyReleaseFailures``: lines containing ``key release failed`` or ``KeyAccessDenied`` in either
-    log group.
+    log group;
+  - ``AuditGaps``: audit entries of kind ``gap`` (JSON filter ``{ $.kind = "gap" }``) in the enclave log
+    group, where the CloudWatch agent ships the enclave's signed audit lines
+    (``/var/lib/nitrovault/audit/*/audit-*.jsonl``, one canonical JSON entry per line,
+    :mod:`nitrovault.audit`). A gap entry means the enclave dropped records and says so, signed;
+  - ``AuditWithheld``: the parent's log line ``audit-withheld: the enclave refuses protected calls ...``
+    (text filter ``"audit-withheld"``) in the parent's log group: the enclave reports it over the host
+    channel (status step ``audit-withheld``, :mod:`parent_app.host_services`) when it starts refusing
+    protected calls because the parent stopped storing its audit log. A compromised parent can suppress
+    the line, but not the refusals: the alarm is for operators, the guarantee is in the enclave.
+
+  Both audit alarms fire at 1 or more in 5 minutes and treat missing data as not breaching. A hostile
+  parent can drop these lines before they are shipped (it stores the audit log); the alarms catch a
+  failing parent, and :func:`nitrovault.audit.verify_audit` catches the hostile one.
 """
 
 from __future__ import annotations
@@ -44,11 +57,19 @@ ENCLAVE_LOG_GROUP = f"{LOG_GROUP_PREFIX}enclave"
 #: The supervisor's restart line (``parent_app.supervisor.Supervisor.run``), one per restart.
 RESTART_PATTERN = '"enclave ended"'
 KEY_RELEASE_FAILURE_PATTERN = '?"key release failed" ?"KeyAccessDenied"'
+#: An audit entry of kind "gap" (``nitrovault.audit``: canonical JSON lines).
+AUDIT_GAP_PATTERN = '{ $.kind = "gap" }'
+#: The enclave's stdout line when it refuses protected calls because the audit log is withheld.
+AUDIT_WITHHELD_PATTERN = '"audit-withheld"'
+AUDIT_ALARM_PERIOD = Duration.minutes(5)
+_DEFAULT_PERIOD = Duration.minutes(15)
 
 
 class Observability(Construct):
     """``.key`` (logs), ``.alarm_topic_key``, ``.alarm_topic``, ``.parent_logs``, ``.enclave_logs``,
-    ``.log_group(name)``; ``.policy`` and ``.alarm_topic_policy`` are the two keys' policies (plain dicts).
+    ``.log_group(name)``, the alarms (``.restart_alarm``, ``.key_release_alarm``, ``.audit_gap_alarm``,
+    ``.audit_withheld_alarm``); ``.policy`` and ``.alarm_topic_policy`` are the two keys' policies (plain
+    dicts).
     """
 
     def __init__(
@@ -102,6 +123,24 @@ class Observability(Construct):
             threshold=1,
             description="KMS refused or failed to release the model key to the enclave",
         )
+        gaps = self._filter_metric(
+            "AuditGaps", AUDIT_GAP_PATTERN, [self.enclave_logs], period=AUDIT_ALARM_PERIOD
+        )
+        self.audit_gap_alarm = self.alarm(
+            "AuditGapsAlarm",
+            gaps,
+            threshold=1,
+            description="the enclave wrote an audit gap entry: audit records were dropped (5 minutes)",
+        )
+        withheld = self._filter_metric(
+            "AuditWithheld", AUDIT_WITHHELD_PATTERN, [self.parent_logs], period=AUDIT_ALARM_PERIOD
+        )
+        self.audit_withheld_alarm = self.alarm(
+            "AuditWithheldAlarm",
+            withheld,
+            threshold=1,
+            description="the enclave refuses protected calls: the parent withholds its audit log",
+        )
 
     def log_group(self, construct_id: str, name: str) -> logs.LogGroup:
         """A log group under ``/nitrovault/`` encrypted with ``.key`` and with this construct's retention."""
@@ -116,7 +155,14 @@ class Observability(Construct):
             removal_policy=RemovalPolicy.RETAIN,
         )
 
-    def _filter_metric(self, name: str, pattern: str, groups: list[logs.LogGroup]) -> cloudwatch.Metric:
+    def _filter_metric(
+        self,
+        name: str,
+        pattern: str,
+        groups: list[logs.LogGroup],
+        *,
+        period: Duration = _DEFAULT_PERIOD,
+    ) -> cloudwatch.Metric:
         for i, group in enumerate(groups):
             logs.MetricFilter(
                 self,
@@ -128,7 +174,7 @@ class Observability(Construct):
                 metric_value="1",
             )
         return cloudwatch.Metric(
-            namespace=NAMESPACE, metric_name=name, statistic="Sum", period=Duration.minutes(15)
+            namespace=NAMESPACE, metric_name=name, statistic="Sum", period=period
         )
 
     def alarm(

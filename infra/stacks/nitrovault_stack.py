@@ -8,6 +8,11 @@ does not exist yet). The identity canary's role is deliberately in no key policy
 
 Every key's policy comes from :mod:`nitrovault.policy.build` and none names the account root; the
 synth-time review (``infra/review_aspect.py``) reviews all of them.
+
+The shared state store (``state_store``, on by default) is created before the hosts, whose boot script
+needs its endpoint; it then admits the hosts' security group, denies the host role its passwords (in the
+role's policy and, by literal ARN, in the secrets' resource policies, which therefore depend on the
+role) and lets the sealer, its owner, read the enclave user's password once to seal it with the model.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from infra.constructs.model_key import ModelKey
 from infra.constructs.network import Network
 from infra.constructs.observability import Observability
 from infra.constructs.operators import OperatorRoles
+from infra.constructs.state_store import StateStore
 from infra.constructs.weights_store import WeightsStore
 from infra.pcr_manifest import PcrManifest
 
@@ -64,6 +70,8 @@ class NitrovaultStackProps:
     boot_alarm_threshold: int | None = None
     #: an existing CloudTrail trail's CloudWatch log group; None: the stack creates a trail
     cloudtrail_log_group: str | None = None
+    #: the shared state store (ElastiCache for Valkey) for quotas, privacy budgets and extraction state
+    state_store: bool = True
     tags: Mapping[str, str] = field(default_factory=dict)
 
     @property
@@ -84,7 +92,7 @@ class NitrovaultStackProps:
 
 class NitrovaultStack(Stack):
     """Exposes its constructs: ``.model_key``, ``.store``, ``.network``, ``.observability``, ``.host``,
-    ``.canary``, ``.operators``."""
+    ``.canary``, ``.operators``, ``.state_store`` (None when ``props.state_store`` is off)."""
 
     def __init__(self, scope: Construct, construct_id: str, *, props: NitrovaultStackProps) -> None:
         manifest = props.manifest
@@ -130,6 +138,18 @@ class NitrovaultStack(Stack):
             reader_arns=[host_role_arn],
         )
         self.store.grant_write(self.operators.sealer_role)
+        self.state_store: StateStore | None = None
+        if props.state_store:
+            self.state_store = StateStore(
+                self,
+                "StateStore",
+                vpc=self.network.vpc,
+                subnets=self.network.host_subnets,
+                owner_arns=[self.operators.sealer_arn],
+                deploy_role_arn=props.admin_deploy_role_arn,
+                denied_role_arns=[host_role_arn],
+                id_prefix=props.name_prefix,
+            )
         self.host = EnclaveHost(
             self,
             "EnclaveHost",
@@ -147,12 +167,21 @@ class NitrovaultStack(Stack):
             internet_facing=props.internet_facing,
             client_cidr=props.client_cidr,
             model_id=props.model_id,
+            state_store_endpoint=(
+                (self.state_store.endpoint_address, self.state_store.port) if self.state_store else None
+            ),
         )
         if self.host.role_arn != host_role_arn:  # the store key must name the role the hosts really get
             raise RuntimeError(f"enclave host role {self.host.role_arn!r} is not {host_role_arn!r}")
         self.store.grant_read(self.host.role)
         for role in (admin_role, sealer_role, _cfn_role(self.host.role)):
             self.store.key.node.add_dependency(role)
+        if self.state_store is not None:
+            self.state_store.admit(self.host.security_group)
+            self.state_store.deny_password_read(self.host.role)
+            self.state_store.grant_password_read(self.operators.sealer_role, self.operators.sealer_arn)
+            for policy in self.state_store.resource_policies:
+                policy.node.add_dependency(_cfn_role(self.host.role))
         self.model_key = ModelKey(
             self,
             "ModelKey",
@@ -195,6 +224,16 @@ class NitrovaultStack(Stack):
         CfnOutput(self, "LoadBalancerDns", value=self.host.nlb.load_balancer_dns_name)
         CfnOutput(self, "EnclaveRoleArn", value=self.host.role_arn)
         CfnOutput(self, "SealerRoleArn", value=self.operators.sealer_arn)
+        if self.state_store is not None:
+            # The image build bakes the endpoint into the measured enclave config
+            # (scripts/enclave_config.py --state-store-endpoint HOST:PORT).
+            CfnOutput(self, "StateStoreEndpointAddress", value=self.state_store.endpoint_address)
+            CfnOutput(
+                self,
+                "StateStoreEndpointPort",
+                value=self.state_store.replication_group.attr_primary_end_point_port,
+            )
+            CfnOutput(self, "StateStoreSecretArn", value=self.state_store.secret.secret_arn)
         for key, value in props.tags.items():
             Tags.of(self).add(key, value)
 

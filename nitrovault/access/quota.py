@@ -13,13 +13,13 @@ Invariants:
   charged subject is evicted (LRU) and starts over with a **fresh bucket** and zero daily counts;
 * the ledger is thread-safe (one lock; a charge is a few dict operations).
 
-Counters live only in enclave memory, so an **enclave restart resets every counter** and so does LRU
-eviction. Why that is acceptable: the enclave has no trustworthy persistent storage (anything kept on the
-parent could be rolled back by the parent, so it would add complexity without adding a guarantee), and a
-reset can at most grant one extra ``burst`` plus one extra daily allowance per subject per reset.
-Subjects come from tokens signed by the owner's issuer, so forcing evictions needs ``max_subjects``
-valid tokens, and restarts are visible: each boot has a new audit chain and receipt key. Deployments that
-need exact daily billing must reconcile from the audit log, which records the quota state of every call.
+This ledger keeps its counters in enclave memory, so an enclave restart (which the parent can force)
+resets them and so does LRU eviction, and every enclave of a fleet counts alone. Deployments therefore
+name a shared state store in the measured config, and the enclave charges
+:class:`nitrovault.state.SharedQuotaLedger` instead: the same rules (this class is its reference, and
+``tests/unit/test_shared_limits.py`` replays random workloads against both), kept where neither a restart
+nor a second enclave resets them (``docs/access-and-audit.md``, "Shared limits"). This in-memory ledger
+serves configs without a store (tests, single-instance trials) and documents the rules.
 The parent may add coarse per-connection limits of its own; they can only make things stricter.
 
 Clock steps backwards are treated as "no time passed" (the bucket never refills from a clock jump back).

@@ -132,10 +132,12 @@ TLS_SERVER_NAME = "enclave.nitrovault.local"
 #: a sealed model is re-sealed (with a new identity) when its certificate has less than this to run
 TLS_RENEW_BEFORE = timedelta(days=30)
 KMS_FORWARDER_PORT = 8443
-#: quota tiers of the local enclave config: a generous default, and a tiny one the tests select by claim
+#: quota tiers of the local enclave config: a generous default, and small ones the tests select by claim
 LOCAL_TIERS = {
     "default": {"rate_per_s": 500.0, "burst": 1000},
     "test-tiny": {"rate_per_s": 2.0, "burst": 1, "daily_requests": None, "daily_items": None},
+    "test-daily": {"rate_per_s": 500.0, "burst": 1000, "daily_requests": 3, "daily_items": None},
+    "test-race": {"rate_per_s": 500.0, "burst": 1000, "daily_requests": 10, "daily_items": None},
 }
 #: a signed audit checkpoint every this many records (small, so a short session shows several)
 LOCAL_CHECKPOINT_EVERY = 10
@@ -194,6 +196,7 @@ class LocalStack:
         isolate: bool = True,
         kms_proxy_target: str | None = None,
         state_store_proxy_target: str | None = None,
+        shared_store: LocalStack | None = None,
     ) -> None:
         self.paths = Paths(home)
         self._model = model
@@ -218,6 +221,9 @@ class LocalStack:
         self.state_store_port = 0
         #: where the parent's state-store proxy relays to (default: the store); tests play a hostile parent
         self.state_store_proxy_target = state_store_proxy_target
+        #: another running stack whose state store this one uses (two fleets' enclaves, one budget)
+        self.shared_store = shared_store
+        self.state_store_process: subprocess.Popen[bytes] | None = None
         self.key_arn = ""
         self.pcrs: dict[int, bytes] = {}
         #: the parent's HTTP health endpoint (what a load balancer's health check would ask)
@@ -261,6 +267,38 @@ class LocalStack:
                 proc.kill()
         self.processes.clear()
         self.nsm_process = None
+
+    def kill_enclave(self, timeout: float = 180.0) -> int:
+        """SIGKILL the enclave (what a hostile parent can do at will) and wait until the supervisor's
+        restart serves again; returns the parent's boot count after it."""
+        import os
+        import select
+        import signal
+
+        status_file = self.paths.run / "parent" / "status.json"
+        before = json.loads(status_file.read_text())["boots"]
+        pids = self.enclave_pids()
+        if not pids:
+            raise StackError("kill enclave", "no enclave process found")
+        exits = [os.pidfd_open(pid) for pid in pids]  # readable once the process has ended
+        try:
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+            for fd in exits:
+                select.select([fd], [], [], 30)
+        finally:
+            for fd in exits:
+                os.close(fd)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                status = json.loads(status_file.read_text())
+                if status["boots"] > before and status["state"] == "SERVING":
+                    return int(status["boots"])
+                if status["state"] == "FAILED":
+                    raise StackError("kill enclave", f"the restarted enclave failed: {status['reason']}")
+            time.sleep(0.1)
+        raise StackError("kill enclave", f"no SERVING report after {timeout:.0f}s; see {self.paths.logs}")
 
     def enclave_pids(self) -> list[int]:
         """Pids of this stack's enclave processes (found by their config path, as an operator would)."""
@@ -325,15 +363,24 @@ class LocalStack:
                  f"{tls.ca_path}")
 
     def start_state_store(self) -> None:
+        other = self.shared_store
+        if other is not None:
+            with self.steps.step("shared state store (another stack's)") as note:
+                if other.state_store is None:
+                    raise StackError("state store", "the stack to share with has not started its store")
+                self.state_store, self.state_store_port = other.state_store, other.state_store_port
+                note(f"127.0.0.1:{self.state_store_port}, started by the stack in {other.paths.home}")
+            return
         with self.steps.step("shared state store (redis-server, TLS)") as note:
             store = LocalStateStore.ensure(self.paths.state_store, self.paths.state_store_password)
             self.paths.logs.mkdir(parents=True, exist_ok=True)
             port = free_port()
             with (self.paths.logs / "state-store.log").open("ab") as log:
                 try:
-                    self.processes.append(store.start(port=port, log=log))
+                    self.state_store_process = store.start(port=port, log=log)
                 except (OSError, RuntimeError) as err:
                     raise StackError("state store", str(err)) from None
+                self.processes.append(self.state_store_process)
             self.state_store, self.state_store_port = store, port
             note(f"127.0.0.1:{port} as {STORE_HOST} (TLS only, default user off, user {STORE_USER})")
 
@@ -403,7 +450,7 @@ class LocalStack:
                 raise StackError("seal", f"no model weights at {model.weights}")
             with model.weights.open("rb") as f:
                 weights_sha256 = hashlib.file_digest(f, "sha256").hexdigest()
-            password = self.paths.state_store_password.read_text().strip()
+            password = self._store().password
             record = {"weights_sha256": weights_sha256, "key_id": key_arn, "encryption_context": context,
                       "state_store_password_sha256": hashlib.sha256(password.encode()).hexdigest()}
             if sealed_path.is_file() and record_path.is_file() and self._tls_cert_current():
@@ -485,10 +532,10 @@ class LocalStack:
                         "default_tier": "default",
                     },
                     "audit": {"checkpoint_every": LOCAL_CHECKPOINT_EVERY},
-                    "state_store": {
-                        "host": STORE_HOST,
-                        "ca_bundle": self._store().ca_pem.decode(), "username": STORE_USER,
-                    },
+                    # limits in the shared store (prepare() starts it first; only unit-level callers
+                    # that never start it measure a config without one)
+                    **({"state_store": {"host": STORE_HOST, "ca_bundle": self.state_store.ca_pem.decode(),
+                                        "username": STORE_USER}} if self.state_store is not None else {}),
                     **({"protection": plain_json(model.protection)} if model.protection is not None else {}),
                 }
             )

@@ -31,8 +31,9 @@ Invariants:
 * refused with :class:`~nitrovault.errors.QuotaExceededError` (``reason="privacy-budget"``,
   ``retry_after_s`` = time to the next period, when the budget is full again);
 * at most ``max_subjects`` subjects are tracked; the least recently charged is evicted (LRU) and starts
-  over with a full budget (like the quota ledger: an enclave restart resets budgets too, see
-  :mod:`nitrovault.access.quota` for why that is acceptable and how it is visible);
+  over with a full budget, and an enclave restart resets every budget: deployments name a shared
+  state store, where :class:`nitrovault.state.SharedPrivacyBudget` keeps the same accounts (this class
+  is its reference) so that neither a restart nor a second enclave grants a fresh budget;
 * thread-safe (one lock); a clock that steps back never refills a budget.
 
 Why this is written here rather than taken from a library: diffprivlib's ``BudgetAccountant`` keeps

@@ -24,8 +24,9 @@ TCP connect and the SNI). Scripts run with ``EVALSHA``, loaded on first use (red
 
 Example::
 
-    settings = StoreSettings(host="master.limits.abc123.use1.cache.amazonaws.com", ca_bundle=pem, username="nitrovault-enclave", namespace="minilm")
-    store = StateStore.connect(settings, password, route=lambda: open_socket(address, mapping, 0.5))
+    settings = StoreSettings(host="master.limits.abc123.use1.cache.amazonaws.com", ca_bundle=pem,
+                             username="nitrovault-enclave", namespace="minilm")
+    store = StateStore.connect(settings, password, route=lambda: open_socket(address, mapping, timeout=0.5))
     store.ping()
 """
 

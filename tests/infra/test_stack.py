@@ -341,7 +341,10 @@ def test_user_data_installs_cli_sizes_allocator_and_allows_only_kms(synth: Synth
         _heredoc_body(script, "/etc/nitro_enclaves/allocator.yaml") == "---\nmemory_mib: 4096\ncpu_count: 2"
     )
     allowlist = _heredoc_body(script, "/etc/nitro_enclaves/vsock-proxy.yaml")
-    assert allowlist == f"allowlist:\n- {{address: kms.{REGION}.amazonaws.com, port: 443}}"
+    # KMS, then the state store's endpoint (tests/infra/test_state_store.py), and nothing else
+    kms = f"- {{address: kms.{REGION}.amazonaws.com, port: 443}}"
+    assert allowlist.splitlines()[:2] == ["allowlist:", kms]
+    assert len(allowlist.splitlines()) == 3 and "cache.amazonaws.com" not in allowlist.splitlines()[1]
     assert f"vsock-proxy 8000 kms.{REGION}.amazonaws.com 443" in script
 
 
