@@ -268,12 +268,12 @@ class LocalStack:
         self.processes.clear()
         self.nsm_process = None
 
-    def kill_enclave(self, timeout: float = 180.0) -> int:
-        """SIGKILL the enclave (what a hostile parent can do at will) and wait until the supervisor's
-        restart serves again; returns the parent's boot count after it."""
+    def kill_enclave(self, sig: int = 9, timeout: float = 180.0) -> int:
+        """Signal the enclave (default SIGKILL, what a hostile parent can do at will; SIGTERM lets it write
+        its final audit checkpoint first), wait until it has ended and the supervisor's restart serves
+        again; returns the parent's boot count after it."""
         import os
         import select
-        import signal
 
         status_file = self.paths.run / "parent" / "status.json"
         before = json.loads(status_file.read_text())["boots"]
@@ -283,7 +283,7 @@ class LocalStack:
         exits = [os.pidfd_open(pid) for pid in pids]  # readable once the process has ended
         try:
             for pid in pids:
-                os.kill(pid, signal.SIGKILL)
+                os.kill(pid, sig)
             for fd in exits:
                 select.select([fd], [], [], 30)
         finally:
