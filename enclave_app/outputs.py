@@ -52,7 +52,7 @@ from enclave_app.models.base import ModelHandler, ModelLoadError
 from nitrovault.envelope.extras import REFERENCE_TENSOR, WATERMARK_CANDIDATES_KEY, WATERMARK_SECRET_KEY
 from nitrovault.errors import ConfigError
 from nitrovault.protection import Action, ExtractionMonitor, PrivacyBudget
-from nitrovault.state import SharedPrivacyBudget, SharedRefusals, StateStore
+from nitrovault.state import SharedAggregates, SharedPrivacyBudget, SharedRefusals, StateStore
 from nitrovault.watermark import EmbeddingMark, WatermarkKeys, derive_embedding_mark, derive_watermark_keys
 from nitrovault.watermark.embedding import mark_embedding, trigger_weight
 
@@ -174,7 +174,8 @@ class OutputGuard:
         policy = protection.extraction_policy
         self.monitor = None if policy is None else ExtractionMonitor(
             policy, clock=clock, max_subjects=max_subjects, reference=extras.reference,
-            refusals=None if store is None else SharedRefusals(store, clock=clock))
+            refusals=None if store is None else SharedRefusals(store, clock=clock),
+            aggregates=None if store is None else SharedAggregates(store, policy))
         self._rng = rng_factory
         self.embedding_mark: EmbeddingMark | None = None
         mark = protection.embedding_mark

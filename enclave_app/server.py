@@ -182,14 +182,17 @@ class InferenceService(pb_grpc.InferenceServicer):
             guard.authorize(call.principal, method)  # after call.principal: a scope refusal is attributed
             guard.check_audit()
             principal = call.principal
-            if guard.shared:  # store round trips: never on the event loop (a slow store must not stall it)
-                call.quota = await asyncio.to_thread(guard.charge, principal, items)
-                if method in RECEIPTED and self.model is not None:
-                    await asyncio.to_thread(self.model.outputs.admit, principal.subject)
-            else:
+            outputs = self.model.outputs if method in RECEIPTED and self.model is not None else None
+
+            def limits() -> None:
                 call.quota = guard.charge(principal, items)
-                if method in RECEIPTED and self.model is not None:
-                    self.model.outputs.admit(principal.subject)
+                if outputs is not None:
+                    outputs.admit(principal.subject)
+
+            if guard.shared:  # store round trips: never on the event loop (a slow store must not stall it)
+                await asyncio.to_thread(limits)
+            else:
+                limits()
             response = await work(call)
             if method in RECEIPTED:
                 raw = _RAW_REQUEST.get()

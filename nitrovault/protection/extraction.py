@@ -72,7 +72,17 @@ from scipy.cluster.vq import kmeans2
 
 from nitrovault.errors import AccessError, ConfigError, PermissionDeniedError, QuotaExceededError
 
-__all__ = ["Action", "Decision", "ExtractionMonitor", "ExtractionPolicy", "PradaDetector", "PradaResult"]
+__all__ = [
+    "Action",
+    "Decision",
+    "ExtractionMonitor",
+    "ExtractionPolicy",
+    "PradaDetector",
+    "PradaResult",
+    "SharedAggregates",
+    "SharedRefusals",
+    "Windows",
+]
 
 FloatArray = npt.NDArray[np.float64]
 Clock = Callable[[], datetime]
@@ -348,6 +358,24 @@ class _Coverage:
         return float(np.sum(1.0 - (1.0 - self.p) ** n))
 
 
+@dataclass(frozen=True)
+class Windows:
+    """A subject's sliding windows, the inputs of the volume, duplicates and coverage signals: queries
+    within ``volume_window_s`` (at most ``volume_max + 1``), the near-duplicate flags of the last
+    ``dup_window`` queries and the coverage cells of the last ``coverage_window`` (-1: outside)."""
+
+    volume: int
+    duplicate_flags: tuple[bool, ...]
+    cells: tuple[int, ...]
+
+
+class SharedAggregates(Protocol):
+    """Where a subject's windows are kept for every enclave and boot (numbers only: a flag and a cell id
+    per query, never an input): :class:`nitrovault.state.SharedAggregates`."""
+
+    def record(self, subject: str, now: float, flags: list[bool], cells: list[int] | None) -> Windows: ...
+
+
 class SharedRefusals(Protocol):
     """Where blocks and throttles are also kept so that every enclave, and the next boot, honours them
     (:class:`nitrovault.state.SharedRefusals`, in the shared state store)."""
@@ -380,11 +408,13 @@ class ExtractionMonitor:
         reference: npt.ArrayLike | None = None,
         rng: np.random.Generator | None = None,
         refusals: SharedRefusals | None = None,
+        aggregates: SharedAggregates | None = None,
     ) -> None:
         if max_subjects < 1:
             raise ConfigError("max_subjects must be at least 1")
         self.policy = policy or ExtractionPolicy()
         self._refusals = refusals
+        self._aggregates = aggregates
         self._clock = clock
         self._max = max_subjects
         self._subjects: OrderedDict[str, _Subject] = OrderedDict()
@@ -451,8 +481,10 @@ class ExtractionMonitor:
             raise ValueError("one label per input row is needed")
         now = self._now()
         p = self.policy
+        cells = self._cells(x)  # this call's coverage cells (-1: outside the reference's region)
         with self._lock:
             state = self._state(subject)
+            flags: list[bool] = []
             for row, label in zip(x, y, strict=True):
                 state.queries += 1
                 state.times.append(now)
@@ -461,14 +493,25 @@ class ExtractionMonitor:
                     recent = state.recent.view()
                     scale = np.maximum(np.linalg.norm(recent, axis=1), np.linalg.norm(row))
                     near = np.linalg.norm(recent - row, axis=1) <= p.dup_rel * np.maximum(scale, 1e-12)
-                    state.dup_flags.append(bool(near.any()))
+                    flags.append(bool(near.any()))
                 else:
-                    state.dup_flags.append(False)
+                    flags.append(False)
                 state.recent.append(row)
+            state.dup_flags.extend(flags)
+            if cells is not None:
+                state.buckets.extend(cells)
             prada = state.prada.result()  # one normality test per call, after all its rows
-            evidence, fired = self._signals(state, x, prada, now)
-            action = max((p.actions[s] for s in fired), default=Action.NONE)
-            refused_for: float | None = None
+            times = state.times  # appended in clock order: expired ones sit at the left
+            while times and times[0] <= now - p.volume_window_s:
+                times.popleft()
+            windows = Windows(len(times), tuple(state.dup_flags), tuple(state.buckets))
+            queries = state.queries
+        if self._aggregates is not None:  # the subject's windows over every enclave and boot
+            windows = self._aggregates.record(subject, now, flags, cells)
+        evidence, fired = self._signals(queries, prada, windows)
+        action = max((p.actions[s] for s in fired), default=Action.NONE)
+        refused_for: float | None = None
+        with self._lock:
             if action is Action.BLOCK:
                 self._blocks[subject] = now + p.block_s
                 self._blocks.move_to_end(subject)
@@ -476,27 +519,28 @@ class ExtractionMonitor:
                     self._blocks.popitem(last=False)
                 refused_for = p.block_s
             elif action is Action.THROTTLE:
-                state.refused_until = now + p.throttle_s
+                self._state(subject).refused_until = now + p.throttle_s
                 refused_for = p.throttle_s
         if self._refusals is not None and refused_for is not None:  # outside the lock: a store round trip
             self._refusals.refuse(subject, "block" if action is Action.BLOCK else "throttle", refused_for)
         return Decision(action=action, signals=tuple(fired), evidence=MappingProxyType(evidence),
                         refused_for_s=refused_for)
 
-    def _signals(
-        self, state: _Subject, x: FloatArray, prada: PradaResult, now: float
-    ) -> tuple[dict[str, float | int | None], list[str]]:
+    def _cells(self, x: FloatArray) -> list[int] | None:
+        if self._coverage is None:
+            return None
+        cells, outside = self._coverage.cells(x)
+        return [int(c) if not o else -1 for c, o in zip(cells, outside, strict=True)]
+
+    def _signals(self, queries: int, prada: PradaResult,
+                 windows: Windows) -> tuple[dict[str, float | int | None], list[str]]:
         p = self.policy
         fired: list[str] = []
         if prada.alarm:
             fired.append("prada")
-        times = state.times  # appended in clock order: expired ones sit at the left
-        while times and times[0] <= now - p.volume_window_s:
-            times.popleft()
-        in_window = len(times)
-        if in_window > p.volume_max:
+        if windows.volume > p.volume_max:
             fired.append("volume")
-        flags = state.dup_flags
+        flags = windows.duplicate_flags
         dup_fraction = sum(flags) / len(flags) if len(flags) >= p.dup_window // 2 else 0.0
         if dup_fraction > p.dup_max_fraction:
             fired.append("duplicates")
@@ -504,23 +548,19 @@ class ExtractionMonitor:
         distinct: int | None = None
         expected: float | None = None
         if self._coverage is not None:
-            cov = self._coverage
-            cells, outside = cov.cells(x)
-            # a cell id, or -1 for "outside the reference's region"
-            state.buckets.extend(int(c) if not o else -1 for c, o in zip(cells, outside, strict=True))
-            ids = np.fromiter(state.buckets, dtype=np.int64)
-            novel = float(np.mean(ids < 0))
-            distinct = len(set(state.buckets) - {-1})
-            expected = cov.expected_distinct(len(state.buckets))
-            if len(state.buckets) >= p.coverage_window // 2 and (
+            buckets = windows.cells
+            novel = float(np.mean(np.asarray(buckets) < 0)) if buckets else 0.0
+            distinct = len(set(buckets) - {-1})
+            expected = self._coverage.expected_distinct(len(buckets))
+            if len(buckets) >= p.coverage_window // 2 and (
                 novel > p.coverage_max_novel or distinct > p.coverage_factor * expected
             ):
                 fired.append("coverage")
         evidence: dict[str, float | int | None] = {
-            "queries": state.queries,
+            "queries": queries,
             "prada_w": None if prada.w is None else round(prada.w, 4),
             "prada_n": prada.n,
-            "volume_in_window": in_window,
+            "volume_in_window": windows.volume,
             "duplicate_fraction": round(dup_fraction, 4),
             "coverage_novel": None if novel is None else round(novel, 4),
             "coverage_distinct": distinct,

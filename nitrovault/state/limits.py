@@ -9,7 +9,9 @@ Each class here has the interface and the invariants of its in-memory twin, whic
 * :class:`SharedPrivacyBudget` — :class:`nitrovault.protection.PrivacyBudget` (ε adds up, δ composes as
   ``1 - Π(1 - δᵢ)``, per period aligned to the epoch, refusal ``privacy-budget``);
 * :class:`SharedRefusals` — the extraction monitor's blocks and throttles
-  (:class:`nitrovault.protection.ExtractionMonitor`), so killing an enclave does not lift a block.
+  (:class:`nitrovault.protection.ExtractionMonitor`), so killing an enclave does not lift a block;
+* :class:`SharedAggregates` — the monitor's per-subject windows (volume, near-duplicate flags, coverage
+  cells), so a thief's queries count on every enclave and across restarts.
 
 What changes is where the state lives, and that is the point:
 
@@ -41,15 +43,17 @@ Example::
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from nitrovault.access.quota import QuotaState, QuotaTiers
 from nitrovault.errors import ConfigError, PermissionDeniedError, QuotaExceededError, StateStoreError
+from nitrovault.protection.extraction import ExtractionPolicy, Windows
 from nitrovault.protection.privacy import TOLERANCE, BudgetPolicy, BudgetState
 from nitrovault.state.store import StateStore
 
-__all__ = ["SharedPrivacyBudget", "SharedQuotaLedger", "SharedRefusals"]
+__all__ = ["SharedAggregates", "SharedPrivacyBudget", "SharedQuotaLedger", "SharedRefusals"]
 
 Clock = Callable[[], datetime]
 _DAY_MS = 86_400_000
@@ -168,6 +172,37 @@ return 1
 """
 
 
+# KEYS: the subject's volume zset, duplicate-flag list, coverage-cell list
+# ARGV: now_ms, window_ms, volume_cap, nonce, dup_window, coverage_window, ttl_ms, flags ("0110"),
+#       cells ("3,-1,7" or "")
+# -> {volume, flags (string), cells (list of strings)}
+_AGGREGATES = """
+local now = tonumber(ARGV[1])
+local flags = ARGV[8]
+for i = 1, #flags do
+  redis.call('ZADD', KEYS[1], now, ARGV[4] .. ':' .. i)
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
+redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -(tonumber(ARGV[3]) + 1))
+local volume = redis.call('ZCARD', KEYS[1])
+local ttl = tonumber(ARGV[7])
+if #flags > 0 then
+  local items = {}
+  for i = 1, #flags do items[i] = string.sub(flags, i, i) end
+  redis.call('RPUSH', KEYS[2], unpack(items))
+  redis.call('LTRIM', KEYS[2], -tonumber(ARGV[5]), -1)
+end
+if ARGV[9] ~= '' then
+  local cells = {}
+  for c in string.gmatch(ARGV[9], '[^,]+') do cells[#cells + 1] = c end
+  redis.call('RPUSH', KEYS[3], unpack(cells))
+  redis.call('LTRIM', KEYS[3], -tonumber(ARGV[6]), -1)
+end
+for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ttl) end
+return {volume, table.concat(redis.call('LRANGE', KEYS[2], 0, -1)), redis.call('LRANGE', KEYS[3], 0, -1)}
+"""
+
+
 def _reply(value: object) -> list[object]:
     """A script's reply as a list, or :class:`StateStoreError` (the store answered something else)."""
     if not isinstance(value, list):
@@ -240,6 +275,41 @@ class SharedPrivacyBudget:
             raise StateStoreError("the state store answered a limit script unexpectedly") from None
         return BudgetState(remaining_epsilon=max(0.0, policy.epsilon - spent_eps),
                            remaining_delta=max(0.0, policy.delta - (1.0 - omd)), refill_in_s=refill_in)
+
+
+class SharedAggregates:
+    """The extraction monitor's per-subject windows over every enclave and boot: query times (the volume
+    signal), near-duplicate flags and coverage cells (one flag and one cell id per query: numbers derived
+    in the enclave, never the inputs, which stay in the enclave and so do PRADA's growing sets).
+
+    One script per observed call appends this call's rows and returns the windows, exactly as
+    :class:`~nitrovault.protection.ExtractionMonitor` keeps them in memory (the volume window holds at most
+    ``volume_max + 1`` times). Keys expire ``idle_s`` after a subject's last query (default: a day, or the
+    volume window if longer).
+    """
+
+    def __init__(self, store: StateStore, policy: ExtractionPolicy, *, idle_s: float = 86_400.0) -> None:
+        self._store = store
+        self._policy = policy
+        self._ttl_ms = math.ceil(max(idle_s, policy.volume_window_s) * 1000)
+        self._script = store.script(_AGGREGATES)
+
+    def record(self, subject: str, now: float, flags: list[bool], cells: list[int] | None) -> Windows:
+        p = self._policy
+        key = self._store.settings.key
+        reply = _reply(self._script(
+            [key(subject, "xv"), key(subject, "xd"), key(subject, "xc")],
+            [math.floor(now * 1000), math.ceil(p.volume_window_s * 1000), p.volume_max + 1,
+             secrets.token_hex(8), p.dup_window, p.coverage_window, self._ttl_ms,
+             "".join("1" if f else "0" for f in flags), ",".join(map(str, cells or []))],
+        ))
+        try:
+            volume, shared_flags, shared_cells = int(str(reply[0])), str(reply[1]), reply[2]
+            assert isinstance(shared_cells, list)
+            cell_ids = tuple(int(c.decode() if isinstance(c, bytes) else c) for c in shared_cells)
+        except (IndexError, ValueError, AssertionError):
+            raise StateStoreError("the state store answered a limit script unexpectedly") from None
+        return Windows(volume, tuple(c == "1" for c in shared_flags), cell_ids)
 
 
 class SharedRefusals:

@@ -245,3 +245,68 @@ def test_nobody_else_gets_in_default_user_plaintext_and_other_commands(state_sto
             store.call(lambda c=command: store.client.execute_command(*c))  # type: ignore[misc]
     assert USERNAME in server.acl_file.read_text()
     assert server.password not in server.acl_file.read_text()  # the server holds only its hash
+
+
+def _decisions(monitor: ExtractionMonitor, clock: Clock, seed: int) -> list[tuple[Any, ...]]:
+    """A workload mixing natural rows, repeats and far-away probes; every decision with its evidence."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    seeds = rng.normal(size=(4, 6))
+    out = []
+    for step in range(120):
+        clock.advance(int(rng.choice([0, 10, 900, 4000])))
+        kind = step % 3
+        rows = (seeds[rng.integers(0, 4, size=2)] + rng.normal(scale=1e-4, size=(2, 6)) if kind == 0
+                else rng.normal(size=(2, 6)) * (8.0 if kind == 1 else 1.0))
+        decision = monitor.observe("thief", rows, rng.integers(0, 3, size=2))
+        out.append((decision.action, decision.signals, dict(decision.evidence)))
+    return out
+
+
+def test_shared_windows_decide_exactly_as_the_in_memory_monitor(store: StateStore) -> None:
+    import numpy as np
+
+    from nitrovault.state import SharedAggregates
+
+    policy = ExtractionPolicy.from_config({"volume_max": 30, "volume_window_s": 20, "dup_window": 16,
+                                           "dup_max_fraction": 0.2,
+                                           "coverage_window": 40, "coverage_clusters": 8,
+                                           "actions": {"prada": "record", "volume": "record",
+                                                       "duplicates": "record", "coverage": "record"}})
+    reference = np.random.default_rng(0).normal(size=(200, 6))
+    clock_a, clock_b = Clock(), Clock()
+    memory = ExtractionMonitor(policy, clock=clock_a, reference=reference)
+    shared = ExtractionMonitor(policy, clock=clock_b, reference=reference,
+                               aggregates=SharedAggregates(store, policy))
+    expected, got = _decisions(memory, clock_a, 5), _decisions(shared, clock_b, 5)
+    assert got == expected
+    fired = {s for _, signals, _ in expected for s in signals}
+    assert {"volume", "duplicates", "coverage"} <= fired  # every shared window was exercised
+
+
+def test_a_thief_spreading_queries_over_two_enclaves_and_a_restart_is_counted_once(
+        state_store_server: Any, store: StateStore) -> None:
+    from nitrovault.state import SharedAggregates
+
+    server, port, _ = state_store_server
+    clock = Clock()
+    policy = ExtractionPolicy.from_config({"volume_max": 10, "volume_window_s": 3600,
+                                           "actions": {"volume": "block"}})
+    other = store_for(server, port, namespace=store.settings.namespace)
+    try:
+        a, b = (ExtractionMonitor(policy, clock=clock, aggregates=SharedAggregates(s, policy),
+                                  refusals=SharedRefusals(s, clock=clock)) for s in (store, other))
+        for i in range(5):  # 10 queries, half on each enclave: at the limit, not past it
+            assert a.observe("spreader", [[float(i), 1.0]], [0]).error() is None
+            assert b.observe("spreader", [[float(i), 2.0]], [0]).error() is None
+        restarted = ExtractionMonitor(policy, clock=clock, aggregates=SharedAggregates(other, policy),
+                                      refusals=SharedRefusals(other, clock=clock))
+        decision = restarted.observe("spreader", [[9.0, 9.0]], [0])  # the 11th, on a fresh boot
+        assert decision.signals == ("volume",) and decision.evidence["volume_in_window"] == 11
+        with pytest.raises(PermissionDeniedError):
+            a.admit("spreader")
+        alone = ExtractionMonitor(policy, clock=clock)  # without the store: one enclave counts 1
+        assert alone.observe("spreader", [[9.0, 9.0]], [0]).evidence["volume_in_window"] == 1
+    finally:
+        other.close()
