@@ -18,7 +18,7 @@ What changes is where the state lives, and that is the point:
 * **Restarts reset nothing, and N enclaves share one budget.** Every charge is one server-side script
   (``EVALSHA``): it reads the subject's state, decides, and writes only when it admits, all in one atomic
   step of the store. However many enclaves race on one subject's last units, the store admits exactly
-  the quota (``tests/integration/test_shared_limits.py`` races 16 clients over two enclaves).
+  the quota (``tests/integration/test_shared_limits_stack.py`` races 16 clients over two enclaves).
 * **All or nothing.** A refused charge writes nothing (the refill is a function of time, recomputed on
   the next charge), so a refused call consumes nothing, as in memory.
 * **Bounded memory without resets.** Keys expire (``PEXPIRE``) only once their state no longer matters:

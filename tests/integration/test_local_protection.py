@@ -14,7 +14,9 @@ or refused) stay below 20, and the volume subject crosses 20 with one large call
 budget. PRADA (100 distances), duplicates (32 queries) and coverage (100 queries) need more queries than
 either subject makes, so ``volume`` is the only signal that can fire here.
 
-The last test stops the enclave (SIGTERM: final checkpoint) to verify the log strictly, so it runs last.
+With the stack's shared state store, a killed and restarted enclave still refuses a subject whose budget
+is spent or who is blocked. The last test stops the enclave (SIGTERM: final checkpoint) to verify the
+log strictly, so it runs last.
 ``test_the_demo_models_embeddings_carry_the_owners_watermark`` uses the shared default stack.
 """
 
@@ -213,6 +215,31 @@ def test_past_the_volume_limit_a_subject_is_blocked_and_others_are_served(
     assert "protection" not in records[2]  # refused at admission: the model never ran
     text = "".join(f.read_text() for f in sorted(stack.current_audit_dir().glob("audit-*.jsonl")))  # type: ignore[union-attr]
     assert "718281" not in text  # the inputs never reach the audit log
+
+
+def test_a_restart_grants_no_fresh_budget_and_lifts_no_block(digits: tuple[LocalStack, np.ndarray]) -> None:
+    """The hostile parent kills the enclave so that its successor forgets: the shared store remembers."""
+    stack, rows = digits
+    with stack.client(stack.token("restart-spender"), timeout=30) as spender:
+        for batch in (rows[:4], rows[4:8], rows[8:10]):  # ε 2 + 2 + 1: the whole budget of 5
+            spender.infer({"x": batch})
+    thief = stack.client(stack.token("restart-thief"), timeout=30)
+    with thief, pytest.raises(ClientError) as blocked:
+        thief.infer({"x": rows[:24]})  # past the volume limit in one call: blocked for a day
+    assert blocked.value.code == "PERMISSION_DENIED"
+
+    stack.kill_enclave()  # what the in-memory ledgers gave away: a full budget and no block per boot
+
+    with stack.client(stack.token("restart-spender"), timeout=30) as spender:
+        with pytest.raises(ClientError) as spent:
+            spender.infer({"x": rows[:1]})
+        assert spent.value.code == "RESOURCE_EXHAUSTED"
+    with stack.client(stack.token("restart-thief"), timeout=30) as thief:
+        with pytest.raises(ClientError) as still:
+            thief.infer({"x": rows[:1]})
+        assert still.value.code == "PERMISSION_DENIED"
+    with stack.client(stack.token("restart-bystander"), timeout=30) as other:
+        assert other.infer({"x": rows[:1]})["probabilities"].shape == (1, 10)
 
 
 def test_the_audit_log_with_the_refusals_verifies(
