@@ -15,7 +15,10 @@ Example (JSON)::
       "access": {"issuer": "https://issuer.example", "audience": "nitrovault",
                  "jwks": {"keys": [{"kty": "OKP", "crv": "Ed25519", "x": "...", "kid": "k1"}]},
                  "tiers": {"default": {"rate_per_s": 50, "burst": 100}}, "default_tier": "default"},
-      "audit": {"checkpoint_every": 100, "max_buffered": 10000},
+      "audit": {"checkpoint_every": 100, "max_buffered": 10000, "max_withheld_records": 1000,
+                "max_withheld_s": 60},
+      "state_store": {"host": "master.nv-state.abc123.use1.cache.amazonaws.com",
+                      "ca_bundle": "-----BEGIN CERTIFICATE-----...(Amazon Trust Services roots)"},
       "protection": {"hardening": {"kind": "reverse_sigmoid", "beta": 1.0, "gamma": 0.3},
                      "privacy": null, "extraction": {"volume_max": 2000},
                      "watermark": {"embedding": null, "text": null}}

@@ -1,6 +1,9 @@
 """What a caller gets to see of an answer: extraction detection, calibrated noise with per-subject budgets,
 output hardening and output watermarks. One :class:`OutputGuard` per boot, inside the enclave.
 
+Budgets, extraction refusals and the extraction monitor's windows live in the shared state store when the
+boot opened one (:mod:`nitrovault.state`), else in this guard's memory.
+
 The policies come from the measured config (``protection``, :class:`enclave_app.config.Protection`); the
 owner's watermark secret, the embedding mark's candidate words and the extraction detector's reference
 sample come from the sealed model (:class:`SealedExtras`), so they are released by KMS with the model key

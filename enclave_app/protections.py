@@ -1,7 +1,9 @@
 """The per-boot protections around every call: token → quota → (model) → receipt → audit record.
 
 One :class:`Protections` per enclave boot holds the one :class:`~nitrovault.access.TokenVerifier`, the one
-:class:`~nitrovault.access.QuotaLedger`, the :class:`~nitrovault.receipts.ReceiptSigner` (made once the
+quota ledger (:class:`~nitrovault.access.QuotaLedger` in memory, or
+:class:`~nitrovault.state.SharedQuotaLedger` in the shared state store from :meth:`Protections.serving` on,
+when the measured config names one), the :class:`~nitrovault.receipts.ReceiptSigner` (made once the
 sealed model's digest is known) and the one :class:`~nitrovault.audit.AuditWriter`. All are thread-safe.
 This module is pure apart from what it is given (key, clock, sink): the gRPC layer
 (:mod:`enclave_app.server`) calls it, and ``bench/bench_protections.py`` measures it in process.
@@ -15,7 +17,12 @@ Invariants:
   steps, :meth:`Protections.identify` (who, checks 1-4) then :meth:`Protections.authorize` (may they call
   this, check 5), and the caller stores the principal in its :class:`CallRecord` between the two;
 * a receipt covers SHA-256 of the request bytes as received and of the response message serialized
-  deterministically **with its ``receipt`` field unset** (the receipt is set afterwards).
+  deterministically **with its ``receipt`` field unset** (the receipt is set afterwards), and names the
+  audit position it extends (:meth:`nitrovault.audit.AuditWriter.position`), so receipts prove which
+  records the parent must hold;
+* while :attr:`Protections.audit_withheld` reports the log withheld (set by the composition root from
+  :meth:`enclave_app.host.AuditShipper.withheld`), :meth:`Protections.check_audit` refuses protected
+  calls (``ProtectionUnavailableError("audit-withheld")``: serving on would mean serving unaudited).
 
 Example::
 

@@ -12,14 +12,16 @@ Invariants:
 * Errors become status codes in one table (:mod:`enclave_app.status`); no exception text leaves the
   enclave, only a code and, for internal errors, a correlation id.
 * Every call runs the protections of :mod:`enclave_app.protections` in this order: bearer token
-  (``authorization`` metadata; missing → UNAUTHENTICATED) → scopes for this method and model → quota
-  (RESOURCE_EXHAUSTED with ``retry-after``) → model → receipt (Infer/Embed: the response's ``receipt``
-  field, signed over the request bytes as received and the response serialized deterministically with
-  ``receipt`` unset) → one audit record, for refusals and errors too. Info needs a valid token (any
-  scope) and is charged as a request with 0 items. ``Attest`` needs none: a client verifies the enclave
-  before it sends its token (``docs/confidential-serving.md``); it is bounded instead
-  (``limits.max_concurrent_attestations`` signing at once, ``limits.attestation_queue`` waiting, beyond
-  that RESOURCE_EXHAUSTED) and audited.
+  (``authorization`` metadata; missing → UNAUTHENTICATED) → scopes for this method and model → the audit
+  gate (UNAVAILABLE while the parent withholds the audit log beyond the measured bound) → quota
+  (RESOURCE_EXHAUSTED with ``retry-after``; with a shared state store, charged there on a worker thread,
+  never on the event loop, and UNAVAILABLE when the store cannot decide) → model → receipt
+  (Infer/Embed: the response's ``receipt`` field, signed over the request bytes as received and the
+  response serialized deterministically with ``receipt`` unset) → one audit record, for refusals and
+  errors too. Info needs a valid token (any scope) and is charged as a request with 0 items. ``Attest``
+  needs none: a client verifies the enclave before it sends its token (``docs/confidential-serving.md``);
+  it is bounded instead (``limits.max_concurrent_attestations`` signing at once,
+  ``limits.attestation_queue`` waiting, beyond that RESOURCE_EXHAUSTED) and audited.
 * TLS ends here, inside the enclave (:class:`EnclaveServer` with the sealed :class:`TlsIdentity`): the
   parent relays ciphertext only. Unauthenticated long-lived calls are bounded: health ``Watch`` streams
   by ``limits.max_watch_streams`` in total, every connection by ``limits.max_streams_per_connection``
