@@ -53,8 +53,8 @@ import torch
 from enclave_app.config import Protection
 from enclave_app.models.base import ModelHandler, ModelLoadError
 from nitrovault.envelope.extras import REFERENCE_TENSOR, WATERMARK_CANDIDATES_KEY, WATERMARK_SECRET_KEY
-from nitrovault.errors import ConfigError
-from nitrovault.protection import Action, ExtractionMonitor, PrivacyBudget
+from nitrovault.errors import ConfigError, QuotaExceededError
+from nitrovault.protection import Action, BudgetState, ExtractionMonitor, PrivacyBudget
 from nitrovault.state import SharedAggregates, SharedPrivacyBudget, SharedRefusals, StateStore
 from nitrovault.watermark import EmbeddingMark, WatermarkKeys, derive_embedding_mark, derive_watermark_keys
 from nitrovault.watermark.embedding import mark_embedding, trigger_weight
@@ -142,6 +142,18 @@ class GuardNotes:
 
     extraction: dict[str, Any] | None = None
     privacy: dict[str, float] | None = None
+    #: the (ε, δ) already spent for this answer at admission (the shared store's one round trip) and
+    #: the rows it was spent for; ``None``: spend when the noise is added (in memory)
+    precharged: tuple[float, float] | None = None
+    precharged_rows: int = 0
+    #: the admission found the budget too small for this answer (nothing spent): refuse it at the noise,
+    #: with this retry-after, exactly where the in-memory budget would have refused it
+    budget_refused_in_s: float | None = None
+
+    def precharge(self, cost: tuple[float, float], rows: int, state: BudgetState) -> None:
+        self.precharged, self.precharged_rows = cost, rows
+        self.privacy = {"remaining_epsilon": state.remaining_epsilon,
+                        "remaining_delta": state.remaining_delta}
 
     def to_audit(self) -> dict[str, Any] | None:
         """The audit record's ``protection`` object. Audit records hash canonical JSON without floats, so
@@ -223,9 +235,29 @@ class OutputGuard:
                         ",".join(decision.signals))
             raise error
 
+    def privacy_cost(self, method: str, rows: int) -> tuple[float, float] | None:
+        """The (ε, δ) an answer of ``rows`` rows to ``method`` spends, or ``None`` when its answers get no
+        calibrated noise (for the shared store's one-round-trip admission)."""
+        if self.mechanism is None or self.budget is None:
+            return None
+        noised = (self.mechanism.output == "embedding") if method == "Embed" else (
+            method == "Infer" and self.mechanism.output == "probabilities" and self._protects_classifier)
+        return self.mechanism.cost(rows=rows) if noised else None
+
+    @property
+    def refuses(self) -> bool:
+        """Whether extraction refusals (blocks, throttles) apply to calls."""
+        return self.monitor is not None
+
     def _noise(self, subject: str, answer: np.ndarray, notes: GuardNotes) -> np.ndarray:
         if self.mechanism is None or self.budget is None:
             return answer
+        if notes.budget_refused_in_s is not None:
+            raise QuotaExceededError("privacy-budget", retry_after_s=notes.budget_refused_in_s)
+        if notes.precharged is not None:  # spent at admission, with the quota, in one round trip
+            if notes.precharged_rows != answer.shape[0]:
+                raise ConfigError("the answer has other rows than its privacy spend was made for")
+            return self.mechanism.apply(answer, rng=self._rng())
         state = self.budget.spend(subject, *self.mechanism.cost(rows=answer.shape[0]))
         notes.privacy = {"remaining_epsilon": state.remaining_epsilon,
                          "remaining_delta": state.remaining_delta}

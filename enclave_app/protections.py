@@ -59,7 +59,7 @@ from nitrovault.errors import (
 )
 from nitrovault.nsm import Nsm
 from nitrovault.receipts import Receipt, ReceiptSigner, enclave_user_data, key_id
-from nitrovault.state import SharedQuotaLedger, StateStore
+from nitrovault.state import SharedAdmission, SharedQuotaLedger, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,8 @@ class Protections:
         self.signer: ReceiptSigner | None = None
         #: says why the audit log counts as withheld (``None``: it does not); set by the composition root
         self.audit_withheld: Callable[[], str | None] = _never
+        #: a call's limits in one round trip to the shared store (from :meth:`serving`, with a store)
+        self.admission: SharedAdmission | None = None
 
     @property
     def shared(self) -> bool:
@@ -150,6 +152,8 @@ class Protections:
         if self.config.state_store is not None:
             if store is None:
                 raise ConfigError("the measured config names a state store but none was opened")
+            self.admission = SharedAdmission(store, self.config.access.quota_tiers(),
+                                             self.config.protection.budget_policy, clock=self._clock)
             self.ledger = SharedQuotaLedger(store, self.config.access.quota_tiers(), clock=self._clock)
         self.signer = ReceiptSigner(self.boot_key, model_id=self.config.model_id,
                                     sealed_digest=bytes.fromhex(sealed_digest_hex), pcr0=self._pcr0,
@@ -180,6 +184,34 @@ class Protections:
         (``ProtectionUnavailableError("audit-withheld")``): serving on would mean serving unaudited."""
         if self.audit_withheld() is not None:
             raise ProtectionUnavailableError("audit-withheld")
+
+    def admit(self, call: CallRecord, items: int, *, privacy: tuple[float, float] | None,
+              refusals: bool) -> None:
+        """With the shared store: the call's extraction refusal check, quota charge and (``privacy``: the
+        answer's (ε, δ)) budget spend in one atomic round trip; the states go into ``call``. A spend is
+        given back with :meth:`refund` when the answer is not released."""
+        principal = call.principal
+        if self.admission is None or principal is None:
+            raise NotReadyError("limits not ready")
+        admitted = self.admission.admit(principal.subject, principal.tier, items, privacy=privacy,
+                                        refusals=refusals, soft=True)
+        call.quota = admitted.quota
+        if admitted.budget_refused:  # refused when the noise would be added: after the monitor's look
+            call.notes.budget_refused_in_s = admitted.refill_in_s
+        elif privacy is not None and admitted.budget is not None:
+            call.notes.precharge(privacy, items, admitted.budget)
+
+    def refund(self, call: CallRecord) -> None:
+        """Give back the call's budget spend (its answer was not released); best effort, logged."""
+        spent = call.notes.precharged
+        if spent is None or self.admission is None or call.principal is None:
+            return
+        call.notes.precharged = None
+        call.notes.privacy = None  # the record shows no spend, as for an answer refused before the noise
+        try:
+            self.admission.refund(call.principal.subject, spent)
+        except Exception as err:  # the spend then stands: stricter for the subject, never laxer
+            log.warning("privacy refund failed (%s): the spend stands", type(err).__name__)
 
     def charge(self, principal: Principal, items: int) -> QuotaState:
         if self.ledger is None:

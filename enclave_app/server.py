@@ -191,8 +191,10 @@ class InferenceService(pb_grpc.InferenceServicer):
                 if outputs is not None:
                     outputs.admit(principal.subject)
 
-            if guard.shared:  # store round trips: never on the event loop (a slow store must not stall it)
-                await asyncio.to_thread(limits)
+            if guard.shared:  # one round trip, never on the event loop (a slow store must not stall it)
+                privacy = None if outputs is None else outputs.privacy_cost(method, items)
+                await asyncio.to_thread(guard.admit, call, items, privacy=privacy,
+                                        refusals=outputs is not None and outputs.refuses)
             else:
                 limits()
             response = await work(call)
@@ -211,6 +213,8 @@ class InferenceService(pb_grpc.InferenceServicer):
             if isinstance(caught, StateStoreError):  # limits cannot be decided: fail closed
                 log.warning("%s: refusing the call", caught)
                 err = ProtectionUnavailableError("state-store-unavailable")
+            if call.notes.precharged is not None:  # spent at admission, but no answer is released
+                await asyncio.to_thread(guard.refund, call)
             decision, reason = guard.decision_of(err)
             if isinstance(err, grpc.aio.AbortError):  # aborted by grpc itself, already answered
                 guard.record(call, decision=decision, reason=reason, code="ABORTED", latency_us=latency_us)

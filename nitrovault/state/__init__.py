@@ -10,11 +10,20 @@ Why it exists: limits kept in an enclave's memory are reset by whoever can resta
 parent) and are per instance behind a load balancer (``docs/access-and-audit.md``, "Shared limits").
 """
 
-from nitrovault.state.limits import SharedAggregates, SharedPrivacyBudget, SharedQuotaLedger, SharedRefusals
+from nitrovault.state.limits import (
+    Admitted,
+    SharedAdmission,
+    SharedAggregates,
+    SharedPrivacyBudget,
+    SharedQuotaLedger,
+    SharedRefusals,
+)
 from nitrovault.state.store import Route, StateStore, StoreSettings
 
 __all__ = [
+    "Admitted",
     "Route",
+    "SharedAdmission",
     "SharedAggregates",
     "SharedPrivacyBudget",
     "SharedQuotaLedger",

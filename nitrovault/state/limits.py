@@ -45,18 +45,27 @@ from __future__ import annotations
 import math
 import secrets
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from nitrovault.access.quota import QuotaState, QuotaTiers
+from nitrovault.access.quota import QuotaPolicy, QuotaState, QuotaTiers
 from nitrovault.errors import ConfigError, PermissionDeniedError, QuotaExceededError, StateStoreError
 from nitrovault.protection.extraction import ExtractionPolicy, Windows
 from nitrovault.protection.privacy import TOLERANCE, BudgetPolicy, BudgetState
 from nitrovault.state.store import StateStore
 
-__all__ = ["SharedAggregates", "SharedPrivacyBudget", "SharedQuotaLedger", "SharedRefusals"]
+__all__ = [
+    "Admitted",
+    "SharedAdmission",
+    "SharedAggregates",
+    "SharedPrivacyBudget",
+    "SharedQuotaLedger",
+    "SharedRefusals",
+]
 
 Clock = Callable[[], datetime]
-_DAY_MS = 86_400_000
+#: the quota of an admission that charges none (only its type is needed)
+_NO_QUOTA = QuotaPolicy(rate_per_s=1.0, burst=1)
 
 
 def _utc_now() -> datetime:
@@ -71,78 +80,121 @@ def _ms(at: datetime) -> int:
     return int(at.timestamp() * 1000)
 
 
-# KEYS[1]: the subject's quota hash {tokens, last, day, req, items}
-# ARGV: now_ms, rate_per_ms, burst, daily_requests (-1: none), daily_items (-1: none), items, ttl_ms
-# -> {1, requests, items, tokens} admitted; {0, reason, retry_after_ms} refused (nothing written)
-_QUOTA = """
+# One call's admission, all or nothing: the extraction refusal in force, the quota charge and the privacy
+# budget spend, each optional, decided together and written only when all of them admit.
+# KEYS: the subject's refusal hash {kind, until}, quota hash {tokens, last, day, req, items},
+#       budget hash {period, eps, omd}  (omd = Π(1 - δᵢ))
+# ARGV[1] now_ms; ARGV[2] check refusals ('1'/'0')
+# ARGV[3..8] quota: on, rate_per_ms, burst, daily_requests (-1: none), daily_items (-1: none), items
+# ARGV[9..15] budget: on, period, eps_cost, omd_cost, eps_budget, delta_budget, tolerance; ARGV[16] its ttl;
+# ARGV[17] soft ('1': a budget too small to spend refuses nothing here; the answer is refused later)
+# -> {0, what ('x' | 'q' | 'b'), reason, retry_after_ms}   refused, nothing written
+#    {1, requests, items, tokens, eps_spent, omd, spent}     admitted (-1 / '' for parts not asked;
+#                                                           spent: '1' spent, '0' too small (soft), '')
+_ADMIT = """
 local now = tonumber(ARGV[1])
-local rate = tonumber(ARGV[2])
-local burst = tonumber(ARGV[3])
-local dreq = tonumber(ARGV[4])
-local ditems = tonumber(ARGV[5])
-local items = tonumber(ARGV[6])
-local day = math.floor(now / 86400000)
-local s = redis.call('HMGET', KEYS[1], 'tokens', 'last', 'day', 'req', 'items')
-local tokens = tonumber(s[1]) or burst
-local last = tonumber(s[2]) or now
-local sday = tonumber(s[3]) or day
-local req = tonumber(s[4]) or 0
-local used = tonumber(s[5]) or 0
-if now > last then
-  tokens = math.min(burst, tokens + (now - last) * rate)
-  last = now
+if ARGV[2] == '1' then
+  local r = redis.call('HMGET', KEYS[1], 'kind', 'until')
+  if r[1] and tonumber(r[2]) > now then
+    return {0, 'x', r[1], string.format('%.17g', tonumber(r[2]) - now)}
+  end
 end
-if day > sday then
-  sday = day
-  req = 0
-  used = 0
+local quota = ARGV[3] == '1'
+local tokens, last, sday, req, used, midnight, rate, burst
+if quota then
+  rate = tonumber(ARGV[4])
+  burst = tonumber(ARGV[5])
+  local dreq = tonumber(ARGV[6])
+  local ditems = tonumber(ARGV[7])
+  local items = tonumber(ARGV[8])
+  local day = math.floor(now / 86400000)
+  local s = redis.call('HMGET', KEYS[2], 'tokens', 'last', 'day', 'req', 'items')
+  tokens = tonumber(s[1]) or burst
+  last = tonumber(s[2]) or now
+  sday = tonumber(s[3]) or day
+  req = tonumber(s[4]) or 0
+  used = tonumber(s[5]) or 0
+  if now > last then
+    tokens = math.min(burst, tokens + (now - last) * rate)
+    last = now
+  end
+  if day > sday then
+    sday = day
+    req = 0
+    used = 0
+  end
+  local retry, reason = -1, ''
+  if tokens < 1.0 then
+    retry, reason = (1.0 - tokens) / rate, 'rate'
+  end
+  midnight = (day + 1) * 86400000 - now
+  if dreq >= 0 and req + 1 > dreq and midnight > retry then
+    retry, reason = midnight, 'daily-requests'
+  end
+  if ditems >= 0 and used + items > ditems and midnight > retry then
+    retry, reason = midnight, 'daily-items'
+  end
+  if retry >= 0 then
+    return {0, 'q', reason, string.format('%.17g', retry)}
+  end
+  tokens = tokens - 1.0
+  req = req + 1
+  used = used + items
 end
-local retry, reason = -1, ''
-if tokens < 1.0 then
-  retry, reason = (1.0 - tokens) / rate, 'rate'
+local budget = ARGV[9] == '1'
+local spent = ''
+local period, new_eps, new_omd
+if budget then
+  period = tonumber(ARGV[10])
+  local s = redis.call('HMGET', KEYS[3], 'period', 'eps', 'omd')
+  local sp = tonumber(s[1])
+  local eps, omd = 0.0, 1.0
+  if sp ~= nil and sp >= period then
+    eps = tonumber(s[2])
+    omd = tonumber(s[3])
+    period = sp
+  end
+  new_eps = eps + tonumber(ARGV[11])
+  new_omd = omd * tonumber(ARGV[12])
+  local tol = tonumber(ARGV[15])
+  if new_eps > tonumber(ARGV[13]) * (1 + tol) or (1.0 - new_omd) > tonumber(ARGV[14]) * (1 + tol) + 1e-15 then
+    if ARGV[17] ~= '1' then
+      return {0, 'b', 'privacy-budget', '0'}
+    end
+    budget = false  -- soft: the rest is admitted, the answer will be refused for its budget
+    spent = '0'
+  end
 end
-local midnight = (day + 1) * 86400000 - now
-if dreq >= 0 and req + 1 > dreq and midnight > retry then
-  retry, reason = midnight, 'daily-requests'
+if quota then
+  redis.call('HSET', KEYS[2], 'tokens', string.format('%.17g', tokens), 'last', string.format('%.17g', last),
+             'day', sday, 'req', req, 'items', used)
+  redis.call('PEXPIRE', KEYS[2], math.ceil(midnight + burst / rate))
 end
-if ditems >= 0 and used + items > ditems and midnight > retry then
-  retry, reason = midnight, 'daily-items'
+if budget then
+  redis.call('HSET', KEYS[3], 'period', period, 'eps', string.format('%.17g', new_eps),
+             'omd', string.format('%.17g', new_omd))
+  redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[16]))
 end
-if retry >= 0 then
-  return {0, reason, string.format('%.17g', retry)}
+local r_tokens, r_eps, r_omd = '', '', ''
+if quota then r_tokens = string.format('%.17g', tokens) else req, used = -1, -1 end
+if budget then
+  r_eps, r_omd = string.format('%.17g', new_eps), string.format('%.17g', new_omd)
+  spent = '1'
 end
-tokens = tokens - 1.0
-req = req + 1
-used = used + items
-redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens), 'last', string.format('%.17g', last),
-           'day', sday, 'req', req, 'items', used)
-redis.call('PEXPIRE', KEYS[1], math.ceil(midnight + burst / rate))
-return {1, req, used, string.format('%.17g', tokens)}
+return {1, req, used, r_tokens, r_eps, r_omd, spent}
 """
 
-# KEYS[1]: the subject's budget hash {period, eps, omd}  (omd = Π(1 - δᵢ))
-# ARGV: period, eps_cost, one_minus_delta_cost, eps_budget, delta_budget, tolerance, ttl_ms
-# -> {1, eps_spent, omd} admitted; {0} refused (nothing written)
-_BUDGET = """
-local period = tonumber(ARGV[1])
+# Give back a spend whose answer was never released (the model failed, the call was refused after it).
+# KEYS[1]: the budget hash; ARGV: period, eps_cost, omd_cost -> 1 refunded, 0 (another period: nothing)
+_REFUND = """
 local s = redis.call('HMGET', KEYS[1], 'period', 'eps', 'omd')
-local sp = tonumber(s[1])
-local eps, omd = 0.0, 1.0
-if sp ~= nil and sp >= period then
-  eps = tonumber(s[2])
-  omd = tonumber(s[3])
-  period = sp
+if tonumber(s[1]) ~= tonumber(ARGV[1]) then
+  return 0
 end
-local new_eps = eps + tonumber(ARGV[2])
-local new_omd = omd * tonumber(ARGV[3])
-local tol = tonumber(ARGV[6])
-if new_eps > tonumber(ARGV[4]) * (1 + tol) or (1.0 - new_omd) > tonumber(ARGV[5]) * (1 + tol) + 1e-15 then
-  return {0}
-end
-redis.call('HSET', KEYS[1], 'period', period, 'eps', string.format('%.17g', new_eps),
-           'omd', string.format('%.17g', new_omd))
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[7]))
-return {1, string.format('%.17g', new_eps), string.format('%.17g', new_omd)}
+local eps = math.max(0.0, tonumber(s[2]) - tonumber(ARGV[2]))
+local omd = math.min(1.0, tonumber(s[3]) / tonumber(ARGV[3]))
+redis.call('HSET', KEYS[1], 'eps', string.format('%.17g', eps), 'omd', string.format('%.17g', omd))
+return 1
 """
 
 # KEYS[1]: the subject's refusal hash {kind, until}
@@ -210,71 +262,149 @@ def _reply(value: object) -> list[object]:
     return [v.decode() if isinstance(v, bytes) else v for v in value]
 
 
+@dataclass(frozen=True)
+class Admitted:
+    """What a call's admission left: the quota state, and the budget state when a spend was asked."""
+
+    quota: QuotaState | None
+    budget: BudgetState | None
+    #: ``soft`` admissions: the budget was too small for the spend (nothing spent); refuse the answer
+    budget_refused: bool = False
+    #: seconds until the budget is full again (with ``budget_refused``: the refusal's retry-after)
+    refill_in_s: float = 0.0
+
+
+class SharedAdmission:
+    """A call's limits in one atomic script and one round trip: the extraction refusal in force, the quota
+    charge and the privacy-budget spend (each optional), written only when all of them admit.
+
+    The rules are the in-memory ones (:class:`~nitrovault.access.QuotaLedger`,
+    :class:`~nitrovault.protection.PrivacyBudget`, the monitor's blocks); refusals come in that order
+    (a blocked subject is refused before it is charged). A spend whose answer is then not released (the
+    model failed, the extraction monitor refused the answer) is given back with :meth:`refund`, so a
+    refused answer costs no budget, as in memory.
+    """
+
+    def __init__(self, store: StateStore, tiers: QuotaTiers, budget: BudgetPolicy | None = None, *,
+                 clock: Clock = _utc_now) -> None:
+        self._store = store
+        self._tiers = tiers
+        self._budget = budget
+        self._clock = clock
+        self._admit = store.script(_ADMIT)
+        self._refund = store.script(_REFUND)
+
+    def admit(self, subject: str, tier: str | None = None, items: int | None = 1, *,
+              privacy: tuple[float, float] | None = None, refusals: bool = False,
+              soft: bool = False) -> Admitted:
+        """Charge ``items`` to the quota (``None``: no quota charge), spend ``privacy`` = (ε, δ) from the
+        budget (``None``: no spend) and, with ``refusals``, refuse a blocked or throttled subject; raises
+        the in-memory twins' errors (:class:`StateStoreError` when the store cannot decide).
+
+        ``soft``: a budget too small for ``privacy`` refuses nothing here; the rest is admitted and
+        :attr:`Admitted.budget_refused` says so, so the caller can run what comes before the spend in
+        memory (the extraction monitor observes a call before its privacy spend) and refuse then."""
+        at = self._clock()
+        now = _ms(at.astimezone(UTC))
+        quota_args: list[str | int | float] = ["0", 0, 0, 0, 0, 0]
+        policy = None
+        if items is not None:
+            if items < 0:
+                raise ConfigError("items must not be negative")
+            policy = self._tiers.resolve(tier)
+            quota_args = ["1", _num(policy.rate_per_s / 1000.0), policy.burst,
+                          -1 if policy.daily_requests is None else policy.daily_requests,
+                          -1 if policy.daily_items is None else policy.daily_items, items]
+        budget_args: list[str | int | float] = ["0", 0, 0, 0, 0, 0, 0, 0, "0"]
+        refill_in = 0.0
+        budget = self._budget
+        if privacy is not None:
+            epsilon, delta = privacy
+            if budget is None:
+                raise ConfigError("a privacy spend needs a budget policy")
+            if not (epsilon >= 0 and 0 <= delta < 1):
+                raise ValueError("epsilon must be >= 0 and delta within [0, 1)")
+            ts = at.timestamp()
+            period = math.floor(ts / budget.period_s)
+            refill_in = (period + 1) * budget.period_s - ts
+            budget_args = ["1", period, _num(epsilon), _num(1.0 - delta), _num(budget.epsilon),
+                           _num(budget.delta), _num(TOLERANCE), math.ceil(refill_in * 1000) + 1000,
+                           "1" if soft else "0"]
+        key = self._store.settings.key
+        reply = _reply(self._admit([key(subject, "x"), key(subject, "q"), key(subject, "dp")],
+                                   [now, "1" if refusals else "0", *quota_args, *budget_args]))
+        try:
+            if reply[0] == 0:
+                what, reason, retry = str(reply[1]), str(reply[2]), float(str(reply[3])) / 1000.0
+                if what == "x":
+                    if reason == "block":
+                        raise PermissionDeniedError("extraction-blocked")
+                    raise QuotaExceededError("extraction-throttled", retry_after_s=retry)
+                if what == "b":
+                    raise QuotaExceededError("privacy-budget", retry_after_s=refill_in)
+                raise QuotaExceededError(reason, retry_after_s=retry)
+            quota = None
+            if policy is not None:
+                requests, used, tokens = int(str(reply[1])), int(str(reply[2])), float(str(reply[3]))
+                quota = QuotaState(
+                    remaining_requests=None if policy.daily_requests is None
+                    else policy.daily_requests - requests,
+                    remaining_items=None if policy.daily_items is None else policy.daily_items - used,
+                    tokens=tokens)
+            state = None
+            if privacy is not None and budget is not None and str(reply[6]) == "0":
+                return Admitted(quota=quota, budget=None, budget_refused=True, refill_in_s=refill_in)
+            if privacy is not None and budget is not None:
+                spent_eps, omd = float(str(reply[4])), float(str(reply[5]))
+                state = BudgetState(remaining_epsilon=max(0.0, budget.epsilon - spent_eps),
+                                    remaining_delta=max(0.0, budget.delta - (1.0 - omd)),
+                                    refill_in_s=refill_in)
+        except (IndexError, ValueError):
+            raise StateStoreError("the state store answered a limit script unexpectedly") from None
+        return Admitted(quota=quota, budget=state)
+
+    def refund(self, subject: str, privacy: tuple[float, float]) -> None:
+        """Give back a spend of ``privacy`` = (ε, δ) made by :meth:`admit` in the current period."""
+        budget = self._budget
+        if budget is None:
+            raise ConfigError("a privacy refund needs a budget policy")
+        epsilon, delta = privacy
+        period = math.floor(self._clock().timestamp() / budget.period_s)
+        self._refund([self._store.settings.key(subject, "dp")], [period, _num(epsilon), _num(1.0 - delta)])
+
+
 class SharedQuotaLedger:
     """:class:`~nitrovault.access.QuotaLedger`'s ``charge`` over the shared store (module docstring)."""
 
     def __init__(self, store: StateStore, policies: QuotaTiers, *, clock: Clock = _utc_now) -> None:
-        self._store = store
-        self._policies = policies
-        self._clock = clock
-        self._script = store.script(_QUOTA)
+        self._admission = SharedAdmission(store, policies, clock=clock)
 
     def charge(self, subject: str, tier: str | None, items: int = 1) -> QuotaState:
         """Charge one call of ``items`` items or raise :class:`QuotaExceededError`
         (:class:`StateStoreError` when the store cannot decide)."""
-        if items < 0:
-            raise ConfigError("items must not be negative")
-        policy = self._policies.resolve(tier)
-        now = _ms(self._clock().astimezone(UTC))
-        reply = _reply(self._script(
-            [self._store.settings.key(subject, "q")],
-            [now, _num(policy.rate_per_s / 1000.0), policy.burst,
-             -1 if policy.daily_requests is None else policy.daily_requests,
-             -1 if policy.daily_items is None else policy.daily_items, items],
-        ))
-        try:
-            if reply[0] == 0:
-                raise QuotaExceededError(str(reply[1]), retry_after_s=float(str(reply[2])) / 1000.0)
-            requests, used, tokens = int(str(reply[1])), int(str(reply[2])), float(str(reply[3]))
-        except (IndexError, ValueError):
-            raise StateStoreError("the state store answered a limit script unexpectedly") from None
-        return QuotaState(
-            remaining_requests=None if policy.daily_requests is None else policy.daily_requests - requests,
-            remaining_items=None if policy.daily_items is None else policy.daily_items - used,
-            tokens=tokens,
-        )
+        quota = self._admission.admit(subject, tier, items).quota
+        if quota is None:  # asked for: the script answers it whenever it admits
+            raise StateStoreError("the state store answered a limit script unexpectedly")
+        return quota
 
 
 class SharedPrivacyBudget:
     """:class:`~nitrovault.protection.PrivacyBudget`'s ``spend`` over the shared store."""
 
     def __init__(self, store: StateStore, policy: BudgetPolicy, *, clock: Clock = _utc_now) -> None:
-        self._store = store
-        self._policy = policy
-        self._clock = clock
-        self._script = store.script(_BUDGET)
+        self._admission = SharedAdmission(store, QuotaTiers({"-": _NO_QUOTA}, default="-"), policy,
+                                          clock=clock)
 
     def spend(self, subject: str, epsilon: float, delta: float = 0.0) -> BudgetState:
         """Spend (ε, δ) for ``subject`` or raise :class:`QuotaExceededError` (``privacy-budget``)."""
-        if not (epsilon >= 0 and 0 <= delta < 1):
-            raise ValueError("epsilon must be >= 0 and delta within [0, 1)")
-        policy = self._policy
-        ts = self._clock().timestamp()
-        period = math.floor(ts / policy.period_s)
-        refill_in = (period + 1) * policy.period_s - ts
-        reply = _reply(self._script(
-            [self._store.settings.key(subject, "dp")],
-            [period, _num(epsilon), _num(1.0 - delta), _num(policy.epsilon), _num(policy.delta),
-             _num(TOLERANCE), math.ceil(refill_in * 1000) + 1000],
-        ))
-        if reply == [0]:
-            raise QuotaExceededError("privacy-budget", retry_after_s=refill_in)
-        try:
-            spent_eps, omd = float(str(reply[1])), float(str(reply[2]))
-        except (IndexError, ValueError):
-            raise StateStoreError("the state store answered a limit script unexpectedly") from None
-        return BudgetState(remaining_epsilon=max(0.0, policy.epsilon - spent_eps),
-                           remaining_delta=max(0.0, policy.delta - (1.0 - omd)), refill_in_s=refill_in)
+        state = self._admission.admit(subject, items=None, privacy=(epsilon, delta)).budget
+        if state is None:  # asked for: the script answers it whenever it admits
+            raise StateStoreError("the state store answered a limit script unexpectedly")
+        return state
+
+    def refund(self, subject: str, epsilon: float, delta: float = 0.0) -> None:
+        """Give back a spend whose answer was never released."""
+        self._admission.refund(subject, (epsilon, delta))
 
 
 class SharedAggregates:

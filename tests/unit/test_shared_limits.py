@@ -310,3 +310,42 @@ def test_a_thief_spreading_queries_over_two_enclaves_and_a_restart_is_counted_on
         assert alone.observe("spreader", [[9.0, 9.0]], [0]).evidence["volume_in_window"] == 1
     finally:
         other.close()
+
+
+def test_one_admission_is_all_or_nothing_over_refusal_quota_and_budget(store: StateStore) -> None:
+    from nitrovault.state import SharedAdmission
+
+    clock = Clock()
+    admission = SharedAdmission(store, TIERS, BudgetPolicy(epsilon=1.0), clock=clock)
+    quota_key, budget_key = store.settings.key("s", "q"), store.settings.key("s", "dp")
+    first = admission.admit("s", None, 1, privacy=(0.6, 0.0))
+    assert first.quota is not None and first.quota.remaining_requests == 6
+    assert first.budget is not None and first.budget.remaining_epsilon == pytest.approx(0.4)
+    before = (store.client.hgetall(quota_key), store.client.hgetall(budget_key))
+    with pytest.raises(QuotaExceededError) as refused:  # the budget refuses: the quota is not charged
+        admission.admit("s", None, 1, privacy=(0.6, 0.0))
+    assert refused.value.reason == "privacy-budget"
+    assert (store.client.hgetall(quota_key), store.client.hgetall(budget_key)) == before
+    soft = admission.admit("s", None, 1, privacy=(0.6, 0.0), soft=True)  # quota charged, nothing spent
+    assert soft.budget_refused and soft.budget is None and soft.quota is not None
+    assert soft.quota.remaining_requests == 5
+    assert store.client.hgetall(budget_key) == before[1]
+    SharedRefusals(store, clock=clock).refuse("s", "block", 60)
+    charged = store.client.hgetall(quota_key)
+    with pytest.raises(PermissionDeniedError):  # a block is checked first: nothing is charged
+        admission.admit("s", None, 1, privacy=(0.1, 0.0), refusals=True)
+    assert store.client.hgetall(quota_key) == charged
+
+
+def test_a_refund_gives_back_exactly_the_spend(store: StateStore) -> None:
+    from nitrovault.state import SharedAdmission
+
+    clock = Clock()
+    admission = SharedAdmission(store, TIERS, BudgetPolicy(epsilon=1.0, delta=1e-5), clock=clock)
+    admission.admit("r", items=None, privacy=(0.25, 2e-6))
+    spent = admission.admit("r", items=None, privacy=(0.5, 3e-6)).budget
+    admission.refund("r", (0.5, 3e-6))  # that answer was never released
+    after = admission.admit("r", items=None, privacy=(0.0, 0.0)).budget
+    assert spent is not None and after is not None
+    assert after.remaining_epsilon == pytest.approx(0.75)
+    assert after.remaining_delta == pytest.approx(1e-5 - 2e-6, abs=1e-15)
