@@ -11,6 +11,7 @@
 #   scripts/build_enclave.sh --config enclave.json --sealed-model model.sealed
 #       [--tag nitrovault-enclave:dev] [--out-dir build/]
 #       [--signing-certificate cert.pem --private-key key.pem] [--built-at 2025-01-01T00:00:00Z] [--dry-run]
+#       [--state-store-endpoint HOST [--state-store-ca ca.pem]]   (the CDK output StateStoreEndpointAddress)
 #
 # --dry-run prints every command it would run (one per line, shell-quoted, prefixed with "+ ") and runs
 # none of them: docker and nitro-cli need a Nitro-enabled host, and reviewers can read what happens.
@@ -21,8 +22,9 @@ python="${PYTHON:-$repo/.venv/bin/python}"
 [[ -x "$python" ]] || python="python3"
 
 config="" sealed="" tag="nitrovault-enclave:latest" out_dir="$repo/build" cert="" key="" built_at="" dry_run=0
+store_args=()
 
-usage() { sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -34,6 +36,8 @@ while [[ $# -gt 0 ]]; do
         --private-key) key="${2:?}"; shift 2 ;;
         --built-at) built_at="${2:?}"; shift 2 ;;
         --dry-run) dry_run=1; shift ;;
+        --state-store-endpoint) store_args+=(--state-store-endpoint "${2:?}"); shift 2 ;;
+        --state-store-ca) store_args+=(--state-store-ca "${2:?}"); shift 2 ;;
         -h|--help) usage ;;
         *) echo "unknown argument: $1" >&2; usage ;;
     esac
@@ -67,7 +71,7 @@ context_dir="$out_dir/config-context"
 
 run mkdir -p "$out_dir" "$context_dir"
 run "$python" "$repo/scripts/enclave_config.py" --config "$config" --sealed-model "$sealed" \
-    --output "$context_dir/enclave.json"
+    --output "$context_dir/enclave.json" ${store_args[@]+"${store_args[@]}"}
 
 # 1. the docker image (the measured config enters only through the "config" build context)
 run docker build --file "$repo/enclave_app/Dockerfile" --build-context "config=$context_dir" \

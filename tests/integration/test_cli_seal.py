@@ -200,6 +200,29 @@ def test_seal_with_owner_extras_releases_them_only_with_the_key(
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".nitrovault-seal")) == []
 
 
+def test_the_state_store_password_is_sealed_and_bad_ones_are_refused_unechoed(
+    tmp_path: Path, model: Path, keyfiles: list[str]
+) -> None:
+    from nitrovault.envelope.extras import STATE_STORE_PASSWORD_KEY
+
+    password = "Xq7-vT2pL9mZ4rW8kN3b"
+    (tmp_path / "store.password").write_text(password + "\n")
+    out = tmp_path / "model.sealed"
+    result = runner.invoke(app, ["seal", str(model), "--key-id", "alias/m", "-o", str(out), *keyfiles,
+                                 "--state-store-password-file", str(tmp_path / "store.password")])
+    assert result.exit_code == 0, result.output
+    assert SealedModel.open(out).metadata(KEY)[STATE_STORE_PASSWORD_KEY] == password
+    assert password.encode() not in out.read_bytes()  # encrypted, like the weights
+    out.unlink()
+    for bad in ("short-one", "has a space in the middle!", 'quote"quote-quote-quote'):
+        (tmp_path / "bad.password").write_text(bad)
+        refused = runner.invoke(app, ["seal", str(model), "--key-id", "alias/m", "-o", str(out), *keyfiles,
+                                      "--state-store-password-file", str(tmp_path / "bad.password")])
+        assert refused.exit_code == 2, (bad, refused.output)
+        assert "state store password" in refused.output and bad not in refused.output
+        assert not out.exists()
+
+
 def test_bad_extras_are_a_usage_error(tmp_path: Path, model: Path, keyfiles: list[str]) -> None:
     import numpy as np
 

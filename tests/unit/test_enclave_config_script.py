@@ -34,10 +34,11 @@ def sealed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder / "m.sealed"
 
 
-def run(tmp_path: Path, config: dict[str, Any], sealed: Path) -> subprocess.CompletedProcess[str]:
+def run(tmp_path: Path, config: dict[str, Any], sealed: Path,
+        *extra: str) -> subprocess.CompletedProcess[str]:
     (tmp_path / "in.json").write_text(json.dumps(config))
     return subprocess.run([sys.executable, str(SCRIPT), "--config", str(tmp_path / "in.json"),
-                           "--sealed-model", str(sealed), "--output", str(tmp_path / "out.json")],
+                           "--sealed-model", str(sealed), "--output", str(tmp_path / "out.json"), *extra],
                           capture_output=True, text=True, timeout=120, check=False)
 
 
@@ -66,3 +67,40 @@ def test_a_config_with_an_http_kms_endpoint_fails_the_build(tmp_path: Path, seal
 def test_a_missing_sealed_model_fails_the_build(tmp_path: Path) -> None:
     result = run(tmp_path, BASE, tmp_path / "absent.sealed")
     assert result.returncode == 2 and "error" in result.stderr
+
+
+ENDPOINT = "master.nv-state.abc123.use1.cache.amazonaws.com"
+
+
+def test_the_state_store_endpoint_and_its_ca_are_filled_in(tmp_path: Path, sealed: Path) -> None:
+    kept = {**BASE, "state_store": {"host": "replaced.example", "ca_bundle": amazon_trust_services_pem(),
+                                    "timeout_ms": 250}}
+    result = run(tmp_path, kept, sealed, "--state-store-endpoint", ENDPOINT)
+    assert result.returncode == 0, result.stderr
+    store = json.loads((tmp_path / "out.json").read_text())["state_store"]
+    assert (store["host"], store["timeout_ms"]) == (ENDPOINT, 250)
+    assert store["ca_bundle"] == amazon_trust_services_pem()
+    assert run(tmp_path, BASE, sealed).returncode == 0  # without the flag: no store, nothing added
+    assert json.loads((tmp_path / "out.json").read_text())["state_store"] is None
+    ca = tmp_path / "store-ca.pem"
+    first_root = amazon_trust_services_pem().split("-----END CERTIFICATE-----")[0]
+    ca.write_text(first_root + "-----END CERTIFICATE-----\n")
+    result = run(tmp_path, BASE, sealed, "--state-store-endpoint", ENDPOINT, "--state-store-ca", str(ca))
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "out.json").read_text())["state_store"]["ca_bundle"] == ca.read_text()
+
+
+@pytest.mark.parametrize("endpoint", [f"{ENDPOINT}:6379", f"rediss://{ENDPOINT}", "two words",
+                                      "UPPER.example", "edge-.example", f"{ENDPOINT}\nx", ""])
+def test_a_store_endpoint_that_is_not_a_bare_host_name_is_refused(tmp_path: Path, sealed: Path,
+                                                                   endpoint: str) -> None:
+    result = run(tmp_path, BASE, sealed, "--state-store-endpoint", endpoint)
+    assert result.returncode != 0 and "bare host name" in result.stderr + result.stdout
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_a_store_ca_without_an_endpoint_is_refused(tmp_path: Path, sealed: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text(amazon_trust_services_pem())
+    result = run(tmp_path, BASE, sealed, "--state-store-ca", str(ca))
+    assert result.returncode != 0 and "--state-store-endpoint" in result.stderr + result.stdout
