@@ -15,7 +15,8 @@ over a socket the route opens; in production the route is vsock to the parent's 
     unix socket, plaintext: TLS costs the same on both sides) serving the digits classifier (``Infer`` of
     one row, hardening and Laplace noise with a per-subject budget, so every call charges a quota and
     spends budget) once with the shared store and once with the in-memory ledgers. ``ratio``:
-    shared / in memory (target ≥ 0.8). Each client has its own subject. What it shows: how much of the
+    shared / in memory, the means of three alternating runs each (target ≥ 0.8). Each client has its own
+    subject. What it shows: how much of the
     enclave's serving throughput the store's round trip (off the event loop, on a worker thread) keeps.
     ``limits_only_rps`` is the same 32 threads calling only the limit checks (no server): the store's own
     ceiling through one connection pool, next to the in-memory ledgers'.
@@ -36,7 +37,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
@@ -63,7 +64,8 @@ from nitrovault.state import SharedAdmission, SharedQuotaLedger, StateStore, Sto
 CALLS = 2000
 THREADS = 32
 RPS_CALLS = 300  #: per thread, limit checks only
-SERVED_CALLS = 60  #: per client, through the server
+SERVED_CALLS = 40  #: per client, through the server
+ROUNDS = 3  #: alternating served runs per side
 RACERS, ATTEMPTS, QUOTA = 16, 20, 100
 
 OPEN = QuotaTiers({"open": QuotaPolicy(rate_per_s=1e9, burst=10**9)}, default="open")
@@ -137,10 +139,7 @@ class _Server:
 
 def _served_rps(target: str, issuer: TokenIssuer, row: np.ndarray) -> float:
     request = pb.InferRequest(inputs=pb.Tensors(tensors=[from_numpy("x", row)]))
-    start = threading.Barrier(THREADS + 1)
-    ended: list[float] = []
-
-    def client(i: int) -> None:
+    def client(i: int, start: threading.Barrier) -> None:
         metadata = (("authorization", f"Bearer {issuer.issue(f'client-{i}', ['infer:*'], 3600)}"),)
         # a connection per client, as separate callers have (one shared connection caps streams at 32)
         with grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
@@ -151,20 +150,37 @@ def _served_rps(target: str, issuer: TokenIssuer, row: np.ndarray) -> float:
             start.wait()
             for _ in range(SERVED_CALLS):
                 infer(request, metadata=metadata, timeout=60)
-        ended.append(time.perf_counter())
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(THREADS)]
+    return THREADS * SERVED_CALLS / _together(THREADS, client)
+
+
+def _together(n: int, work: Callable[[int, threading.Barrier], object]) -> float:
+    """Run ``work(i, start)`` on ``n`` threads; each waits on ``start`` when ready to go. Seconds from
+    the moment all are released until the last one ends."""
+    start = threading.Barrier(n + 1)
+    threads = [threading.Thread(target=work, args=(i, start)) for i in range(n)]
     for t in threads:
         t.start()
     start.wait()
     began = time.perf_counter()
     for t in threads:
         t.join()
-    return THREADS * SERVED_CALLS / (max(ended) - began)
+    return time.perf_counter() - began
+
+
+@dataclass(frozen=True)
+class Served:
+    """Served calls per second of each run, per side, and the store's CPU share while shared ran."""
+
+    memory: list[float]
+    shared: list[float]
+    store_cpu_share: float
 
 
 def _serving_ratio(server_store: LocalStateStore, store: StateStore, issuer: TokenIssuer, tmp: Path,
-                   store_pid: int) -> dict[str, float]:
+                   store_pid: int) -> Served:
+    """Served rps with and without the store, alternating (memory, shared) ``ROUNDS`` times so that
+    neither side always runs first on a warming machine; the means, and each run."""
     from nitrovault.local.digits import write_digits_weights
 
     weights = write_digits_weights(tmp / "digits.safetensors")
@@ -187,16 +203,19 @@ def _serving_ratio(server_store: LocalStateStore, store: StateStore, issuer: Tok
         host=HOST, ca_bundle=server_store.ca_pem.decode(), username=USERNAME))
     nsm = make_local_nsm(tmp / "pki", {0: bytes(48)})
     row = np.random.default_rng(0).random((1, 64), dtype=np.float32)
-    figures: dict[str, float] = {}
-    for name, config, with_store in (("memory", memory_config, None), ("shared", shared_config, store)):
-        server = _Server(config, str(tmp / f"{name}.sock"), handler, with_store, nsm)
+    runs: dict[str, list[float]] = {"memory": [], "shared": []}
+    cpu_share: list[float] = []
+    sides = [("memory", memory_config, None), ("shared", shared_config, store)]
+    for name, config, with_store in sides * ROUNDS:
+        server = _Server(config, str(tmp / f"{name}-{len(runs[name])}.sock"), handler, with_store, nsm)
         try:
             cpu, wall = _cpu_s(store_pid), time.perf_counter()
-            figures[name] = _served_rps(server.target, issuer, row)
-            figures[f"{name}_store_cpu_share"] = (_cpu_s(store_pid) - cpu) / (time.perf_counter() - wall)
+            runs[name].append(_served_rps(server.target, issuer, row))
+            if with_store is not None:
+                cpu_share.append((_cpu_s(store_pid) - cpu) / (time.perf_counter() - wall))
         finally:
             server.close()
-    return figures
+    return Served(runs["memory"], runs["shared"], statistics.mean(cpu_share))
 
 
 def _cpu_s(pid: int) -> float:
@@ -206,43 +225,27 @@ def _cpu_s(pid: int) -> float:
 
 
 def _rps(check: Check) -> float:
-    start = threading.Barrier(THREADS + 1)
-    done: list[float] = []
-
-    def worker(i: int) -> None:
+    def worker(i: int, start: threading.Barrier) -> None:
         start.wait()
         for _ in range(RPS_CALLS):
             check(f"rps-{i}")
-        done.append(time.perf_counter())
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(THREADS)]
-    for t in threads:
-        t.start()
-    start.wait()
-    began = time.perf_counter()
-    for t in threads:
-        t.join()
-    return THREADS * RPS_CALLS / (max(done) - began)
+    return THREADS * RPS_CALLS / _together(THREADS, worker)
 
 
 def _race(ledgers: list[QuotaLedger | SharedQuotaLedger]) -> int:
-    start = threading.Barrier(len(ledgers))
     admitted: list[int] = []
 
-    def racer(ledger: QuotaLedger | SharedQuotaLedger) -> None:
+    def racer(i: int, start: threading.Barrier) -> None:
         start.wait()
         for _ in range(ATTEMPTS):
             try:
-                ledger.charge("racer", None, 1)
+                ledgers[i].charge("racer", None, 1)
                 admitted.append(1)
             except QuotaExceededError:
                 pass
 
-    threads = [threading.Thread(target=racer, args=(ledger,)) for ledger in ledgers]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _together(len(ledgers), racer)
     return len(admitted)
 
 
@@ -271,15 +274,18 @@ def run() -> Iterator[dict[str, object]]:
 
             served = _serving_ratio(server, store, issuer, Path(tmp), proc.pid)
             memory_rps, shared_rps = _rps(memory), _rps(shared)
+            memory_mean, shared_mean = statistics.mean(served.memory), statistics.mean(served.shared)
             yield {
-                "name": "shared_limits_rps_ratio", "ratio": round(served["shared"] / served["memory"], 3),
-                "memory_rps": round(served["memory"]), "shared_rps": round(served["shared"]), "target": 0.8,
+                "name": "shared_limits_rps_ratio", "ratio": round(shared_mean / memory_mean, 3),
+                "memory_rps": round(memory_mean), "shared_rps": round(shared_mean), "target": 0.8,
                 "clients": THREADS, "calls_per_client": SERVED_CALLS,
                 "call": "Infer, 1 row, digits MLP, reverse_sigmoid + Laplace with a budget",
                 "limits_only_rps": {"memory": round(memory_rps), "shared": round(shared_rps),
                                     "calls_per_thread": RPS_CALLS},
                 # the local redis-server shares this machine's cores (ElastiCache has its own nodes)
-                "store_cpu_cores_while_shared": round(served["shared_store_cpu_share"], 3),
+                "store_cpu_cores_while_shared": round(served.store_cpu_share, 3),
+                "memory_runs_rps": [round(r) for r in served.memory],
+                "shared_runs_rps": [round(r) for r in served.shared],
                 "cores": os.cpu_count(),
             }
 

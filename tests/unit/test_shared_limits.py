@@ -8,6 +8,7 @@ must agree.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import socket
 import threading
@@ -349,3 +350,69 @@ def test_a_refund_gives_back_exactly_the_spend(store: StateStore) -> None:
     assert spent is not None and after is not None
     assert after.remaining_epsilon == pytest.approx(0.75)
     assert after.remaining_delta == pytest.approx(1e-5 - 2e-6, abs=1e-15)
+
+
+def test_many_threads_on_one_client_batch_and_still_admit_exactly_the_quota(store: StateStore) -> None:
+    """One enclave (one client, its calls sent in pipelined batches when they overlap): 32 threads race."""
+    tiers = QuotaTiers({"d": QuotaPolicy(rate_per_s=1000.0, burst=1000, daily_requests=50)}, default="d")
+    ledger = SharedQuotaLedger(store, tiers)
+    admitted: list[int] = []
+    start = threading.Barrier(32)
+
+    def race() -> None:
+        start.wait()
+        for _ in range(4):
+            try:
+                ledger.charge("batched", None, 1)
+                admitted.append(1)
+            except QuotaExceededError:
+                pass
+
+    threads = [threading.Thread(target=race) for _ in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(admitted) == 50  # 128 attempts, batched or not: exactly the quota
+
+
+def test_scripts_flushed_from_the_store_are_loaded_again(store: StateStore) -> None:
+    """A failover or restart empties the store's script cache: the next call reloads, nothing is lost."""
+    ledger = SharedQuotaLedger(store, TIERS, clock=Clock())
+    ledger.charge("f", None, 1)
+    store.client.script_flush()
+    assert ledger.charge("f", None, 1).remaining_requests == 5  # ran once: the first run counted too
+
+
+def test_a_stalled_store_answers_every_waiting_caller_with_an_error(state_store_server: Any) -> None:
+    """SIGSTOP the server: the call in flight and the calls queued behind it all fail, none hangs, and the
+    client serves again once the server answers."""
+    import os
+    import signal
+
+    server, port, proc = state_store_server
+    client = store_for(server, port)
+    client = StateStore.connect(dataclasses.replace(client.settings, timeout_s=0.2), server.password,
+                                route=lambda: socket.create_connection(("127.0.0.1", port), 0.2))
+    ledger = SharedQuotaLedger(client, TIERS)
+    ledger.charge("stalled", None, 0)  # connected and scripts loaded
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            ledger.charge("stalled", None, 0)
+        except StateStoreError as err:
+            errors.append(err)
+
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        threads = [threading.Thread(target=call) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    assert len(errors) == 8 and all("unreachable" in str(e) for e in errors)
+    assert ledger.charge("stalled", None, 0).remaining_requests is not None
+    client.close()
