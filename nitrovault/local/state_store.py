@@ -118,7 +118,7 @@ class LocalStateStore:
         """Run the server on 127.0.0.1:``port`` (TLS); returns once it accepts connections."""
         binary = redis_server_binary()
         if binary is None:
-            raise FileNotFoundError("redis-server (or valkey-server) is not installed: `make venv` "
+            raise FileNotFoundError("redis-server (or valkey-server) is not installed: `make system` "
                                     "installs Debian's redis-server")
         conf = self.directory / "server.conf"
         write_atomic(conf, self.config(port).encode(), mode=0o600)
