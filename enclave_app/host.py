@@ -130,6 +130,7 @@ class AuditShipper:
         self._on_withheld = on_withheld
         self._down_since: float | None = None
         self._withheld: str | None = None
+        self._decision = threading.Lock()
         self._linger = linger_s
         self._max = max_pending
         self._batch = batch
@@ -147,31 +148,38 @@ class AuditShipper:
         return self._down
 
     def withheld(self) -> str | None:
-        """Why the audit log counts as withheld by the parent now, or ``None`` (module docstring)."""
+        """Why the audit log counts as withheld by the parent now, or ``None`` (module docstring).
+
+        One decision at a time (a lock over the count, the clock and the state change), so a caller that
+        read the clock earlier can never announce a recovery after a later caller announced the outage.
+        The count is one snapshot: taken under the writer's lock, which also covers an entry's move from
+        the writer's buffer into this shipper's queue."""
+        with self._decision:
+            writer = self._writer
+            unacked = writer.unacknowledged(self._queued) if writer is not None else self._queued()
+            with self._cond:
+                down_since = self._down_since
+            reason: str | None = None
+            if unacked > self._max_withheld:
+                reason = f"{unacked} audit entries not stored by the parent (bound {self._max_withheld})"
+            elif down_since is not None and self._monotonic() - down_since > self._max_withheld_s:
+                reason = f"audit sink down for more than {self._max_withheld_s:g} s"
+            if (reason is None) != (self._withheld is None):
+                self._withheld = reason
+                if reason is not None:
+                    log.warning("audit withheld: %s; refusing protected calls", reason)
+                else:
+                    log.warning("audit stored again; serving protected calls")
+                if self._on_withheld is not None:
+                    try:
+                        self._on_withheld(reason)
+                    except Exception as err:  # reporting is best effort
+                        log.warning("withheld report failed (%s)", type(err).__name__)
+            return reason
+
+    def _queued(self) -> int:
         with self._cond:
-            unacked = len(self._pending)
-            down_since = self._down_since
-        writer = self._writer
-        if writer is not None:
-            status = writer.status
-            unacked += status.buffered + status.dropped_pending
-        reason: str | None = None
-        if unacked > self._max_withheld:
-            reason = f"{unacked} audit entries not stored by the parent (bound {self._max_withheld})"
-        elif down_since is not None and self._monotonic() - down_since > self._max_withheld_s:
-            reason = f"audit sink down for more than {self._max_withheld_s:g} s"
-        if (reason is None) != (self._withheld is None):
-            self._withheld = reason
-            if reason is not None:
-                log.warning("audit withheld: %s; refusing protected calls", reason)
-            else:
-                log.warning("audit stored again; serving protected calls")
-            if self._on_withheld is not None:
-                try:
-                    self._on_withheld(reason)
-                except Exception as err:  # reporting is best effort
-                    log.warning("withheld report failed (%s)", type(err).__name__)
-        return reason
+            return len(self._pending)
 
     def __call__(self, line: bytes) -> None:
         with self._cond:

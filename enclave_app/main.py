@@ -40,9 +40,9 @@ import os
 import signal
 import socket
 import sys
-import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -116,9 +116,11 @@ async def run(
         _say("audit-degraded" if down else "audit-recovered", reason=reason)
         host.report("DEGRADED" if down else "SERVING", reason=reason, step="audit")
 
+    reporter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="withheld-report")
+
     def on_withheld(reason: str | None) -> None:
         """Announce it on the console and to the parent (its log feeds the CDK app's alarm); the report is
-        a blocking call and this runs on the request path, so it goes from a thread of its own."""
+        a blocking call and this runs on the request path, so it goes from the reporter thread."""
         if reason is None:
             _say("audit-stored", detail="the parent stores the audit log again: serving protected calls")
             report = ("SERVING", "audit log stored again", "audit")
@@ -126,8 +128,7 @@ async def run(
             _say("audit-withheld", reason=reason)
             report = ("DEGRADED", reason, "audit-withheld")
         state, why, step = report
-        threading.Thread(target=host.report, args=(state,), kwargs={"reason": why, "step": step},
-                         name="withheld-report", daemon=True).start()
+        reporter.submit(host.report, state, reason=why, step=step)  # one thread: reports stay in order
 
     audit = config.audit
     shipper = AuditShipper(host.audit_append, on_change=on_audit_change, on_withheld=on_withheld,
@@ -212,6 +213,7 @@ async def run(
         for relay in relays:
             await relay.close()
         await forwarder.close()
+        reporter.shutdown(wait=False)
         if store is not None:
             store.close()
         host.close()

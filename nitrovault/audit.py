@@ -262,6 +262,13 @@ class AuditWriter:
                 dropped_pending=self._dropped, dropped_total=self._dropped_total, next_seq=self._seq,
             )
 
+    def unacknowledged(self, queued: Callable[[], int]) -> int:
+        """Entries not yet stored: this writer's buffered ones, the records lost since the last gap entry,
+        and ``queued()`` (the sink's own queue), counted in one snapshot under this writer's lock, which
+        every hand-over to the sink holds too (so an entry in transit is counted once, never zero times)."""
+        with self._lock:
+            return len(self._buffer) + self._dropped + queued()
+
     def position(self) -> AuditPosition:
         """Where the chain stands now: the seq the next chained entry gets and the hash of the last one
         (``GENESIS`` at seq 0). Take it before appending a call's record and sign it into the call's

@@ -9,10 +9,10 @@
 * ``kms_ca_bundle`` is set to Amazon Trust Services' roots (``nitrovault/data/amazon-trust-services.pem``)
   unless the config carries its own (the local stack's configs carry the KMS emulator's CA).
 * ``--state-store-endpoint`` (the CDK output ``StateStoreEndpointAddress``: a bare host name) sets
-  ``state_store.host`` and, unless the config carries one, ``state_store.ca_bundle`` to ``--state-store-ca``
-  or Amazon Trust Services' roots (ElastiCache's certificates chain to them); the other ``state_store``
-  keys of the config are kept. The store's password is never part of the config: it is sealed with the
-  model (``nitrovault seal --state-store-password-file``).
+  ``state_store.host``, and ``state_store.ca_bundle`` to ``--state-store-ca`` when given, else (unless the
+  config carries one) to Amazon Trust Services' roots (ElastiCache's certificates chain to them); the
+  other ``state_store`` keys of the config are kept. The store's password is never part of the config:
+  it is sealed with the model (``nitrovault seal --state-store-password-file``).
 * The result must load as an :class:`enclave_app.config.EnclaveConfig` (https KMS endpoint, CA bundle,
   digest, forwarder on), so the build fails here rather than at boot. Written with sorted keys, so the same
   inputs always give the same bytes (and the same PCR2).
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -33,9 +32,7 @@ from enclave_app.config import EnclaveConfig  # noqa: E402
 from nitrovault.envelope import SealedModel  # noqa: E402
 from nitrovault.errors import NitrovaultError  # noqa: E402
 from nitrovault.kms.trust import amazon_trust_services_pem  # noqa: E402
-
-#: a DNS host name: labels of letters, digits and inner hyphens (no port, scheme, path or spaces)
-_HOST = re.compile(r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+from nitrovault.state.store import HOST_NAME  # noqa: E402
 
 
 def complete(config: dict[str, object], sealed_digest: str, *, store_endpoint: str | None = None,
@@ -47,7 +44,7 @@ def complete(config: dict[str, object], sealed_digest: str, *, store_endpoint: s
     config["sealed_digest"] = sealed_digest
     config.setdefault("kms_ca_bundle", amazon_trust_services_pem())
     if store_endpoint is not None:
-        if not _HOST.fullmatch(store_endpoint):
+        if not HOST_NAME.fullmatch(store_endpoint):
             raise SystemExit("error: --state-store-endpoint must be a bare host name, "
                              f"not {store_endpoint!r}")
         section = config.get("state_store") or {}

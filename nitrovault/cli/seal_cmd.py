@@ -230,7 +230,10 @@ def _tls_identity(model: Path, name: str, key: Path | None, chain: Path | None) 
 
 def _store_password(path: Path) -> str:
     """The password file's one line (printable ASCII, 16 to 128 characters: ElastiCache's rules)."""
-    password = path.read_text().strip()
+    try:
+        password = path.read_bytes().decode("ascii").strip()
+    except UnicodeDecodeError:  # the decoder's message would echo a byte of the secret
+        password = ""
     if not 16 <= len(password) <= 128 or not password.isascii() or not password.isprintable() or (
             any(c in password for c in " \"@/")):
         raise ConfigError("the state store password must be 16-128 printable ASCII characters without "

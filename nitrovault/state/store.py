@@ -35,6 +35,7 @@ Example::
 from __future__ import annotations
 
 import hashlib
+import re
 import socket
 import ssl
 import threading
@@ -50,10 +51,14 @@ from redis.retry import Retry
 
 from nitrovault.errors import ConfigError, StateStoreCredentialError, StateStoreError
 
-__all__ = ["Route", "StateStore", "StoreSettings"]
+__all__ = ["HOST_NAME", "Route", "StateStore", "StoreSettings"]
 
 #: opens a connected stream socket to the store (through the relay); raises ``OSError``
 Route = Callable[[], socket.socket]
+#: a DNS host name as ElastiCache names its endpoints: lower-case labels of letters, digits and inner
+#: hyphens, dot-separated (no port, scheme, user, path or whitespace)
+_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+HOST_NAME = re.compile(rf"(?=.{{1,253}}$)({_LABEL}\.)*{_LABEL}")
 
 
 @dataclass(frozen=True)
@@ -72,8 +77,8 @@ class StoreSettings:
     timeout_s: float = 0.5
 
     def __post_init__(self) -> None:
-        if not self.host or any(c in self.host for c in " /:\n\r\t"):
-            raise ConfigError("state_store.host must be a bare host name")
+        if not HOST_NAME.fullmatch(self.host):
+            raise ConfigError("state_store.host must be a bare host name (lower-case DNS labels, no port)")
         if not self.username or not self.namespace:
             raise ConfigError("state_store.username and state_store.namespace must not be empty")
         if not 0 < self.timeout_s <= 10:

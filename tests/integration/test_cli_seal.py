@@ -279,3 +279,37 @@ def test_inspect_shows_a_legacy_v1_header_and_says_so() -> None:
     summary = json.loads(shown.stdout)
     assert summary["version"] == 1 and summary["key_committing"] is False
     assert "not key-committing" in shown.stderr
+
+
+def test_the_state_store_password_bounds_are_16_to_128_printable_ascii(
+    tmp_path: Path, model: Path, keyfiles: list[str]
+) -> None:
+    from nitrovault.envelope.extras import STATE_STORE_PASSWORD_KEY
+
+    out = tmp_path / "model.sealed"
+    plain = runner.invoke(app, ["seal", str(model), "--key-id", "alias/m", "-o", str(out), *keyfiles])
+    assert plain.exit_code == 0, plain.output
+    assert STATE_STORE_PASSWORD_KEY not in SealedModel.open(out).metadata(KEY)  # no flag: no credential
+    out.unlink()
+    password_file = tmp_path / "store.password"
+    for good in ("A" * 16, "b" * 128, "!#$%&'()*+,-.:;<=>?[]^_`{|}~0123"):
+        password_file.write_text(good)
+        result = runner.invoke(app, ["seal", str(model), "--key-id", "alias/m", "-o", str(out), *keyfiles,
+                                     "--state-store-password-file", str(password_file)])
+        assert result.exit_code == 0, (good, result.output)
+        assert SealedModel.open(out).metadata(KEY)[STATE_STORE_PASSWORD_KEY] == good
+        out.unlink()
+    for bad in ("C" * 15, "d" * 129, "ünicode-password-long", "tab\tinside-the-password",
+                "at@inside-password", "slash/inside-password", "two\nlines-of-password", ""):
+        password_file.write_text(bad)
+        refused = runner.invoke(app, ["seal", str(model), "--key-id", "alias/m", "-o", str(out), *keyfiles,
+                                      "--state-store-password-file", str(password_file)])
+        assert refused.exit_code == 2, (bad, refused.output)
+        assert "state store password" in refused.output
+        assert not bad or bad not in refused.output
+        assert not out.exists()
+    password_file.write_bytes(b"\xff" + b"e" * 20)  # not text at all
+    refused = runner.invoke(app, ["seal", str(model), "--key-id", "alias/m", "-o", str(out), *keyfiles,
+                                  "--state-store-password-file", str(password_file)])
+    assert refused.exit_code == 2 and "e" * 20 not in refused.output and not out.exists()
+    assert "state store password" in refused.output and "0xff" not in refused.output  # no byte echoed
