@@ -2,9 +2,10 @@
 
 One :class:`Protections` per enclave boot holds the one :class:`~nitrovault.access.TokenVerifier`, the one
 quota ledger (:class:`~nitrovault.access.QuotaLedger` in memory, or
-:class:`~nitrovault.state.SharedQuotaLedger` in the shared state store from :meth:`Protections.serving` on,
-when the measured config names one), the :class:`~nitrovault.receipts.ReceiptSigner` (made once the
-sealed model's digest is known) and the one :class:`~nitrovault.audit.AuditWriter`. All are thread-safe.
+:class:`~nitrovault.state.SharedAdmission`, one round trip to the shared state store per call, from
+:meth:`Protections.serving` on, when the measured config names one), the
+:class:`~nitrovault.receipts.ReceiptSigner` (made once the sealed model's digest is known) and the one
+:class:`~nitrovault.audit.AuditWriter`. All are thread-safe.
 This module is pure apart from what it is given (key, clock, sink): the gRPC layer
 (:mod:`enclave_app.server`) calls it, and ``bench/bench_protections.py`` measures it in process.
 
@@ -59,7 +60,7 @@ from nitrovault.errors import (
 )
 from nitrovault.nsm import Nsm
 from nitrovault.receipts import Receipt, ReceiptSigner, enclave_user_data, key_id
-from nitrovault.state import SharedAdmission, SharedQuotaLedger, StateStore
+from nitrovault.state import SharedAdmission, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -129,9 +130,10 @@ class Protections:
         self._clock = clock
         access = config.access
         self.verifier: TokenVerifier | None = access.verifier(clock=clock) if access.enabled else None
-        #: the quota ledger: in memory, or (from :meth:`serving`) the shared store's when the config names
-        #: one; until then a config with a store charges nobody (the call is refused as not ready)
-        self.ledger: QuotaLedger | SharedQuotaLedger | None = None if config.state_store is not None else (
+        #: the in-memory quota ledger; None when the config names a shared store, whose admission
+        #: (:meth:`admit`, from :meth:`serving` on) charges instead: until then nobody is charged (the call
+        #: is refused as not ready)
+        self.ledger: QuotaLedger | None = None if config.state_store is not None else (
             QuotaLedger(access.quota_tiers(), clock=clock, max_subjects=access.max_subjects))
         self.audit = AuditWriter(boot_key, sink=sink, checkpoint_every=config.audit.checkpoint_every,
                                  max_buffered=config.audit.max_buffered, clock=clock)
@@ -144,7 +146,7 @@ class Protections:
     @property
     def shared(self) -> bool:
         """Whether limits are charged in the shared state store (a round trip: keep it off the event loop)."""
-        return isinstance(self.ledger, SharedQuotaLedger)
+        return self.admission is not None
 
     def serving(self, sealed_digest_hex: str, store: StateStore | None = None) -> None:
         """The model is loaded: receipts can name its sealed digest from now on, and quotas are charged
@@ -154,7 +156,6 @@ class Protections:
                 raise ConfigError("the measured config names a state store but none was opened")
             self.admission = SharedAdmission(store, self.config.access.quota_tiers(),
                                              self.config.protection.budget_policy, clock=self._clock)
-            self.ledger = SharedQuotaLedger(store, self.config.access.quota_tiers(), clock=self._clock)
         self.signer = ReceiptSigner(self.boot_key, model_id=self.config.model_id,
                                     sealed_digest=bytes.fromhex(sealed_digest_hex), pcr0=self._pcr0,
                                     clock=self._clock)

@@ -197,16 +197,6 @@ redis.call('HSET', KEYS[1], 'eps', string.format('%.17g', eps), 'omd', string.fo
 return 1
 """
 
-# KEYS[1]: the subject's refusal hash {kind, until}
-# ARGV: now_ms -> {} none; {kind, until_ms}
-_REFUSED = """
-local s = redis.call('HMGET', KEYS[1], 'kind', 'until')
-if s[1] and tonumber(s[2]) > tonumber(ARGV[1]) then
-  return {s[1], s[2]}
-end
-return {}
-"""
-
 # KEYS[1]: the subject's refusal hash; ARGV: kind ('block' | 'throttle'), until_ms, ttl_ms
 # A block is never shortened or replaced by a throttle.
 _REFUSE = """
@@ -449,23 +439,14 @@ class SharedRefusals:
     def __init__(self, store: StateStore, *, clock: Clock = _utc_now) -> None:
         self._store = store
         self._clock = clock
-        self._get = store.script(_REFUSED)
+        self._admission = SharedAdmission(store, QuotaTiers({"-": _NO_QUOTA}, default="-"), clock=clock)
         self._set = store.script(_REFUSE)
 
     def admit(self, subject: str) -> None:
         """Raise ``PermissionDeniedError("extraction-blocked")`` / ``QuotaExceededError
-        ("extraction-throttled")`` while a refusal holds (:class:`StateStoreError` if unknown)."""
-        now = _ms(self._clock())
-        reply = _reply(self._get([self._store.settings.key(subject, "x")], [now]))
-        if not reply:
-            return
-        try:
-            kind, until = str(reply[0]), int(str(reply[1]))
-        except (IndexError, ValueError):
-            raise StateStoreError("the state store answered a limit script unexpectedly") from None
-        if kind == "block":
-            raise PermissionDeniedError("extraction-blocked")
-        raise QuotaExceededError("extraction-throttled", retry_after_s=(until - now) / 1000.0)
+        ("extraction-throttled")`` while a refusal holds (:class:`StateStoreError` if unknown): the
+        admission script's refusal check alone."""
+        self._admission.admit(subject, items=None, refusals=True)
 
     def refuse(self, subject: str, kind: str, seconds: float) -> None:
         """Record a ``block`` or ``throttle`` of ``subject`` for ``seconds`` from now."""

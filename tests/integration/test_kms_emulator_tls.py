@@ -146,7 +146,7 @@ def test_real_kms_host_name_verifies_via_sni(box: Box) -> None:
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_old_tls_versions_are_refused(box: Box) -> None:
     ctx = ssl.create_default_context(cafile=str(box.tls.ca_path))
-    ctx.options |= ssl.OP_NO_TLSv1_2 | ssl.OP_NO_TLSv1_3  # offer only TLS < 1.2
+    ctx.options |= ssl.OP_NO_TLSv1_2 | ssl.OP_NO_TLSv1_3  # offer only TLS 1.0 and 1.1
     with socket.create_connection(("127.0.0.1", box.running.port)) as raw, \
             pytest.raises(ssl.SSLError):
         ctx.wrap_socket(raw, server_hostname="localhost")

@@ -128,31 +128,37 @@ def test_a_new_client_sees_every_charge_restart_and_fleet(state_store_server: An
         other.close()
 
 
-def test_sixteen_racing_clients_admit_exactly_the_quota(state_store_server: Any, store: StateStore) -> None:
-    server, port, _ = state_store_server
-    tiers = QuotaTiers({"d": QuotaPolicy(rate_per_s=1000.0, burst=1000, daily_requests=10)}, default="d")
-    clients = [store_for(server, port, namespace=store.settings.namespace) for _ in range(16)]
+def _race(ledgers: list[SharedQuotaLedger], subject: str, attempts: int) -> int:
+    """Every ledger's thread tries ``attempts`` charges of ``subject`` at once; how many were admitted."""
     admitted: list[int] = []
-    start = threading.Barrier(16)
+    start = threading.Barrier(len(ledgers))
 
-    def race(client: StateStore) -> None:
-        ledger = SharedQuotaLedger(client, tiers)
+    def race(ledger: SharedQuotaLedger) -> None:
         start.wait()
-        for _ in range(3):
+        for _ in range(attempts):
             try:
-                ledger.charge("racer", None, 1)
+                ledger.charge(subject, None, 1)
                 admitted.append(1)
             except QuotaExceededError:
                 pass
 
-    threads = [threading.Thread(target=race, args=(c,)) for c in clients]
+    threads = [threading.Thread(target=race, args=(ledger,)) for ledger in ledgers]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    for c in clients:
-        c.close()
-    assert len(admitted) == 10  # 48 attempts on 10 units
+    return len(admitted)
+
+
+def test_sixteen_racing_clients_admit_exactly_the_quota(state_store_server: Any, store: StateStore) -> None:
+    server, port, _ = state_store_server
+    tiers = QuotaTiers({"d": QuotaPolicy(rate_per_s=1000.0, burst=1000, daily_requests=10)}, default="d")
+    clients = [store_for(server, port, namespace=store.settings.namespace) for _ in range(16)]
+    try:
+        assert _race([SharedQuotaLedger(c, tiers) for c in clients], "racer", 3) == 10  # 48 attempts
+    finally:
+        for c in clients:
+            c.close()
 
 
 def test_refusals_hold_for_a_new_client_and_end_on_time(state_store_server: Any, store: StateStore) -> None:
@@ -356,24 +362,7 @@ def test_many_threads_on_one_client_batch_and_still_admit_exactly_the_quota(stor
     """One enclave (one client, its calls sent in pipelined batches when they overlap): 32 threads race."""
     tiers = QuotaTiers({"d": QuotaPolicy(rate_per_s=1000.0, burst=1000, daily_requests=50)}, default="d")
     ledger = SharedQuotaLedger(store, tiers)
-    admitted: list[int] = []
-    start = threading.Barrier(32)
-
-    def race() -> None:
-        start.wait()
-        for _ in range(4):
-            try:
-                ledger.charge("batched", None, 1)
-                admitted.append(1)
-            except QuotaExceededError:
-                pass
-
-    threads = [threading.Thread(target=race) for _ in range(32)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(admitted) == 50  # 128 attempts, batched or not: exactly the quota
+    assert _race([ledger] * 32, "batched", 4) == 50  # 128 attempts, batched or not: exactly the quota
 
 
 def test_scripts_flushed_from_the_store_are_loaded_again(store: StateStore) -> None:
