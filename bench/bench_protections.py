@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from enclave_app.config import Access, EnclaveConfig
 from enclave_app.protections import CallRecord, Protections
-from nitrovault.access import TokenIssuer
+from nitrovault.owner.issuer import TokenIssuer
 from nitrovault.rpc.gen.nitrovault.v1 import inference_pb2 as pb
 
 CALLS = 3000

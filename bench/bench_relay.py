@@ -524,12 +524,12 @@ def _first_call(tmp: Path) -> Iterator[dict[str, Any]]:
     from enclave_app.models.generic import MLPClassifier
     from enclave_app.outputs import OutputGuard, SealedExtras
     from enclave_app.server import EnclaveServer, ServingModel
-    from nitrovault.access import TokenIssuer
     from nitrovault.attestation import Expectations, verify_document
     from nitrovault.client import Expect, NitrovaultClient, probe_certificate
     from nitrovault.identity import TlsIdentity
     from nitrovault.local.nsm import make_local_nsm
     from nitrovault.local.pki import LocalPki
+    from nitrovault.owner.issuer import TokenIssuer
 
     pcrs = {0: bytes([0xB0]) * 48, 1: bytes([0xB1]) * 48, 2: bytes([0xB2]) * 48}
     issuer = TokenIssuer(ed25519.Ed25519PrivateKey.generate(), "bench", "https://issuer.bench", "bench")

@@ -56,13 +56,14 @@ from enclave_app.config import Access, EnclaveConfig, Protection, StateStoreConf
 from enclave_app.models import ModelHandler, load_handler
 from enclave_app.outputs import OutputGuard, SealedExtras
 from enclave_app.server import SERVICE, EnclaveServer, ServingModel
-from nitrovault.access import QuotaLedger, QuotaPolicy, QuotaTiers, TokenIssuer, TokenVerifier
+from nitrovault.access import QuotaLedger, QuotaPolicy, QuotaTiers, TokenVerifier
 from nitrovault.envelope.extras import REFERENCE_TENSOR
 from nitrovault.errors import QuotaExceededError
 from nitrovault.local.homes import free_port
 from nitrovault.local.nsm import make_local_nsm
 from nitrovault.local.state_store import HOST, USERNAME, LocalStateStore, redis_server_binary
 from nitrovault.nsm import Nsm
+from nitrovault.owner.issuer import TokenIssuer
 from nitrovault.protection import BudgetPolicy, PrivacyBudget
 from nitrovault.rpc.gen.nitrovault.v1 import inference_pb2 as pb
 from nitrovault.rpc.tensors import from_numpy

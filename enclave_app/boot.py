@@ -29,7 +29,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
@@ -37,6 +37,7 @@ from enclave_app.config import EnclaveConfig
 from enclave_app.key_release import release_data_key
 from enclave_app.models import ModelHandler, ModelLoadError, load_handler
 from enclave_app.outputs import OutputGuard, SealedExtras
+from nitrovault.clock import utc_now
 from nitrovault.envelope import SealedModel, zeroize
 from nitrovault.envelope.extras import STATE_STORE_PASSWORD_KEY
 from nitrovault.errors import (
@@ -137,7 +138,7 @@ def boot(
         unsealed = time.perf_counter()
 
         step = "tls-identity"
-        tls = take_tls_identity(metadata, now=datetime.now(UTC))
+        tls = take_tls_identity(metadata, now=utc_now())
 
         step = "state-store"
         store = open_state_store(config, metadata, store_factory)

@@ -48,7 +48,8 @@ from urllib.parse import urlsplit
 from cryptography import x509
 
 from nitrovault.access import QuotaPolicy, QuotaTiers, TokenVerifier
-from nitrovault.access.tokens import DEFAULT_MAX_LIFETIME_S, MAX_LIFETIME_S, Clock
+from nitrovault.access.tokens import DEFAULT_MAX_LIFETIME_S, MAX_LIFETIME_S
+from nitrovault.clock import Clock
 from nitrovault.errors import ConfigError
 from nitrovault.kms.endpoints import kms_hostname
 from nitrovault.protection import BudgetPolicy, ExtractionPolicy, HardeningPolicy, PrivacyMechanism

@@ -44,7 +44,6 @@ import logging
 import threading
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -52,6 +51,7 @@ import torch
 
 from enclave_app.config import Protection
 from enclave_app.models.base import ModelHandler, ModelLoadError
+from nitrovault.clock import Clock, utc_now
 from nitrovault.envelope.extras import REFERENCE_TENSOR, WATERMARK_CANDIDATES_KEY, WATERMARK_SECRET_KEY
 from nitrovault.errors import ConfigError, QuotaExceededError
 from nitrovault.protection import Action, BudgetState, ExtractionMonitor, PrivacyBudget
@@ -62,12 +62,8 @@ from nitrovault.watermark.embedding import mark_embedding, trigger_weight
 log = logging.getLogger(__name__)
 
 
-Clock = Callable[[], datetime]
 RngFactory = Callable[[], np.random.Generator]
 
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 _THREAD = threading.local()
@@ -177,7 +173,7 @@ class OutputGuard:
     """The output protections of one boot (module docstring). Thread-safe: its parts are."""
 
     def __init__(self, protection: Protection, extras: SealedExtras, *, embedding_dim: int | None = None,
-                 clock: Clock = _utc_now, rng_factory: RngFactory = thread_rng,
+                 clock: Clock = utc_now, rng_factory: RngFactory = thread_rng,
                  max_subjects: int = 10_000, store: StateStore | None = None) -> None:
         self.hardening = protection.hardening_policy
         self.mechanism = protection.privacy_mechanism

@@ -40,7 +40,6 @@ import logging
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -50,6 +49,7 @@ from enclave_app.outputs import GuardNotes
 from enclave_app.status import NotReadyError
 from nitrovault.access import Principal, QuotaLedger, QuotaState, TokenVerifier
 from nitrovault.audit import AuditWriter
+from nitrovault.clock import Clock, utc_now
 from nitrovault.errors import (
     AccessError,
     AuthenticationError,
@@ -64,7 +64,6 @@ from nitrovault.state import SharedAdmission, StateStore
 
 log = logging.getLogger(__name__)
 
-Clock = Callable[[], datetime]
 Sink = Callable[[bytes], None]
 
 #: methods whose responses carry a receipt
@@ -72,9 +71,6 @@ RECEIPTED = frozenset({"Infer", "Embed"})
 #: largest accepted ``authorization`` metadata value (a token is at most 8 KiB)
 MAX_AUTHORIZATION = 8 * 1024 + 16
 
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 def _never() -> str | None:
@@ -121,7 +117,7 @@ class Protections:
     """Token, quota, receipt and audit for one boot (module docstring)."""
 
     def __init__(self, config: EnclaveConfig, boot_key: ed25519.Ed25519PrivateKey, *, pcr0: bytes,
-                 sink: Sink, clock: Clock = _utc_now) -> None:
+                 sink: Sink, clock: Clock = utc_now) -> None:
         self.config = config
         self.boot_key = boot_key
         self.key_id = key_id(boot_key.public_key())

@@ -109,6 +109,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from nitrovault.attestation import verify_document
+from nitrovault.clock import Clock, utc_now
 from nitrovault.errors import AttestationError, AuditError, ConfigError, ReceiptError
 from nitrovault.receipts import (
     AUDIT_GENESIS,
@@ -135,7 +136,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Clock = Callable[[], datetime]
 Sink = Callable[[bytes], None]
 
 VERSION = 1
@@ -147,9 +147,6 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _KINDS = ("record", "checkpoint", "gap")
 _MAX_LINE = 64 * 1024
 
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 def _ms(at: datetime) -> int:
@@ -222,7 +219,7 @@ class AuditWriter:
     """Chains, checkpoints and streams audit entries (module docstring). Thread-safe."""
 
     def __init__(self, signing_key: ed25519.Ed25519PrivateKey, *, sink: Sink, checkpoint_every: int = 100,
-                 clock: Clock = _utc_now, max_buffered: int = 10_000, boot_id: str | None = None,
+                 clock: Clock = utc_now, max_buffered: int = 10_000, boot_id: str | None = None,
                  rng: Callable[[int], bytes] = os.urandom) -> None:
         if checkpoint_every < 1 or max_buffered < 1:
             raise ConfigError("checkpoint_every and max_buffered must be at least 1")

@@ -49,7 +49,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import Any
@@ -63,6 +63,7 @@ from grpc_health.v1 import health_pb2
 
 from nitrovault.attestation import Expectations, VerifiedAttestation, verify_document
 from nitrovault.bindings import EnclaveBindings
+from nitrovault.clock import Clock, utc_now
 from nitrovault.errors import (
     BindingError,
     ClientError,
@@ -271,7 +272,7 @@ class NitrovaultClient:
         timeout: float = 30.0,
         verify_receipts: bool = True,
         server_name: str | None = None,
-        clock: Callable[[], datetime] | None = None,
+        clock: Clock | None = None,
         rng: Callable[[int], bytes] = os.urandom,
         unsafe_plaintext: bool = False,
     ) -> None:
@@ -287,7 +288,7 @@ class NitrovaultClient:
         self.expect = expect
         self.verify_receipts = verify_receipts and not unsafe_plaintext
         self._server_name = server_name
-        self._clock = clock or (lambda: datetime.now(UTC))
+        self._clock = clock or utc_now
         self._rng = rng
         self._metadata: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {token}"),) if token is not None else ()

@@ -56,7 +56,6 @@ from __future__ import annotations
 import hashlib
 import re
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -69,6 +68,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from nitrovault.attestation import verify_document
 from nitrovault.bindings import USER_DATA_MAGIC, EnclaveBindings
+from nitrovault.clock import Clock, utc_now
 from nitrovault.errors import AttestationError, BindingError, ConfigError, ReceiptError
 
 __all__ = [
@@ -85,7 +85,6 @@ __all__ = [
     "verify_receipt",
 ]
 
-Clock = Callable[[], datetime]
 
 RECEIPT_VERSION = 1  #: bodies without an audit position
 RECEIPT_VERSION_AUDIT = 2  #: bodies with ``aseq``/``ahead``
@@ -101,9 +100,6 @@ _AUDIT_FIELDS: dict[str, type[Any]] = {"aseq": int, "ahead": bytes}
 _FIELDS_BY_VERSION = {RECEIPT_VERSION: _BODY_FIELDS, RECEIPT_VERSION_AUDIT: {**_BODY_FIELDS, **_AUDIT_FIELDS}}
 _LENGTHS = {"sealed": 32, "pcr0": 48, "req": 32, "resp": 32, "ahead": 32}
 
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 def _raw(public_key: ed25519.Ed25519PublicKey) -> bytes:
@@ -245,7 +241,7 @@ class ReceiptSigner:
     """Signs one receipt per response with the enclave's boot key. Thread-safe (the sequence is locked)."""
 
     def __init__(self, private_key: ed25519.Ed25519PrivateKey, *, model_id: str, sealed_digest: bytes,
-                 pcr0: bytes, clock: Clock = _utc_now) -> None:
+                 pcr0: bytes, clock: Clock = utc_now) -> None:
         if len(pcr0) != 48 or len(sealed_digest) != 32 or not model_id:
             raise ConfigError("receipts need a model id, a 32-byte sealed digest and a 48-byte PCR0")
         self._key = private_key

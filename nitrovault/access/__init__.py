@@ -2,10 +2,11 @@
 
 * :mod:`nitrovault.access.tokens`: :class:`TokenVerifier` (JWT ES256/EdDSA/RS256 against a baked JWKS,
   lifetimes capped at ``max_lifetime_s``, default :data:`DEFAULT_MAX_LIFETIME_S`; ``authenticate`` says who,
-  ``authorize`` checks scopes per method and model) and :class:`TokenIssuer` for the local stack.
+  ``authorize`` checks scopes per method and model). Issuing tokens is the owner's side:
+  :mod:`nitrovault.owner.issuer`, never in the enclave image.
 * :mod:`nitrovault.access.quota`: :class:`QuotaLedger` (token bucket + daily windows, tiers, bounded memory).
 
-Both are pure: time is a parameter, nothing here does I/O except the local issuer's key files. Failures
+Both are pure: time is a parameter, nothing here does I/O. Failures
 are :class:`~nitrovault.errors.AccessError` subclasses whose ``reason`` goes to the audit log only.
 """
 
@@ -13,10 +14,7 @@ from nitrovault.access.quota import QuotaLedger, QuotaPolicy, QuotaState, QuotaT
 from nitrovault.access.tokens import (
     DEFAULT_MAX_LIFETIME_S,
     Principal,
-    TokenIssuer,
     TokenVerifier,
-    generate_issuer_keys,
-    load_issuer,
 )
 
 __all__ = [
@@ -26,8 +24,5 @@ __all__ = [
     "QuotaPolicy",
     "QuotaState",
     "QuotaTiers",
-    "TokenIssuer",
     "TokenVerifier",
-    "generate_issuer_keys",
-    "load_issuer",
 ]

@@ -35,20 +35,17 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from types import MappingProxyType
 
+from nitrovault.clock import Clock, utc_now
 from nitrovault.errors import ConfigError, PermissionDeniedError, QuotaExceededError
 
 __all__ = ["QuotaLedger", "QuotaPolicy", "QuotaState", "QuotaTiers"]
 
-Clock = Callable[[], datetime]
 
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True)
@@ -122,7 +119,7 @@ def _next_midnight(now: datetime) -> datetime:
 class QuotaLedger:
     """Charges calls against per-subject quotas (see the module docstring for the guarantees)."""
 
-    def __init__(self, policies: QuotaTiers, *, clock: Clock = _utc_now, max_subjects: int = 10_000) -> None:
+    def __init__(self, policies: QuotaTiers, *, clock: Clock = utc_now, max_subjects: int = 10_000) -> None:
         if max_subjects < 1:
             raise ConfigError("max_subjects must be at least 1")
         self._policies = policies

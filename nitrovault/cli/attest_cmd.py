@@ -62,6 +62,7 @@ from nitrovault.cli.client_cmd import (
     verified_client,
 )
 from nitrovault.client import ATTEST_MAX_AGE
+from nitrovault.clock import utc_now
 from nitrovault.errors import AttestationError, BindingError, ConfigError
 from nitrovault.identity import certificate_fingerprint, dns_names
 
@@ -253,7 +254,7 @@ def fetch(
     with verified_client(target, expect, token=None, server_name=server_name, timeout=timeout) as client:
         verified = client.attestation
         if nonce_bytes is not None:  # a second document, over the pinned connection, checked the same way
-            verified = verify_document(client.attest(nonce_bytes), at=datetime.now(UTC), root=expect.root,
+            verified = verify_document(client.attest(nonce_bytes), at=utc_now(), root=expect.root,
                                        expect=Expectations(pcrs=expect.pcrs, nonce=nonce_bytes,
                                                            max_age=ATTEST_MAX_AGE))
     document = verified.document.raw

@@ -14,10 +14,10 @@ from typing import Annotated
 import typer
 
 import nitrovault
+from nitrovault.clock import utc_now
 from nitrovault.errors import NitrovaultError
 from nitrovault.local.measure import default_lock_file, measure_enclave
 from nitrovault.local.nsm import DEFAULT_MODULE_ID, PCR_LEN, make_local_nsm
-from nitrovault.local.pki import utc_now
 from nitrovault.nsm import MAX_AUX_LEN
 
 

@@ -31,7 +31,6 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -40,6 +39,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
+from nitrovault.clock import utc_now
 from nitrovault.envelope import DEFAULT_CHUNK_SIZE, SealedHeader, SealedModel, seal_file, zeroize
 from nitrovault.envelope.extras import (
     REFERENCE_TENSOR,
@@ -225,7 +225,7 @@ def _tls_identity(model: Path, name: str, key: Path | None, chain: Path | None) 
         return TlsIdentity.from_pem(key.read_bytes(), chain.read_bytes())
     if SEALED_KEY in read_header(model)[0].get("__metadata__", {}):
         return None
-    return TlsIdentity.generate(name, now=datetime.now(UTC))
+    return TlsIdentity.generate(name, now=utc_now())
 
 
 def _store_password(path: Path) -> str:

@@ -19,14 +19,9 @@ from typing import Annotated
 
 import typer
 
-from nitrovault.access.tokens import (
-    DEFAULT_MAX_LIFETIME_S,
-    LOCAL_AUDIENCE,
-    LOCAL_ISSUER,
-    generate_issuer_keys,
-    load_issuer,
-)
+from nitrovault.access.tokens import DEFAULT_MAX_LIFETIME_S
 from nitrovault.errors import ConfigError
+from nitrovault.owner.issuer import LOCAL_AUDIENCE, LOCAL_ISSUER, generate_issuer_keys, load_issuer
 
 app = typer.Typer(no_args_is_help=True, help="Issuer keys and bearer tokens for the local stack.")
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nitrovault.errors import NitrovaultError
-from nitrovault.local.files import write_atomic
+from nitrovault.files import write_private
 
 ACCOUNT = "111122223333"
 REGION = "us-east-1"
@@ -209,12 +209,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def write_private(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` (0600; the folder made 0700 if missing)."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    write_atomic(path, text.encode())
 
 
 def ensure_principals(path: Path) -> dict[str, dict[str, str]]:

@@ -24,7 +24,8 @@ from nitrovault.envelope.extras import (
     with_extras,
 )
 from nitrovault.errors import ConfigError
-from nitrovault.local.homes import Paths, StackError, write_private
+from nitrovault.files import write_private
+from nitrovault.local.homes import Paths, StackError
 from nitrovault.local.watermark_words import CANDIDATE_WORDS
 
 if TYPE_CHECKING:

@@ -43,8 +43,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
+from nitrovault.clock import Clock, utc_now
 from nitrovault.errors import ConfigError
-from nitrovault.local.pki import Clock, LocalPki, utc_now
+from nitrovault.local.pki import LocalPki
 from nitrovault.nsm import MAX_AUX_LEN, MAX_REQUEST_LEN, Nsm
 
 __all__ = [

@@ -36,7 +36,6 @@ from __future__ import annotations
 import fcntl
 import os
 import secrets
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -46,12 +45,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from nitrovault.clock import Clock, utc_now
 from nitrovault.errors import ConfigError
-from nitrovault.local.files import key_pem, write_atomic
+from nitrovault.files import write_atomic
+from nitrovault.local.files import key_pem
 
-__all__ = ["LEAF_LIFETIME", "LocalPki", "utc_now"]
+__all__ = ["LEAF_LIFETIME", "LocalPki"]
 
-Clock = Callable[[], datetime]
 
 ROOT_LIFETIME = timedelta(days=365 * 30)
 INTERMEDIATE_LIFETIME = timedelta(days=365 * 5)
@@ -73,10 +73,6 @@ INTERMEDIATE_SUBJECT = x509.Name([
     x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "nitrovault-test"),
     x509.NameAttribute(NameOID.COMMON_NAME, "instance.local.nitro-enclaves"),
 ])
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 def _aware(at: datetime) -> datetime:

@@ -76,7 +76,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -84,10 +84,11 @@ import boto3
 from rich.console import Console
 
 from enclave_app.config import EnclaveConfig
-from nitrovault.access import TokenIssuer, generate_issuer_keys, load_issuer
+from nitrovault.clock import utc_now
 from nitrovault.envelope import SealedModel, seal_file, zeroize
 from nitrovault.envelope.extras import STATE_STORE_PASSWORD_KEY
 from nitrovault.errors import KeyAccessDeniedError, NitrovaultError
+from nitrovault.files import write_private
 from nitrovault.identity import TlsIdentity
 from nitrovault.kms import KmsClient, Recipient, RecipientKey
 from nitrovault.kms.endpoints import kms_hostname
@@ -99,7 +100,6 @@ from nitrovault.local.homes import (
     StackError,
     ensure_principals,
     free_port,
-    write_private,
 )
 from nitrovault.local.kms.tls import KmsTls
 from nitrovault.local.measure import default_lock_file, measure_enclave
@@ -117,6 +117,7 @@ from nitrovault.local.state_store import HOST as STORE_HOST
 from nitrovault.local.state_store import USERNAME as STORE_USER
 from nitrovault.local.state_store import LocalStateStore
 from nitrovault.nsm import Nsm
+from nitrovault.owner.issuer import TokenIssuer, generate_issuer_keys, load_issuer
 from nitrovault.policy.build import model_key_policy
 from nitrovault.policy.manifest import PcrManifest
 from nitrovault.state import StateStore, StoreSettings
@@ -467,7 +468,7 @@ class LocalStack:
             record_path.unlink(missing_ok=True)
             # A fresh identity per seal: its private key goes only into the sealed file's encrypted
             # metadata (through a private temporary plain copy, removed at once), never to a file of its own.
-            identity = TlsIdentity.generate(TLS_SERVER_NAME, now=datetime.now(UTC))
+            identity = TlsIdentity.generate(TLS_SERVER_NAME, now=utc_now())
             staging = Path(tempfile.mkdtemp(prefix=".seal-", dir=self.paths.models))
             try:
                 ready = staging / "ready.safetensors"
@@ -504,7 +505,7 @@ class LocalStack:
             leaf = x509.load_pem_x509_certificate(self.paths.enclave_cert.read_bytes())
         except (OSError, ValueError):
             return False
-        return leaf.not_valid_after_utc - datetime.now(UTC) > TLS_RENEW_BEFORE
+        return leaf.not_valid_after_utc - utc_now() > TLS_RENEW_BEFORE
 
     def write_enclave_config(self, key_arn: str, sealed_digest: str) -> tuple[bytes, dict[int, bytes]]:
         with self.steps.step("measure enclave") as note:

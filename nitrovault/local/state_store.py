@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from nitrovault.local.files import write_atomic
+from nitrovault.files import write_atomic
 from nitrovault.local.kms.tls import KmsTls
 
 __all__ = ["HOST", "USERNAME", "LocalStateStore", "redis_server_binary"]

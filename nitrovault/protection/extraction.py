@@ -59,9 +59,8 @@ import enum
 import math
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any, Protocol
 
@@ -70,6 +69,7 @@ import numpy.typing as npt
 from scipy import stats
 from scipy.cluster.vq import kmeans2
 
+from nitrovault.clock import Clock, utc_now
 from nitrovault.errors import AccessError, ConfigError, PermissionDeniedError, QuotaExceededError
 
 __all__ = [
@@ -85,12 +85,8 @@ __all__ = [
 ]
 
 FloatArray = npt.NDArray[np.float64]
-Clock = Callable[[], datetime]
 SIGNALS = ("prada", "volume", "duplicates", "coverage")
 
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 class Action(enum.IntEnum):
@@ -403,7 +399,7 @@ class ExtractionMonitor:
         self,
         policy: ExtractionPolicy | None = None,
         *,
-        clock: Clock = _utc_now,
+        clock: Clock = utc_now,
         max_subjects: int = 10_000,
         reference: npt.ArrayLike | None = None,
         rng: np.random.Generator | None = None,

@@ -59,25 +59,21 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from nitrovault.clock import Clock, utc_now
 from nitrovault.errors import ConfigError, QuotaExceededError
 
 __all__ = ["BudgetPolicy", "BudgetState", "PrivacyBudget", "PrivacyMechanism"]
 
 FloatArray = npt.NDArray[np.float64]
-Clock = Callable[[], datetime]
 TOLERANCE = 1e-9  # float sums of many small spends must not refuse the exact last one
 
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 def _number(config: Mapping[str, Any], name: str, default: float | None = None) -> float:
@@ -236,7 +232,7 @@ class _Spent:
 class PrivacyBudget:
     """Per-subject (ε, δ) budgets, refilled every period (see the module docstring for the guarantees)."""
 
-    def __init__(self, policy: BudgetPolicy, *, clock: Clock = _utc_now, max_subjects: int = 10_000) -> None:
+    def __init__(self, policy: BudgetPolicy, *, clock: Clock = utc_now, max_subjects: int = 10_000) -> None:
         if max_subjects < 1:
             raise ConfigError("max_subjects must be at least 1")
         self._policy = policy

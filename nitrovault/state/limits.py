@@ -44,11 +44,11 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from nitrovault.access.quota import QuotaPolicy, QuotaState, QuotaTiers
+from nitrovault.clock import Clock, utc_now
 from nitrovault.errors import ConfigError, PermissionDeniedError, QuotaExceededError, StateStoreError
 from nitrovault.protection.extraction import ExtractionPolicy, Windows
 from nitrovault.protection.privacy import TOLERANCE, BudgetPolicy, BudgetState
@@ -63,13 +63,9 @@ __all__ = [
     "SharedRefusals",
 ]
 
-Clock = Callable[[], datetime]
 #: the quota of an admission that charges none (only its type is needed)
 _NO_QUOTA = QuotaPolicy(rate_per_s=1.0, burst=1)
 
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 def _num(value: float) -> str:
@@ -276,7 +272,7 @@ class SharedAdmission:
     """
 
     def __init__(self, store: StateStore, tiers: QuotaTiers, budget: BudgetPolicy | None = None, *,
-                 clock: Clock = _utc_now) -> None:
+                 clock: Clock = utc_now) -> None:
         self._store = store
         self._tiers = tiers
         self._budget = budget
@@ -366,7 +362,7 @@ class SharedAdmission:
 class SharedQuotaLedger:
     """:class:`~nitrovault.access.QuotaLedger`'s ``charge`` over the shared store (module docstring)."""
 
-    def __init__(self, store: StateStore, policies: QuotaTiers, *, clock: Clock = _utc_now) -> None:
+    def __init__(self, store: StateStore, policies: QuotaTiers, *, clock: Clock = utc_now) -> None:
         self._admission = SharedAdmission(store, policies, clock=clock)
 
     def charge(self, subject: str, tier: str | None, items: int = 1) -> QuotaState:
@@ -381,7 +377,7 @@ class SharedQuotaLedger:
 class SharedPrivacyBudget:
     """:class:`~nitrovault.protection.PrivacyBudget`'s ``spend`` over the shared store."""
 
-    def __init__(self, store: StateStore, policy: BudgetPolicy, *, clock: Clock = _utc_now) -> None:
+    def __init__(self, store: StateStore, policy: BudgetPolicy, *, clock: Clock = utc_now) -> None:
         self._admission = SharedAdmission(store, QuotaTiers({"-": _NO_QUOTA}, default="-"), policy,
                                           clock=clock)
 
@@ -436,7 +432,7 @@ class SharedRefusals:
     """Extraction blocks and throttles in the shared store: what the monitor decided about a subject holds
     on every enclave and across restarts until it ends."""
 
-    def __init__(self, store: StateStore, *, clock: Clock = _utc_now) -> None:
+    def __init__(self, store: StateStore, *, clock: Clock = utc_now) -> None:
         self._store = store
         self._clock = clock
         self._admission = SharedAdmission(store, QuotaTiers({"-": _NO_QUOTA}, default="-"), clock=clock)

@@ -38,11 +38,11 @@ from enclave_app.models.generic import MLPClassifier
 from enclave_app.outputs import OutputGuard, SealedExtras
 from enclave_app.server import INFO_PCRS, EnclaveServer, ServingModel
 from enclave_app.status import CORRELATION_KEY
-from nitrovault.access import TokenIssuer
 from nitrovault.attestation import Expectations, load_root, parse_document, verify_document
 from nitrovault.kms.trust import amazon_trust_services_pem
 from nitrovault.local.nsm import make_local_nsm
 from nitrovault.nsm import Nsm
+from nitrovault.owner.issuer import TokenIssuer
 from nitrovault.rpc.gen.nitrovault.v1 import inference_pb2 as pb
 from nitrovault.rpc.gen.nitrovault.v1 import inference_pb2_grpc as pb_grpc
 from nitrovault.rpc.tensors import from_numpy, to_numpy

@@ -22,13 +22,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from typer.testing import CliRunner
 
-from nitrovault.access import TokenIssuer
 from nitrovault.cli import app
 from nitrovault.errors import ClientError
 from nitrovault.local.nsm import LocalNsmDevice
 from nitrovault.local.pki import LocalPki
 from nitrovault.local.stack import LocalStack
 from nitrovault.nsm import Nsm
+from nitrovault.owner.issuer import TokenIssuer
 from nitrovault.receipts import enclave_user_data
 from nitrovault.rpc.gen.nitrovault.v1 import inference_pb2 as pb
 from nitrovault.rpc.gen.nitrovault.v1 import inference_pb2_grpc as pb_grpc

@@ -34,14 +34,13 @@ from nitrovault.access.tokens import (
     MAX_LIFETIME_S,
     MAX_TIMESTAMP,
     Principal,
-    TokenIssuer,
     TokenVerifier,
-    public_jwk,
 )
 from nitrovault.cli.token_cmd import parse_ttl
 from nitrovault.errors import AuthenticationError, ConfigError, PermissionDeniedError
 from nitrovault.kms.trust import amazon_trust_services_pem
 from nitrovault.local.nsm import make_local_nsm
+from nitrovault.owner.issuer import TokenIssuer, public_jwk
 
 NOW = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
 T0 = int(NOW.timestamp())

@@ -15,14 +15,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from nitrovault.access.tokens import (
     MAX_TOKEN_BYTES,
-    TokenIssuer,
     TokenVerifier,
-    generate_issuer_keys,
-    load_issuer,
-    public_jwk,
     required_scopes,
 )
 from nitrovault.errors import AccessError, AuthenticationError, ConfigError, PermissionDeniedError
+from nitrovault.owner.issuer import TokenIssuer, generate_issuer_keys, load_issuer, public_jwk
 
 NOW = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
 ISS, AUD, MODEL = "https://issuer.test", "nitrovault", "all-minilm-l6-v2"

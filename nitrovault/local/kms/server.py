@@ -34,13 +34,14 @@ import threading
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
 
+from nitrovault.clock import Clock, utc_now
 from nitrovault.errors import ConfigError, KeyReleaseError
 from nitrovault.local.kms.operations import DRY_RUN_CODE, AuditSink, Operations, stderr_audit
 from nitrovault.local.kms.sigv4 import Credentials, verify_request
@@ -56,9 +57,6 @@ DEFAULT_REGION = "us-east-1"
 #: the HTTP status of a refusal, by KMS error code (every other refusal is 400)
 STATUS_BY_CODE = {DRY_RUN_CODE: 412}
 
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def load_principals(path: str | os.PathLike[str]) -> dict[str, Credentials]:
@@ -206,7 +204,7 @@ class KmsEmulator:
         principals: Mapping[str, Credentials],
         region: str | Sequence[str] | None = None,
         *,
-        clock: Callable[[], datetime] = _utcnow,
+        clock: Clock = utc_now,
         max_document_age: timedelta = timedelta(minutes=5),
         unsafe_allow_debug_attestation: bool = False,
         random: Callable[[int], bytes] = os.urandom,

@@ -39,8 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from nitrovault.errors import ConfigError
+from nitrovault.files import write_atomic
 from nitrovault.kms.endpoints import partition
-from nitrovault.local.files import write_atomic
 
 __all__ = ["FORMAT", "AliasRecord", "KeyRecord", "Store", "replace"]
 

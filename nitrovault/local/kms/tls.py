@@ -33,7 +33,7 @@ import os
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
@@ -41,9 +41,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from nitrovault.clock import utc_now
 from nitrovault.errors import ConfigError
+from nitrovault.files import write_atomic
 from nitrovault.kms.endpoints import kms_hostname
-from nitrovault.local.files import key_pem, write_atomic
+from nitrovault.local.files import key_pem
 
 __all__ = ["CA_LIFETIME", "LOOPBACK", "RENEW_BEFORE", "SERVER_LIFETIME", "KmsTls", "server_names"]
 
@@ -106,7 +108,7 @@ class KmsTls:
             raise ConfigError("extra_names must be a sequence of host names, not one string")
         names = sorted(set(server_names(regions)) | set(extra_names))
         directory = Path(directory)
-        now = now or datetime.now(UTC)
+        now = now or utc_now()
         if now.tzinfo is None:
             raise ConfigError("now must be timezone-aware")
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
