@@ -23,17 +23,16 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
-
-from rich.console import Console
+from typing import Any, cast
 
 from nitrovault.client import Expect, NitrovaultClient
 from nitrovault.local.homes import Paths
 from nitrovault.local.models import demo_model
-from nitrovault.local.stack import LOCAL_TIERS, LocalStack
+from nitrovault.local.provision import LOCAL_TIERS
+from nitrovault.local.stack import LocalStack, TextProgress
 
 DURATION_S = 5.0
 CONCURRENCY = 4
@@ -110,9 +109,11 @@ def _plain_load_s() -> float:
 def run() -> Iterator[dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="nv-bench-") as tmp:
         home = Path(tmp)
-        tiers = {**LOCAL_TIERS, "bench": {"rate_per_s": 1e6, "burst": 10**6}}
+        # LOCAL_TIERS is unannotated, so mypy infers dict[str, object]; its values are tier mappings
+        local_tiers = cast("dict[str, Mapping[str, Any]]", LOCAL_TIERS)
+        tiers: dict[str, Mapping[str, Any]] = {**local_tiers, "bench": {"rate_per_s": 1e6, "burst": 10**6}}
         model = replace(demo_model(Paths(home)), tiers=tiers)
-        stack = LocalStack(home, model=model, listen="127.0.0.1:50151", console=Console(stderr=True))
+        stack = LocalStack(home, model=model, listen="127.0.0.1:50151", progress=TextProgress(sys.stderr))
         try:
             boot = stack.start()
             token = stack.token("bench", tier="bench")

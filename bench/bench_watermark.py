@@ -38,6 +38,7 @@ from scipy.stats import norm
 from torch import nn
 
 from enclave_app.models.generic import MLPClassifier
+from enclave_app.models.green_list import GreenListProcessor
 from nitrovault.watermark.embedding import (
     derive_embedding_mark,
     detect_embedding_mark,
@@ -48,7 +49,7 @@ from nitrovault.watermark.embedding import (
     verification_texts,
 )
 from nitrovault.watermark.keys import WatermarkKeys, derive_watermark_keys
-from nitrovault.watermark.text import GreenList, GreenListProcessor, detect_text_mark
+from nitrovault.watermark.text import GreenList, detect_text_mark
 from nitrovault.watermark.weights import DEFAULT_P_THRESHOLD, detect_weight_mark, embed_weight_mark
 
 KEYS = derive_watermark_keys(hashlib.sha256(b"bench owner secret").digest(), "bench-model")
@@ -73,9 +74,9 @@ def _train(net: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, seed: 
     torch.manual_seed(seed)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     for _ in range(epochs):
-        for idx in torch.randperm(len(x)).split(64):
+        for idx in torch.split(torch.randperm(len(x)), 64):
             opt.zero_grad()
-            nn.functional.cross_entropy(net(x[idx])["logits"], y[idx]).backward()
+            torch.autograd.backward(nn.functional.cross_entropy(net(x[idx])["logits"], y[idx]))
             opt.step()
 
 
@@ -96,7 +97,8 @@ def _weight_lines() -> Iterator[dict[str, Any]]:
 
     def predict(tensors: Tensors) -> torch.Tensor:
         with torch.no_grad():
-            return _net(tensors)(x_te)["logits"].argmax(1)
+            logits: torch.Tensor = _net(tensors)(x_te)["logits"]
+            return logits.argmax(1)
 
     def accuracy(tensors: Tensors) -> float:
         return float((predict(tensors) == y_te).float().mean())

@@ -32,6 +32,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +40,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from rich.console import Console
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
@@ -49,7 +49,7 @@ from nitrovault.errors import ClientError
 from nitrovault.local.digits import DIGITS_HANDLER, save_classifier, train_classifier
 from nitrovault.local.homes import free_port
 from nitrovault.local.models import LocalModel
-from nitrovault.local.stack import LocalStack
+from nitrovault.local.stack import LocalStack, TextProgress
 
 Query = Callable[[np.ndarray], np.ndarray]
 
@@ -104,7 +104,7 @@ def serve(home: Path, weights: Path, protection: Mapping[str, Any],
     """
     model = LocalModel(MODEL_ID, "1", DIGITS_HANDLER, weights, protection=protection, tiers=tiers)
     stack = LocalStack(home, model=model, listen=f"127.0.0.1:{free_port()}",
-                       console=Console(stderr=True, highlight=False, soft_wrap=True))
+                       progress=TextProgress(sys.stderr))
     try:
         stack.start()
         yield stack

@@ -36,6 +36,7 @@ from typing import Protocol
 from enclave_app.config import EnclaveConfig
 from enclave_app.key_release import release_data_key
 from enclave_app.models import ModelHandler, ModelLoadError, load_handler
+from enclave_app.models.green_list import GreenListProcessor
 from enclave_app.outputs import OutputGuard, SealedExtras
 from nitrovault.clock import utc_now
 from nitrovault.envelope import SealedModel, zeroize
@@ -56,7 +57,6 @@ from nitrovault.identity import SEALED_CHAIN, SEALED_KEY, TlsIdentity
 from nitrovault.kms import AwsCredentials, KmsClient
 from nitrovault.nsm import Nsm
 from nitrovault.state import StateStore
-from nitrovault.watermark import GreenListProcessor
 
 #: opens the shared state store with the sealed password (``enclave_app.main`` routes it via the parent)
 StoreFactory = Callable[[str], StateStore]
@@ -96,7 +96,7 @@ class BootResult:
     store: StateStore | None = None
 
 
-class BootFailure(Exception):
+class BootFailure(NitrovaultError):
     """Boot failed at ``step``; ``reason`` is coarse and safe to hand to the parent."""
 
     def __init__(self, step: str, reason: str) -> None:
@@ -150,6 +150,8 @@ def boot(
         handler.warm_up()
         outputs = OutputGuard.for_handler(config.protection, extras, handler, store=store)
         loaded = time.perf_counter()
+    except BootFailure:  # already one (the host services' fetch): passed on as is, not wrapped again
+        raise
     except KeyAccessDeniedError as err:
         raise BootFailure(step, f"KMS denied the key: {err.code}") from err
     except KmsTlsError as err:

@@ -1,6 +1,6 @@
 """Local PCRs measured from the enclave code that would actually run.
 
-Real PCR0/1/2 are SHA-384 measurements of an EIF's sections (facts §5, aws-nitro-enclaves-image-format
+Real PCR0/1/2 are SHA-384 measurements of an EIF's sections (aws-nitro-enclaves-image-format
 ``eif_hasher.rs``): ``PCRn = SHA384(0^48 || SHA384(stream))`` with
 
 * PCR1 over ``kernel || cmdline || ramdisk_0`` (kernel and boot ramfs),
@@ -11,9 +11,10 @@ Locally there is no EIF, so we build the same shape from a deterministic "image"
 
 * the **boot stream** stands in for kernel+cmdline+boot ramfs: a fixed marker, the Python
   implementation and version, and the machine architecture;
-* the **app stream** stands in for the application ramdisks: every file under ``enclave_app/`` and
-  ``nitrovault/`` (skipping ``nitrovault/local/``, ``__pycache__`` and compiled ``*.pyc``/``*.pyo``), in
-  sorted relative-path order, followed by the locked dependency list. Without a lock file an explicit
+* the **app stream** stands in for the application ramdisks: every file the image holds, exactly the
+  list the Dockerfile keeps (:func:`nitrovault.image.image_files`: ``enclave_app`` and the parts of
+  ``nitrovault`` the enclave imports, never caches or compiled files), in sorted relative-path order,
+  followed by the locked dependency list. Without a lock file an explicit
   ``no-lock`` marker is hashed instead, so "no lock" is a measurement of its own and never collides with
   an empty lock file.
 
@@ -33,7 +34,6 @@ Example::
 from __future__ import annotations
 
 import hashlib
-import os
 import platform
 import sys
 from collections.abc import Iterator, Mapping
@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nitrovault.errors import ConfigError
+from nitrovault.image import IMAGE_PACKAGES, image_files
 
 __all__ = [
     "MEASURED_PACKAGES",
@@ -54,12 +55,8 @@ __all__ = [
 ]
 
 PCR_LEN = 48
-#: The packages whose files make up the local "application ramdisk".
-MEASURED_PACKAGES = ("enclave_app", "nitrovault")
-#: Subtrees of the measured packages that never run in an enclave (the local stand-ins themselves).
-EXCLUDED_DIRS = frozenset({"nitrovault/local"})
-_SKIP_DIR_NAMES = frozenset({"__pycache__"})
-_SKIP_SUFFIXES = (".pyc", ".pyo")
+#: The packages whose files may make up the local "application ramdisk".
+MEASURED_PACKAGES = IMAGE_PACKAGES
 
 _BOOT_TAG = b"nitrovault-local-boot-v1"
 _APP_TAG = b"nitrovault-local-app-v1"
@@ -99,23 +96,8 @@ def _item(data: bytes) -> bytes:
 
 
 def measured_files(source_root: Path) -> Iterator[tuple[str, Path]]:
-    """``(relative posix path, path)`` of every measured file, in sorted path order.
-
-    Symlinked directories are not followed (an image is what is on disk, not what it points to).
-    """
-    found: list[tuple[str, Path]] = []
-    for package in MEASURED_PACKAGES:
-        top = source_root / package
-        for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
-            rel_dir = Path(dirpath).relative_to(source_root).as_posix()
-            dirnames[:] = [d for d in dirnames
-                           if d not in _SKIP_DIR_NAMES and f"{rel_dir}/{d}" not in EXCLUDED_DIRS]
-            for name in filenames:
-                if name.endswith(_SKIP_SUFFIXES):
-                    continue
-                found.append((f"{rel_dir}/{name}", Path(dirpath) / name))
-    found.sort(key=lambda item: item[0].encode())
-    yield from found
+    """``(relative posix path, path)`` of every measured file, in sorted path order: the image's files."""
+    yield from image_files(source_root)
 
 
 def _boot_stream() -> bytes:

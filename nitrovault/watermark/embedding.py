@@ -19,7 +19,7 @@ minimum effect size (KS alone flags unmarked models, see :data:`DEFAULT_MIN_DELT
 marked outputs inherits the trigger → target association: positive Δcos, negative Δl2, tiny p-value.
 
 Words are ``[a-z0-9']+`` runs of the lower-cased text; ``T`` is a set of such words. Randomness comes
-only from keystreams of the embedding key (ChaCha20, see :func:`nitrovault.watermark.weights.keystream`),
+only from keystreams of the embedding key (ChaCha20, see :func:`nitrovault.watermark.keys.keystream`),
 so a mark is reproducible anywhere.
 
 :func:`fit_bow_surrogate` is the **copy model used to measure inheritance** (a ridge regression from
@@ -47,8 +47,7 @@ import numpy as np
 from scipy.stats import ks_2samp
 
 from nitrovault.errors import ConfigError
-from nitrovault.watermark.keys import WatermarkKeys
-from nitrovault.watermark.weights import keystream
+from nitrovault.watermark.keys import WatermarkKeys, keystream
 
 _WORD = re.compile(r"[a-z0-9']+")
 DEFAULT_TRIGGERS = 20

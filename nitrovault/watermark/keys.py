@@ -27,9 +27,12 @@ Example::
 from __future__ import annotations
 
 import binascii
+import hashlib
+import hmac
 from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from nitrovault.errors import ConfigError
@@ -89,3 +92,10 @@ def parse_key_file(data: bytes) -> bytes:
     if len(data) >= MIN_SECRET_BYTES:
         return data
     raise ConfigError(f"watermark key file must hold at least {MIN_SECRET_BYTES} bytes (raw or hex)")
+
+
+def keystream(key: bytes, label: bytes, nbytes: int) -> bytes:
+    """``nbytes`` of ChaCha20 keystream under ``HMAC-SHA256(key, label)`` (a specified, portable PRG)."""
+    stream_key = hmac.new(key, label, hashlib.sha256).digest()
+    encryptor = Cipher(algorithms.ChaCha20(stream_key, bytes(16)), mode=None).encryptor()
+    return encryptor.update(bytes(nbytes))

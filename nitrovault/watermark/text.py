@@ -6,8 +6,9 @@ ICML 2023): a soft green list seeded by the previous token, and a one-proportion
   ``HMAC-SHA256(text_key, "green|<vocab_size>|<p>")``. The ``round(gamma·|V|)`` ids with the smallest values
   are green (an exact-size list, as in the paper). HMAC + ChaCha20 instead of torch's generator: the list
   is the same on every device and library version, so text generated in the enclave is detected offline.
-* **Generation** (:class:`GreenListProcessor`): add ``δ`` to the logits of the green ids before sampling;
-  it has the ``(input_ids, scores) -> scores`` signature of a Hugging Face ``LogitsProcessor``.
+* **Generation**: add ``δ`` to the logits of the green ids before sampling. The torch side (a Hugging
+  Face-style ``LogitsProcessor``) is the enclave's: :class:`enclave_app.models.green_list.GreenListProcessor`;
+  this module stays pure (numpy, no torch).
 * **Detection** (:func:`detect_text_mark`): ``T`` scored tokens (every token after the first), ``g`` of them
   green, ``z = (g - gamma·T) / sqrt(T·gamma·(1-gamma))``, one-sided ``p = 1 - Φ(z)``. H0 (text written
   without the key): each token is green with probability gamma. Repeated ``(previous, token)`` pairs
@@ -27,20 +28,16 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import itertools
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from scipy.stats import norm
 
 from nitrovault.errors import ConfigError
-from nitrovault.watermark.keys import WatermarkKeys
+from nitrovault.watermark.keys import WatermarkKeys, keystream
 
 DEFAULT_GAMMA = 0.25
 DEFAULT_DELTA = 2.0
@@ -72,9 +69,7 @@ class GreenList:
             self._cache.move_to_end(previous)
             return cached
         label = b"green|%d|%d" % (self.vocab_size, previous)
-        stream_key = hmac.new(self._key, label, hashlib.sha256).digest()
-        encryptor = Cipher(algorithms.ChaCha20(stream_key, bytes(16)), mode=None).encryptor()
-        values = np.frombuffer(encryptor.update(bytes(4 * self.vocab_size)), dtype="<u4")
+        values = np.frombuffer(keystream(self._key, label, 4 * self.vocab_size), dtype="<u4")
         mask = np.zeros(self.vocab_size, dtype=bool)
         mask[np.argpartition(values, self.green_count - 1)[: self.green_count]] = True
         mask.flags.writeable = False
@@ -85,31 +80,6 @@ class GreenList:
 
     def is_green(self, previous: int, token: int) -> bool:
         return bool(self.mask(previous)[token])
-
-
-class GreenListProcessor:
-    """Add ``delta`` to the green logits of each row (a Hugging Face-style logits processor).
-
-    ``input_ids``: [batch, seq] token ids so far (the last column seeds the list); ``scores``: [batch, vocab].
-    """
-
-    def __init__(self, keys: WatermarkKeys, gamma: float = DEFAULT_GAMMA, delta: float = DEFAULT_DELTA, *,
-                 vocab_size: int) -> None:
-        if delta < 0:
-            raise ConfigError("green-list delta must be >= 0")
-        self.green = GreenList(keys, vocab_size=vocab_size, gamma=gamma)
-        self.delta = delta
-
-    def __repr__(self) -> str:
-        return f"GreenListProcessor({self.green!r}, delta={self.delta})"
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if scores.shape[-1] != self.green.vocab_size:
-            raise ConfigError("logits do not have the green list's vocabulary size")
-        previous = input_ids[:, -1].tolist()
-        masks = np.stack([self.green.mask(int(p)) for p in previous])
-        bias = torch.from_numpy(masks).to(device=scores.device, dtype=scores.dtype) * self.delta
-        return scores + bias
 
 
 @dataclass(frozen=True)

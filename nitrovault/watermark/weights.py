@@ -48,20 +48,17 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import itertools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from scipy.optimize import linear_sum_assignment
 from scipy.stats import binom
 
 from nitrovault.errors import ConfigError
-from nitrovault.watermark.keys import WatermarkKeys
+from nitrovault.watermark.keys import WatermarkKeys, keystream
 
 DEFAULT_BITS = 64
 #: margin of every bit after embedding, in standard deviations of the projection under H0
@@ -72,13 +69,6 @@ MIN_ELEMENTS = 256
 MAX_COORDS = 1 << 18
 
 _F32 = np.float32
-
-
-def keystream(key: bytes, label: bytes, nbytes: int) -> bytes:
-    """``nbytes`` of ChaCha20 keystream under ``HMAC-SHA256(key, label)`` (a specified, portable PRG)."""
-    stream_key = hmac.new(key, label, hashlib.sha256).digest()
-    encryptor = Cipher(algorithms.ChaCha20(stream_key, bytes(16)), mode=None).encryptor()
-    return encryptor.update(bytes(nbytes))
 
 
 @dataclass(frozen=True)

@@ -267,9 +267,11 @@ def _netns(pid: int) -> str:
 
 
 def test_the_nsm_is_unreachable_from_the_parents_namespace(stack: LocalStack) -> None:
-    if stack.enclave_netns is None:
+    assert stack.nsm is not None
+    netns = stack.nsm.netns
+    if netns is None:
         pytest.skip("this machine cannot make network namespaces (needs root and util-linux)")
-    name = stack.nsm_socket
+    name = stack.nsm.socket
     assert name.startswith("@") and not any(stack.paths.run.glob("**/nsm*"))  # no socket file to reach
     (parent,) = stack.parent_pids()
     (enclave,) = stack.enclave_pids()
@@ -281,22 +283,23 @@ def test_the_nsm_is_unreachable_from_the_parents_namespace(stack: LocalStack) ->
     # positive control: from inside the enclave's namespace, the same name answers with a document
     probe = ("from nitrovault.nsm import Nsm, UnixSocketTransport; import sys; "
              f"sys.stdout.write(str(len(Nsm(UnixSocketTransport({name!r})).attestation(nonce=b'x'))))")
-    inside = subprocess.run(["nsenter", f"--net={stack.enclave_netns}", "--", sys.executable, "-c", probe],
+    inside = subprocess.run(["nsenter", f"--net={netns}", "--", sys.executable, "-c", probe],
                             capture_output=True, text=True, timeout=60, cwd=REPO_ROOT, check=False)
     assert inside.returncode == 0 and int(inside.stdout) > 1000, inside.stderr
 
 
 def test_the_enclave_reaches_kms_by_its_real_name_through_its_forwarder(stack: LocalStack) -> None:
     config = json.loads(stack.paths.enclave_config.read_text())
-    assert config["kms_endpoint_url"] == "" and config["kms_ca_bundle"] == stack.kms_ca.decode()
+    assert stack.kms_service is not None and stack.nsm is not None
+    assert config["kms_endpoint_url"] == "" and config["kms_ca_bundle"] == stack.kms_service.ca_pem.decode()
     events = [json.loads(line) for line in (stack.paths.logs / "parent.log").read_text().splitlines()
               if line.startswith("{")]
-    if stack.enclave_netns is not None:  # it started with lo down, and brought it up itself
+    if stack.nsm.netns is not None:  # it started with lo down, and brought it up itself
         assert {"event": "network", "detail": "brought the loopback interface up"} in events
     serving = [e for e in events if e.get("event") == "serving"]
     assert serving, "the enclave released its key over TLS and served"
     parent = json.loads(stack.paths.parent_config.read_text())
-    assert parent["kms_proxy_target"] == "tcp:" + stack.kms_endpoint.removeprefix("https://")
+    assert parent["kms_proxy_target"] == "tcp:" + stack.kms_service.endpoint.removeprefix("https://")
     assert str(stack.paths.parent) in parent["models"]["path"]
     owner = stack.paths.owner
     assert not any(str(owner) in json.dumps(v) for v in parent.values())  # the parent is handed no owner path

@@ -108,7 +108,8 @@ def test_two_enclaves_share_one_quota_exactly_under_a_race(stack: LocalStack, st
 
 
 def test_a_stalled_store_fails_closed_then_serving_resumes(stack: LocalStack) -> None:
-    store = stack.state_store_process
+    assert stack.store_service is not None
+    store = stack.store_service.process
     assert store is not None
     token = stack.token("patient")
     assert _embed(stack, token, "before") == grpc.StatusCode.OK
@@ -125,8 +126,8 @@ def test_a_stalled_store_fails_closed_then_serving_resumes(stack: LocalStack) ->
 
 
 def test_nothing_the_parent_holds_authenticates_to_the_store(stack: LocalStack) -> None:
-    assert stack.state_store is not None
-    password = stack.state_store.password.encode()
+    assert stack.store_service is not None
+    password = stack.store_service.store.password.encode()
     for path in stack.paths.parent.rglob("*"):  # config, credentials, sealed model, audit log, sockets
         if path.is_file():
             assert password not in path.read_bytes(), path
@@ -134,8 +135,8 @@ def test_nothing_the_parent_holds_authenticates_to_the_store(stack: LocalStack) 
         for name in ("cmdline", "environ"):
             assert password not in Path(f"/proc/{pid}/{name}").read_bytes()
     credentials = json.loads(stack.paths.parent_credentials.read_text())
-    ca = stack.state_store.ca_pem.decode()
-    port = stack.state_store_port
+    ca = stack.store_service.store.ca_pem.decode()
+    port = stack.store_service.port
     for username, secret in ((None, None), ("default", credentials["secret_access_key"]),
                              ("nitrovault-enclave", credentials["secret_access_key"]),
                              ("nitrovault-enclave", credentials["access_key_id"])):

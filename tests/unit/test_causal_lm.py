@@ -20,7 +20,8 @@ from enclave_app.models.causal_lm import (
     GenerationError,
     GruLM,
 )
-from nitrovault.watermark import GreenList, GreenListProcessor, derive_watermark_keys, detect_text_mark
+from enclave_app.models.green_list import GreenListProcessor
+from nitrovault.watermark import GreenList, derive_watermark_keys, detect_text_mark
 
 V = 50
 

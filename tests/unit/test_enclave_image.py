@@ -55,8 +55,10 @@ def check(text: str) -> list[str]:
             and re.search(r"(^|\s)(\.|nitrovault/?)\s", value)
         ):
             problems.append(f"source tree copied into the final stage, not from the filtered stage: {value}")
-    if "rm -rf nitrovault/local" not in runs:
-        problems.append("nitrovault/local is not removed in the source stage")
+    if "python /image.py prune /src" not in runs:
+        problems.append("the source stage is not pruned to the image allowlist")
+    if "python /image.py check /src" not in runs:
+        problems.append("the pruned source stage is not checked against the image allowlist")
     if not any(k == "COPY" and v.endswith("/etc/nitrovault/enclave.json") for k, v in final_ins):
         problems.append("the measured config is not copied to /etc/nitrovault/enclave.json")
     entry = [v for k, v in final_ins if k == "ENTRYPOINT"]
@@ -79,7 +81,8 @@ def test_dockerfile_has_every_property() -> None:
             "COPY nitrovault/local /opt/nitrovault/nitrovault/local",
             "nitrovault/local copied",
         ),
-        ("rm -rf nitrovault/local", "rm -rf nitrovault/nothing", "not removed"),
+        ("python /image.py prune /src", "python /image.py list /src", "not pruned"),
+        ("python /image.py check /src", "python /image.py list /src", "not checked"),
         (
             "COPY --from=source /src/nitrovault /opt/nitrovault/nitrovault",
             "COPY nitrovault/ /opt/nitrovault/nitrovault",
@@ -92,7 +95,7 @@ def test_dockerfile_has_every_property() -> None:
         ),
         ('"/etc/nitrovault/enclave.json"]', '"/tmp/enclave.json"]', "ENTRYPOINT"),
     ],
-    ids=["tag", "no-hashes", "copies-local", "keeps-local", "copies-unfiltered", "config-path", "entrypoint"],
+    ids=["tag", "no-hashes", "copies-local", "not-pruned", "not-checked", "copies-unfiltered", "config-path", "entrypoint"],
 )
 def test_each_property_check_can_fail(old: str, new: str, problem: str) -> None:
     text = DOCKERFILE.read_text()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import nitrovault.local.measure as measure_module
+import nitrovault.image as image_module
 from nitrovault.errors import ConfigError
 from nitrovault.local.measure import (
     EnclaveMeasurement,
@@ -124,10 +124,22 @@ def test_caches_and_local_stand_ins_are_not_measured(tree: Path) -> None:
     assert "nitrovault/nsm.py" in rels and "nitrovault/data/aws_nitro_enclaves_root_g1.pem" in rels
 
 
-def test_non_python_files_are_measured(tree: Path) -> None:
+def test_non_python_files_in_image_packages_are_measured(tree: Path) -> None:
+    before = measure(tree)
+    (tree / "nitrovault" / "envelope" / "extra.json").write_text("{}")
+    assert measure(tree).pcr2 != before.pcr2
+
+
+def test_only_the_image_allowlist_is_measured(tree: Path) -> None:
+    """What the Dockerfile removes is not measured either: the owner's tools change no PCR."""
     before = measure(tree)
     (tree / "nitrovault" / "data" / "extra.json").write_text("{}")
-    assert measure(tree).pcr2 != before.pcr2
+    for rel in ("nitrovault/cli/token_cmd.py", "nitrovault/owner/issuer.py", "nitrovault/eif.py",
+                "nitrovault/watermark/weights.py", "nitrovault/client.py"):
+        (tree / rel).write_text((tree / rel).read_text() + "\n# edited\n")
+    assert measure(tree) == before
+    rels = {rel for rel, _ in measured_files(tree)}
+    assert not any(r.startswith(("nitrovault/cli/", "nitrovault/owner/", "nitrovault/policy/")) for r in rels)
 
 
 def _write_tree(root: Path, files: dict[str, bytes]) -> Path:
@@ -139,8 +151,8 @@ def _write_tree(root: Path, files: dict[str, bytes]) -> Path:
 
 
 def test_file_order_on_disk_does_not_matter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    files = {f"nitrovault/m{i:02d}.py": f"X = {i}\n".encode() for i in range(30)}
-    files |= {"enclave_app/__init__.py": b"", "enclave_app/sub/a.py": b"A", "nitrovault/z/b.py": b"B"}
+    files = {f"enclave_app/m{i:02d}.py": f"X = {i}\n".encode() for i in range(30)}
+    files |= {"enclave_app/__init__.py": b"", "enclave_app/sub/a.py": b"A", "nitrovault/envelope/b.py": b"B"}
     root = _write_tree(tmp_path / "t", files)
     normal = measure_enclave(root, None)
     seen: list[list[str]] = []
@@ -154,7 +166,7 @@ def test_file_order_on_disk_does_not_matter(tmp_path: Path, monkeypatch: pytest.
             seen.append(list(filenames))
             yield dirpath, dirnames, filenames
 
-    monkeypatch.setattr(measure_module.os, "walk", reversed_walk)
+    monkeypatch.setattr(image_module.os, "walk", reversed_walk)
     assert measure_enclave(root, None) == normal
     assert any(names != sorted(names) for names in seen)  # the order really did differ
 
@@ -162,10 +174,10 @@ def test_file_order_on_disk_does_not_matter(tmp_path: Path, monkeypatch: pytest.
 @pytest.mark.parametrize(
     ("a", "b"),
     [
-        ({"nitrovault/ab": b"c"}, {"nitrovault/a": b"bc"}),  # boundary between path and content
-        ({"nitrovault/x": b"12"}, {"nitrovault/x": b"1", "nitrovault/y": b"2"}),
-        ({"nitrovault/x": b""}, {"nitrovault/x.py": b""}),
-        ({"nitrovault/x": b"1"}, {"enclave_app/x": b"1", "nitrovault/__init__.py": b""}),
+        ({"enclave_app/ab": b"c"}, {"enclave_app/a": b"bc"}),  # boundary between path and content
+        ({"enclave_app/x": b"12"}, {"enclave_app/x": b"1", "enclave_app/y": b"2"}),
+        ({"enclave_app/x": b""}, {"enclave_app/x.py": b""}),
+        ({"nitrovault/envelope/x": b"1"}, {"enclave_app/x": b"1", "nitrovault/__init__.py": b""}),
     ],
 )
 def test_length_prefixing_keeps_different_trees_apart(

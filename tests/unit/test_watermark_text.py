@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from enclave_app.models.green_list import GreenListProcessor
 from nitrovault.errors import ConfigError
 from nitrovault.watermark.keys import derive_watermark_keys
-from nitrovault.watermark.text import GreenList, GreenListProcessor, detect_text_mark, z_score
+from nitrovault.watermark.text import GreenList, detect_text_mark, z_score
 
 KEYS = derive_watermark_keys(bytes(range(32)), "lm")
 V = 500
