@@ -33,7 +33,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -61,6 +60,7 @@ from nitrovault.cli.client_cmd import (
     build_expect,
     verified_client,
 )
+from nitrovault.cli.times import AT_FORMAT, parse_at
 from nitrovault.client import ATTEST_MAX_AGE
 from nitrovault.clock import utc_now
 from nitrovault.errors import AttestationError, BindingError, ConfigError
@@ -80,17 +80,6 @@ def read_document(path: Path) -> bytes:
     except (binascii.Error, ValueError):
         return data
     return decoded if decoded[:1] and decoded[0] in _COSE_FIRST_BYTES else data
-
-
-def _parse_at(value: str | None) -> datetime:
-    if value is None:
-        return datetime.now(UTC)
-    try:
-        at = datetime.fromisoformat(value)
-    except ValueError:
-        raise typer.BadParameter(f"not an ISO 8601 time: {value!r}", param_hint="--at") from None
-    # A time without an offset is read as UTC (documents carry UTC timestamps).
-    return at.replace(tzinfo=UTC) if at.tzinfo is None else at
 
 
 def _bindings(doc: AttestationDocument) -> tuple[dict[str, Any] | None, str | None]:
@@ -145,7 +134,7 @@ def verify(
         ),
     ] = None,
     at: Annotated[
-        str | None, typer.Option("--at", help="Verification time, ISO 8601 (default: now, UTC).")
+        str | None, typer.Option("--at", help=f"Verification time, {AT_FORMAT} (default: now).")
     ] = None,
     expect_pcr: Annotated[
         list[str] | None,
@@ -158,7 +147,7 @@ def verify(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON object.")] = False,
 ) -> None:
     """Verify an attestation document: exit 0 valid, 1 invalid, 2 usage error."""
-    when = _parse_at(at)
+    when = utc_now() if at is None else parse_at(at)
     pcrs: dict[int, bytes] = {}
     for arg in expect_pcr or []:
         try:

@@ -25,7 +25,8 @@ import typer
 
 from nitrovault.audit import AuditReport, verify_audit
 from nitrovault.cli.attest_cmd import read_document
-from nitrovault.cli.receipt_cmd import _read_receipt, load_root_option, parse_at
+from nitrovault.cli.receipt_cmd import _read_receipt, at_or_document_time, load_root_option
+from nitrovault.cli.times import AT_FORMAT
 
 app = typer.Typer(no_args_is_help=True, help="Verify the enclave's audit log.")
 
@@ -62,7 +63,7 @@ def verify(
     root: Annotated[Path | None, typer.Option(
         "--root", exists=True, dir_okay=False,
         help="Trust root PEM (default: pinned AWS Nitro Root G1).")] = None,
-    at: Annotated[str | None, typer.Option("--at", help="Time to check the document at, ISO 8601 "
+    at: Annotated[str | None, typer.Option("--at", help=f"Time to check the document at, {AT_FORMAT} "
                                                         "(default: the document's timestamp).")] = None,
     live: Annotated[bool, typer.Option(
         "--live", help="The enclave is still running: accept a log without its final checkpoint "
@@ -77,7 +78,7 @@ def verify(
     document = read_document(attestation)
     receipt_files = _receipt_files(receipt or [])
     report = verify_audit(files, attestation_doc=document, root=load_root_option(root),
-                          at=parse_at(at, document), live=live,
+                          at=at_or_document_time(at, document), live=live,
                           receipts=[_read_receipt(path) for path in receipt_files])
     if as_json:
         bad = report.first_bad

@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 import nitrovault
+from nitrovault.cli.times import AT_FORMAT, parse_at
 from nitrovault.clock import utc_now
 from nitrovault.errors import NitrovaultError
 from nitrovault.local.measure import default_lock_file, measure_enclave
@@ -63,7 +64,7 @@ def attest(
     nonce: Annotated[str | None, typer.Option("--nonce", metavar="HEX", help="Nonce, hex.")] = None,
     module_id: Annotated[str, typer.Option("--module-id",
                                            help="Module id (i-...-enc...).")] = DEFAULT_MODULE_ID,
-    at: Annotated[str | None, typer.Option("--at", help="Document time, ISO 8601 with offset "
+    at: Annotated[str | None, typer.Option("--at", help=f"Document time, {AT_FORMAT} "
                                                         "(default: now).")] = None,
 ) -> None:
     """Write a local attestation document (real COSE_Sign1 format) signed by the fake Nitro PKI."""
@@ -80,12 +81,7 @@ def attest(
             raise typer.BadParameter(f"at most {MAX_AUX_LEN} bytes", param_hint="--nonce")
     clock = utc_now
     if at is not None:
-        try:
-            pinned = datetime.fromisoformat(at)
-        except ValueError:
-            raise typer.BadParameter("not an ISO 8601 time", param_hint="--at") from None
-        if pinned.tzinfo is None:
-            raise typer.BadParameter("give a UTC offset, e.g. 2025-01-01T00:00:00+00:00", param_hint="--at")
+        pinned = parse_at(at)
 
         def clock() -> datetime:
             return pinned

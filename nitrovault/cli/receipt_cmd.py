@@ -16,7 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -25,6 +25,8 @@ from cryptography import x509
 
 from nitrovault.attestation import load_root, parse_document
 from nitrovault.cli.attest_cmd import read_document
+from nitrovault.cli.times import AT_FORMAT, parse_at
+from nitrovault.clock import utc_now
 from nitrovault.errors import AttestationError, ConfigError, ReceiptError
 from nitrovault.receipts import verify_receipt
 
@@ -33,18 +35,14 @@ app = typer.Typer(no_args_is_help=True, help="Verify response receipts offline."
 ExistingFile = Annotated[Path, typer.Option(exists=True, dir_okay=False, readable=True)]
 
 
-def parse_at(value: str | None, document: bytes) -> datetime:
+def at_or_document_time(value: str | None, document: bytes) -> datetime:
     """``--at`` as an aware datetime; default: the document's own timestamp (or now if it does not parse)."""
-    if value is None:
-        try:
-            return parse_document(document).timestamp
-        except AttestationError:
-            return datetime.now(UTC)
+    if value is not None:
+        return parse_at(value)
     try:
-        at = datetime.fromisoformat(value)
-    except ValueError:
-        raise typer.BadParameter(f"not an ISO 8601 time: {value!r}", param_hint="--at") from None
-    return at.replace(tzinfo=UTC) if at.tzinfo is None else at
+        return parse_document(document).timestamp
+    except AttestationError:
+        return utc_now()
 
 
 def load_root_option(root: Path | None) -> x509.Certificate | None:
@@ -80,13 +78,13 @@ def verify(
     root: Annotated[Path | None, typer.Option(
         "--root", exists=True, dir_okay=False,
         help="Trust root PEM (default: pinned AWS Nitro Root G1).")] = None,
-    at: Annotated[str | None, typer.Option("--at", help="Time to check the document at, ISO 8601 "
+    at: Annotated[str | None, typer.Option("--at", help=f"Time to check the document at, {AT_FORMAT} "
                                                         "(default: the document's timestamp).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON object.")] = False,
 ) -> None:
     """Verify a receipt: exit 0 when it holds, 1 when not (saying why), 2 usage error."""
     document = read_document(attestation)
-    when = parse_at(at, document)
+    when = at_or_document_time(at, document)
     trust_root = load_root_option(root)
     try:
         verified = verify_receipt(_read_receipt(receipt), attestation_doc=document, root=trust_root, at=when,

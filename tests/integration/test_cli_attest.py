@@ -175,8 +175,10 @@ def test_custom_root(tmp_path: Path) -> None:
     root = tmp_path / "root.pem"
     root.write_bytes(pki.root.public_bytes(serialization.Encoding.PEM))
     assert _run(str(doc), "--at", "2025-03-01T12:00:00Z", "--root", str(root)).exit_code == 0
-    # a naive --at is read as UTC
-    assert _run(str(doc), "--at", "2025-03-01T12:00:00", "--root", str(root)).exit_code == 0
+    assert _run(str(doc), "--at", f"@{at.timestamp():.0f}", "--root", str(root)).exit_code == 0
+    # a naive --at is refused, not guessed (one rule for every command: nitrovault.cli.times)
+    naive = _run(str(doc), "--at", "2025-03-01T12:00:00", "--root", str(root))
+    assert naive.exit_code == 2 and "no UTC offset" in naive.output
     pinned = _run(str(doc), "--at", "2025-03-01T12:00:00Z")
     assert pinned.exit_code == 1 and pinned.stderr.startswith("invalid: root: ")
 

@@ -95,7 +95,8 @@ def test_dockerfile_has_every_property() -> None:
         ),
         ('"/etc/nitrovault/enclave.json"]', '"/tmp/enclave.json"]', "ENTRYPOINT"),
     ],
-    ids=["tag", "no-hashes", "copies-local", "not-pruned", "not-checked", "copies-unfiltered", "config-path", "entrypoint"],
+    ids=["tag", "no-hashes", "copies-local", "not-pruned", "not-checked", "copies-unfiltered", "config-path",
+         "entrypoint"],
 )
 def test_each_property_check_can_fail(old: str, new: str, problem: str) -> None:
     text = DOCKERFILE.read_text()
