@@ -303,8 +303,8 @@ def _embedding_lines(docs: list[str], keys: WatermarkKeys) -> Iterator[dict[str,
 
 def _embedding_hardening_lines(query_vectors: np.ndarray, doc_vectors: np.ndarray,
                                clean: dict[str, float]) -> Iterator[dict[str, Any]]:
-    """Retrieval quality when the service answers under an embedding hardening policy (issue 6: the
-    cost of each policy, measured). Both queries and documents are embedded by the service."""
+    """Retrieval quality when the service answers under an embedding hardening policy (the cost of
+    each policy, measured). Both queries and documents are embedded by the service."""
     from nitrovault.protection import HardeningPolicy
 
     settings: list[dict[str, Any]] = [

@@ -66,7 +66,7 @@ _DEFAULT_TIERS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
 
 @dataclass(frozen=True)
 class Ports:
-    """vsock ports (DESIGN.md): the parent is CID 3, the enclave serves inference on ``inference``."""
+    """vsock ports (docs/design.md): the parent is CID 3, the enclave serves inference on ``inference``."""
 
     #: CID of the parent instance (always 3 on Nitro).
     parent_cid: int = 3

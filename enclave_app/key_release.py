@@ -6,7 +6,7 @@
 3. Call KMS ``Decrypt`` with ``Recipient`` through boto3, naming the configured key (never the parent's
    choice) and the configured encryption context (checked against the sealed header first).
 4. Open the CMS envelope with the ephemeral key. The result is only trusted because the weights then pass
-   AEAD authentication under it (DESIGN.md, trust decisions).
+   AEAD authentication under it (docs/design.md, "Trust decisions").
 
 The ephemeral private key never leaves this process; the data key is returned as a ``bytearray`` so the
 caller can zero it as soon as the weights are unsealed.

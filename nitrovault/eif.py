@@ -1,6 +1,6 @@
 """Parse an enclave image file (``.eif``) and compute PCR0/1/2/8 as ``nitro-cli`` does. Pure.
 
-The format is aws/aws-nitro-enclaves-image-format (facts §5; ``src/defs/mod.rs``, ``eif_hasher.rs``,
+The format is aws/aws-nitro-enclaves-image-format (https://github.com/aws/aws-nitro-enclaves-image-format: ``src/defs/mod.rs``, ``eif_hasher.rs``,
 ``utils/eif_reader.rs``). Everything is big-endian:
 
 * a 548-byte header: ``magic ".eif"``, ``version u16``, ``flags u16`` (bit 0: aarch64), ``default_mem u64``,
@@ -21,8 +21,8 @@ Section headers, the metadata and the signature sections are in no PCR. The CRC 
 
 Invariants: reading never trusts an offset or a size (each is checked against the file length before it
 is used), sections are hashed in bounded chunks (EIFs are hundreds of MB), and every malformation is an
-:class:`~nitrovault.errors.EifError`. Hand-written because there is no Python EIF library; about the 40
-lines facts §5 predicted plus checks. The signature section's COSE signature is *not* verified here (PCR8
+:class:`~nitrovault.errors.EifError`. Hand-written because there is no Python EIF library; about 40
+lines of parsing plus checks. The signature section's COSE signature is *not* verified here (PCR8
 only measures which certificate signed; ``nitro-cli describe-eif`` verifies it).
 
 Example::
@@ -219,7 +219,7 @@ def eif_measurements(stream: BinaryIO) -> EifMeasurements:
     kinds = [s.type for s in sections]
     if SectionType.KERNEL not in kinds or SectionType.CMDLINE not in kinds or ramdisks == 0:
         raise EifError("EIF lacks a kernel, a cmdline or a ramdisk section")
-    if version >= 2 and crc != crc_expected:  # V2 introduced the CRC (facts §5)
+    if version >= 2 and crc != crc_expected:  # V2 introduced the CRC
         raise EifError("EIF CRC mismatch: the file is corrupt or was modified")
     pcrs = {0: extend(pcr0.digest()), 1: extend(pcr1.digest()), 2: extend(pcr2.digest())}
     if certificate is not None:

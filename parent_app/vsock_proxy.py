@@ -2,7 +2,7 @@
 
 The enclave reaches KMS through ``vsock-proxy`` on the parent (vsock ``(3, 8000)``), a raw TCP relay;
 TLS runs end to end from the enclave, so the parent cannot read or forge KMS answers (see
-``../shared/DESIGN.md``, "Trust decisions"). What the parent *can* decide is where the relay may go, and
+``docs/design.md``, "Trust decisions"). What the parent *can* decide is where the relay may go, and
 this module keeps that as narrow as possible.
 
 Invariants:

@@ -199,7 +199,7 @@ class LocalNsmDevice:
         cert, key = self._pki.issue_leaf(self._module_id, at)
         shown = sorted(set(range(BOOT_PCRS)) | self._locked)
         payload = cbor2.dumps({
-            # AWS's key order (facts §1.2); cbor2 keeps insertion order.
+            # the key order of AWS's documents; cbor2 keeps insertion order.
             "module_id": self._module_id,
             "digest": "SHA384",
             "timestamp": (at - _EPOCH) // timedelta(milliseconds=1),

@@ -1,4 +1,4 @@
-"""nitrovault.eif against EIF files built here per the format (facts §5), with PCRs computed independently.
+"""nitrovault.eif against EIF files built here per the format (aws-nitro-enclaves-image-format), with PCRs computed independently.
 
 The expectations below are written from the formulas in the facts file with hashlib directly (no helper
 from nitrovault.eif), so a misreading in the parser cannot cancel out in the test.
@@ -57,7 +57,7 @@ def self_signed_pem() -> bytes:
 def build_eif(
     sections: list[tuple[int, bytes]], *, version: int = 4, crc: int | None = None, flags: int = 0
 ) -> bytes:
-    """An EIF per facts §5: 548-byte big-endian header, then 12-byte section headers + data."""
+    """An EIF per the format: 548-byte big-endian header, then 12-byte section headers + data."""
     offsets, sizes, body = [], [], b""
     for kind, data in sections:
         offsets.append(548 + len(body))
