@@ -1,6 +1,6 @@
 """Parse an enclave image file (``.eif``) and compute PCR0/1/2/8 as ``nitro-cli`` does. Pure.
 
-The format is aws/aws-nitro-enclaves-image-format (https://github.com/aws/aws-nitro-enclaves-image-format: ``src/defs/mod.rs``, ``eif_hasher.rs``,
+The format is https://github.com/aws/aws-nitro-enclaves-image-format (``src/defs/mod.rs``, ``eif_hasher.rs``,
 ``utils/eif_reader.rs``). Everything is big-endian:
 
 * a 548-byte header: ``magic ".eif"``, ``version u16``, ``flags u16`` (bit 0: aarch64), ``default_mem u64``,

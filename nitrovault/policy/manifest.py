@@ -50,7 +50,8 @@ __all__ = [
 
 REQUIRED_PCRS = (0, 1, 2)
 OPTIONAL_PCRS = (3, 4, 8)
-#: PCRs that are all zeros in a debug-mode enclave (PCR3/PCR4 stay set in debug mode: AWS, "Cryptographic attestation").
+#: PCRs that are all zeros in a debug-mode enclave (PCR3/PCR4 stay set in debug mode: AWS,
+#: "Cryptographic attestation").
 DEBUG_ZERO_PCRS = (0, 1, 2, 8)
 PCR_LEN = 48
 

@@ -1,6 +1,7 @@
-"""nitrovault.eif against EIF files built here per the format (aws-nitro-enclaves-image-format), with PCRs computed independently.
+"""nitrovault.eif against EIF files built here per aws-nitro-enclaves-image-format, with PCRs computed
+independently.
 
-The expectations below are written from the formulas in the facts file with hashlib directly (no helper
+The expectations below are written from the format's formulas with hashlib directly (no helper
 from nitrovault.eif), so a misreading in the parser cannot cancel out in the test.
 """
 

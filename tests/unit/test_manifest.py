@@ -50,7 +50,7 @@ def test_minimal_manifest_has_only_pcrs() -> None:
 
 def test_debug_zeros_are_flagged_not_refused() -> None:
     m = parse_manifest({"pcrs": {"0": "00" * 48, "1": "00" * 48, "2": P[2], "3": "00" * 48}})
-    assert m.debug_pcrs == (0, 1) and m.is_debug  # PCR3 zeros are not a debug marker (AWS, "Cryptographic attestation")
+    assert m.debug_pcrs == (0, 1) and m.is_debug  # PCR3 zeros are no debug marker
     assert not parse_manifest({"pcrs": {"0": P[0], "1": P[1], "2": P[2], "3": "00" * 48}}).is_debug
 
 
