@@ -3,7 +3,7 @@
 When an enclave calls KMS with ``Recipient``, KMS does not return ``Plaintext``; it returns the
 plaintext encrypted to the RSA key from the attestation document, wrapped as CMS EnvelopedData:
 one KeyTransRecipientInfo with RSAES-OAEP (SHA-256, MGF1-SHA-256) key transport and AES-256-CBC
-content encryption with PKCS#7 padding (facts file §3.2; aws-nitro-enclaves-sdk-c ``source/cms.c``).
+content encryption with PKCS#7 padding (aws-nitro-enclaves-sdk-c ``source/cms.c``).
 
 Invariants of :func:`open_ciphertext_for_recipient` (and of :func:`parse_enveloped_data`, its pure
 parsing half):
@@ -24,7 +24,8 @@ parsing half):
 
 Why hand-written: pyca/cryptography's ``pkcs7_decrypt_*`` supports neither OAEP key transport nor a
 subjectKeyIdentifier rid and wants a certificate; its ``PKCS7EnvelopeBuilder`` emits only PKCS#1 v1.5
-(facts file §7). So asn1crypto parses (it reads BER) and cryptography supplies the primitives.
+(docs/design.md, "Environment decisions"). So asn1crypto parses (it reads BER) and cryptography
+supplies the primitives.
 
 Example::
 
@@ -297,7 +298,7 @@ def build_ciphertext_for_recipient(
 ) -> bytes:
     """Wrap ``plaintext`` for the holder of an RSA key the way real KMS does; return the BER bytes.
 
-    The layout copies the real KMS samples structure for structure (facts file §3.2)::
+    The layout copies the real KMS samples structure for structure::
 
         30 80  ContentInfo                               indefinite
           06 09 envelopedData

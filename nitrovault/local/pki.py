@@ -1,7 +1,8 @@
 """A local stand-in for the AWS Nitro Enclaves PKI: P-384 root -> intermediate -> short-lived leaf.
 
 The shapes mirror what real attestation documents carry (AWS, "Verifying the root of trust"), so the
-production verifier in ``nitrovault.attestation`` checks local documents with exactly the code path it uses for AWS ones:
+production verifier in ``nitrovault.attestation`` checks local documents with exactly the code path it
+uses for AWS ones:
 
 * root: self-signed P-384, 30 years, BasicConstraints CA (critical), KeyUsage keyCertSign+cRLSign
   (critical), SKI; ``CN=local.nitro-enclaves,OU=nitrovault-test,O=nitrovault,C=US``.
