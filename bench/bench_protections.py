@@ -17,13 +17,13 @@ every call once ``prada_min_samples`` rows were seen.
 from __future__ import annotations
 
 import itertools
-import statistics
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from bench.timing import p50_us
 from enclave_app.config import Access, EnclaveConfig
 from enclave_app.protections import CallRecord, Protections
 from nitrovault.owner.issuer import TokenIssuer
@@ -33,14 +33,7 @@ CALLS = 3000
 
 
 def _p50(fn: Callable[[], object], n: int = CALLS) -> float:
-    for _ in range(200):
-        fn()
-    samples = []
-    for _ in range(n):
-        started = time.perf_counter_ns()
-        fn()
-        samples.append(time.perf_counter_ns() - started)
-    return statistics.median(samples) / 1000
+    return p50_us(fn, n)
 
 
 def run() -> Iterator[dict[str, object]]:

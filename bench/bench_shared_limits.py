@@ -52,6 +52,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from safetensors import safe_open
 
+from bench.timing import p50_p99_us
 from enclave_app.config import Access, EnclaveConfig, Protection, StateStoreConfig
 from enclave_app.models import ModelHandler, load_handler
 from enclave_app.outputs import OutputGuard, SealedExtras
@@ -82,15 +83,7 @@ Check = Callable[[str], object]
 
 
 def _percentiles(fn: Callable[[], object], n: int = CALLS) -> tuple[float, float]:
-    for _ in range(100):
-        fn()
-    samples = []
-    for _ in range(n):
-        started = time.perf_counter_ns()
-        fn()
-        samples.append(time.perf_counter_ns() - started)
-    samples.sort()
-    return statistics.median(samples) / 1000, samples[int(len(samples) * 0.99)] / 1000
+    return p50_p99_us(fn, n, warmup=100)
 
 
 def _client(server: LocalStateStore, port: int, namespace: str) -> StateStore:
