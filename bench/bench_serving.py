@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from nitrovault.client import Expect, NitrovaultClient
 from nitrovault.local.homes import Paths
@@ -109,9 +109,7 @@ def _plain_load_s() -> float:
 def run() -> Iterator[dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="nv-bench-") as tmp:
         home = Path(tmp)
-        # LOCAL_TIERS is unannotated, so mypy infers dict[str, object]; its values are tier mappings
-        local_tiers = cast("dict[str, Mapping[str, Any]]", LOCAL_TIERS)
-        tiers: dict[str, Mapping[str, Any]] = {**local_tiers, "bench": {"rate_per_s": 1e6, "burst": 10**6}}
+        tiers: dict[str, Mapping[str, Any]] = {**LOCAL_TIERS, "bench": {"rate_per_s": 1e6, "burst": 10**6}}
         model = replace(demo_model(Paths(home)), tiers=tiers)
         stack = LocalStack(home, model=model, listen="127.0.0.1:50151", progress=TextProgress(sys.stderr))
         try:

@@ -5,6 +5,9 @@ each boundary exactly once: botocore errors become :class:`KeyReleaseError` in `
 domain errors become gRPC status codes in one table in the serving layer, and the sealed format has a
 single opaque failure (:class:`SealedModelError`) so that it is no decryption oracle.
 
+A subclass defined outside this module is drawn with its module in parentheses. The drawing is checked
+against the classes (``tests/unit/test_error_tree.py``): a new subclass must be drawn under its parent.
+
 ::
 
     NitrovaultError                      diagnostics() -> str, never secret material
@@ -18,12 +21,12 @@ single opaque failure (:class:`SealedModelError`) so that it is no decryption or
     │   ├── SignatureError                 step 6: the COSE signature does not verify
     │   ├── DebugModeError                 PCR0 is all zeros and unsafe_allow_debug was not set
     │   └── ExpectationError               a verified document is not the one the caller expects
-    │       ├── PCRMismatchError
-    │       ├── NonceMismatchError
-    │       ├── PublicKeyMismatchError
-    │       ├── UserDataMismatchError
-    │       ├── DocumentTooOldError
-    │       └── TlsBindingError            the document binds another TLS key than this connection's
+    │       ├── PCRMismatchError             a PCR is not the expected measurement
+    │       ├── NonceMismatchError           the nonce is not the one the caller sent
+    │       ├── PublicKeyMismatchError       ``public_key`` is not the expected key
+    │       ├── UserDataMismatchError        ``user_data`` is not the expected bytes
+    │       ├── DocumentTooOldError          the document is older than the caller's freshness bound
+    │       └── TlsBindingError              the document binds another TLS key than this connection's
     ├── EnvelopeError                    CMS (CiphertextForRecipient) could not be opened
     │   └── UnsupportedAlgorithmError      an algorithm other than RSAES-OAEP-SHA256 / AES-256-CBC
     ├── KeyReleaseError                  KMS refused or failed to release key material
@@ -31,8 +34,9 @@ single opaque failure (:class:`SealedModelError`) so that it is no decryption or
     │   ├── KeyNotFoundError               NotFoundException
     │   ├── KeyUnavailableError            DisabledException / KeyUnavailableException / pending deletion
     │   ├── InvalidCiphertextError         InvalidCiphertextException (bad blob or encryption context)
-    │   └── KmsTransportError              endpoint unreachable, throttled, 5xx
-    │       └── KmsTlsError                  KMS's TLS certificate did not verify (measured CA bundle)
+    │   ├── KmsTransportError              endpoint unreachable, throttled, 5xx
+    │   │   └── KmsTlsError                  KMS's TLS certificate did not verify (measured CA bundle)
+    │   └── SealedModelMismatchError       (enclave_app.key_release) not the model this enclave serves
     ├── SealedModelError                 the sealed model could not be opened (one opaque failure)
     │   ├── KeyCommitmentError             the header does not commit to this data key (format v2)
     │   └── LegacySealedFormatError        a version-1 (non-committing) file, refused by default
@@ -51,7 +55,17 @@ single opaque failure (:class:`SealedModelError`) so that it is no decryption or
     ├── TlsIdentityError                 a TLS identity or a server's TLS session is unusable
     ├── ClientError                      a nitrovault.client call failed (gRPC ``code`` name, ``details``)
     ├── ReceiptError                     a response receipt failed verification (``reason`` names the check)
-    └── AuditError                       an audit record was refused (raw inputs/outputs, bad value types)
+    ├── AuditError                       an audit record was refused (raw inputs/outputs, bad value types)
+    ├── TensorFormatError                (nitrovault.rpc.tensors) a wire tensor is malformed (dtype, shape)
+    ├── ModelLoadError                   (enclave_app.models.base) the unsealed tensors do not fit the handler
+    ├── UnsupportedCallError             (enclave_app.models.base) the model cannot serve this method
+    ├── InvalidInputError                (enclave_app.models.base) the caller's input does not fit the model
+    ├── GenerationError                  (enclave_app.models.causal_lm) no valid next-token distribution
+    ├── NotReadyError                    (enclave_app.status) no model or limits yet -> UNAVAILABLE
+    ├── OverloadedError                  (enclave_app.status) too many calls in flight -> RESOURCE_EXHAUSTED
+    ├── BootFailure                      (enclave_app.boot) boot failed at ``step`` (coarse, safe ``reason``)
+    ├── NitroCliError                    (parent_app.supervisor) nitro-cli failed or printed no/bad JSON
+    └── StackError                       (nitrovault.local.homes) the local stack's ``step`` failed
 """
 
 from __future__ import annotations

@@ -73,7 +73,7 @@ TLS_SERVER_NAME = "enclave.nitrovault.local"
 TLS_RENEW_BEFORE = timedelta(days=30)
 KMS_FORWARDER_PORT = 8443
 #: quota tiers of the local enclave config: a generous default, and small ones the tests select by claim
-LOCAL_TIERS = {
+LOCAL_TIERS: dict[str, dict[str, Any]] = {
     "default": {"rate_per_s": 500.0, "burst": 1000},
     "test-tiny": {"rate_per_s": 2.0, "burst": 1, "daily_requests": None, "daily_items": None},
     "test-daily": {"rate_per_s": 500.0, "burst": 1000, "daily_requests": 3, "daily_items": None},

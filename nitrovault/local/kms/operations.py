@@ -56,7 +56,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal, overload
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -145,6 +145,10 @@ def _finish_dry_run(dry_run: bool) -> None:
 # -- request decoding ----------------------------------------------------------------------------------
 
 
+@overload
+def _str(body: Mapping[str, Any], name: str, *, required: Literal[True]) -> str: ...
+@overload
+def _str(body: Mapping[str, Any], name: str, *, required: Literal[False] = False) -> str | None: ...
 def _str(body: Mapping[str, Any], name: str, *, required: bool = False) -> str | None:
     value = body.get(name)
     if value is None:
@@ -171,6 +175,10 @@ def _int(body: Mapping[str, Any], name: str, lo: int, hi: int) -> int | None:
     return value
 
 
+@overload
+def _blob(body: Mapping[str, Any], name: str, *, max_len: int, required: Literal[True] = True) -> bytes: ...
+@overload
+def _blob(body: Mapping[str, Any], name: str, *, max_len: int, required: Literal[False]) -> bytes | None: ...
 def _blob(body: Mapping[str, Any], name: str, *, max_len: int, required: bool = True) -> bytes | None:
     value = body.get(name)
     if value is None:
@@ -446,7 +454,6 @@ class Operations:
         if algorithm != RSAES_OAEP_SHA_256:
             raise _validation(f"KeyEncryptionAlgorithm must be {RSAES_OAEP_SHA_256}")
         document = _blob(value, "AttestationDocument", max_len=262144)
-        assert document is not None
         from nitrovault.attestation import Expectations, verify_document
 
         try:
@@ -608,7 +615,6 @@ class Operations:
 
     def _key_for(self, action: str, caller: Caller, body: Json) -> KeyRecord:
         key_ref = _str(body, "KeyId", required=True)
-        assert key_ref is not None
         record = self._resolve(caller, key_ref)
         self._authorise(action, caller, record)
         return record
@@ -619,7 +625,6 @@ class Operations:
     def create_alias(self, caller: Caller, body: Json) -> Json:
         name = _str(body, "AliasName", required=True)
         target = _str(body, "TargetKeyId", required=True)
-        assert name is not None and target is not None
         if not _ALIAS_RE.match(name) or name.startswith("alias/aws/"):
             raise _fault("InvalidAliasNameException", f"Alias name {name} is not valid.")
         record = self._resolve(caller, target, allow_alias=False)
@@ -638,7 +643,6 @@ class Operations:
         if body.get("PolicyName", "default") != "default":
             raise _validation("PolicyName must be 'default'")
         policy = _str(body, "Policy", required=True)
-        assert policy is not None
         record = self._key_for("kms:PutKeyPolicy", caller, body)
         self._not_pending(record)
         self.store.put(replace(record, policy=self._validate_policy(policy, caller)))
@@ -718,7 +722,6 @@ class Operations:
 
     def _source(self, caller: Caller, body: Json, key_field: str) -> tuple[KeyRecord, blob.ParsedBlob]:
         data = _blob(body, "CiphertextBlob", max_len=6144)
-        assert data is not None
         parsed = blob.parse(data)
         record = self.store.get(str(parsed.key_id))
         if record is not None and record.region != caller.region:
@@ -741,11 +744,9 @@ class Operations:
 
     def encrypt(self, caller: Caller, body: Json) -> Json:
         plaintext = _blob(body, "Plaintext", max_len=4096)
-        assert plaintext is not None
         context = _context(body)
         algorithm = _algorithm(body)
         key_ref = _str(body, "KeyId", required=True)
-        assert key_ref is not None
         dry_run = _dry_run(body)
         record = self._resolve(caller, key_ref)
         self._authorise("kms:Encrypt", caller, record, context=context)
@@ -775,7 +776,6 @@ class Operations:
         dry_run = _dry_run(body)
         source, parsed = self._source(caller, body, "SourceKeyId")
         dest_ref = _str(body, "DestinationKeyId", required=True)
-        assert dest_ref is not None
         dest = self._resolve(caller, dest_ref)
         self._authorise("kms:ReEncryptFrom", caller, source, context=source_context)
         self._authorise("kms:ReEncryptTo", caller, dest, context=dest_context)
@@ -801,7 +801,6 @@ class Operations:
             n = sizes[spec]
         assert n is not None
         key_ref = _str(body, "KeyId", required=True)
-        assert key_ref is not None
         dry_run = _dry_run(body)
         record = self._resolve(caller, key_ref)
         if with_recipient:
