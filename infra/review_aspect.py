@@ -4,7 +4,7 @@
 ``aws_kms.CfnKey`` that is a *model key* (every key with ``model_keys_only=False``, which is how
 :func:`infra.app.build_app` registers it) it resolves the key policy
 (``Stack.of(node).resolve(node.key_policy)``), renders the intrinsics that remain exactly as the template
-review does (:func:`nitrovault.policy.review.render_intrinsics`, with the stack's IAM roles, account and
+review does (:func:`nitrovault.policy.cfn.render_intrinsics`, with the stack's IAM roles, account and
 region), reviews it against the image's PCR manifest with :func:`nitrovault.policy.review.review_policy`,
 and annotates the key: ``add_error`` for findings at or above ``fail_on`` (default ``high``),
 ``add_warning_v2`` for the rest. ``python -m infra.app`` (``make synth``) refuses to write an assembly with
@@ -41,15 +41,9 @@ from constructs import IConstruct
 
 from infra.constructs.model_key import ModelKey
 from nitrovault.errors import NitrovaultError
+from nitrovault.policy.cfn import TemplateEnv, render_intrinsics
 from nitrovault.policy.manifest import PcrManifest
-from nitrovault.policy.review import (
-    SEVERITY_ORDER,
-    Finding,
-    KeyReview,
-    TemplateEnv,
-    render_intrinsics,
-    review_policy,
-)
+from nitrovault.policy.review import SEVERITY_ORDER, Finding, KeyReview, review_policy
 
 __all__ = ["MODEL_KEY_METADATA", "KeyPolicyReviewAspect", "is_model_key", "mark_model_key"]
 

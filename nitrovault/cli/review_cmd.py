@@ -18,7 +18,7 @@ Exit codes: **0** no finding reaches ``--fail-on`` (default ``high``; low < medi
 Why a hand-written YAML loader: PyYAML's safe loader refuses CloudFormation's short tags and
 ``cfn-flip``/``cfn-lint`` would be a heavy dependency for a dozen constructors; :class:`_CfnLoader` maps
 each tag to the long form (``!Ref X`` -> ``{"Ref": "X"}``, ``!GetAtt A.B`` -> ``{"Fn::GetAtt": ["A", "B"]}``),
-which :func:`~nitrovault.policy.review.render_intrinsics` then renders like a JSON template's.
+which :func:`~nitrovault.policy.cfn.render_intrinsics` then renders like a JSON template's.
 
 Why SARIF is built by hand: it is a fixed JSON shape (SARIF 2.1.0, OASIS); a SARIF library would add a
 dependency for one dict. :func:`to_sarif` is pure; a test validates it against the schema's required keys.

@@ -25,6 +25,7 @@ from nitrovault.policy.build import (
     logs_key_policy,
     store_key_policy,
 )
+from nitrovault.policy.cfn import render_text
 from parent_app.supervisor import Supervisor
 
 ROLE = f"arn:aws:iam::{ACCOUNT}:role/"
@@ -410,22 +411,9 @@ def test_restart_filter_reads_the_parent_log_group(synth: Synth) -> None:
 
 
 def _user_data(synth: Synth) -> str:
-    """The boot script, ``{"Ref": X}`` rendered as ``<Ref:X>`` (other tokens as ``<token>``)."""
-
-    def render(value: Any) -> str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, dict) and "Fn::Base64" in value:
-            return render(value["Fn::Base64"])
-        if isinstance(value, dict) and "Fn::Join" in value:
-            sep, parts = value["Fn::Join"]
-            return str(sep).join(render(p) for p in parts)
-        if isinstance(value, dict) and "Ref" in value:
-            return f"<Ref:{value['Ref']}>"
-        return "<token>"
-
+    """The boot script, ``{"Ref": X}`` rendered as ``<Ref:X>`` (``render_text``)."""
     (template,) = synth.of_type("AWS::EC2::LaunchTemplate").values()
-    return render(template["Properties"]["LaunchTemplateData"]["UserData"])
+    return render_text(template["Properties"]["LaunchTemplateData"]["UserData"])
 
 
 def _file(script: str, path: str) -> str:

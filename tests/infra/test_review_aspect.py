@@ -97,7 +97,7 @@ def test_synthesized_template_every_key_reviews_clean(synth: Synth) -> None:
 
 
 def test_policy_review_cli_on_cdk_out_exits_zero_with_no_finding(synth: Synth) -> None:
-    # the acceptance check, through the real CLI: every synthesized key, zero findings at any
+    # the deployment acceptance check, through the real CLI: every synthesized key, zero findings at any
     # severity (before the at-rest keys had their own policies this exited 3 on root delegation)
     result = CliRunner().invoke(
         cli_app,

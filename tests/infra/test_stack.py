@@ -17,6 +17,7 @@ from synth_context import ACCOUNT, REGION, SAMPLE_MANIFEST, Synth
 from infra.pcr_manifest import load_pcr_manifest
 from nitrovault.policy import build_request_context, evaluate_key_policy
 from nitrovault.policy.build import model_key_policy
+from nitrovault.policy.cfn import render_text
 
 CFN_LINT = Path(sys.executable).with_name("cfn-lint")
 MANIFEST = load_pcr_manifest(SAMPLE_MANIFEST)
@@ -44,18 +45,6 @@ def _logical_id(s: Synth, kind: str, **props: Any) -> str:
     ]
     assert len(found) == 1, found
     return found[0]
-
-
-def _joined(value: Any) -> str:
-    """The literal parts of a Fn::Join / Fn::Base64 (tokens become '<token>')."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, dict) and "Fn::Base64" in value:
-        return _joined(value["Fn::Base64"])
-    if isinstance(value, dict) and "Fn::Join" in value:
-        sep, parts = value["Fn::Join"]
-        return sep.join(_joined(p) for p in parts)
-    return "<token>"
 
 
 # -- model key --------------------------------------------------------------------------------------------
@@ -301,21 +290,8 @@ def test_instance_role_is_the_release_role_and_uses_ssm(synth: Synth) -> None:
 
 
 def _user_data(synth: Synth) -> str:
-    """The boot script with every ``{"Ref": X}`` rendered as ``<Ref:X>`` (other tokens: ``<token>``)."""
-
-    def render(value: Any) -> str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, dict) and "Fn::Base64" in value:
-            return render(value["Fn::Base64"])
-        if isinstance(value, dict) and "Fn::Join" in value:
-            sep, parts = value["Fn::Join"]
-            return str(sep).join(render(p) for p in parts)
-        if isinstance(value, dict) and "Ref" in value:
-            return f"<Ref:{value['Ref']}>"
-        return "<token>"
-
-    return render(_launch_template(synth)["UserData"])
+    """The boot script with every ``{"Ref": X}`` rendered as ``<Ref:X>`` (``render_text``)."""
+    return render_text(_launch_template(synth)["UserData"])
 
 
 def _heredoc_body(script: str, path: str) -> str:
@@ -625,7 +601,7 @@ def test_client_cidr_restricts_the_listener(tmp_path: Path) -> None:
 def test_vpc_endpoints_and_no_nat(synth: Synth) -> None:
     services = []
     for endpoint in synth.of_type("AWS::EC2::VPCEndpoint").values():
-        name = _joined(endpoint["Properties"]["ServiceName"])
+        name = render_text(endpoint["Properties"]["ServiceName"])
         services.append((name.rsplit(".", 1)[-1], endpoint["Properties"].get("VpcEndpointType")))
     assert sorted(services) == sorted(
         [

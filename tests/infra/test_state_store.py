@@ -18,6 +18,7 @@ from synth_context import ACCOUNT, BASE_CONTEXT, Synth
 
 from infra.constructs.state_store import DEFAULT_USER_ACCESS_STRING, ENCLAVE_ACCESS_STRING
 from nitrovault.errors import ConfigError
+from nitrovault.policy.cfn import render_text
 
 ROLE = f"arn:aws:iam::{ACCOUNT}:role/"
 HOST_ROLE = f"{ROLE}nitrovault-enclave-host"
@@ -31,26 +32,9 @@ def _one(s: Synth, kind: str) -> tuple[str, dict[str, Any]]:
     return found[0]
 
 
-def _render(value: Any) -> str:
-    """Fn::Base64 / Fn::Join rendered; ``Ref`` as ``<Ref:X>``, ``Fn::GetAtt`` as ``<GetAtt:X.Attr>``."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, dict) and "Fn::Base64" in value:
-        return _render(value["Fn::Base64"])
-    if isinstance(value, dict) and "Fn::Join" in value:
-        sep, parts = value["Fn::Join"]
-        return str(sep).join(_render(p) for p in parts)
-    if isinstance(value, dict) and "Ref" in value:
-        return f"<Ref:{value['Ref']}>"
-    if isinstance(value, dict) and "Fn::GetAtt" in value:
-        logical, attribute = value["Fn::GetAtt"]
-        return f"<GetAtt:{logical}.{attribute}>"
-    return "<token>"
-
-
 def _user_data(s: Synth) -> str:
     (template,) = s.of_type("AWS::EC2::LaunchTemplate").values()
-    return _render(template["Properties"]["LaunchTemplateData"]["UserData"])
+    return render_text(template["Properties"]["LaunchTemplateData"]["UserData"])
 
 
 def _endpoint(s: Synth) -> str:
@@ -189,9 +173,8 @@ def test_passwords_are_dynamic_references_to_the_generated_secrets(synth: Synth)
     ):
         (password,) = by_name[user_name]["AuthenticationMode"]["Passwords"]
         secret_id = secrets[secret_name][0]
-        assert (
-            _render(password) == f"{{{{resolve:secretsmanager:<Ref:{secret_id}>:SecretString:password::}}}}"
-        )
+        expected = f"{{{{resolve:secretsmanager:<Ref:{secret_id}>:SecretString:password::}}}}"
+        assert render_text(password) == expected
 
 
 # -- nobody but the owner reads the passwords; nobody uses IAM auth ---------------------------------------
@@ -235,7 +218,7 @@ def test_no_role_but_the_sealer_may_read_a_password_and_none_may_connect_with_ia
     # no role has a managed policy that could hand out either (only AWS's SSM and Lambda basics)
     for role in synth.of_type("AWS::IAM::Role").values():
         for arn in role["Properties"].get("ManagedPolicyArns", []):
-            text = arn["Fn::Sub"] if isinstance(arn, dict) and "Fn::Sub" in arn else _render(arn)
+            text = arn["Fn::Sub"] if isinstance(arn, dict) and "Fn::Sub" in arn else render_text(arn)
             assert text.rsplit("/", 1)[-1] in {
                 "AmazonSSMManagedInstanceCore",
                 "AWSLambdaBasicExecutionRole",
@@ -370,7 +353,7 @@ def test_state_store_off_leaves_no_store_and_a_kms_only_allowlist(tmp_path: Path
     template.resource_count_is("AWS::SecretsManager::Secret", 0)
     assert Annotations.from_stack(stack).find_error("*", Match.string_like_regexp("AwsSolutions-.*")) == []
     (lt,) = template.find_resources("AWS::EC2::LaunchTemplate").values()
-    script = _render(lt["Properties"]["LaunchTemplateData"]["UserData"])
+    script = render_text(lt["Properties"]["LaunchTemplateData"]["UserData"])
     assert "vsock-proxy-state-store" not in script and " 8002 " not in script
     allowlist = script.split("cat > /etc/nitro_enclaves/vsock-proxy.yaml <<'NITROVAULT_EOF'\n", 1)[1]
     assert (

@@ -172,7 +172,8 @@ def test_bare_account_id_is_root_delegation() -> None:
 
 
 def test_aws_documented_nitro_example_policy() -> None:
-    # AWS KMS Developer Guide, conditions-nitro-enclave.html (facts §3.3): ImageSha384 only.
+    # AWS KMS Developer Guide, ImageSha384 only:
+    # https://docs.aws.amazon.com/kms/latest/developerguide/conditions-nitro-enclave.html
     example = {
         "Version": "2012-10-17",
         "Statement": [
@@ -415,7 +416,7 @@ def test_every_rule_has_a_bad_policy_and_a_close_good_variant() -> None:
         "plaintext-without-attestation", "root-delegation", "wildcard-principal", "pcr-pattern-match",
         "pcr-malformed", "debug-pcr", "set-operator-misuse", "negated-element", "escalation",
         "manifest-mismatch", "context-unconstrained", "weak-binding",
-    )  # the vocabulary, verbatim
+    )  # the reviewer's fixed finding vocabulary, verbatim
     assert {r.category for r in RULES.values()} <= set(CATEGORIES)
 
 
@@ -425,6 +426,14 @@ def test_each_rule_fires_on_its_minimal_bad_policy(rule_id: str) -> None:
     assert rule_id in rules(review), [f.rule_id for f in review.findings]
     assert all(f.category == RULES[f.rule_id].category for f in review.findings)
     assert all(f.severity in SEVERITIES for f in review.findings)
+
+
+def test_every_finding_has_its_rules_severity_or_its_raised_one() -> None:
+    for rule_id, bad in BAD.items():
+        for f in review_policy(bad, manifest=BAD_MANIFEST.get(rule_id, MANIFEST)).findings:
+            rule = RULES[f.rule_id]
+            assert f.severity in (rule.severity, rule.raised), (f.rule_id, f.severity)
+    assert all(bool(r.raised) == bool(r.raised_when) for r in RULES.values())
 
 
 @pytest.mark.parametrize("rule_id", sorted(CLOSE))
@@ -633,7 +642,8 @@ def test_escalation_names_the_action_and_principal() -> None:
     assert finding.statement == "Extra"
 
 
-# -- AWS's documented example policies for Nitro Enclaves (facts §3.3) and the console defaults -----------
+# -- AWS's documented example policies for Nitro Enclaves and the console defaults ------------------------
+# https://docs.aws.amazon.com/kms/latest/developerguide/conditions-nitro-enclave.html
 
 
 def test_aws_archived_example_with_0x_values_is_pcr_malformed() -> None:
