@@ -38,6 +38,7 @@ IMAGE_ALLOWLIST: tuple[str, ...] = (
     "nitrovault/py.typed",
     "nitrovault/errors.py",
     "nitrovault/clock.py",
+    "nitrovault/subjects.py",
     "nitrovault/attestation.py",
     "nitrovault/data/aws_nitro_enclaves_root_g1.pem",
     "nitrovault/bindings.py",

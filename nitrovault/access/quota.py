@@ -34,7 +34,6 @@ Example::
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -42,6 +41,7 @@ from types import MappingProxyType
 
 from nitrovault.clock import Clock, utc_now
 from nitrovault.errors import ConfigError, PermissionDeniedError, QuotaExceededError
+from nitrovault.subjects import SubjectTable
 
 __all__ = ["QuotaLedger", "QuotaPolicy", "QuotaState", "QuotaTiers"]
 
@@ -120,12 +120,10 @@ class QuotaLedger:
     """Charges calls against per-subject quotas (see the module docstring for the guarantees)."""
 
     def __init__(self, policies: QuotaTiers, *, clock: Clock = utc_now, max_subjects: int = 10_000) -> None:
-        if max_subjects < 1:
-            raise ConfigError("max_subjects must be at least 1")
+        # LRU-bounded, ConfigError for max_subjects < 1; only used under self._lock
+        self._accounts: SubjectTable[_Account] = SubjectTable(max_subjects)
         self._policies = policies
         self._clock = clock
-        self._max = max_subjects
-        self._accounts: OrderedDict[str, _Account] = OrderedDict()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -139,7 +137,9 @@ class QuotaLedger:
         policy = self._policies.resolve(tier)
         now = self._clock().astimezone(UTC)
         with self._lock:
-            account = self._account(subject, policy, now)
+            # least recently charged evicted beyond max_subjects: starts fresh if it returns
+            account = self._accounts.get_or_create(
+                subject, lambda: _Account(tokens=float(policy.burst), last=now, day=now.date()))
             self._refill(account, policy, now)
             refusals: list[tuple[float, str]] = []
             if account.tokens < 1.0:
@@ -161,17 +161,6 @@ class QuotaLedger:
                 remaining_items=None if policy.daily_items is None else policy.daily_items - account.items,
                 tokens=account.tokens,
             )
-
-    def _account(self, subject: str, policy: QuotaPolicy, now: datetime) -> _Account:
-        account = self._accounts.get(subject)
-        if account is None:
-            account = _Account(tokens=float(policy.burst), last=now, day=now.date())
-            self._accounts[subject] = account
-            while len(self._accounts) > self._max:
-                self._accounts.popitem(last=False)  # least recently charged: starts fresh if it returns
-        else:
-            self._accounts.move_to_end(subject)
-        return account
 
     @staticmethod
     def _refill(account: _Account, policy: QuotaPolicy, now: datetime) -> None:

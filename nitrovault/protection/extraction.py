@@ -58,7 +58,7 @@ from __future__ import annotations
 import enum
 import math
 import threading
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -71,6 +71,7 @@ from scipy.cluster.vq import kmeans2
 
 from nitrovault.clock import Clock, utc_now
 from nitrovault.errors import AccessError, ConfigError, PermissionDeniedError, QuotaExceededError
+from nitrovault.subjects import SubjectTable
 
 __all__ = [
     "Action",
@@ -406,15 +407,14 @@ class ExtractionMonitor:
         refusals: SharedRefusals | None = None,
         aggregates: SharedAggregates | None = None,
     ) -> None:
-        if max_subjects < 1:
-            raise ConfigError("max_subjects must be at least 1")
+        # both LRU-bounded by max_subjects (ConfigError below 1) and only used under self._lock; blocks
+        # are kept apart so that evicting a subject's state does not lift its block
+        self._subjects: SubjectTable[_Subject] = SubjectTable(max_subjects)
+        self._blocks: SubjectTable[float] = SubjectTable(max_subjects)  # subject -> blocked until
         self.policy = policy or ExtractionPolicy()
         self._refusals = refusals
         self._aggregates = aggregates
         self._clock = clock
-        self._max = max_subjects
-        self._subjects: OrderedDict[str, _Subject] = OrderedDict()
-        self._blocks: OrderedDict[str, float] = OrderedDict()
         self._lock = threading.Lock()
         self._coverage: _Coverage | None = None
         if reference is not None:
@@ -437,36 +437,33 @@ class ExtractionMonitor:
         """Refuse a subject that is blocked (PermissionDeniedError) or throttled (QuotaExceededError)."""
         now = self._now()
         with self._lock:
-            until = self._blocks.get(subject)
+            until = self._blocks.peek(subject)
             if until is not None:
                 if now < until:
                     raise PermissionDeniedError("extraction-blocked")
-                del self._blocks[subject]
-            state = self._subjects.get(subject)
+                self._blocks.pop(subject)
+            state = self._subjects.peek(subject)
             if state is not None and now < state.refused_until:
                 raise QuotaExceededError("extraction-throttled", retry_after_s=state.refused_until - now)
         if self._refusals is not None:  # what any enclave decided, before this one restarted too
             self._refusals.admit(subject)
 
+    def _new_subject(self) -> _Subject:
+        p = self.policy
+        return _Subject(
+            prada=PradaDetector(p.prada_threshold, p.prada_min_samples, p.prada_feature,
+                                growing_max=p.growing_max, distances_max=p.distances_max,
+                                test_every=p.prada_test_every),
+            times=deque(maxlen=p.volume_max + 1),
+            recent=_Ring(p.dup_window),
+            buckets=deque(maxlen=p.coverage_window),
+            dup_flags=deque(maxlen=p.dup_window),
+        )
+
     def _state(self, subject: str) -> _Subject:
-        state = self._subjects.get(subject)
-        if state is None:
-            p = self.policy
-            state = _Subject(
-                prada=PradaDetector(p.prada_threshold, p.prada_min_samples, p.prada_feature,
-                                    growing_max=p.growing_max, distances_max=p.distances_max,
-                                    test_every=p.prada_test_every),
-                times=deque(maxlen=p.volume_max + 1),
-                recent=_Ring(p.dup_window),
-                buckets=deque(maxlen=p.coverage_window),
-                dup_flags=deque(maxlen=p.dup_window),
-            )
-            self._subjects[subject] = state
-            while len(self._subjects) > self._max:
-                self._subjects.popitem(last=False)
-        else:
-            self._subjects.move_to_end(subject)
-        return state
+        """The subject's state, now the most recently seen (the least recently seen is evicted beyond
+        ``max_subjects`` and starts over)."""
+        return self._subjects.get_or_create(subject, self._new_subject)
 
     def observe(self, subject: str, inputs: npt.ArrayLike, labels: npt.ArrayLike) -> Decision:
         """Account one answered call: ``inputs`` [batch, ...] and the model's arg-max ``labels`` [batch]."""
@@ -509,10 +506,9 @@ class ExtractionMonitor:
         refused_for: float | None = None
         with self._lock:
             if action is Action.BLOCK:
-                self._blocks[subject] = now + p.block_s
-                self._blocks.move_to_end(subject)
-                while len(self._blocks) > self._max:
-                    self._blocks.popitem(last=False)
+                # beyond max_subjects the least recently set block is dropped: with one block_s, the
+                # one that ends first
+                self._blocks.put(subject, now + p.block_s)
                 refused_for = p.block_s
             elif action is Action.THROTTLE:
                 self._state(subject).refused_until = now + p.throttle_s

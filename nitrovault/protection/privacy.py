@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import math
 import threading
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -68,6 +67,7 @@ import numpy.typing as npt
 
 from nitrovault.clock import Clock, utc_now
 from nitrovault.errors import ConfigError, QuotaExceededError
+from nitrovault.subjects import SubjectTable
 
 __all__ = ["BudgetPolicy", "BudgetState", "PrivacyBudget", "PrivacyMechanism"]
 
@@ -233,12 +233,10 @@ class PrivacyBudget:
     """Per-subject (ε, δ) budgets, refilled every period (see the module docstring for the guarantees)."""
 
     def __init__(self, policy: BudgetPolicy, *, clock: Clock = utc_now, max_subjects: int = 10_000) -> None:
-        if max_subjects < 1:
-            raise ConfigError("max_subjects must be at least 1")
+        # LRU-bounded, ConfigError for max_subjects < 1; only used under self._lock
+        self._spent: SubjectTable[_Spent] = SubjectTable(max_subjects)
         self._policy = policy
         self._clock = clock
-        self._max = max_subjects
-        self._spent: OrderedDict[str, _Spent] = OrderedDict()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -263,7 +261,7 @@ class PrivacyBudget:
         """The subject's budget left in the current period (does not count as use for LRU)."""
         period, refill_in = self._now()
         with self._lock:
-            spent = self._spent.get(subject)
+            spent = self._spent.peek(subject)
             return self._state(spent if spent is not None and spent.period >= period else None, refill_in)
 
     def spend(self, subject: str, epsilon: float, delta: float = 0.0) -> BudgetState:
@@ -272,14 +270,8 @@ class PrivacyBudget:
             raise ValueError("epsilon must be >= 0 and delta within [0, 1)")
         period, refill_in = self._now()
         with self._lock:
-            spent = self._spent.get(subject)
-            if spent is None:
-                spent = _Spent(period=period)
-                self._spent[subject] = spent
-                while len(self._spent) > self._max:
-                    self._spent.popitem(last=False)  # least recently charged starts over with a full budget
-            else:
-                self._spent.move_to_end(subject)
+            # the least recently charged is evicted beyond max_subjects and starts over with a full budget
+            spent = self._spent.get_or_create(subject, lambda: _Spent(period=period))
             if period > spent.period:  # a new period (a clock step back keeps the old one: no refill)
                 spent.period, spent.epsilon, spent.one_minus_delta = period, 0.0, 1.0
             new_eps = spent.epsilon + epsilon
