@@ -55,6 +55,7 @@ import nitrovault
 from enclave_app.server import InferenceService
 from nitrovault.cli import app, client_cmd
 from nitrovault.client import Expect, ModelInfo, NitrovaultClient, ServingLimits
+from nitrovault.clock import utc_now
 from nitrovault.errors import (
     ClientError,
     ConfigError,
@@ -335,7 +336,7 @@ def broken(request: pytest.FixtureRequest, server: ServerThread, recorded: Recor
                       [*cli[:-1], str(other_root.root_path)], UntrustedRootError, step)
     elif step == "freshness":
         case = Broken(target, expect_for(root), cli, DocumentTooOldError, step,
-                      clock=lambda: datetime.now(UTC) + timedelta(minutes=30))
+                      clock=lambda: utc_now() + timedelta(minutes=30))
     elif step == "nonce":  # a relay answering Attest with a document it captured earlier
         captured = genuine_attest(server, b"an earlier client's nonce".ljust(32, b"\0"))
         impostor = impostors(IDENTITY, lambda nonce: captured)

@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from fakes import WAIT_S, wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -189,6 +190,74 @@ class SlowHandler:
             self.calls += 1
 
 
+class GatedHandler:
+    """Every call's work blocks until :meth:`release`, so a test decides how long the model is busy and
+    asserts on the server while the work is provably unfinished. ``calls`` counts the calls whose work
+    started, ``finished`` the ones that returned."""
+
+    kind = "test-gated"
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.finished = 0
+        self._gate = threading.Event()
+        self._changed = threading.Condition()
+
+    def warm_up(self) -> None:
+        pass
+
+    def embed(self, texts: Sequence[str], *, normalize: bool) -> np.ndarray:
+        self._work()
+        return np.ones((len(texts), 4), np.float32)
+
+    def infer(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self._work()
+        return {"y": inputs["x"] * 2}
+
+    def release(self) -> None:
+        self._gate.set()
+
+    def wait_for_calls(self, n: int) -> None:
+        with self._changed:
+            if not self._changed.wait_for(lambda: self.calls >= n, WAIT_S):
+                pytest.fail(f"timed out after {WAIT_S:g}s waiting for {n} model call(s) to start "
+                            f"(saw {self.calls})")
+
+    def _work(self) -> None:
+        with self._changed:
+            self.calls += 1
+            self._changed.notify_all()
+        # Longer than any call's own timeout in these tests: a server that waits for this work is caught
+        # by the assertion on the call, not by this safety net (which only frees a forgotten worker).
+        if not self._gate.wait(2 * WAIT_S):
+            raise TimeoutError("the test never released the gated work")
+        with self._changed:
+            self.finished += 1
+            self._changed.notify_all()
+
+
+def in_flight(server: ServerThread) -> int:
+    """Calls the server holds an admission slot for (its admission counter; no RPC reports it)."""
+    return server.server.service._admitted
+
+
+def watch_cancellations(server: ServerThread) -> threading.Event:
+    """An event set once the server has seen one of its model calls cancelled (its caller gave up)."""
+    service = server.server.service
+    original = service._run
+    seen = threading.Event()
+
+    async def spy(context: grpc.aio.ServicerContext, fn: Callable[[], T]) -> T:
+        try:
+            return await original(context, fn)
+        except asyncio.CancelledError:
+            seen.set()
+            raise
+
+    service._run = spy  # type: ignore[method-assign]
+    return seen
+
+
 SECRET_TEXT = "db password is hunter2 at 0xdeadbeef"
 
 
@@ -215,6 +284,16 @@ def pki_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def nsm(pki_dir: Path) -> Nsm:
     return make_local_nsm(pki_dir, PCRS)
+
+
+@pytest.fixture
+def gated() -> Iterator[GatedHandler]:
+    """A :class:`GatedHandler`, released when the test ends (before the servers stop) whatever happened."""
+    handler = GatedHandler()
+    try:
+        yield handler
+    finally:
+        handler.release()
 
 
 @pytest.fixture
@@ -519,12 +598,18 @@ def test_embed_on_a_classifier_is_unimplemented(servers: Servers, channel_for: A
 # -- admission, deadlines, internal errors -------------------------------------------------------------------
 
 
-def test_a_full_queue_answers_resource_exhausted_at_once(servers: Servers, channel_for: Any) -> None:
-    handler = SlowHandler(delay=0.6)
-    stub = stub_for(channel_for(servers.start(handler, workers=1, queue_depth=1)))
-    started = time.monotonic()
-    futures = [stub.Infer.future(infer_request(x_tensor()), timeout=10) for _ in range(5)]
-    rejected_after: list[float] = []
+def test_a_full_queue_answers_resource_exhausted_at_once(
+    servers: Servers, channel_for: Any, gated: GatedHandler
+) -> None:
+    stub = stub_for(channel_for(servers.start(gated, workers=1, queue_depth=1)))
+    futures = [stub.Infer.future(infer_request(x_tensor()), timeout=WAIT_S) for _ in range(5)]
+    # "At once": the calls beyond capacity are answered while the admitted work is still held.
+    wait_until(lambda: sum(f.done() for f in futures) >= 3, what="the calls beyond capacity to be answered")
+    answered_while_busy = [f for f in futures if f.done()]
+    assert len(answered_while_busy) == 3
+    assert gated.finished == 0
+    gated.release()
+    rejected: list[grpc.Future] = []
     succeeded = 0
     for future in futures:
         try:
@@ -533,63 +618,75 @@ def test_a_full_queue_answers_resource_exhausted_at_once(servers: Servers, chann
         except grpc.RpcError as err:
             assert err.code() == SC.RESOURCE_EXHAUSTED
             assert err.details() == "too many requests in flight; retry later"
-            rejected_after.append(time.monotonic() - started)
+            rejected.append(future)
     assert succeeded == 2  # capacity = workers + queue_depth
-    assert len(rejected_after) == 3
-    assert handler.calls == 2
+    assert len(rejected) == 3
+    assert rejected == answered_while_busy
+    assert gated.calls == 2
     # The slots are free again once the admitted calls are done.
     assert stub.Infer(infer_request(x_tensor()), timeout=10).outputs.tensors[0].name == "y"
 
 
-def test_rejections_do_not_wait_for_the_queue(servers: Servers, channel_for: Any) -> None:
-    handler = SlowHandler(delay=1.0)
-    stub = stub_for(channel_for(servers.start(handler, workers=1, queue_depth=0)))
-    busy = stub.Infer.future(infer_request(x_tensor()), timeout=10)
-    while handler.calls == 0:
-        time.sleep(0.01)
-    started = time.monotonic()
-    err = rpc_error(lambda: stub.Infer(infer_request(x_tensor()), timeout=10))
+def test_rejections_do_not_wait_for_the_queue(
+    servers: Servers, channel_for: Any, gated: GatedHandler
+) -> None:
+    stub = stub_for(channel_for(servers.start(gated, workers=1, queue_depth=0)))
+    busy = stub.Infer.future(infer_request(x_tensor()), timeout=WAIT_S)
+    gated.wait_for_calls(1)
+    err = rpc_error(lambda: stub.Infer(infer_request(x_tensor()), timeout=WAIT_S))
     assert err.code() == SC.RESOURCE_EXHAUSTED
-    assert time.monotonic() - started < 0.5
+    assert gated.finished == 0  # refused while the only worker is still busy: it did not wait for it
+    gated.release()
     busy.result()
 
 
-def test_a_deadline_shorter_than_the_work_is_deadline_exceeded(servers: Servers, channel_for: Any) -> None:
-    handler = SlowHandler(delay=1.0)
-    stub = stub_for(channel_for(servers.start(handler)))
-    started = time.monotonic()
+def test_a_deadline_shorter_than_the_work_is_deadline_exceeded(
+    servers: Servers, channel_for: Any, gated: GatedHandler
+) -> None:
+    stub = stub_for(channel_for(servers.start(gated)))
     err = rpc_error(lambda: stub.Infer(infer_request(x_tensor()), timeout=0.2))
     assert err.code() == SC.DEADLINE_EXCEEDED
-    assert time.monotonic() - started < 0.8
+    assert gated.finished == 0  # answered at the deadline, while the work is still held
 
 
-def test_a_queued_call_past_its_deadline_is_not_run(servers: Servers, channel_for: Any) -> None:
-    handler = SlowHandler(delay=0.6)
-    stub = stub_for(channel_for(servers.start(handler, workers=1, queue_depth=2)))
-    first = stub.Infer.future(infer_request(x_tensor()), timeout=10)
-    while handler.calls == 0:
-        time.sleep(0.01)
+def test_a_queued_call_past_its_deadline_is_not_run(
+    servers: Servers, channel_for: Any, gated: GatedHandler
+) -> None:
+    server = servers.start(gated, workers=1, queue_depth=2)
+    stub = stub_for(channel_for(server))
+    first = stub.Infer.future(infer_request(x_tensor()), timeout=WAIT_S)
+    gated.wait_for_calls(1)
     err = rpc_error(lambda: stub.Infer(infer_request(x_tensor()), timeout=0.2))
     assert err.code() == SC.DEADLINE_EXCEEDED
+    gated.release()
     first.result()
-    time.sleep(0.2)
-    assert handler.calls == 1
+    # Both calls are settled (the first ran, the queued one was dropped or skipped) once no slot is held.
+    wait_until(lambda: in_flight(server) == 0, what="the queued call to be settled")
+    assert gated.calls == 1
     assert stub.Infer(infer_request(x_tensor()), timeout=10).outputs.tensors[0].name == "y"
 
 
-def test_an_abandoned_call_keeps_its_slot_while_its_work_runs(servers: Servers, channel_for: Any) -> None:
+def test_an_abandoned_call_keeps_its_slot_while_its_work_runs(
+    servers: Servers, channel_for: Any, gated: GatedHandler
+) -> None:
     """Admission counts model work, not waiting callers: a worker still busy for a caller that gave up
     is not free, so the next call beyond capacity is refused instead of queueing past the bound."""
-    handler = SlowHandler(delay=0.8)
-    stub = stub_for(channel_for(servers.start(handler, workers=1, queue_depth=0)))
-    err = rpc_error(lambda: stub.Infer(infer_request(x_tensor()), timeout=0.2))
-    assert err.code() == SC.DEADLINE_EXCEEDED
-    time.sleep(0.1)  # let the server see the cancellation
+    server = servers.start(gated, workers=1, queue_depth=0)
+    cancelled = watch_cancellations(server)
+    stub = stub_for(channel_for(server))
+    # The caller gives up once its work has started (a cancel, not a deadline: no race with the start);
+    # the work then runs until released.
+    abandoned = stub.Infer.future(infer_request(x_tensor()), timeout=WAIT_S)
+    gated.wait_for_calls(1)
+    assert abandoned.cancel()
+    assert abandoned.cancelled()
+    assert cancelled.wait(WAIT_S), "the server never saw the abandoned call cancelled"
     refused = rpc_error(lambda: stub.Infer(infer_request(x_tensor()), timeout=10))
     assert refused.code() == SC.RESOURCE_EXHAUSTED
-    time.sleep(0.8)  # the abandoned work ends and gives the slot back
+    gated.release()  # the abandoned work ends and gives the slot back
+    wait_until(lambda: in_flight(server) == 0, what="the abandoned work to give its slot back")
     assert stub.Infer(infer_request(x_tensor()), timeout=10).outputs.tensors[0].name == "y"
-    assert handler.calls == 2
+    assert gated.calls == 2
 
 
 def test_an_unexpected_error_is_internal_with_a_correlation_id_only(

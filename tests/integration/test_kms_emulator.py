@@ -11,8 +11,8 @@ import stat
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import botocore.auth
 import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
+from fakes import FakeClock
 
 from nitrovault.local.kms import KmsEmulator, parse_principals
 
@@ -37,19 +38,9 @@ PRINCIPALS = {
 
 
 @dataclass
-class Clock:
-    """Real time plus a shift, shared by the emulator and botocore's signer (so SigV4 stays fresh)."""
-
-    shift: timedelta = field(default_factory=timedelta)
-
-    def __call__(self) -> datetime:
-        return datetime.now(UTC) + self.shift
-
-
-@dataclass
 class Kms:
     state_dir: Path
-    clock: Clock
+    clock: FakeClock  # shared by the emulator and botocore's signer (so SigV4 agrees with the emulator)
     audit: list[dict[str, Any]]
     emulator: KmsEmulator
     url: str
@@ -74,7 +65,7 @@ def make_emulator(state_dir: Path, clock: Callable[[], datetime], audit: list[di
 
 @pytest.fixture
 def kms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Kms]:
-    clock = Clock()
+    clock = FakeClock()
     monkeypatch.setattr(botocore.auth, "get_current_datetime",
                         lambda remove_tzinfo=True: clock().replace(tzinfo=None))
     audit: list[dict[str, Any]] = []
@@ -346,7 +337,7 @@ def test_deletion_happens_when_the_window_ends(kms: Kms) -> None:
     key = c.create_key()["KeyMetadata"]["KeyId"]
     c.create_alias(AliasName="alias/doomed", TargetKeyId=key)
     c.schedule_key_deletion(KeyId=key, PendingWindowInDays=7)
-    kms.clock.shift = timedelta(days=7, minutes=1)
+    kms.clock.advance(timedelta(days=7, minutes=1))
     with pytest.raises(ClientError) as exc:
         c.describe_key(KeyId=key)
     assert error_code(exc) == "NotFoundException"
@@ -362,7 +353,7 @@ def test_rotation_keeps_old_blobs_decryptable(kms: Kms) -> None:
     after = c.encrypt(KeyId=key, Plaintext=b"new")["CiphertextBlob"]
     assert before[17:21] == (0).to_bytes(4, "big") and after[17:21] == (1).to_bytes(4, "big")
     c.enable_key_rotation(KeyId=key, RotationPeriodInDays=90)
-    kms.clock.shift = timedelta(days=91)  # automatic rotation is due
+    kms.clock.advance(timedelta(days=91))  # automatic rotation is due
     latest = c.encrypt(KeyId=key, Plaintext=b"newest")["CiphertextBlob"]
     assert latest[17:21] == (2).to_bytes(4, "big")
     for blob, plain in ((before, b"old"), (after, b"new"), (latest, b"newest")):

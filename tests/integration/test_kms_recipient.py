@@ -11,7 +11,7 @@ import json
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from botocore.exceptions import ClientError
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from nitrovault.clock import utc_now
 from nitrovault.kms import RecipientKey, open_ciphertext_for_recipient
 from nitrovault.local.kms import KmsEmulator, parse_principals
 from nitrovault.local.nsm import LocalNsmDevice
@@ -56,7 +57,7 @@ def recipient_key() -> RecipientKey:
 def document(pki: LocalPki, key: RecipientKey | None, *, pcrs: dict[int, bytes] = GOOD_PCRS,
              age: timedelta = timedelta(0), module_id: str = MODULE_ID) -> bytes:
     def clock() -> datetime:
-        return datetime.now(UTC) - age
+        return utc_now() - age
 
     nsm = Nsm(LocalNsmDevice(pki, pcrs=pcrs, module_id=module_id, clock=clock))
     return nsm.attestation(public_key=key.public_key_der if key is not None else None)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -20,9 +19,11 @@ import grpc
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from fakes import wait_until
 from typer.testing import CliRunner
 
 from nitrovault.cli import app
+from nitrovault.clock import utc_now
 from nitrovault.errors import ClientError
 from nitrovault.local.nsm import LocalNsmDevice
 from nitrovault.local.pki import LocalPki
@@ -45,7 +46,7 @@ def _issuer(stack: LocalStack, *, issuer: str | None = None, audience: str | Non
     assert isinstance(key, ed25519.Ed25519PrivateKey)
     kid = "not-a-baked-kid" if new_key else meta["kid"]
     return TokenIssuer(key, kid, issuer or meta["issuer"], audience or meta["audience"],
-                       clock=(lambda: at) if at is not None else (lambda: datetime.now(UTC)))
+                       clock=(lambda: at) if at is not None else utc_now)
 
 
 def _forged(token: str) -> str:
@@ -59,15 +60,6 @@ def _audit_entries(stack: LocalStack) -> list[dict[str, object]]:
     assert folder is not None
     files = sorted(folder.glob("audit-*.jsonl"))
     return [json.loads(line) for f in files for line in f.read_text().splitlines()]
-
-
-def _wait_for(predicate: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return
-        time.sleep(0.2)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 def test_bad_tokens_are_unauthenticated_and_audited_with_their_reason(stack: LocalStack) -> None:
@@ -92,7 +84,7 @@ def test_bad_tokens_are_unauthenticated_and_audited_with_their_reason(stack: Loc
     def reasons() -> set[object]:
         return {e["body"].get("reason") for e in _audit_entries(stack)}  # type: ignore[union-attr]
 
-    _wait_for(lambda: {"missing-token", *bad} <= reasons(), 10, "the refusals in the audit log")
+    wait_until(lambda: {"missing-token", *bad} <= reasons(), what="the refusals in the audit log")
     records = [e["body"] for e in _audit_entries(stack) if e["kind"] == "record"]
     assert all("texts" not in json.dumps(r) and "who am I" not in json.dumps(r) for r in records)
 
@@ -116,8 +108,17 @@ def test_quota_exhaustion_gives_retry_after_then_refills(stack: LocalStack) -> N
         assert exhausted.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert exhausted.value.details() == "quota exceeded"
         assert dict(exhausted.value.trailing_metadata())["retry-after"] == "1"
-        time.sleep(0.6)
-        assert stub.Embed(pb.EmbedRequest(texts=["three"]), metadata=metadata, timeout=30).embeddings.shape
+
+        def refilled() -> pb.EmbedResponse | None:
+            """The call once the bucket has a token again (real time must pass: the stack's own clock)."""
+            try:
+                return stub.Embed(pb.EmbedRequest(texts=["three"]), metadata=metadata, timeout=30)
+            except grpc.RpcError as still:
+                assert still.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert still.details() == "quota exceeded"
+                return None  # a refused call takes no token: retrying does not delay the refill
+
+        assert wait_until(refilled, what="the tiny tier's bucket to refill", interval=0.05).embeddings.shape
     with stack.client(stack.token("other-user"), timeout=30) as other:
         assert other.embed(["others are not affected"]).shape == (1, 384)
 
@@ -178,7 +179,8 @@ def test_the_parents_audit_log_verifies_and_tampering_is_found(stack: LocalStack
     for pid in pids:
         os.kill(pid, signal.SIGTERM)  # graceful: the enclave writes its final checkpoint
     files = lambda: sorted(folder.glob("audit-*.jsonl"))  # noqa: E731
-    _wait_for(lambda: '"final":true' in files()[-1].read_text().splitlines()[-1], 20, "the final checkpoint")
+    wait_until(lambda: '"final":true' in files()[-1].read_text().splitlines()[-1],
+               what="the final checkpoint")
 
     root = str(stack.paths.pki / "root.pem")
     verify = ["audit", "verify", "--attestation", str(doc), "--root", root]
@@ -210,6 +212,6 @@ def test_the_parents_audit_log_verifies_and_tampering_is_found(stack: LocalStack
         except ClientError:
             return False
 
-    _wait_for(serving, 90, "the enclave to serve again")
+    wait_until(serving, what="the enclave to serve again", timeout=90, interval=0.2)
     # a new boot has a new audit folder; its first lines reach the parent after the call that made them
-    _wait_for(lambda: stack.current_audit_dir() != folder, 20, "the new boot's audit folder")
+    wait_until(lambda: stack.current_audit_dir() != folder, what="the new boot's audit folder")

@@ -25,8 +25,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from fakes import wait_until
 from sklearn.datasets import load_digits
 from typer.testing import CliRunner
 
@@ -92,20 +92,11 @@ def _audit_bodies(stack: LocalStack) -> list[dict[str, Any]]:
     return [json.loads(line)["body"] for line in lines if json.loads(line)["kind"] == "record"]
 
 
-def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    pytest.fail(f"timed out waiting for {what}")
-
-
 def _records_of(stack: LocalStack, subject: str, n: int) -> list[dict[str, Any]]:
     def mine() -> list[dict[str, Any]]:
         return [r for r in _audit_bodies(stack) if r["subject"] == subject and r["method"] == "Infer"]
 
-    _wait_for(lambda: len(mine()) >= n, 10, f"{n} audit records of {subject}")
+    wait_until(lambda: len(mine()) >= n, what=f"{n} audit records of {subject}")
     return mine()
 
 
@@ -261,7 +252,8 @@ def test_the_audit_log_with_the_refusals_verifies(
     def files() -> list[Path]:
         return sorted(folder.glob("audit-*.jsonl"))
 
-    _wait_for(lambda: '"final":true' in files()[-1].read_text().splitlines()[-1], 20, "the final checkpoint")
+    wait_until(lambda: '"final":true' in files()[-1].read_text().splitlines()[-1],
+               what="the final checkpoint")
     result = runner.invoke(app, ["audit", "verify", "--attestation", str(document),
                                  "--root", str(stack.paths.pki / "root.pem"), *map(str, files())])
     assert result.exit_code == 0, result.output

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_relay import run, until
+from fakes import until
+from test_relay import run
 
 from nitrovault.errors import ConfigError
 from nitrovault.local.vsock import LocalVsockMap
@@ -58,9 +59,12 @@ async def closed_by_peer(r: asyncio.StreamReader, timeout: float = 10.0) -> bool
 
 
 async def health_becomes(address: TcpAddress, code: int) -> None:
-    """Poll ``GET /health`` until it answers ``code`` (bounded by :func:`run`'s timeout)."""
-    while (await get(address, health_request()))[0] != code:
-        await asyncio.sleep(0.01)
+    """Poll ``GET /health`` until it answers ``code`` (a wait on the answer, bounded by :func:`until`)."""
+
+    async def answers() -> bool:
+        return (await get(address, health_request()))[0] == code
+
+    await until(answers, what=f"GET /health to answer {code}")
 
 
 def health_request(path: str = "/health", method: str = "GET") -> bytes:
@@ -346,11 +350,13 @@ def test_parent_relays_tls_to_the_enclave_port_and_health_follows_the_enclave(
         stop = asyncio.Event()
         parent = asyncio.create_task(run_parent(config, mapping=vmap, stop=stop))
         try:
-            await until(lambda: printed(r"parent listening on (\S+):(\d+)") is not None)
+            await until(lambda: printed(r"parent listening on (\S+):(\d+)") is not None,
+                        what="the parent's listening line")
             listening = printed(r"parent listening on (\S+):(\d+)")
             assert listening is not None
             public = TcpAddress(listening.group(1), int(listening.group(2)))
-            await until(lambda: logged(r"health endpoint on (\S+):(\d+)") is not None)
+            await until(lambda: logged(r"health endpoint on (\S+):(\d+)") is not None,
+                        what="the health endpoint's log line")
             found = logged(r"health endpoint on (\S+):(\d+)")
             assert found is not None
             health = TcpAddress(found.group(1), int(found.group(2)))

@@ -26,6 +26,7 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
+from fakes import until
 
 from nitrovault.errors import ConfigError
 from nitrovault.local.vsock import LocalVsockMap
@@ -47,14 +48,10 @@ Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]
 MiB = 1024 * 1024
 
 
-def run(coro: Coroutine[Any, Any, Any], timeout: float = 20.0) -> Any:
+def run(coro: Coroutine[Any, Any, Any], timeout: float = 60.0) -> Any:
+    """Run a test's ``main()``: the overall bound, longer than any one :func:`fakes.until` (which fails with
+    what it awaited)."""
     return asyncio.run(asyncio.wait_for(coro, timeout))
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    """Wait for ``condition`` (polled; bounded by :func:`run`'s timeout, not by a time of its own)."""
-    while not condition():
-        await asyncio.sleep(0.005)
 
 
 
@@ -339,7 +336,7 @@ def test_half_close_target_to_client(d: Path) -> None:
             w.write(b"after your eof")
             await w.drain()
             w.write_eof()
-            await until(lambda: bool(late))
+            await until(lambda: bool(late), what="the data sent after the EOF")
             assert late == [b"after your eof"]
             close(w)
 
@@ -366,7 +363,7 @@ def test_idle_timeout_closes_both_sides(d: Path) -> None:
             assert await eof_or_reset(r, 10)
             assert loop.time() - t0 >= 0.29  # not before the timeout (a lower bound only)
             close(w)
-            await until(lambda: bool(target_saw_eof))
+            await until(lambda: bool(target_saw_eof), what="the target to see the EOF")
             assert target_saw_eof == [True]
             assert relay.stats.idle_closed == 1
 
@@ -409,7 +406,7 @@ def test_connection_cap_refuses_extra(d: Path) -> None:
             close(w1)
             close(w2)
             # a slot frees up once the first pair is gone
-            await until(lambda: relay.stats.active == 0)
+            await until(lambda: relay.stats.active == 0, what="no active pairs")
             r3, w3 = await open_connection(relay.bound)
             w3.write(b"3")
             assert await asyncio.wait_for(r3.readexactly(1), 5) == b"3"
@@ -674,7 +671,7 @@ def test_per_source_cap_refuses_only_that_source(d: Path) -> None:
             assert (s.refused, s.refused_by_reason["per_source_connections"], s.total) == (1, 1, 3)
             assert await served(*a1)  # the admitted ones are unaffected
             close(a1[1])
-            await until(lambda: relay.stats.active == 2)
+            await until(lambda: relay.stats.active == 2, what="two active pairs")
             a3 = await connect_from(relay, "127.0.0.2")  # a freed slot is usable again
             assert await served(*a3)
             for _, w in (a2, b1, a3):
@@ -714,7 +711,7 @@ def test_rate_limit_per_source(d: Path) -> None:
                 r, w = await connect_from(relay, "127.0.0.2")
                 assert await served(r, w)
                 close(w)
-            await until(lambda: relay.stats.active == 0)
+            await until(lambda: relay.stats.active == 0, what="no active pairs")
             r, w = await connect_from(relay, "127.0.0.2")
             assert await eof_or_reset(r, 10)
             close(w)
@@ -740,7 +737,8 @@ def test_flood_from_one_address_does_not_stop_another(d: Path) -> None:
             attackers = await asyncio.gather(*(connect_from(relay, "127.0.0.2") for _ in range(flood)))
             victim = await connect_from(relay, "127.0.0.3")
             assert await served(*victim, b"still served")
-            await until(lambda: relay.stats.total + relay.stats.refused == flood + 1)
+            await until(lambda: relay.stats.total + relay.stats.refused == flood + 1,
+                        what="every connection counted")
             s = relay.stats
             assert s.total == 4 + 1
             assert s.refused_by_reason["per_source_connections"] == flood - 4
@@ -834,7 +832,7 @@ def test_non_tls_first_byte_is_closed_before_reaching_the_target(
                 w.write(request)
                 assert await eof_or_reset(r, 10)
                 close(w)
-            await until(lambda: rec.ended == 2)
+            await until(lambda: rec.ended == 2, what="two ended connections")
             assert rec.conns == [bytearray(), bytearray()]  # not one byte reached the target
             assert relay.stats.refused_by_reason["not_tls"] == 2 and relay.stats.guard_closed == 2
             assert relay.stats.bytes_up == 0
@@ -888,7 +886,7 @@ def test_oversized_handshake_is_closed_on_the_header(d: Path) -> None:
             w.write(bytes([22, 3, 3, 0, 100]))  # the next header alone takes the total past 1024
             assert await eof_or_reset(r, 10)
             close(w)
-            await until(lambda: rec.ended == 1)
+            await until(lambda: rec.ended == 1, what="one ended connection")
             assert rec.conns == [bytearray(first)]  # the oversized record's header was never forwarded
             assert relay.stats.refused_by_reason["handshake_too_large"] == 1
 

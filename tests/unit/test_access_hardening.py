@@ -37,6 +37,7 @@ from nitrovault.access.tokens import (
     TokenVerifier,
 )
 from nitrovault.cli.token_cmd import parse_ttl
+from nitrovault.clock import utc_now
 from nitrovault.errors import AuthenticationError, ConfigError, PermissionDeniedError
 from nitrovault.kms.trust import amazon_trust_services_pem
 from nitrovault.local.nsm import make_local_nsm
@@ -217,7 +218,7 @@ def test_cli_ttl_is_capped_as_a_usage_error() -> None:
 
 # -- 3. scope refusals are attributed -------------------------------------------------------------------
 
-ISSUER = TokenIssuer(KEY, "ed", ISS, AUD, clock=lambda: datetime.now(UTC))
+ISSUER = TokenIssuer(KEY, "ed", ISS, AUD, clock=utc_now)
 
 
 def _records(lines: Sequence[bytes]) -> list[dict[str, Any]]:
@@ -278,7 +279,7 @@ def test_server_audits_a_scope_refusal_with_the_subject(service: Any) -> None:
 
 def test_server_audits_an_invalid_token_without_a_subject(service: Any) -> None:
     svc, lines = service
-    expired = TokenIssuer(KEY, "ed", ISS, AUD, clock=lambda: datetime.now(UTC) - timedelta(hours=2))
+    expired = TokenIssuer(KEY, "ed", ISS, AUD, clock=lambda: utc_now() - timedelta(hours=2))
     context = FakeContext(expired.issue("carol", ["infer:*"], 60))
 
     async def never(call: CallRecord) -> Any:

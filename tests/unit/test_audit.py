@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from fakes import FakeClock
 
 from nitrovault.audit import (
     GENESIS,
@@ -29,16 +30,13 @@ from nitrovault.nsm import Nsm
 from nitrovault.receipts import enclave_user_data
 
 NOW = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
+TICK = timedelta(milliseconds=5)
 PCRS = {0: bytes(range(48)), 1: b"\x01" * 48, 2: b"\x02" * 48}
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = NOW
-
-    def __call__(self) -> datetime:
-        self.now += timedelta(milliseconds=5)
-        return self.now
+def writer_clock() -> FakeClock:
+    """A writer's clock: 5 ms later at every reading, starting 5 ms after NOW."""
+    return FakeClock(NOW + TICK, tick=TICK)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +62,7 @@ def record(i: int) -> dict[str, Any]:
 
 def write_log(key: ed25519.Ed25519PrivateKey, n: int = 10, every: int = 4) -> list[bytes]:
     lines: list[bytes] = []
-    writer = AuditWriter(key, sink=lines.append, checkpoint_every=every, clock=Clock())
+    writer = AuditWriter(key, sink=lines.append, checkpoint_every=every, clock=writer_clock())
     for i in range(n):
         writer.append(record(i))
     writer.close()
@@ -226,7 +224,7 @@ def test_entries_from_another_boot(tmp_path: Path, pki: LocalPki, boot: tuple[An
 
 def test_rotation_across_three_files(tmp_path: Path, pki: LocalPki, boot: tuple[Any, bytes]) -> None:
     sink = RotatingFileSink(tmp_path / "audit", max_bytes=1500)
-    writer = AuditWriter(boot[0], sink=sink, checkpoint_every=4, clock=Clock())
+    writer = AuditWriter(boot[0], sink=sink, checkpoint_every=4, clock=writer_clock())
     for i in range(12):
         writer.append(record(i))
     writer.close()
@@ -270,7 +268,7 @@ class FlakySink:
 def test_sink_failure_buffers_then_recovers_without_loss(tmp_path: Path, pki: LocalPki,
                                                          boot: tuple[Any, bytes]) -> None:
     sink = FlakySink()
-    writer = AuditWriter(boot[0], sink=sink, checkpoint_every=4, clock=Clock(), max_buffered=6)
+    writer = AuditWriter(boot[0], sink=sink, checkpoint_every=4, clock=writer_clock(), max_buffered=6)
     for i in range(3):
         assert writer.append(record(i)) is not None
     sink.down = True
@@ -299,7 +297,7 @@ def test_sink_failure_buffers_then_recovers_without_loss(tmp_path: Path, pki: Lo
 
 def test_close_while_sink_down_reports_and_keeps_the_gap(pki: LocalPki, boot: tuple[Any, bytes]) -> None:
     sink = FlakySink()
-    writer = AuditWriter(boot[0], sink=sink, checkpoint_every=100, clock=Clock(), max_buffered=2)
+    writer = AuditWriter(boot[0], sink=sink, checkpoint_every=100, clock=writer_clock(), max_buffered=2)
     sink.down = True
     for i in range(5):
         writer.append(record(i))
@@ -323,7 +321,7 @@ def test_close_while_sink_down_reports_and_keeps_the_gap(pki: LocalPki, boot: tu
 ])
 def test_writer_refuses_raw_content(boot: tuple[Any, bytes], bad_record: dict[str, Any]) -> None:
     lines: list[bytes] = []
-    writer = AuditWriter(boot[0], sink=lines.append, clock=Clock())
+    writer = AuditWriter(boot[0], sink=lines.append, clock=writer_clock())
     with pytest.raises(AuditError):
         writer.append(bad_record)
     assert lines == [] and writer.status.next_seq == 0
@@ -331,7 +329,7 @@ def test_writer_refuses_raw_content(boot: tuple[Any, bytes], bad_record: dict[st
 
 def test_record_is_copied_not_referenced(boot: tuple[Any, bytes]) -> None:
     lines: list[bytes] = []
-    writer = AuditWriter(boot[0], sink=lines.append, clock=Clock())
+    writer = AuditWriter(boot[0], sink=lines.append, clock=writer_clock())
     rec: dict[str, Any] = {"subject": "a", "tags": ["x"]}
     writer.append(rec)
     rec["tags"].append("y")
@@ -339,7 +337,7 @@ def test_record_is_copied_not_referenced(boot: tuple[Any, bytes]) -> None:
 
 
 def make_writer_factory(key: ed25519.Ed25519PrivateKey) -> Callable[[], AuditWriter]:
-    return lambda: AuditWriter(key, sink=lambda _b: None, clock=Clock())
+    return lambda: AuditWriter(key, sink=lambda _b: None, clock=writer_clock())
 
 
 def test_boot_ids_differ(boot: tuple[Any, bytes]) -> None:
@@ -357,7 +355,7 @@ def test_hot_path_splicing_matches_canonical_json(boot: tuple[Any, bytes]) -> No
         expected = hashlib.sha256(b"nitrovault-audit-v1\x00" + canonical_json(unsigned)).hexdigest()
         assert obj["hash"] == expected == _entry_hash(obj)
     unicode_lines: list[bytes] = []
-    writer = AuditWriter(boot[0], sink=unicode_lines.append, clock=Clock())
+    writer = AuditWriter(boot[0], sink=unicode_lines.append, clock=writer_clock())
     writer.append({"subject": 'Zoë "quoted" \\ \u2028', "n": -3, "nested": {"b": [True, None], "a": 1}})
     obj = entry(unicode_lines[0])
     assert obj["hash"] == _entry_hash(obj)
@@ -374,7 +372,7 @@ def test_boot_id_must_be_hex(boot: tuple[Any, bytes]) -> None:
 
 def test_position_tracks_the_chain_head(boot: tuple[Any, bytes]) -> None:
     sink = FlakySink()
-    writer = AuditWriter(boot[0], sink=sink, checkpoint_every=2, clock=Clock(), max_buffered=2)
+    writer = AuditWriter(boot[0], sink=sink, checkpoint_every=2, clock=writer_clock(), max_buffered=2)
     assert writer.position() == AuditPosition(0, GENESIS)
     first = writer.append(record(0))
     assert first is not None and writer.position() == AuditPosition(1, first.hash)
@@ -397,7 +395,7 @@ def test_position_is_consistent_under_threads(boot: tuple[Any, bytes]) -> None:
     import threading
 
     lines: list[bytes] = []
-    writer = AuditWriter(boot[0], sink=lines.append, checkpoint_every=7, clock=Clock())
+    writer = AuditWriter(boot[0], sink=lines.append, checkpoint_every=7, clock=writer_clock())
     seen: list[AuditPosition] = []
 
     def work(t: int) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import typer
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from test_audit import NOW, PCRS, Clock, FlakySink, document, entry, rewrite
+from test_audit import NOW, PCRS, FlakySink, document, entry, rewrite, writer_clock
 from typer.testing import CliRunner
 
 from nitrovault.audit import AuditReport, AuditWriter, ReceiptFinding, RotatingFileSink, verify_audit
@@ -48,7 +48,7 @@ class Enclave:
     receipts: list[Receipt] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.writer = AuditWriter(self.key, sink=self.sink, checkpoint_every=self.every, clock=Clock(),
+        self.writer = AuditWriter(self.key, sink=self.sink, checkpoint_every=self.every, clock=writer_clock(),
                                   max_buffered=self.max_buffered)
         self.signer = ReceiptSigner(self.key, model_id="m", sealed_digest=SEALED, pcr0=PCRS[0],
                                     clock=lambda: NOW + timedelta(hours=1))

@@ -7,19 +7,14 @@ from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
+from fakes import FakeClock
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from nitrovault.errors import ConfigError, PermissionDeniedError, QuotaExceededError
 from nitrovault.protection import Action, ExtractionMonitor, ExtractionPolicy, PradaDetector
 
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = datetime(2026, 3, 1, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
+T0 = datetime(2026, 3, 1, tzinfo=UTC)  # where the fake clock starts
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +30,7 @@ def _label(x: np.ndarray, x_tr: np.ndarray, y_tr: np.ndarray) -> np.ndarray:
     return y_tr[d.argmin(axis=1)]
 
 
-def _feed(monitor: ExtractionMonitor, clock: Clock, subject: str, x: np.ndarray, y: np.ndarray,
+def _feed(monitor: ExtractionMonitor, clock: FakeClock, subject: str, x: np.ndarray, y: np.ndarray,
           pace_s: float = 1.0) -> dict[str, int]:
     first: dict[str, int] = {}
     for i in range(len(x)):
@@ -85,7 +80,7 @@ def test_prada_state_is_bounded() -> None:
 
 def test_monitor_blocks_a_synthetic_attack_and_refuses_the_subject(digits) -> None:
     x_tr, y_tr, _, _ = digits
-    clock = Clock()
+    clock = FakeClock(T0)
     monitor = ExtractionMonitor(ExtractionPolicy(), clock=clock, reference=x_tr)
     x = _jacobian_walk(x_tr[:10], 300, np.random.default_rng(3))
     first = _feed(monitor, clock, "thief", x, _label(x, x_tr, y_tr))
@@ -100,7 +95,7 @@ def test_monitor_blocks_a_synthetic_attack_and_refuses_the_subject(digits) -> No
 
 def test_monitor_throttles_uniform_noise_through_coverage(digits) -> None:
     x_tr, y_tr, _, _ = digits
-    clock = Clock()
+    clock = FakeClock(T0)
     monitor = ExtractionMonitor(ExtractionPolicy(), clock=clock, reference=x_tr)
     x = np.random.default_rng(4).uniform(size=(150, 64))
     first = _feed(monitor, clock, "noise", x, _label(x, x_tr, y_tr))
@@ -116,7 +111,7 @@ def test_monitor_throttles_uniform_noise_through_coverage(digits) -> None:
 
 def test_monitor_stays_quiet_on_benign_subjects(digits) -> None:
     x_tr, _, x_te, y_te = digits
-    clock = Clock()
+    clock = FakeClock(T0)
     monitor = ExtractionMonitor(ExtractionPolicy(), clock=clock, reference=x_tr)
     for s in range(5):
         order = np.random.default_rng(10 + s).permutation(len(x_te))[:200]
@@ -126,7 +121,7 @@ def test_monitor_stays_quiet_on_benign_subjects(digits) -> None:
 
 
 def test_near_duplicate_bursts_and_volume_are_signals() -> None:
-    clock = Clock()
+    clock = FakeClock(T0)
     policy = ExtractionPolicy(volume_max=50, volume_window_s=60, prada_min_samples=1000, distances_max=1000)
     monitor = ExtractionMonitor(policy, clock=clock)
     rng = np.random.default_rng(5)
@@ -143,14 +138,14 @@ def test_near_duplicate_bursts_and_volume_are_signals() -> None:
 
 def test_evidence_is_numbers_only(digits) -> None:
     x_tr, y_tr, _, _ = digits
-    monitor = ExtractionMonitor(ExtractionPolicy(), clock=Clock(), reference=x_tr)
+    monitor = ExtractionMonitor(ExtractionPolicy(), clock=FakeClock(T0), reference=x_tr)
     record = monitor.observe("s", x_tr[:3], y_tr[:3]).to_audit()
     assert record["action"] == "none" and record["queries"] == 3
     assert all(v is None or isinstance(v, int | float | str | list) for v in record.values())
 
 
 def test_subject_state_and_blocks_are_bounded() -> None:
-    clock = Clock()
+    clock = FakeClock(T0)
     policy = ExtractionPolicy(prada_min_samples=5, distances_max=20, growing_max=4, dup_window=8,
                               actions={"prada": Action.BLOCK, "duplicates": Action.NONE})
     monitor = ExtractionMonitor(policy, clock=clock, max_subjects=3)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from fakes import FakeClock
 
 from enclave_app.config import EnclaveConfig, Protection
 from enclave_app.models.base import ModelLoadError
@@ -56,12 +57,7 @@ def protection(section: dict[str, Any]) -> Protection:
     return EnclaveConfig.from_mapping({**BASE, "protection": section}).protection
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = datetime(2026, 1, 1, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
+T0 = datetime(2026, 1, 1, tzinfo=UTC)  # where the fake clock starts
 
 
 # -- the measured section ------------------------------------------------------------------------------------
@@ -188,7 +184,7 @@ def test_a_classifier_policy_without_probabilities_fails_closed() -> None:
 
 
 def test_a_block_refuses_the_tripping_call_and_the_next_and_notes_the_evidence() -> None:
-    clock = Clock()
+    clock = FakeClock(T0)
     guard = OutputGuard(protection({"extraction": {"volume_max": 5, "actions": {"volume": "block"}}}),
                         SealedExtras(), clock=clock)
     inputs, outputs = classifier_answer(5)
@@ -213,7 +209,7 @@ def test_a_block_refuses_the_tripping_call_and_the_next_and_notes_the_evidence()
 
 
 def test_the_privacy_budget_is_spent_all_or_nothing() -> None:
-    clock = Clock()
+    clock = FakeClock(T0)
     section = {"privacy": {"mechanism": {"kind": "laplace", "epsilon": 0.5, "sensitivity": 2.0},
                            "budget": {"epsilon": 2.0}}}
     guard = OutputGuard(protection(section), SealedExtras(), clock=clock,

@@ -7,17 +7,12 @@ from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
+from fakes import FakeClock
 
 from nitrovault.errors import ConfigError, QuotaExceededError
 from nitrovault.protection import BudgetPolicy, PrivacyBudget, PrivacyMechanism
 
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)  # where the fake clock starts
 
 
 def test_scales_match_the_stated_formulas() -> None:
@@ -79,7 +74,7 @@ def test_bad_mechanisms_are_refused(config: dict[str, object]) -> None:
 
 
 def test_budget_runs_out_and_refills_at_the_next_period() -> None:
-    clock = Clock()
+    clock = FakeClock(T0)
     budget = PrivacyBudget(BudgetPolicy(epsilon=1.0, period_s=86_400), clock=clock)
     for _ in range(10):
         budget.spend("alice", 0.1)  # ten spends of 0.1 exactly fit despite float rounding
@@ -97,7 +92,7 @@ def test_budget_runs_out_and_refills_at_the_next_period() -> None:
 
 
 def test_refused_spend_consumes_nothing_and_clock_step_back_does_not_refill() -> None:
-    clock = Clock()
+    clock = FakeClock(T0)
     budget = PrivacyBudget(BudgetPolicy(epsilon=1.0), clock=clock)
     budget.spend("a", 0.8)
     with pytest.raises(QuotaExceededError):
@@ -109,7 +104,7 @@ def test_refused_spend_consumes_nothing_and_clock_step_back_does_not_refill() ->
 
 
 def test_delta_budget_composes_sequentially() -> None:
-    clock = Clock()
+    clock = FakeClock(T0)
     mech = PrivacyMechanism(kind="gaussian", epsilon=0.1, delta=1e-6, sensitivity=1.0)
     policy = BudgetPolicy(epsilon=100.0, delta=5e-6)
     budget = PrivacyBudget(policy, clock=clock)
@@ -134,7 +129,7 @@ def test_batch_cost_and_admits() -> None:
 
 
 def test_subjects_are_bounded_with_lru_eviction() -> None:
-    clock = Clock()
+    clock = FakeClock(T0)
     budget = PrivacyBudget(BudgetPolicy(epsilon=1.0), clock=clock, max_subjects=3)
     for s in ("a", "b", "c"):
         budget.spend(s, 1.0)

@@ -6,24 +6,12 @@ import threading
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+from fakes import FakeClock
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nitrovault.access.quota import QuotaLedger, QuotaPolicy, QuotaTiers
 from nitrovault.errors import ConfigError, PermissionDeniedError, QuotaExceededError
-
-START = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
-
-
-class FakeClock:
-    def __init__(self, at: datetime = START) -> None:
-        self.now = at
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
 
 
 def ledger(policy: QuotaPolicy, clock: FakeClock, **kwargs: int) -> QuotaLedger:

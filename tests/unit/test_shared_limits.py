@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import redis
+from fakes import FakeClock
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from stores import store_for
@@ -35,15 +36,8 @@ from nitrovault.state import SharedPrivacyBudget, SharedQuotaLedger, SharedRefus
 T0 = datetime(2026, 12, 3, 23, 59, 50, tzinfo=UTC)  # ten seconds before midnight: daily windows roll
 
 
-class Clock:
-    def __init__(self, at: datetime = T0) -> None:
-        self.at = at
-
-    def __call__(self) -> datetime:
-        return self.at
-
-    def advance(self, ms: int) -> None:
-        self.at += timedelta(milliseconds=ms)
+def ms(n: int) -> timedelta:
+    return timedelta(milliseconds=n)
 
 
 TIERS = QuotaTiers({"t": QuotaPolicy(rate_per_s=2.0, burst=3, daily_requests=7, daily_items=12),
@@ -59,31 +53,31 @@ def _outcome(fn: Any) -> tuple[Any, ...]:
 
 
 def test_quota_decisions_equal_the_in_memory_ledger(store: StateStore) -> None:
-    clock = Clock()
+    clock = FakeClock(T0)
     memory = QuotaLedger(TIERS, clock=clock)
     shared = SharedQuotaLedger(store, TIERS, clock=clock)
     rng = random.Random(7)  # noqa: S311 - a reproducible workload, not a secret
     refusals = set()
     for _ in range(400):
-        clock.advance(rng.choice([0, 0, 1, 50, 250, 700, 3000]))
+        clock.advance(ms(rng.choice([0, 0, 1, 50, 250, 700, 3000])))
         subject, items = rng.choice(["a", "b"]), rng.randint(0, 4)
         expected = _outcome(lambda: memory.charge(subject, None, items))  # noqa: B023
         got = _outcome(lambda: shared.charge(subject, None, items))  # noqa: B023
-        assert got == expected, (clock.at, subject, items)
+        assert got == expected, (clock.now, subject, items)
         if expected[0] == "refused":
             refusals.add(expected[1])
     assert refusals == {"rate", "daily-requests", "daily-items"}  # every rule was exercised
 
 
 def test_privacy_budget_decisions_equal_the_in_memory_budget(store: StateStore) -> None:
-    clock = Clock()
+    clock = FakeClock(T0)
     policy = BudgetPolicy(epsilon=1.0, delta=1e-5, period_s=5.0)
     memory = PrivacyBudget(policy, clock=clock)
     shared = SharedPrivacyBudget(store, policy, clock=clock)
     rng = random.Random(3)  # noqa: S311 - a reproducible workload, not a secret
     outcomes = set()
     for _ in range(300):
-        clock.advance(rng.choice([0, 10, 400, 2000]))
+        clock.advance(ms(rng.choice([0, 10, 400, 2000])))
         subject = rng.choice(["a", "b"])
         eps, delta = rng.choice([0.1, 0.25, 0.3]), rng.choice([0.0, 1e-6, 3e-6])
         expected = _outcome(lambda: memory.spend(subject, eps, delta))  # noqa: B023
@@ -96,7 +90,7 @@ def test_privacy_budget_decisions_equal_the_in_memory_budget(store: StateStore) 
 
 
 def test_a_refused_charge_writes_nothing(store: StateStore) -> None:
-    clock = Clock()
+    clock = FakeClock(T0)
     ledger = SharedQuotaLedger(store, TIERS, clock=clock)
     for _ in range(3):
         ledger.charge("x", None, 1)
@@ -110,7 +104,7 @@ def test_a_refused_charge_writes_nothing(store: StateStore) -> None:
 def test_a_new_client_sees_every_charge_restart_and_fleet(state_store_server: Any, store: StateStore) -> None:
     """A restarted enclave (a new client) and a second enclave (another client at once) share one count."""
     server, port, _ = state_store_server
-    clock = Clock()
+    clock = FakeClock(T0)
     first = SharedQuotaLedger(store, TIERS, clock=clock)
     for _ in range(3):
         first.charge("shared", None, 1)
@@ -120,7 +114,7 @@ def test_a_new_client_sees_every_charge_restart_and_fleet(state_store_server: An
         with pytest.raises(QuotaExceededError) as refused:
             second.charge("shared", None, 1)
         assert refused.value.reason == "rate"
-        clock.advance(500)  # one token back: exactly one more call on either enclave
+        clock.advance(ms(500))  # one token back: exactly one more call on either enclave
         second.charge("shared", None, 1)
         with pytest.raises(QuotaExceededError):
             first.charge("shared", None, 1)
@@ -163,7 +157,7 @@ def test_sixteen_racing_clients_admit_exactly_the_quota(state_store_server: Any,
 
 def test_refusals_hold_for_a_new_client_and_end_on_time(state_store_server: Any, store: StateStore) -> None:
     server, port, _ = state_store_server
-    clock = Clock()
+    clock = FakeClock(T0)
     refusals = SharedRefusals(store, clock=clock)
     refusals.refuse("thief", "block", 60)
     refusals.refuse("thief", "throttle", 5)  # a throttle never shortens a block
@@ -178,12 +172,12 @@ def test_refusals_hold_for_a_new_client_and_end_on_time(state_store_server: Any,
             again.admit("slow")
         assert throttled.value.reason == "extraction-throttled"
         assert throttled.value.retry_after_s == pytest.approx(5.0)
-        clock.advance(5_001)
+        clock.advance(ms(5_001))
         again.admit("slow")
         again.admit("honest")
         with pytest.raises(PermissionDeniedError):
             again.admit("thief")
-        clock.advance(55_000)
+        clock.advance(ms(55_000))
         again.admit("thief")
     finally:
         other.close()
@@ -191,7 +185,7 @@ def test_refusals_hold_for_a_new_client_and_end_on_time(state_store_server: Any,
 
 def test_a_block_decided_by_one_monitor_refuses_on_another(store: StateStore) -> None:
     """Enclave A's monitor blocks a subject; a fresh monitor (enclave B, or A after a restart) refuses it."""
-    clock = Clock()
+    clock = FakeClock(T0)
     policy = ExtractionPolicy.from_config({"volume_max": 2, "volume_window_s": 60, "block_s": 600,
                                            "actions": {"volume": "block"}})
     first = ExtractionMonitor(policy, clock=clock, refusals=SharedRefusals(store, clock=clock))
@@ -254,7 +248,7 @@ def test_nobody_else_gets_in_default_user_plaintext_and_other_commands(state_sto
     assert server.password not in server.acl_file.read_text()  # the server holds only its hash
 
 
-def _decisions(monitor: ExtractionMonitor, clock: Clock, seed: int) -> list[tuple[Any, ...]]:
+def _decisions(monitor: ExtractionMonitor, clock: FakeClock, seed: int) -> list[tuple[Any, ...]]:
     """A workload mixing natural rows, repeats and far-away probes; every decision with its evidence."""
     import numpy as np
 
@@ -262,7 +256,7 @@ def _decisions(monitor: ExtractionMonitor, clock: Clock, seed: int) -> list[tupl
     seeds = rng.normal(size=(4, 6))
     out = []
     for step in range(120):
-        clock.advance(int(rng.choice([0, 10, 900, 4000])))
+        clock.advance(ms(int(rng.choice([0, 10, 900, 4000]))))
         kind = step % 3
         rows = (seeds[rng.integers(0, 4, size=2)] + rng.normal(scale=1e-4, size=(2, 6)) if kind == 0
                 else rng.normal(size=(2, 6)) * (8.0 if kind == 1 else 1.0))
@@ -282,7 +276,7 @@ def test_shared_windows_decide_exactly_as_the_in_memory_monitor(store: StateStor
                                            "actions": {"prada": "record", "volume": "record",
                                                        "duplicates": "record", "coverage": "record"}})
     reference = np.random.default_rng(0).normal(size=(200, 6))
-    clock_a, clock_b = Clock(), Clock()
+    clock_a, clock_b = FakeClock(T0), FakeClock(T0)
     memory = ExtractionMonitor(policy, clock=clock_a, reference=reference)
     shared = ExtractionMonitor(policy, clock=clock_b, reference=reference,
                                aggregates=SharedAggregates(store, policy))
@@ -297,7 +291,7 @@ def test_a_thief_spreading_queries_over_two_enclaves_and_a_restart_is_counted_on
     from nitrovault.state import SharedAggregates
 
     server, port, _ = state_store_server
-    clock = Clock()
+    clock = FakeClock(T0)
     policy = ExtractionPolicy.from_config({"volume_max": 10, "volume_window_s": 3600,
                                            "actions": {"volume": "block"}})
     other = store_for(server, port, namespace=store.settings.namespace)
@@ -322,7 +316,7 @@ def test_a_thief_spreading_queries_over_two_enclaves_and_a_restart_is_counted_on
 def test_one_admission_is_all_or_nothing_over_refusal_quota_and_budget(store: StateStore) -> None:
     from nitrovault.state import SharedAdmission
 
-    clock = Clock()
+    clock = FakeClock(T0)
     admission = SharedAdmission(store, TIERS, BudgetPolicy(epsilon=1.0), clock=clock)
     quota_key, budget_key = store.settings.key("s", "q"), store.settings.key("s", "dp")
     first = admission.admit("s", None, 1, privacy=(0.6, 0.0))
@@ -347,7 +341,7 @@ def test_one_admission_is_all_or_nothing_over_refusal_quota_and_budget(store: St
 def test_a_refund_gives_back_exactly_the_spend(store: StateStore) -> None:
     from nitrovault.state import SharedAdmission
 
-    clock = Clock()
+    clock = FakeClock(T0)
     admission = SharedAdmission(store, TIERS, BudgetPolicy(epsilon=1.0, delta=1e-5), clock=clock)
     admission.admit("r", items=None, privacy=(0.25, 2e-6))
     spent = admission.admit("r", items=None, privacy=(0.5, 3e-6)).budget
@@ -367,7 +361,7 @@ def test_many_threads_on_one_client_batch_and_still_admit_exactly_the_quota(stor
 
 def test_scripts_flushed_from_the_store_are_loaded_again(store: StateStore) -> None:
     """A failover or restart empties the store's script cache: the next call reloads, nothing is lost."""
-    ledger = SharedQuotaLedger(store, TIERS, clock=Clock())
+    ledger = SharedQuotaLedger(store, TIERS, clock=FakeClock(T0))
     ledger.charge("f", None, 1)
     store.client.script_flush()
     assert ledger.charge("f", None, 1).remaining_requests == 5  # ran once: the first run counted too

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 import signal
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import pytest
+from fakes import FakeMonotonic, run_async
 
 from nitrovault.errors import ConfigError
 from parent_app.supervisor import (
@@ -31,31 +30,6 @@ from parent_app.supervisor import (
     terminate_enclave_argv,
 )
 
-
-def run_async(fn: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
-    """Run an async test in a fresh event loop (no pytest plugin needed)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> None:
-        asyncio.run(fn(*args, **kwargs))
-
-    return wrapper
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self.slept: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        self.now += seconds
-        await asyncio.sleep(0)
-
-
 START_FAILS = "start-fails"
 WAIT_FAILS = "wait-fails"
 
@@ -64,7 +38,7 @@ WAIT_FAILS = "wait-fails"
 class FakeLauncher:
     """Each script item is ``(uptime, exit_code)``, START_FAILS or WAIT_FAILS; then it runs until stopped."""
 
-    clock: FakeClock
+    clock: FakeMonotonic
     script: list[tuple[float, int] | str]
     starts: int = 0
     stopped: list[int] = field(default_factory=list)
@@ -100,19 +74,19 @@ class FakeLauncher:
 
 async def _run_until(sup: Supervisor, launcher: FakeLauncher, starts: int) -> asyncio.Task[None]:
     task = asyncio.create_task(sup.run())
-    async with asyncio.timeout(5):
+    async with asyncio.timeout(30):
         while launcher.starts < starts or sup.state is not SupervisorState.RUNNING:
             await asyncio.sleep(0)
     return task
 
 
-def _supervisor(clock: FakeClock, launcher: FakeLauncher, **kw: object) -> Supervisor:
+def _supervisor(clock: FakeMonotonic, launcher: FakeLauncher, **kw: object) -> Supervisor:
     return Supervisor(launcher, clock=clock, sleep=clock.sleep, **kw)  # type: ignore[arg-type]
 
 
 @run_async
 async def test_restart_delays_follow_the_exponential_schedule() -> None:
-    clock = FakeClock()
+    clock = FakeMonotonic()
     launcher = FakeLauncher(clock, [(1.0, 3)] * 8)
     sup = _supervisor(clock, launcher)
     task = await _run_until(sup, launcher, 9)
@@ -129,7 +103,7 @@ async def test_restart_delays_follow_the_exponential_schedule() -> None:
 
 @run_async
 async def test_custom_factor_and_cap() -> None:
-    clock = FakeClock()
+    clock = FakeMonotonic()
     launcher = FakeLauncher(clock, [(0.0, 1)] * 4)
     sup = _supervisor(clock, launcher, backoff_initial=1, backoff_max=5, backoff_factor=3)
     task = await _run_until(sup, launcher, 5)
@@ -140,7 +114,7 @@ async def test_custom_factor_and_cap() -> None:
 
 @run_async
 async def test_a_stable_run_resets_the_backoff() -> None:
-    clock = FakeClock()
+    clock = FakeMonotonic()
     launcher = FakeLauncher(clock, [(1, 1), (1, 1), (60, 1), (1, 1), (1, 1)])
     sup = _supervisor(clock, launcher, stable_after=60)
     task = await _run_until(sup, launcher, 6)
@@ -151,7 +125,7 @@ async def test_a_stable_run_resets_the_backoff() -> None:
 
 @run_async
 async def test_a_run_just_short_of_stable_does_not_reset() -> None:
-    clock = FakeClock()
+    clock = FakeMonotonic()
     launcher = FakeLauncher(clock, [(1, 1), (1, 1), (59.9, 1)])
     sup = _supervisor(clock, launcher, stable_after=60)
     task = await _run_until(sup, launcher, 4)
@@ -162,7 +136,7 @@ async def test_a_run_just_short_of_stable_does_not_reset() -> None:
 
 @run_async
 async def test_start_failures_back_off_too() -> None:
-    clock = FakeClock()
+    clock = FakeMonotonic()
     launcher = FakeLauncher(clock, [START_FAILS, START_FAILS, (1, 7)])
     sup = _supervisor(clock, launcher)
     task = await _run_until(sup, launcher, 4)
@@ -174,7 +148,7 @@ async def test_start_failures_back_off_too() -> None:
 
 @run_async
 async def test_a_failing_wait_stops_the_enclave_and_backs_off() -> None:
-    clock = FakeClock()
+    clock = FakeMonotonic()
     launcher = FakeLauncher(clock, [WAIT_FAILS])
     sup = _supervisor(clock, launcher)
     task = await _run_until(sup, launcher, 2)
@@ -187,7 +161,7 @@ async def test_a_failing_wait_stops_the_enclave_and_backs_off() -> None:
 
 @run_async
 async def test_states_are_reported_in_order() -> None:
-    clock = FakeClock()
+    clock = FakeMonotonic()
     seen: list[SupervisorState] = []
     launcher = FakeLauncher(clock, [(1, 2)])
     sup = _supervisor(clock, launcher, on_state=seen.append)
@@ -200,7 +174,7 @@ async def test_states_are_reported_in_order() -> None:
 
 @run_async
 async def test_stop_during_backoff_returns_promptly_without_restart() -> None:
-    clock = FakeClock()
+    clock = FakeMonotonic()
     launcher = FakeLauncher(clock, [(1, 1)])
     never = asyncio.Event()
 
@@ -221,7 +195,7 @@ async def test_stop_during_backoff_returns_promptly_without_restart() -> None:
 
 @run_async
 async def test_stop_before_run_means_run_returns_at_once() -> None:
-    clock = FakeClock()
+    clock = FakeMonotonic()
     launcher = FakeLauncher(clock, [])
     sup = _supervisor(clock, launcher)
     await sup.stop()
@@ -248,11 +222,17 @@ def test_backoff_policy_validation_and_no_overflow() -> None:
 @run_async
 async def test_process_launcher_reports_exit_code_and_is_restarted() -> None:
     launcher = ProcessLauncher([sys.executable, "-c", "import sys; sys.exit(3)"])
-    sup = Supervisor(launcher, backoff_initial=0.01, backoff_max=0.02)
+    restarted_twice = asyncio.Event()
+    sup: Supervisor
+
+    def on_state(_: SupervisorState) -> None:  # every transition: woken by the state, not by a timer
+        if sup.restarts >= 2 and sup.last_exit_code == 3:
+            restarted_twice.set()
+
+    sup = Supervisor(launcher, backoff_initial=0.01, backoff_max=0.02, on_state=on_state)
     task = asyncio.create_task(sup.run())
-    async with asyncio.timeout(10):
-        while sup.restarts < 2 or sup.last_exit_code != 3:
-            await asyncio.sleep(0.005)
+    async with asyncio.timeout(60):  # generous: three real process starts on a loaded machine
+        await restarted_twice.wait()
     assert sup.delays[:2] == [0.01, 0.02]
     await sup.stop()
     await task
