@@ -242,8 +242,11 @@ def test_the_audit_log_with_the_refusals_verifies(
         document.write_bytes(client.attest())
     folder = stack.current_audit_dir()
     assert folder is not None
-    reasons = {r.get("reason") for r in _audit_bodies(stack)}
-    assert {"privacy-budget", "extraction-blocked"} <= reasons
+    # the parent stores the records as the enclave ships them: wait for the refusals themselves
+    def reasons() -> set[object]:
+        return {r.get("reason") for r in _audit_bodies(stack)}
+
+    wait_until(lambda: {"privacy-budget", "extraction-blocked"} <= reasons(), what="the audit log's refusals")
     pids = stack.enclave_pids()
     assert pids
     for pid in pids:
