@@ -21,13 +21,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from bench.timing import concurrent_load, percentile_ms
 from nitrovault.client import Expect, NitrovaultClient
 from nitrovault.local.homes import Paths
 from nitrovault.local.models import demo_model
@@ -41,33 +41,12 @@ LATENCY_CALLS = 400
 
 def _rps(target: str, token: str, expect: Expect,
          call: Callable[[NitrovaultClient], object]) -> tuple[float, list[float]]:
-    latencies: list[float] = []
-    lock = threading.Lock()
-    stop_at = time.monotonic() + DURATION_S
-
-    def worker() -> None:
-        with NitrovaultClient(target, expect=expect, timeout=30, token=token) as client:
-            call(client)  # warm the channel (and verify the enclave: TLS, Attest, binding)
-            mine = []
-            while time.monotonic() < stop_at:
-                t = time.perf_counter()
-                call(client)
-                mine.append(time.perf_counter() - t)
-            with lock:
-                latencies.extend(mine)
-
-    started = time.monotonic()
-    threads = [threading.Thread(target=worker) for _ in range(CONCURRENCY)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return len(latencies) / (time.monotonic() - started), latencies
-
-
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    clients = [NitrovaultClient(target, expect=expect, timeout=30, token=token) for _ in range(CONCURRENCY)]
+    try:
+        return concurrent_load(lambda i: lambda: call(clients[i]), CONCURRENCY, DURATION_S)
+    finally:
+        for client in clients:
+            client.close()
 
 
 def _sequential(direct: str, relayed: str, token: str, expect: Expect,
@@ -130,10 +109,10 @@ def run() -> Iterator[dict[str, Any]]:
                 "concurrency": CONCURRENCY,
                 "direct_rps": round(rps_direct, 1),
                 "relay_rps": round(rps_relay, 1),
-                "direct_p50_ms": round(_pct(lat_direct, 0.5) * 1e3, 3),
-                "direct_p99_ms": round(_pct(lat_direct, 0.99) * 1e3, 3),
-                "relay_p50_ms": round(_pct(lat_relay, 0.5) * 1e3, 3),
-                "relay_p99_ms": round(_pct(lat_relay, 0.99) * 1e3, 3),
+                "direct_p50_ms": percentile_ms(lat_direct, 0.5),
+                "direct_p99_ms": percentile_ms(lat_direct, 0.99),
+                "relay_p50_ms": percentile_ms(lat_relay, 0.5),
+                "relay_p99_ms": percentile_ms(lat_relay, 0.99),
                 "ratio": round(rps_relay / rps_direct, 3),
                 "target": ">= 0.8",
             }

@@ -123,6 +123,47 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class Batching:
+    """How the model workers gather concurrent calls into one forward pass (docs/serving.md).
+
+    A free worker takes the oldest queued call and every later queued call it can share a forward pass
+    with (same method, same shapes), up to ``max_rows`` rows, waiting at most ``max_delay_ms`` after the
+    oldest call arrived. Under load calls pile up while the workers are busy, so batches form without any
+    delay; a delay only helps a lightly loaded enclave trade latency for throughput.
+
+    Threads: a CPU enclave is the whole budget. Each of ``limits.workers`` workers runs torch with
+    ``torch_threads`` intra-op threads (0: the enclave's vCPUs divided by the workers, at least 1) so that
+    workers x threads never oversubscribes the vCPUs (oversubscribed BLAS threads spin against each
+    other); ``interop_threads`` stays 1 because the served models run one graph at a time.
+    """
+
+    #: most rows (texts or tensor rows) in one forward pass; 1 turns batching off.
+    max_rows: int = 32
+    #: how long a free worker waits for more calls to join the oldest one, in milliseconds (0..1000).
+    max_delay_ms: float = 0.0
+    #: torch intra-op threads per worker; 0 means vCPUs // workers (at least 1).
+    torch_threads: int = 0
+    #: torch inter-op threads (process wide).
+    interop_threads: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("max_rows", "interop_threads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"Batching.{name} must be a positive integer")
+        if not isinstance(self.torch_threads, int) or isinstance(self.torch_threads, bool) or (
+                self.torch_threads < 0):
+            raise ConfigError("Batching.torch_threads must be 0 (automatic) or a positive integer")
+        delay = self.max_delay_ms
+        if isinstance(delay, bool) or not isinstance(delay, int | float) or not 0 <= delay <= 1000:
+            raise ConfigError("Batching.max_delay_ms must be a number of milliseconds in [0, 1000]")
+
+    def threads_per_worker(self, workers: int, vcpus: int) -> int:
+        """Intra-op threads for each of ``workers`` workers on ``vcpus`` vCPUs."""
+        return self.torch_threads or max(1, vcpus // max(1, workers))
+
+
+@dataclass(frozen=True)
 class Access:
     """Who may call and how much (docs/access-and-audit.md). Measured: the parent cannot change it."""
 
@@ -372,6 +413,7 @@ class EnclaveConfig:
     kms_forwarder_port: int = DEFAULT_KMS_FORWARDER_PORT
     ports: Ports = field(default_factory=Ports)
     limits: Limits = field(default_factory=Limits)
+    batching: Batching = field(default_factory=Batching)
     access: Access = field(default_factory=Access)
     audit: Audit = field(default_factory=Audit)
     protection: Protection = field(default_factory=Protection)
@@ -384,6 +426,7 @@ class EnclaveConfig:
         values = _checked(cls, data)
         values["ports"] = Ports(**_checked(Ports, data.get("ports", {})))
         values["limits"] = Limits(**_checked(Limits, data.get("limits", {})))
+        values["batching"] = Batching(**_checked(Batching, data.get("batching", {})))
         values["access"] = _access(data.get("access", {}))
         values["audit"] = Audit(**_checked(Audit, data.get("audit", {})))
         values["protection"] = Protection.from_mapping(data.get("protection", {}))
@@ -472,7 +515,7 @@ def _checked(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise ConfigError(f"unknown {cls.__name__} key(s): {', '.join(unknown)}")
-    nested = {"ports", "limits", "access", "audit", "protection", "state_store"}
+    nested = {"ports", "limits", "batching", "access", "audit", "protection", "state_store"}
     out: dict[str, Any] = {}
     for name, f in known.items():
         if name in nested or name not in data:

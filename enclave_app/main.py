@@ -46,6 +46,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import torch
+
 from enclave_app.boot import BootFailure, boot
 from enclave_app.config import EnclaveConfig
 from enclave_app.host import AuditShipper, HostClient
@@ -82,6 +84,21 @@ def process_age_s() -> float | None:
 def _say(event: str, **fields: object) -> None:
     """One JSON line on stdout per boot event (the parent logs it; nothing secret is ever in it)."""
     print(json.dumps({"event": event, **fields}), flush=True)
+
+
+def _size_threads(config: EnclaveConfig) -> None:
+    """torch's threads sized to the enclave's vCPUs (``batching`` in the measured config): inter-op
+    threads once for the process, intra-op threads for this thread (the model workers set their own)."""
+    vcpus = os.cpu_count() or 1
+    workers = config.limits.workers or vcpus
+    threads = config.batching.threads_per_worker(workers, vcpus)
+    try:
+        torch.set_num_interop_threads(config.batching.interop_threads)
+    except RuntimeError:  # already fixed (torch ran parallel work before): keep torch's choice
+        log.warning("torch inter-op threads were already fixed; keeping %d", torch.get_num_interop_threads())
+    torch.set_num_threads(threads)
+    _say("threads", vcpus=vcpus, workers=workers, torch_threads=threads,
+         interop_threads=torch.get_num_interop_threads())
 
 
 async def run(
@@ -133,6 +150,7 @@ async def run(
     audit = config.audit
     shipper = AuditShipper(host.audit_append, on_change=on_audit_change, on_withheld=on_withheld,
                            max_withheld=audit.max_withheld_records, max_withheld_s=audit.max_withheld_s)
+    _size_threads(config)
     service = InferenceService(config, nsm, audit_sink=shipper)
     server: EnclaveServer | None = None
     protections = service.protections

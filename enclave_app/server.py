@@ -4,10 +4,12 @@ Invariants:
 
 * Health says NOT_SERVING until boot has unsealed and warmed up the model; calls before then get
   UNAVAILABLE.
-* Model work runs on a pool sized to the enclave's vCPUs behind an admission bound
-  (``workers + queue_depth``); beyond it calls get RESOURCE_EXHAUSTED at once instead of queueing without
-  limit. A slot is held until the model work really ends (a caller that gave up does not free a busy
-  worker). A call whose deadline has passed by the time a worker is free is not run.
+* Model work runs on ``limits.workers`` worker threads (:class:`~enclave_app.batching.Batcher`) behind an
+  admission bound (``workers + queue_depth`` calls); beyond it calls get RESOURCE_EXHAUSTED at once
+  instead of queueing without limit. Concurrent calls that can share a forward pass are gathered into
+  one (``batching`` in the measured config; :mod:`enclave_app.forward` keeps every protection per call).
+  A slot is held until the model work really ends (a caller that gave up does not free a busy worker).
+  A call whose deadline has passed by the time its batch forms is not run.
 * Request and response sizes are bounded by gRPC options and by per-item checks (texts, tensor elements).
 * Errors become status codes in one table (:mod:`enclave_app.status`); no exception text leaves the
   enclave, only a code and, for internal errors, a correlation id.
@@ -42,10 +44,9 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 import numpy as np
@@ -56,7 +57,9 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 import nitrovault
+from enclave_app.batching import Batcher, Job
 from enclave_app.config import EnclaveConfig
+from enclave_app.forward import Answer, Call, EmbedCall, Forward, InferCall
 from enclave_app.models import ModelHandler
 from enclave_app.models.base import InvalidInputError
 from enclave_app.outputs import OutputGuard
@@ -113,7 +116,10 @@ class InferenceService(pb_grpc.InferenceServicer):
         self.user_data = self.protections.user_data
         workers = config.limits.workers or os.cpu_count() or 1
         self.workers = workers
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="model")
+        threads = config.batching.threads_per_worker(workers, os.cpu_count() or 1)
+        self.batcher: Batcher[Call, Answer] = Batcher(
+            Forward(self._handler_and_guard), workers=workers, max_rows=config.batching.max_rows,
+            max_delay_s=config.batching.max_delay_ms / 1000, on_start=lambda: torch.set_num_threads(threads))
         # Counted from admission until the model work has really finished (or was cancelled before it
         # started), so a call abandoned by its caller keeps its slot while a worker still runs it.
         self._admitted = 0
@@ -129,26 +135,26 @@ class InferenceService(pb_grpc.InferenceServicer):
 
     # -- admission -------------------------------------------------------------------------------------
 
-    async def _run(self, context: grpc.aio.ServicerContext, fn: Callable[[], T]) -> T:
+    async def _run(self, context: grpc.aio.ServicerContext, call: Call, key: Hashable | None) -> Answer:
+        """Admit ``call`` (or refuse it at once: RESOURCE_EXHAUSTED) and await its batch's answer."""
         with self._admitted_lock:
             if self._admitted >= self._capacity:
                 raise OverloadedError("queue full")
             self._admitted += 1
-
-        def guarded() -> T:
-            remaining = context.time_remaining()
-            if remaining is not None and remaining <= 0:
-                raise TimeoutError
-            return fn()
-
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else self.batcher.monotonic() + remaining
         try:
-            future = self._pool.submit(guarded)
+            future = self.batcher.submit(Job(call, rows=call.rows, key=key, deadline=deadline))
         except BaseException:
             self._release()
             raise
         # Runs in the worker thread when the work ends, or at once if a cancelled call's work never started.
         future.add_done_callback(lambda _: self._release())
         return await asyncio.wrap_future(future)
+
+    def _handler_and_guard(self) -> tuple[ModelHandler, OutputGuard]:
+        model = self._serving()
+        return model.handler, model.outputs
 
     def _release(self) -> None:
         with self._admitted_lock:
@@ -233,7 +239,7 @@ class InferenceService(pb_grpc.InferenceServicer):
 
     async def _embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext,
                      call: CallRecord) -> pb.EmbedResponse:
-        model = self._serving()
+        self._serving()
         self._check_model(request.model)
         texts: Sequence[str] = list(request.texts)
         limits = self.config.limits
@@ -243,13 +249,8 @@ class InferenceService(pb_grpc.InferenceServicer):
             raise InvalidInputError(f"at most {limits.max_batch} texts per call")
         if any(len(t) > limits.max_text_chars for t in texts):
             raise InvalidInputError(f"texts are limited to {limits.max_text_chars} characters")
-        subject = _subject(call)
-
-        def answer() -> np.ndarray:
-            vectors = model.handler.embed(texts, normalize=request.normalize)
-            return model.outputs.embeddings(subject, texts, vectors, call.notes)
-
-        vectors = await self._run(context, answer)
+        work = EmbedCall(texts, request.normalize, _subject(call), call.notes)
+        vectors = cast(np.ndarray, await self._run(context, work, work.key))  # an EmbedCall's answer
         return pb.EmbedResponse(
             model_id=self._model_name(), embeddings=from_numpy("embeddings", vectors.astype(np.float32))
         )
@@ -285,12 +286,8 @@ class InferenceService(pb_grpc.InferenceServicer):
             raise InvalidInputError("no input tensors")
         if any(t.dim() and t.shape[0] > limits.max_batch for t in inputs.values()):
             raise InvalidInputError(f"at most {limits.max_batch} rows per call")
-        subject = _subject(call)
-
-        def answer() -> dict[str, torch.Tensor]:
-            return model.outputs.classifier(subject, inputs, model.handler.infer(inputs), call.notes)
-
-        outputs = await self._run(context, answer)
+        work = InferCall(inputs, _subject(call), call.notes)
+        outputs = cast(dict[str, torch.Tensor], await self._run(context, work, work.key(model.handler)))
         wire_out = []
         for name, value in outputs.items():
             value = value.detach().contiguous()
@@ -345,7 +342,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         return pb.AttestResponse(document=document, user_data=user_data)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.batcher.close()
 
 
 def _subject(call: CallRecord) -> str:

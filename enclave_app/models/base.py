@@ -32,6 +32,10 @@ class InvalidInputError(NitrovaultError):
 class ModelHandler(Protocol):
     #: what ``Info`` reports, e.g. ``sentence-embedding``
     kind: str
+    #: whether row i of every ``infer`` output depends on row i of the inputs only, so that concurrent
+    #: calls may share one forward pass (:mod:`enclave_app.forward`); ``embed`` rows always are
+    @property
+    def rows_independent(self) -> bool: ...
 
     def warm_up(self) -> None: ...
 

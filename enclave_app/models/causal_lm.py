@@ -168,6 +168,8 @@ class CausalLMHandler:
     #: randomness for calls without ``seed`` (a parameter so that tests can pin it)
     entropy: Callable[[int], bytes] = os.urandom
     kind: str = "causal-lm"
+    #: each call samples with its own seed and length: calls never share a generation loop
+    rows_independent: bool = False
 
     @classmethod
     def load(

@@ -4,7 +4,8 @@ hyper-parameters arrive in the sealed metadata and whose weights are the sealed 
 Register an architecture by adding a factory to :data:`ARCHITECTURES`; it receives the decoded
 ``nitrovault.config`` JSON object and returns an uninitialised module (built on the ``meta`` device).
 The module is called with keyword tensors named as in the request and returns a tensor or a mapping of
-named tensors.
+named tensors. A module class that sets ``rows_independent = True`` (each output row depends on its input
+row only) lets concurrent calls share one forward pass; any other is called once per call.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ CONFIG_KEY = "nitrovault.config"
 
 class MLPClassifier(nn.Module):
     """A small feed-forward classifier: ``x`` [batch, features] → ``probabilities`` [batch, classes]."""
+
+    #: each output row depends on its input row only (calls may share a forward pass)
+    rows_independent = True
 
     def __init__(self, in_features: int, hidden: Sequence[int], classes: int) -> None:
         super().__init__()
@@ -52,6 +56,10 @@ class GenericHandler:
     module: nn.Module
     architecture: str
     kind: str = "generic"
+
+    @property
+    def rows_independent(self) -> bool:
+        return getattr(self.module, "rows_independent", False) is True
 
     @classmethod
     def load(

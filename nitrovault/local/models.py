@@ -87,6 +87,8 @@ class LocalModel:
     protection: Mapping[str, Any] | None = None
     #: quota tiers replacing :data:`LOCAL_TIERS` (tokens without a ``tier`` claim get ``default``), or None
     tiers: Mapping[str, Mapping[str, Any]] | None = None
+    #: the enclave config's measured ``batching`` section; None: the enclave's defaults (batching on)
+    batching: Mapping[str, Any] | None = None
     #: for models that do not embed: a demo call made through the relay, returning the line to print
     demo_call: Callable[[NitrovaultClient], str] | None = None
 
@@ -98,7 +100,7 @@ class LocalModel:
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ConfigError(f"LocalModel.{name} must be a non-empty string")
         object.__setattr__(self, "weights", Path(self.weights))
-        for name in ("protection", "tiers"):
+        for name in ("protection", "tiers", "batching"):
             value = getattr(self, name)
             if value is None:
                 continue

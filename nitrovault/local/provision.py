@@ -215,6 +215,7 @@ def enclave_config(model: LocalModel, *, key_arn: str, sealed_digest: str, kms_c
         **({"state_store": {"host": store.host, "ca_bundle": store.ca_pem.decode(),
                             "username": store.username}} if store is not None else {}),
         **({"protection": plain_json(model.protection)} if model.protection is not None else {}),
+        **({"batching": plain_json(model.batching)} if model.batching is not None else {}),
     })
     return config.to_json().encode()
 

@@ -247,9 +247,9 @@ def watch_cancellations(server: ServerThread) -> threading.Event:
     original = service._run
     seen = threading.Event()
 
-    async def spy(context: grpc.aio.ServicerContext, fn: Callable[[], T]) -> T:
+    async def spy(context: grpc.aio.ServicerContext, call: Any, key: Any) -> Any:
         try:
-            return await original(context, fn)
+            return await original(context, call, key)
         except asyncio.CancelledError:
             seen.set()
             raise

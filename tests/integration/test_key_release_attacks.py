@@ -331,3 +331,14 @@ def test_a_weaker_config_is_refused_at_load(stack: LocalStack, tmp_path: Path, c
          "--nsm-socket", "@none", "--vsock-dir", str(tmp_path), "--run-dir", str(tmp_path / "run")],
         capture_output=True, text=True, timeout=120, cwd=REPO_ROOT, check=False)
     assert result.returncode == 2 and complaint in result.stderr, result.stderr
+
+
+def test_the_enclave_sizes_torch_threads_to_its_vcpus(stack: LocalStack) -> None:
+    events = [json.loads(line) for line in (stack.paths.logs / "parent.log").read_text().splitlines()
+              if line.startswith("{")]
+    threads = [e for e in events if e.get("event") == "threads"]
+    assert threads, "the enclave reported no thread sizing"
+    sized = threads[-1]
+    assert sized["workers"] == sized["vcpus"]  # limits.workers 0: one model worker per vCPU
+    assert sized["torch_threads"] == max(1, sized["vcpus"] // sized["workers"])
+    assert sized["interop_threads"] == 1

@@ -1,0 +1,135 @@
+"""One batch of model work: the calls a :class:`~enclave_app.batching.Batcher` gathered, one forward pass.
+
+Each call arrives validated and authorised (token, quota and admission were checked on the event loop,
+for its own subject); this module concatenates the calls' rows, runs the handler once, splits the answer
+back into each call's rows and then runs the output guard **per call**, for the call's own subject and
+notes, so that extraction detection, noise and privacy budgets, watermarks and hardening stay exactly
+what a call served alone would get. One call's refusal or failure is only that call's.
+
+When the joint forward pass fails (a row the model rejects), every call is run again on its own, so a
+caller with a bad row gets its own error and the others their answers: nothing of one caller's input or
+failure reaches another.
+
+Batch keys (calls with equal keys may share a forward pass):
+
+* ``Embed``: ``("embed", normalize)``;
+* ``Infer``: ``("infer", ((name, dtype, trailing shape), ...))`` for handlers whose rows are independent
+  (:attr:`ModelHandler.rows_independent`), otherwise ``None`` (the call runs alone: a causal LM samples
+  per call, with its own seed and length).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from enclave_app.models import ModelHandler
+from enclave_app.outputs import GuardNotes, OutputGuard
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EmbedCall:
+    texts: Sequence[str]
+    normalize: bool
+    subject: str
+    notes: GuardNotes
+
+    @property
+    def rows(self) -> int:
+        return len(self.texts)
+
+    @property
+    def key(self) -> Hashable:
+        return ("embed", self.normalize)
+
+
+@dataclass(frozen=True)
+class InferCall:
+    inputs: Mapping[str, torch.Tensor]
+    subject: str
+    notes: GuardNotes
+
+    @property
+    def rows(self) -> int:
+        return max((t.shape[0] for t in self.inputs.values() if t.dim()), default=1)
+
+    def key(self, handler: ModelHandler) -> Hashable | None:
+        if not getattr(handler, "rows_independent", False) or any(
+                t.dim() == 0 for t in self.inputs.values()):
+            return None
+        rows = {t.shape[0] for t in self.inputs.values()}
+        if len(rows) != 1:
+            return None  # inconsistent leading dims: the model decides alone (and refuses)
+        return ("infer", tuple(sorted((name, str(t.dtype), tuple(t.shape[1:]))
+                                      for name, t in self.inputs.items())))
+
+
+Call = EmbedCall | InferCall
+Answer = np.ndarray | dict[str, torch.Tensor]
+
+
+class Forward:
+    """The batch function over the served model (``model()`` returns it, or raises when not serving)."""
+
+    def __init__(self, model: Callable[[], tuple[ModelHandler, OutputGuard]]) -> None:
+        self._model = model
+
+    def __call__(self, calls: Sequence[Call]) -> list[Answer | BaseException]:
+        handler, guard = self._model()
+        if len(calls) > 1:
+            try:
+                return self._joint(handler, guard, calls)
+            except Exception as err:  # a row the model refuses: every call alone, below
+                log.info("a joint forward pass of %d calls failed (%s): each runs alone",
+                         len(calls), type(err).__name__)
+        return [self._alone(handler, guard, call) for call in calls]
+
+    def _alone(self, handler: ModelHandler, guard: OutputGuard, call: Call) -> Answer | BaseException:
+        try:
+            if isinstance(call, EmbedCall):
+                vectors = handler.embed(call.texts, normalize=call.normalize)
+                return guard.embeddings(call.subject, call.texts, vectors, call.notes)
+            return guard.classifier(call.subject, call.inputs, handler.infer(call.inputs), call.notes)
+        except Exception as err:  # this call's error, raised in its caller
+            return err
+
+    def _joint(self, handler: ModelHandler, guard: OutputGuard,
+               calls: Sequence[Call]) -> list[Answer | BaseException]:
+        """One forward pass over every call's rows, split back; raises when the pass itself fails."""
+        sizes = [call.rows for call in calls]
+        if all(isinstance(c, EmbedCall) for c in calls):
+            embeds = [c for c in calls if isinstance(c, EmbedCall)]
+            texts = [t for c in embeds for t in c.texts]
+            vectors = handler.embed(texts, normalize=embeds[0].normalize)
+            if vectors.shape[0] != len(texts):
+                raise ValueError("the model answered another number of rows")
+            parts = np.split(vectors, np.cumsum(sizes)[:-1])
+            return [_guarded(guard.embeddings, c.subject, c.texts, v, c.notes)
+                    for c, v in zip(embeds, parts, strict=True)]
+        infers = [c for c in calls if isinstance(c, InferCall)]
+        if len(infers) != len(calls):
+            raise ValueError("a batch mixes methods")
+        joined = {name: torch.cat([c.inputs[name] for c in infers]) for name in infers[0].inputs}
+        outputs = handler.infer(joined)
+        total = sum(sizes)
+        if any(t.dim() == 0 or t.shape[0] != total for t in outputs.values()):
+            raise ValueError("the model's outputs are not one row per input row")
+        split = {name: torch.split(t, sizes) for name, t in outputs.items()}
+        return [_guarded(guard.classifier, c.subject, c.inputs,
+                         {name: parts[i] for name, parts in split.items()}, c.notes)
+                for i, c in enumerate(infers)]
+
+
+def _guarded(guard_step: Callable[..., Answer], *args: Any) -> Answer | BaseException:
+    """One call's output-guard step; its refusal or failure is returned, to be raised in its caller."""
+    try:
+        return guard_step(*args)
+    except Exception as err:
+        return err
