@@ -48,15 +48,20 @@ def concurrent_load(call_of: Callable[[int], Callable[[], object]], concurrency:
     ``call_of(i)`` (each its own client) for ``duration_s`` after one warm-up call each."""
     latencies: list[float] = []
     lock = threading.Lock()
-    ready = threading.Barrier(concurrency + 1)
-    stop_at = [0.0]
+    bounds = [0.0, 0.0]  # start, stop: set once by the barrier's action, before any thread goes on
+
+    def begin() -> None:
+        bounds[0] = time.monotonic()
+        bounds[1] = bounds[0] + duration_s
+
+    ready = threading.Barrier(concurrency + 1, action=begin)
 
     def worker(i: int) -> None:
         call = call_of(i)
         call()  # warm up (a client also attests and verifies the enclave here)
         ready.wait()
         mine = []
-        while time.monotonic() < stop_at[0]:
+        while time.monotonic() < bounds[1]:
             started = time.perf_counter()
             call()
             mine.append(time.perf_counter() - started)
@@ -67,8 +72,6 @@ def concurrent_load(call_of: Callable[[int], Callable[[], object]], concurrency:
     for t in threads:
         t.start()
     ready.wait()
-    started = time.monotonic()
-    stop_at[0] = started + duration_s
     for t in threads:
         t.join()
-    return len(latencies) / (time.monotonic() - started), latencies
+    return len(latencies) / (time.monotonic() - bounds[0]), latencies
