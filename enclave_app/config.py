@@ -449,6 +449,12 @@ class EnclaveConfig:
         _check_key_release(values)
         return cls(**values)
 
+    def model_threads(self, vcpus: int) -> tuple[int, int]:
+        """The model workers on ``vcpus`` vCPUs (``limits.workers``, 0: one per vCPU) and each one's torch
+        intra-op threads (``batching.torch_threads``; docs/serving.md)."""
+        workers = self.limits.workers or vcpus
+        return workers, self.batching.threads_per_worker(workers, vcpus)
+
     @property
     def kms_endpoint(self) -> str:
         """The KMS URL boto3 uses: the configured ``https`` one, else the region's real endpoint."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
 
 import numpy as np
 import torch
@@ -45,8 +45,7 @@ class EmbedCall:
     def rows(self) -> int:
         return len(self.texts)
 
-    @property
-    def key(self) -> Hashable:
+    def key(self, handler: ModelHandler) -> Hashable:
         return ("embed", self.normalize)
 
 
@@ -61,8 +60,7 @@ class InferCall:
         return max((t.shape[0] for t in self.inputs.values() if t.dim()), default=1)
 
     def key(self, handler: ModelHandler) -> Hashable | None:
-        if not getattr(handler, "rows_independent", False) or any(
-                t.dim() == 0 for t in self.inputs.values()):
+        if not handler.rows_independent or any(t.dim() == 0 for t in self.inputs.values()):
             return None
         rows = {t.shape[0] for t in self.inputs.values()}
         if len(rows) != 1:
@@ -92,26 +90,24 @@ class Forward:
         return [self._alone(handler, guard, call) for call in calls]
 
     def _alone(self, handler: ModelHandler, guard: OutputGuard, call: Call) -> Answer | BaseException:
-        try:
-            if isinstance(call, EmbedCall):
-                vectors = handler.embed(call.texts, normalize=call.normalize)
-                return guard.embeddings(call.subject, call.texts, vectors, call.notes)
-            return guard.classifier(call.subject, call.inputs, handler.infer(call.inputs), call.notes)
-        except Exception as err:  # this call's error, raised in its caller
-            return err
+        if isinstance(call, EmbedCall):
+            return _captured(lambda: guard.embeddings(
+                call.subject, call.texts, handler.embed(call.texts, normalize=call.normalize), call.notes))
+        return _captured(lambda: guard.classifier(call.subject, call.inputs, handler.infer(call.inputs),
+                                                  call.notes))
 
     def _joint(self, handler: ModelHandler, guard: OutputGuard,
                calls: Sequence[Call]) -> list[Answer | BaseException]:
         """One forward pass over every call's rows, split back; raises when the pass itself fails."""
         sizes = [call.rows for call in calls]
-        if all(isinstance(c, EmbedCall) for c in calls):
-            embeds = [c for c in calls if isinstance(c, EmbedCall)]
+        embeds = [c for c in calls if isinstance(c, EmbedCall)]
+        if len(embeds) == len(calls):
             texts = [t for c in embeds for t in c.texts]
             vectors = handler.embed(texts, normalize=embeds[0].normalize)
             if vectors.shape[0] != len(texts):
                 raise ValueError("the model answered another number of rows")
             parts = np.split(vectors, np.cumsum(sizes)[:-1])
-            return [_guarded(guard.embeddings, c.subject, c.texts, v, c.notes)
+            return [_captured(partial(guard.embeddings, c.subject, c.texts, v, c.notes))
                     for c, v in zip(embeds, parts, strict=True)]
         infers = [c for c in calls if isinstance(c, InferCall)]
         if len(infers) != len(calls):
@@ -122,14 +118,14 @@ class Forward:
         if any(t.dim() == 0 or t.shape[0] != total for t in outputs.values()):
             raise ValueError("the model's outputs are not one row per input row")
         split = {name: torch.split(t, sizes) for name, t in outputs.items()}
-        return [_guarded(guard.classifier, c.subject, c.inputs,
-                         {name: parts[i] for name, parts in split.items()}, c.notes)
+        return [_captured(partial(guard.classifier, c.subject, c.inputs,
+                                  {name: parts[i] for name, parts in split.items()}, c.notes))
                 for i, c in enumerate(infers)]
 
 
-def _guarded(guard_step: Callable[..., Answer], *args: Any) -> Answer | BaseException:
-    """One call's output-guard step; its refusal or failure is returned, to be raised in its caller."""
+def _captured(step: Callable[[], Answer]) -> Answer | BaseException:
+    """One call's work; its refusal or failure is returned, to be raised in its caller (never another's)."""
     try:
-        return guard_step(*args)
+        return step()
     except Exception as err:
         return err

@@ -90,8 +90,7 @@ def _size_threads(config: EnclaveConfig) -> None:
     """torch's threads sized to the enclave's vCPUs (``batching`` in the measured config): inter-op
     threads once for the process, intra-op threads for this thread (the model workers set their own)."""
     vcpus = os.cpu_count() or 1
-    workers = config.limits.workers or vcpus
-    threads = config.batching.threads_per_worker(workers, vcpus)
+    workers, threads = config.model_threads(vcpus)
     try:
         torch.set_num_interop_threads(config.batching.interop_threads)
     except RuntimeError:  # already fixed (torch ran parallel work before): keep torch's choice

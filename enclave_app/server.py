@@ -114,9 +114,8 @@ class InferenceService(pb_grpc.InferenceServicer):
         )
         #: the attestation ``user_data`` binding this boot's receipt/audit key (in every document)
         self.user_data = self.protections.user_data
-        workers = config.limits.workers or os.cpu_count() or 1
+        workers, threads = config.model_threads(os.cpu_count() or 1)
         self.workers = workers
-        threads = config.batching.threads_per_worker(workers, os.cpu_count() or 1)
         self.batcher: Batcher[Call, Answer] = Batcher(
             Forward(self._handler_and_guard), workers=workers, max_rows=config.batching.max_rows,
             max_delay_s=config.batching.max_delay_ms / 1000, on_start=lambda: torch.set_num_threads(threads))
@@ -239,7 +238,7 @@ class InferenceService(pb_grpc.InferenceServicer):
 
     async def _embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext,
                      call: CallRecord) -> pb.EmbedResponse:
-        self._serving()
+        model = self._serving()
         self._check_model(request.model)
         texts: Sequence[str] = list(request.texts)
         limits = self.config.limits
@@ -250,7 +249,8 @@ class InferenceService(pb_grpc.InferenceServicer):
         if any(len(t) > limits.max_text_chars for t in texts):
             raise InvalidInputError(f"texts are limited to {limits.max_text_chars} characters")
         work = EmbedCall(texts, request.normalize, _subject(call), call.notes)
-        vectors = cast(np.ndarray, await self._run(context, work, work.key))  # an EmbedCall's answer
+        answer = await self._run(context, work, work.key(model.handler))
+        vectors = cast(np.ndarray, answer)  # an EmbedCall's answer
         return pb.EmbedResponse(
             model_id=self._model_name(), embeddings=from_numpy("embeddings", vectors.astype(np.float32))
         )

@@ -173,6 +173,7 @@ class MarkedEmbedder:
     """A served model answering Embed with the marked toy embeddings."""
 
     kind = "test-marked-embedder"
+    rows_independent = False
 
     def __init__(self, mark: EmbeddingMark) -> None:
         self.mark = mark

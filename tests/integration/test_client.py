@@ -95,6 +95,7 @@ class FakeModel:
     """Fixed embeddings, the real MLP for Infer (plus a bfloat16 copy of x), and a crash on input ``boom``."""
 
     kind = "test-fake"
+    rows_independent = False
 
     def __init__(self) -> None:
         self.module = mlp_module()

@@ -169,6 +169,7 @@ class SlowHandler:
 
     delay: float
     kind: str = "test-slow"
+    rows_independent: bool = False
     calls: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -196,6 +197,7 @@ class GatedHandler:
     started, ``finished`` the ones that returned."""
 
     kind = "test-gated"
+    rows_independent = False
 
     def __init__(self) -> None:
         self.calls = 0
@@ -265,6 +267,7 @@ class BrokenHandler:
     """Raises an unexpected exception whose text must never reach the caller."""
 
     kind = "test-broken"
+    rows_independent = False
 
     def warm_up(self) -> None:
         pass

@@ -157,6 +157,7 @@ def test_a_protected_model_without_probabilities_fails_closed(serve: Any) -> Non
 
     class LogitsOnly:
         kind = "test-logits"
+        rows_independent = False
 
         def warm_up(self) -> None:
             pass

@@ -166,6 +166,12 @@ def hold_the_worker(served: Batched, handler: RowsHandler) -> grpc.Future:
     return held
 
 
+def release(handler: RowsHandler, held: grpc.Future) -> None:
+    """Open the handler's gate and let the held first call finish."""
+    handler.gate.set()
+    held.result()
+
+
 def test_concurrent_calls_share_one_forward_pass_and_each_gets_its_own_rows(
     batched: Callable[..., Batched],
 ) -> None:
@@ -175,8 +181,7 @@ def test_concurrent_calls_share_one_forward_pass_and_each_gets_its_own_rows(
     requests = [infer_request(rows(float(i + 1), n=i + 1)) for i in range(4)]
     futures = [served.stub().Infer.future(r, metadata=bearer(), timeout=WAIT_S) for r in requests]
     wait_until(lambda: served.queued() == 4, what="the four calls to queue behind the held one")
-    handler.gate.set()
-    held.result()
+    release(handler, held)
     for i, future in enumerate(futures):
         y = out(future.result().outputs.tensors[0]).array
         np.testing.assert_array_equal(y, np.full((i + 1, 8), 2.0 * (i + 1), np.float32))
@@ -194,8 +199,7 @@ def test_each_batched_call_has_its_own_receipt_and_audit_record(batched: Callabl
     futures = {name: served.stub().Infer.future(requests[name], metadata=bearer(token), timeout=WAIT_S)
                for name, token in tokens.items()}
     wait_until(lambda: served.queued() == 3, what="the three calls to queue")
-    handler.gate.set()
-    held.result()
+    release(handler, held)
     receipts = {}
     for name, future in futures.items():
         response = future.result()
@@ -228,8 +232,7 @@ def test_a_bad_row_fails_only_its_own_call_and_the_others_are_served(
     futures = [served.stub().Infer.future(infer_request(rows(v)), metadata=bearer(), timeout=WAIT_S)
                for v in values]
     wait_until(lambda: served.queued() == 3, what="the three calls to queue")
-    handler.gate.set()
-    held.result()
+    release(handler, held)
     np.testing.assert_array_equal(out(futures[0].result().outputs.tensors[0]).array,
                                   np.full((2, 8), 2.0, np.float32))
     with pytest.raises(grpc.RpcError) as caught:
@@ -273,8 +276,7 @@ def test_calls_that_differ_in_shape_or_method_never_share_a_pass(batched: Callab
         served.stub().Embed.future(pb.EmbedRequest(texts=["aaa"]), metadata=bearer(), timeout=WAIT_S),
     ]
     wait_until(lambda: served.queued() == 6, what="the six calls to queue")
-    handler.gate.set()
-    held.result()
+    release(handler, held)
     answers = [f.result() for f in futures]
     assert sorted(handler.passes[1:]) == sorted([4, 1, 3, 1])  # (8-wide x2) (4-wide) (embed x2) (normalized)
     np.testing.assert_array_equal(out(answers[4].outputs.tensors[0]).array,
@@ -294,8 +296,7 @@ def test_a_model_whose_rows_are_not_independent_is_called_once_per_call(
     futures = [served.stub().Infer.future(infer_request(rows(1.0)), metadata=bearer(), timeout=WAIT_S)
                for _ in range(3)]
     wait_until(lambda: served.queued() == 3, what="the three calls to queue")
-    handler.gate.set()
-    held.result()
+    release(handler, held)
     for future in futures:
         future.result()
     assert handler.passes == [2, 2, 2, 2]
@@ -310,8 +311,7 @@ def test_a_queued_call_whose_caller_gave_up_is_not_run(batched: Callable[..., Ba
     wait_until(lambda: served.queued() == 2, what="both calls to queue")
     assert gone.cancel()
     wait_until(lambda: served.server.server.service._admitted == 2, what="the cancelled call's slot back")
-    handler.gate.set()
-    held.result()
+    release(handler, held)
     kept.result()
     assert handler.passes == [2, 2]  # the abandoned call's rows never reached the model
 

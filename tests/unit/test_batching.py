@@ -56,6 +56,13 @@ def start(recorder: Recorder, **options: Any) -> Batcher[Any, Any]:
     return Batcher(recorder, **options)
 
 
+def hold_the_worker(batcher: Batcher[Any, Any], recorder: Recorder) -> Future[Any]:
+    """A first job that holds the only worker in the recorder's first batch until its gate opens."""
+    busy = batcher.submit(Job("busy", key="k"))
+    recorder.wait_batches(1)
+    return busy
+
+
 def results(futures: Sequence[Future[Any]]) -> list[Any]:
     return [f.result(WAIT_S) for f in futures]
 
@@ -75,8 +82,7 @@ def test_jobs_queued_while_the_worker_is_busy_run_as_one_batch(recorder: Recorde
 
 def test_a_batch_holds_at_most_max_rows_rows(recorder: Recorder) -> None:
     batcher = start(recorder, max_rows=7)
-    busy = batcher.submit(Job("busy", key="k"))
-    recorder.wait_batches(1)
+    busy = hold_the_worker(batcher, recorder)
     queued = [batcher.submit(Job(f"j{i}", rows=3, key="k")) for i in range(5)]
     recorder.gate.set()
     results([busy, *queued])
@@ -86,8 +92,7 @@ def test_a_batch_holds_at_most_max_rows_rows(recorder: Recorder) -> None:
 
 def test_jobs_with_other_keys_never_share_a_batch_and_keep_their_order(recorder: Recorder) -> None:
     batcher = start(recorder)
-    busy = batcher.submit(Job("busy", key="k"))
-    recorder.wait_batches(1)
+    busy = hold_the_worker(batcher, recorder)
     queued = [batcher.submit(Job(p, key=k)) for p, k in
               (("a1", "a"), ("b1", "b"), ("a2", "a"), ("n1", None), ("a3", "a"), ("n2", None), ("b2", "b"))]
     recorder.gate.set()
@@ -98,8 +103,7 @@ def test_jobs_with_other_keys_never_share_a_batch_and_keep_their_order(recorder:
 
 def test_a_cancelled_job_is_never_run(recorder: Recorder) -> None:
     batcher = start(recorder)
-    busy = batcher.submit(Job("busy", key="k"))
-    recorder.wait_batches(1)
+    busy = hold_the_worker(batcher, recorder)
     gone = batcher.submit(Job("gone", key="k"))
     kept = batcher.submit(Job("kept", key="k"))
     assert gone.cancel()
@@ -112,8 +116,7 @@ def test_a_cancelled_job_is_never_run(recorder: Recorder) -> None:
 def test_a_job_past_its_deadline_when_its_batch_forms_times_out_unrun(recorder: Recorder) -> None:
     clock = FakeMonotonic(100.0)
     batcher = start(recorder, monotonic=clock)
-    batcher.submit(Job("busy", key="k"))
-    recorder.wait_batches(1)
+    hold_the_worker(batcher, recorder)
     late = batcher.submit(Job("late", key="k", deadline=105.0))
     on_time = batcher.submit(Job("on-time", key="k", deadline=200.0))
     clock.advance(10)  # "late" expires while it waits for the worker
@@ -189,8 +192,7 @@ def test_a_job_without_a_key_does_not_wait_for_company(recorder: Recorder) -> No
 
 def test_close_fails_queued_jobs_and_refuses_new_ones(recorder: Recorder) -> None:
     batcher = start(recorder)
-    busy = batcher.submit(Job("busy", key="k"))
-    recorder.wait_batches(1)
+    busy = hold_the_worker(batcher, recorder)
     queued = batcher.submit(Job("queued", key="k"))
     batcher.close()
     with pytest.raises(NotReadyError):
