@@ -9,6 +9,10 @@ Invariants:
 * a refusal raises :class:`~nitrovault.errors.QuotaExceededError` with ``retry_after_s``: the least time
   after which the same call would be accepted (rate: until the bucket holds one token; daily: until the
   next UTC midnight). ``reason`` is ``rate``, ``daily-requests`` or ``daily-items`` (audit log only);
+* a streamed call (Generate) is charged one request when it is admitted, then ``request=False``
+  "continuation" charges of items only (one per generated token): they take no token from the bucket and
+  count no daily request, only items, so they are refused (``daily-items``) only when the day's items run
+  out, and the stream stops there;
 * memory is bounded: at most ``max_subjects`` subjects are tracked; beyond that the least recently
   charged subject is evicted (LRU) and starts over with a **fresh bucket** and zero daily counts;
 * the ledger is thread-safe (one lock; a charge is a few dict operations).
@@ -29,6 +33,7 @@ Example::
     tiers = QuotaTiers({"free": QuotaPolicy(1.0, 5, 1000, 10_000)}, default="free")
     ledger = QuotaLedger(tiers)
     state = ledger.charge("alice", None, items=3)
+    state = ledger.charge("alice", None, items=1, request=False)  # one more streamed token
 """
 
 from __future__ import annotations
@@ -130,8 +135,14 @@ class QuotaLedger:
         with self._lock:
             return len(self._accounts)
 
-    def charge(self, subject: str, tier: str | None, items: int = 1) -> QuotaState:
-        """Charge one call of ``items`` items to ``subject`` or raise :class:`QuotaExceededError`."""
+    def charge(self, subject: str, tier: str | None, items: int = 1, *, request: bool = True) -> QuotaState:
+        """Charge one call of ``items`` items to ``subject`` or raise :class:`QuotaExceededError`.
+
+        ``request=False`` is the "continuation" charge of a streamed call (the call itself was charged
+        with ``request=True`` when it was admitted; each generated token is then charged as an item): it
+        takes no token from the bucket and counts no daily request, only adds ``items`` to the day's
+        items, and is refused only with ``daily-items`` (retry after the next UTC midnight). The bucket
+        still refills as usual; all or nothing as any charge."""
         if items < 0:
             raise ConfigError("items must not be negative")
         policy = self._policies.resolve(tier)
@@ -142,18 +153,19 @@ class QuotaLedger:
                 subject, lambda: _Account(tokens=float(policy.burst), last=now, day=now.date()))
             self._refill(account, policy, now)
             refusals: list[tuple[float, str]] = []
-            if account.tokens < 1.0:
+            if request and account.tokens < 1.0:
                 refusals.append(((1.0 - account.tokens) / policy.rate_per_s, "rate"))
             until_midnight = (_next_midnight(now) - now).total_seconds()
-            if policy.daily_requests is not None and account.requests + 1 > policy.daily_requests:
+            if request and policy.daily_requests is not None and account.requests + 1 > policy.daily_requests:
                 refusals.append((until_midnight, "daily-requests"))
             if policy.daily_items is not None and account.items + items > policy.daily_items:
                 refusals.append((until_midnight, "daily-items"))
             if refusals:
                 retry_after, reason = max(refusals)
                 raise QuotaExceededError(reason, retry_after_s=retry_after)
-            account.tokens -= 1.0
-            account.requests += 1
+            if request:
+                account.tokens -= 1.0
+                account.requests += 1
             account.items += items
             return QuotaState(
                 remaining_requests=None if policy.daily_requests is None

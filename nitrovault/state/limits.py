@@ -5,7 +5,8 @@ Each class here has the interface and the invariants of its in-memory twin, whic
 
 * :class:`SharedQuotaLedger` — :class:`nitrovault.access.QuotaLedger` (token bucket, daily requests and
   items per UTC day, refusal reasons ``rate`` / ``daily-requests`` / ``daily-items`` with
-  ``retry_after_s``; a clock step back refills nothing);
+  ``retry_after_s``; a clock step back refills nothing; ``request=False`` charges items only, the
+  continuation of a streamed call);
 * :class:`SharedPrivacyBudget` — :class:`nitrovault.protection.PrivacyBudget` (ε adds up, δ composes as
   ``1 - Π(1 - δᵢ)``, per period aligned to the epoch, refusal ``privacy-budget``);
 * :class:`SharedRefusals` — the extraction monitor's blocks and throttles
@@ -84,6 +85,8 @@ def _ms(at: datetime) -> int:
 # ARGV[3..8] quota: on, rate_per_ms, burst, daily_requests (-1: none), daily_items (-1: none), items
 # ARGV[9..15] budget: on, period, eps_cost, omd_cost, eps_budget, delta_budget, tolerance; ARGV[16] its ttl;
 # ARGV[17] soft ('1': a budget too small to spend refuses nothing here; the answer is refused later)
+# ARGV[18] request ('1': a call, one bucket token and one daily request besides its items; '0': items only,
+#          the continuation charge of a streamed call: no rate or daily-requests check, still refilled)
 # -> {0, what ('x' | 'q' | 'b'), reason, retry_after_ms}   refused, nothing written
 #    {1, requests, items, tokens, eps_spent, omd, spent}     admitted (-1 / '' for parts not asked;
 #                                                           spent: '1' spent, '0' too small (soft), '')
@@ -119,12 +122,13 @@ if quota then
     req = 0
     used = 0
   end
+  local request = ARGV[18] == '1'
   local retry, reason = -1, ''
-  if tokens < 1.0 then
+  if request and tokens < 1.0 then
     retry, reason = (1.0 - tokens) / rate, 'rate'
   end
   midnight = (day + 1) * 86400000 - now
-  if dreq >= 0 and req + 1 > dreq and midnight > retry then
+  if request and dreq >= 0 and req + 1 > dreq and midnight > retry then
     retry, reason = midnight, 'daily-requests'
   end
   if ditems >= 0 and used + items > ditems and midnight > retry then
@@ -133,8 +137,10 @@ if quota then
   if retry >= 0 then
     return {0, 'q', reason, string.format('%.17g', retry)}
   end
-  tokens = tokens - 1.0
-  req = req + 1
+  if request then
+    tokens = tokens - 1.0
+    req = req + 1
+  end
   used = used + items
 end
 local budget = ARGV[9] == '1'
@@ -282,14 +288,19 @@ class SharedAdmission:
 
     def admit(self, subject: str, tier: str | None = None, items: int | None = 1, *,
               privacy: tuple[float, float] | None = None, refusals: bool = False,
-              soft: bool = False) -> Admitted:
+              soft: bool = False, request: bool = True) -> Admitted:
         """Charge ``items`` to the quota (``None``: no quota charge), spend ``privacy`` = (ε, δ) from the
         budget (``None``: no spend) and, with ``refusals``, refuse a blocked or throttled subject; raises
         the in-memory twins' errors (:class:`StateStoreError` when the store cannot decide).
 
         ``soft``: a budget too small for ``privacy`` refuses nothing here; the rest is admitted and
         :attr:`Admitted.budget_refused` says so, so the caller can run what comes before the spend in
-        memory (the extraction monitor observes a call before its privacy spend) and refuse then."""
+        memory (the extraction monitor observes a call before its privacy spend) and refuse then.
+
+        ``request=False``: the quota charge is a "continuation" charge of items only (a streamed call's
+        generated tokens, after the call itself was admitted with ``request=True``): no bucket token and
+        no daily request, refused only with ``daily-items``, as :meth:`QuotaLedger.charge
+        <nitrovault.access.QuotaLedger.charge>`."""
         at = self._clock()
         now = _ms(at.astimezone(UTC))
         quota_args: list[str | int | float] = ["0", 0, 0, 0, 0, 0]
@@ -318,7 +329,8 @@ class SharedAdmission:
                            "1" if soft else "0"]
         key = self._store.settings.key
         reply = _reply(self._admit([key(subject, "x"), key(subject, "q"), key(subject, "dp")],
-                                   [now, "1" if refusals else "0", *quota_args, *budget_args]))
+                                   [now, "1" if refusals else "0", *quota_args, *budget_args,
+                                    "1" if request else "0"]))
         try:
             if reply[0] == 0:
                 what, reason, retry = str(reply[1]), str(reply[2]), float(str(reply[3])) / 1000.0
@@ -365,10 +377,11 @@ class SharedQuotaLedger:
     def __init__(self, store: StateStore, policies: QuotaTiers, *, clock: Clock = utc_now) -> None:
         self._admission = SharedAdmission(store, policies, clock=clock)
 
-    def charge(self, subject: str, tier: str | None, items: int = 1) -> QuotaState:
+    def charge(self, subject: str, tier: str | None, items: int = 1, *, request: bool = True) -> QuotaState:
         """Charge one call of ``items`` items or raise :class:`QuotaExceededError`
-        (:class:`StateStoreError` when the store cannot decide)."""
-        quota = self._admission.admit(subject, tier, items).quota
+        (:class:`StateStoreError` when the store cannot decide). ``request=False``: the items-only
+        "continuation" charge of a streamed call (no bucket token, no daily request), as in memory."""
+        quota = self._admission.admit(subject, tier, items, request=request).quota
         if quota is None:  # asked for: the script answers it whenever it admits
             raise StateStoreError("the state store answered a limit script unexpectedly")
         return quota

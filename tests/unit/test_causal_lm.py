@@ -262,6 +262,7 @@ def test_green_list_watermark_is_detected_only_when_the_processor_is_applied() -
 
 _IDS = torch.tensor([[1, 2]])
 _N = torch.tensor(3)
+_BASE = {"input_ids": _IDS, "max_new_tokens": _N}
 
 
 @pytest.mark.parametrize(
@@ -269,7 +270,14 @@ _N = torch.tensor(3)
     [
         ({"max_new_tokens": _N}, "inputs are input_ids"),
         ({"input_ids": _IDS}, "inputs are input_ids"),
-        ({"input_ids": _IDS, "max_new_tokens": _N, "temperature": torch.tensor(1.0)}, "inputs are input_ids"),
+        ({"input_ids": _IDS, "max_new_tokens": _N, "top_k": torch.tensor(1)}, "inputs are input_ids"),
+        ({**_BASE, "temperature": torch.tensor(1)}, "temperature must be a f"),
+        ({**_BASE, "temperature": torch.tensor(-0.5)}, r"temperature must be in"),
+        ({**_BASE, "temperature": torch.tensor(float("nan"))}, "temperature"),
+        ({**_BASE, "temperature": torch.tensor(6.0)}, r"in \[0, 5\]"),
+        ({**_BASE, "top_p": torch.tensor(0.0)}, r"top_p must be in \(0, 1\]"),
+        ({**_BASE, "top_p": torch.tensor(1.01)}, r"top_p must be in \(0, 1\]"),
+        ({**_BASE, "top_p": torch.tensor([0.5, 0.5])}, "top_p must be a f"),
         ({"x": _IDS}, "inputs are input_ids"),
         ({"input_ids": _IDS.float(), "max_new_tokens": _N}, "integer tensor"),
         ({"input_ids": _IDS.bool(), "max_new_tokens": _N}, "integer tensor"),

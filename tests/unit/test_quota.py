@@ -84,6 +84,62 @@ def test_daily_items() -> None:
     assert q.charge("a", None, items=3).remaining_items == 0
 
 
+def test_a_continuation_charge_takes_no_token_and_counts_no_request() -> None:
+    clock = FakeClock()
+    q = ledger(QuotaPolicy(rate_per_s=2.0, burst=1, daily_requests=1, daily_items=100), clock)
+    admitted = q.charge("a", None, items=0)  # the Generate call: one request, the bucket's only token
+    assert (admitted.tokens, admitted.remaining_requests, admitted.remaining_items) == (0.0, 0, 100)
+    for n in range(1, 6):  # one generated token each: neither the empty bucket nor the day's requests stop it
+        state = q.charge("a", None, items=1, request=False)
+        assert (state.tokens, state.remaining_requests, state.remaining_items) == (0.0, 0, 100 - n)
+    with pytest.raises(QuotaExceededError) as info:
+        q.charge("a", None, items=0)  # a new call is still refused: the continuations spent nothing of it
+    assert info.value.reason == "daily-requests"
+    clock.advance(0.25)
+    assert q.charge("a", None, items=2, request=False).tokens == pytest.approx(0.5)  # refilled as usual
+    assert q.charge("new", None, items=1, request=False).tokens == 1.0  # a new subject: a full bucket
+
+
+def test_a_continuation_charge_is_refused_for_daily_items_until_midnight_all_or_nothing() -> None:
+    clock = FakeClock(datetime(2025, 3, 1, 23, 0, 0, tzinfo=UTC))
+    q = ledger(QuotaPolicy(rate_per_s=1.0, burst=2, daily_requests=5, daily_items=5), clock)
+    q.charge("a", None, items=1)
+    assert q.charge("a", None, items=3, request=False).remaining_items == 1
+    with pytest.raises(QuotaExceededError) as info:
+        q.charge("a", None, items=2, request=False)
+    assert info.value.reason == "daily-items"
+    assert info.value.retry_after_s == pytest.approx(3600.0)
+    state = q.charge("a", None, items=1, request=False)  # the refused charge took nothing
+    assert (state.tokens, state.remaining_requests, state.remaining_items) == (1.0, 4, 0)
+    with pytest.raises(QuotaExceededError) as again:
+        q.charge("a", None, items=1, request=False)
+    assert again.value.reason == "daily-items"
+    clock.advance(3599.5)
+    with pytest.raises(QuotaExceededError):
+        q.charge("a", None, items=1, request=False)
+    clock.advance(0.5)  # 00:00:00 UTC: the day's items start over
+    state = q.charge("a", None, items=4, request=False)
+    assert (state.remaining_requests, state.remaining_items) == (5, 1)
+    with pytest.raises(ConfigError):
+        q.charge("a", None, items=-1, request=False)
+
+
+def test_a_stream_stops_exactly_when_the_daily_items_run_out() -> None:
+    clock = FakeClock()
+    q = ledger(QuotaPolicy(rate_per_s=1.0, burst=1, daily_items=20), clock)
+    q.charge("a", None, items=0)
+    generated = 0
+    while True:
+        clock.advance(0.01)
+        try:
+            q.charge("a", None, items=1, request=False)
+        except QuotaExceededError as exc:
+            assert exc.reason == "daily-items"
+            break
+        generated += 1
+    assert generated == 20
+
+
 def test_midnight_uses_utc_even_for_other_offsets() -> None:
     # 04:00 on March 2 at +05:00 is 23:00 on March 1 UTC: one hour to the UTC midnight
     local = datetime(2025, 3, 1, 23, 0, 0, tzinfo=UTC).astimezone(timezone(timedelta(hours=5)))

@@ -69,6 +69,44 @@ def test_quota_decisions_equal_the_in_memory_ledger(store: StateStore) -> None:
     assert refusals == {"rate", "daily-requests", "daily-items"}  # every rule was exercised
 
 
+def test_continuation_charges_decide_as_the_in_memory_ledger(store: StateStore) -> None:
+    """Streamed calls: a mix of call charges and items-only continuations (``request=False``)."""
+    tiers = QuotaTiers({"s": QuotaPolicy(rate_per_s=2.0, burst=3, daily_requests=40, daily_items=90)},
+                       default="s")  # a stream's tokens outnumber its calls
+    clock = FakeClock(T0)
+    memory = QuotaLedger(tiers, clock=clock)
+    shared = SharedQuotaLedger(store, tiers, clock=clock)
+    rng = random.Random(11)  # noqa: S311 - a reproducible workload, not a secret
+    seen = set()
+    for _ in range(600):
+        clock.advance(ms(rng.choice([0, 0, 1, 50, 250, 700, 3000])))
+        subject, items, request = rng.choice(["c", "d"]), rng.randint(0, 3), rng.random() < 0.4
+        expected = _outcome(lambda: memory.charge(subject, None, items, request=request))  # noqa: B023
+        got = _outcome(lambda: shared.charge(subject, None, items, request=request))  # noqa: B023
+        assert got == expected, (clock.now, subject, items, request)
+        if expected[0] == "refused":
+            seen.add((request, expected[1]))
+        elif not request and expected[3] < 1.0:
+            seen.add((request, "admitted-with-an-empty-bucket"))
+    assert seen == {(True, "rate"), (True, "daily-requests"), (True, "daily-items"),
+                    (False, "daily-items"), (False, "admitted-with-an-empty-bucket")}
+
+
+def test_a_refused_continuation_writes_nothing(store: StateStore) -> None:
+    clock = FakeClock(T0)
+    ledger = SharedQuotaLedger(store, TIERS, clock=clock)
+    ledger.charge("y", None, 1)
+    state = ledger.charge("y", None, 11, request=False)
+    assert (state.remaining_requests, state.remaining_items, state.tokens) == (6, 0, 2.0)
+    key = store.settings.key("y", "q")
+    before = store.client.hgetall(key)
+    with pytest.raises(QuotaExceededError) as refused:
+        ledger.charge("y", None, 1, request=False)
+    assert refused.value.reason == "daily-items"
+    assert refused.value.retry_after_s == pytest.approx(10.0)  # T0 is ten seconds before midnight
+    assert store.client.hgetall(key) == before
+
+
 def test_privacy_budget_decisions_equal_the_in_memory_budget(store: StateStore) -> None:
     clock = FakeClock(T0)
     policy = BudgetPolicy(epsilon=1.0, delta=1e-5, period_s=5.0)
