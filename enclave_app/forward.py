@@ -15,7 +15,9 @@ Batch keys (calls with equal keys may share a forward pass):
 * ``Embed``: ``("embed", normalize)``;
 * ``Infer``: ``("infer", ((name, dtype, trailing shape), ...))`` for handlers whose rows are independent
   (:attr:`ModelHandler.rows_independent`), otherwise ``None`` (the call runs alone: a causal LM samples
-  per call, with its own seed and length).
+  per call, with its own seed and length);
+* ``Generate``: ``None``: a generation holds its worker until its last token (it streams through
+  :attr:`GenerateCall.emit` meanwhile, and stops when :attr:`GenerateCall.cancelled` says so).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import numpy as np
 import torch
 
 from enclave_app.models import ModelHandler
+from enclave_app.models.base import TextGenerator, UnsupportedCallError
+from enclave_app.models.causal_lm import Emit, Generated, TextRequest
 from enclave_app.outputs import GuardNotes, OutputGuard
 
 log = logging.getLogger(__name__)
@@ -69,8 +73,22 @@ class InferCall:
                                       for name, t in self.inputs.items())))
 
 
-Call = EmbedCall | InferCall
-Answer = np.ndarray | dict[str, torch.Tensor]
+@dataclass(frozen=True)
+class GenerateCall:
+    request: TextRequest
+    subject: str
+    #: called on the worker thread with each piece of text as it becomes final
+    emit: Emit
+    #: asked after every token: True ends the generation at once
+    cancelled: Callable[[], bool]
+    rows: int = 1
+
+    def key(self, handler: ModelHandler) -> Hashable | None:
+        return None
+
+
+Call = EmbedCall | InferCall | GenerateCall
+Answer = np.ndarray | dict[str, torch.Tensor] | Generated
 
 
 class Forward:
@@ -93,6 +111,10 @@ class Forward:
         if isinstance(call, EmbedCall):
             return _captured(lambda: guard.embeddings(
                 call.subject, call.texts, handler.embed(call.texts, normalize=call.normalize), call.notes))
+        if isinstance(call, GenerateCall):
+            if not isinstance(handler, TextGenerator):
+                return UnsupportedCallError("this model does not generate text")
+            return _captured(lambda: handler.generate(call.request, call.emit, call.cancelled))
         return _captured(lambda: guard.classifier(call.subject, call.inputs, handler.infer(call.inputs),
                                                   call.notes))
 

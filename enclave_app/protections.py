@@ -57,6 +57,7 @@ from nitrovault.errors import (
     NsmError,
     ProtectionUnavailableError,
     QuotaExceededError,
+    StateStoreError,
 )
 from nitrovault.nsm import Nsm
 from nitrovault.receipts import Receipt, ReceiptSigner, enclave_user_data, key_id
@@ -66,8 +67,8 @@ log = logging.getLogger(__name__)
 
 Sink = Callable[[bytes], None]
 
-#: methods whose responses carry a receipt
-RECEIPTED = frozenset({"Infer", "Embed"})
+#: methods whose responses carry a receipt (Generate's: its last message, over the whole stream)
+RECEIPTED = frozenset({"Infer", "Embed", "Generate"})
 #: largest accepted ``authorization`` metadata value (a token is at most 8 KiB)
 MAX_AUTHORIZATION = 8 * 1024 + 16
 
@@ -214,6 +215,19 @@ class Protections:
         if self.ledger is None:
             raise NotReadyError("limits not ready")
         return self.ledger.charge(principal.subject, principal.tier, items)
+
+    def charge_items(self, principal: Principal, items: int) -> QuotaState:
+        """Charge ``items`` more to a call already admitted (a stream's generated tokens): the day's items
+        only, no request (``QuotaExceededError("daily-items")`` when the allowance runs out). With the
+        shared store this is a round trip: call it off the event loop."""
+        if self.admission is not None:
+            quota = self.admission.admit(principal.subject, principal.tier, items, request=False).quota
+            if quota is None:  # asked for: the script answers it whenever it admits
+                raise StateStoreError("the state store answered a limit script unexpectedly")
+            return quota
+        if self.ledger is None:
+            raise NotReadyError("limits not ready")
+        return self.ledger.charge(principal.subject, principal.tier, items, request=False)
 
     def sign(self, principal: Principal, method: str, request_bytes: bytes, response_bytes: bytes) -> Receipt:
         if self.signer is None:  # serving() comes before any model call can succeed

@@ -40,13 +40,14 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import logging
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable, Hashable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import Any, NoReturn, TypeVar, cast
 
 import grpc
 import numpy as np
@@ -59,9 +60,11 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 import nitrovault
 from enclave_app.batching import Batcher, Job
 from enclave_app.config import EnclaveConfig
-from enclave_app.forward import Answer, Call, EmbedCall, Forward, InferCall
+from enclave_app.forward import Answer, Call, EmbedCall, Forward, GenerateCall, InferCall
 from enclave_app.models import ModelHandler
 from enclave_app.models.base import InvalidInputError
+from enclave_app.models.causal_lm import Generated, TextRequest
+from enclave_app.models.generation import Sampling
 from enclave_app.outputs import OutputGuard
 from enclave_app.protections import RECEIPTED, CallRecord, Protections, Sink, boot_key_from_nsm
 from enclave_app.status import NotReadyError, OverloadedError, abort_with, classify
@@ -71,6 +74,7 @@ from nitrovault.nsm import Nsm
 from nitrovault.receipts import enclave_user_data
 from nitrovault.rpc.gen.nitrovault.v1 import inference_pb2 as pb
 from nitrovault.rpc.gen.nitrovault.v1 import inference_pb2_grpc as pb_grpc
+from nitrovault.rpc.streams import Transcript
 from nitrovault.rpc.tensors import from_numpy, to_numpy
 from nitrovault.state import StateStore
 
@@ -178,59 +182,65 @@ class InferenceService(pb_grpc.InferenceServicer):
         """Token → quota → (extraction admit) → work → receipt → audit record (module docstring), errors
         through the table. ``public``: no token and no charge (Attest), still audited."""
         started = time.perf_counter_ns()
-        guard = self.protections
         call = CallRecord(method=method, model=self.config.model_id, items=items)
         try:
-            if public:
-                response = await work(call)
-                guard.record(call, decision="ok", latency_us=(time.perf_counter_ns() - started) // 1000)
-                return response
-            call.principal = guard.identify(context.invocation_metadata())
-            guard.authorize(call.principal, method)  # after call.principal: a scope refusal is attributed
-            guard.check_audit()
-            principal = call.principal
-            outputs = self.model.outputs if method in RECEIPTED and self.model is not None else None
-
-            def limits() -> None:
-                call.quota = guard.charge(principal, items)
-                if outputs is not None:
-                    outputs.admit(principal.subject)
-
-            if guard.shared:  # one round trip, never on the event loop (a slow store must not stall it)
-                privacy = None if outputs is None else outputs.privacy_cost(method, items)
-                await asyncio.to_thread(guard.admit, call, items, privacy=privacy,
-                                        refusals=outputs is not None and outputs.refuses)
-            else:
-                limits()
+            if not public:
+                await self._admit(context, call)
             response = await work(call)
             if method in RECEIPTED:
                 raw = _RAW_REQUEST.get()
-                request_bytes = raw if raw is not None else b""
-                receipt = guard.sign(call.principal, method, request_bytes,
-                                     response.SerializeToString(deterministic=True))  # type: ignore[attr-defined]
-                response.receipt.payload = receipt.body  # type: ignore[attr-defined]
-                response.receipt.signature = receipt.signature  # type: ignore[attr-defined]
-                response.receipt.key_id = receipt.key_id  # type: ignore[attr-defined]
-                call.receipt_id = receipt.receipt_id
+                response.receipt.CopyFrom(self._sign(  # type: ignore[attr-defined]
+                    call, raw if raw is not None else b"",
+                    response.SerializeToString(deterministic=True)))  # type: ignore[attr-defined]
         except Exception as caught:
-            latency_us = (time.perf_counter_ns() - started) // 1000
-            err: Exception = caught
-            if isinstance(caught, StateStoreError):  # limits cannot be decided: fail closed
-                log.warning("%s: refusing the call", caught)
-                err = ProtectionUnavailableError("state-store-unavailable")
-            if call.notes.precharged is not None:  # spent at admission, but no answer is released
-                await asyncio.to_thread(guard.refund, call)
-            decision, reason = guard.decision_of(err)
-            if isinstance(err, grpc.aio.AbortError):  # aborted by grpc itself, already answered
-                guard.record(call, decision=decision, reason=reason, code="ABORTED", latency_us=latency_us)
-                raise
-            classified = classify(err)
-            guard.record(call, decision=decision, reason=reason, code=classified[0].name,
-                         latency_us=latency_us)
-            await abort_with(context, err, classified)
-            raise AssertionError("unreachable") from None
-        guard.record(call, decision="ok", latency_us=(time.perf_counter_ns() - started) // 1000)
+            await self._refuse(context, call, caught, started)
+        self.protections.record(call, decision="ok", latency_us=_since(started))
         return response
+
+    async def _admit(self, context: grpc.aio.ServicerContext, call: CallRecord) -> None:
+        """Token → scopes → audit gate → quota for ``call.items`` (and the output guard's admission)."""
+        guard = self.protections
+        method = call.method
+        call.principal = guard.identify(context.invocation_metadata())
+        guard.authorize(call.principal, method)  # after call.principal: a scope refusal is attributed
+        guard.check_audit()
+        principal, items = call.principal, call.items
+        outputs = self.model.outputs if method in RECEIPTED and self.model is not None else None
+        if guard.shared:  # one round trip, never on the event loop (a slow store must not stall it)
+            privacy = None if outputs is None else outputs.privacy_cost(method, items)
+            await asyncio.to_thread(guard.admit, call, items, privacy=privacy,
+                                    refusals=outputs is not None and outputs.refuses)
+            return
+        call.quota = guard.charge(principal, items)
+        if outputs is not None:
+            outputs.admit(principal.subject)
+
+    def _sign(self, call: CallRecord, request_bytes: bytes, response_bytes: bytes) -> pb.Receipt:
+        if call.principal is None:  # _admit authenticates before any receipted work runs
+            raise RuntimeError("a receipt for an unauthenticated call")
+        receipt = self.protections.sign(call.principal, call.method, request_bytes, response_bytes)
+        call.receipt_id = receipt.receipt_id
+        return pb.Receipt(payload=receipt.body, signature=receipt.signature, key_id=receipt.key_id)
+
+    async def _refuse(self, context: grpc.aio.ServicerContext, call: CallRecord, caught: Exception,
+                      started: int) -> NoReturn:
+        """Audit ``caught`` and answer the call with its status (the table); never returns."""
+        guard = self.protections
+        latency_us = _since(started)
+        err: Exception = caught
+        if isinstance(caught, StateStoreError):  # limits cannot be decided: fail closed
+            log.warning("%s: refusing the call", caught)
+            err = ProtectionUnavailableError("state-store-unavailable")
+        if call.notes.precharged is not None:  # spent at admission, but no answer is released
+            await asyncio.to_thread(guard.refund, call)
+        decision, reason = guard.decision_of(err)
+        if isinstance(err, grpc.aio.AbortError):  # aborted by grpc itself, already answered
+            guard.record(call, decision=decision, reason=reason, code="ABORTED", latency_us=latency_us)
+            raise err
+        classified = classify(err)
+        guard.record(call, decision=decision, reason=reason, code=classified[0].name, latency_us=latency_us)
+        await abort_with(context, err, classified)
+        raise AssertionError("unreachable") from None
 
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         return await self._protected(context, "Embed", min(len(request.texts), self.config.limits.max_batch),
@@ -297,6 +307,83 @@ class InferenceService(pb_grpc.InferenceServicer):
                 wire_out.append(from_numpy(name, value.numpy()))
         return pb.InferResponse(model_id=self._model_name(), outputs=pb.Tensors(tensors=wire_out))
 
+    async def Generate(self, request: pb.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+        """Stream a continuation of the prompt (module docstring, "Generate"). Admission charges the
+        request; each piece's tokens are charged before the piece is sent, so a subject never receives
+        more tokens than its allowance. The last message carries ``done`` and the receipt over the
+        transcript (:mod:`nitrovault.rpc.streams`). Any way the stream ends early (an error, the
+        allowance running out, the caller cancelling) stops the model at its next token."""
+        started = time.perf_counter_ns()
+        call = CallRecord(method="Generate", model=self.config.model_id, items=0)
+        raw = _RAW_REQUEST.get()
+        stopped = threading.Event()
+        task: asyncio.Future[Answer] | None = None
+        try:
+            await self._admit(context, call)
+            self._serving()
+            self._check_model(request.model)
+            work_request = self._text_request(request)
+            loop = asyncio.get_running_loop()
+            pieces: asyncio.Queue[tuple[str, int] | None] = asyncio.Queue()
+
+            def emit(text: str, tokens: int) -> None:  # on the worker thread
+                loop.call_soon_threadsafe(pieces.put_nowait, (text, tokens))
+
+            work = GenerateCall(work_request, _subject(call), emit, stopped.is_set)
+            task = asyncio.ensure_future(self._run(context, work, None))
+            # after every emit: call_soon_threadsafe keeps order, and the answer is set after the last one
+            task.add_done_callback(functools.partial(_finished, pieces))
+            transcript = Transcript()
+            async for text, tokens in _drain(pieces):
+                await self._charge_tokens(call, tokens)
+                message = pb.GenerateResponse(text=text, tokens=tokens)
+                transcript.add(message)
+                yield message
+            generated = cast(Generated, task.result())
+            last = pb.GenerateResponse(done=pb.GenerateDone(
+                model_id=self._model_name(), finish_reason=_FINISH[generated.finish_reason],
+                prompt_tokens=generated.prompt_tokens, completion_tokens=generated.completion_tokens))
+            transcript.add_last(last)
+            last.receipt.CopyFrom(self._sign(call, raw if raw is not None else b"", bytes(transcript)))
+        except Exception as caught:
+            stopped.set()
+            await self._refuse(context, call, caught, started)
+        except BaseException:  # the caller went away (CancelledError) or closed the stream
+            stopped.set()
+            self.protections.record(call, decision="error", reason="cancelled", code="CANCELLED",
+                                    latency_us=_since(started))
+            raise
+        finally:
+            stopped.set()
+            if task is not None and not task.done():
+                task.cancel()  # a job not started yet is dropped; a running one sees `stopped`
+        self.protections.record(call, decision="ok", latency_us=_since(started))
+        yield last
+
+    def _text_request(self, request: pb.GenerateRequest) -> TextRequest:
+        """The handler's view of a GenerateRequest; what needs the tokenizer is checked by the handler."""
+        limit = self.config.limits.max_text_chars
+        if len(request.prompt) > limit:
+            raise InvalidInputError(f"the prompt is limited to {limit} characters")
+        sampling = Sampling(
+            temperature=request.temperature if request.HasField("temperature") else 1.0,
+            top_p=request.top_p if request.HasField("top_p") else 1.0,
+            seed=request.seed if request.HasField("seed") else None)
+        return TextRequest(prompt=request.prompt, max_new_tokens=request.max_new_tokens or None,
+                           sampling=sampling, stop=tuple(request.stop))
+
+    async def _charge_tokens(self, call: CallRecord, tokens: int) -> None:
+        """Charge a piece's tokens before it is sent (the shared store: off the event loop)."""
+        if call.principal is None or not tokens:
+            return
+        guard = self.protections
+        if guard.shared:
+            call.quota = await asyncio.to_thread(guard.charge_items, call.principal, tokens)
+        else:
+            call.quota = guard.charge_items(call.principal, tokens)
+        call.items += tokens
+
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
         return await self._protected(context, "Info", 0, lambda _: self._info())
 
@@ -345,6 +432,35 @@ class InferenceService(pb_grpc.InferenceServicer):
         self.batcher.close()
 
 
+#: Generated.finish_reason → the wire enum ("cancelled" never reaches a caller: its stream is gone)
+_FINISH = {"length": pb.FINISH_REASON_LENGTH, "eos": pb.FINISH_REASON_EOS, "stop": pb.FINISH_REASON_STOP,
+           "cancelled": pb.FINISH_REASON_UNSPECIFIED}
+
+
+def _finished(pieces: asyncio.Queue[tuple[str, int] | None], task: asyncio.Future[Answer]) -> None:
+    pieces.put_nowait(None)
+    if not task.cancelled():
+        task.exception()  # retrieved here too: a stream that ended early never asks for it
+
+
+async def _drain(pieces: asyncio.Queue[tuple[str, int] | None]) -> AsyncIterator[tuple[str, int]]:
+    """The generation's pieces until its end (``None``), what queued up meanwhile joined into one."""
+    while (piece := await pieces.get()) is not None:
+        text, tokens = [piece[0]], piece[1]
+        while not pieces.empty():
+            more = pieces.get_nowait()
+            if more is None:
+                pieces.put_nowait(None)
+                break
+            text.append(more[0])
+            tokens += more[1]
+        yield "".join(text), tokens
+
+
+def _since(started_ns: int) -> int:
+    return (time.perf_counter_ns() - started_ns) // 1000
+
+
 def _subject(call: CallRecord) -> str:
     if call.principal is None:  # _protected authenticates before any work runs
         raise RuntimeError("model work without an authenticated principal")
@@ -373,13 +489,26 @@ def _inference_handlers(service: InferenceService) -> grpc.GenericRpcHandler:
             return await method(request, context)
 
         return grpc.unary_unary_rpc_method_handler(
-            parse_then_call, request_deserializer=None, response_serializer=lambda m: m.SerializeToString()
+            parse_then_call, request_deserializer=None, response_serializer=_serialize
         )
 
-    return grpc.method_handlers_generic_handler(
-        SERVICE,
-        {name: handler(request_type, getattr(service, name)) for name, request_type in _METHODS.items()},
-    )
+    async def generate(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            request = pb.GenerateRequest.FromString(raw)
+        except DecodeError:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed request message")
+        _RAW_REQUEST.set(raw)
+        async for message in service.Generate(request, context):
+            yield message
+
+    handlers = {name: handler(kind, getattr(service, name)) for name, kind in _METHODS.items()}
+    handlers["Generate"] = grpc.unary_stream_rpc_method_handler(
+        generate, request_deserializer=None, response_serializer=_serialize)
+    return grpc.method_handlers_generic_handler(SERVICE, handlers)
+
+
+def _serialize(message: Any) -> bytes:
+    return cast(bytes, message.SerializeToString())
 
 
 class _BoundedHealth(health_aio.HealthServicer):  # type: ignore[misc]  # untyped base

@@ -59,6 +59,7 @@ import numpy as np
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
 
 from nitrovault.attestation import Expectations, VerifiedAttestation, verify_document
@@ -75,14 +76,20 @@ from nitrovault.identity import certificate_fingerprint, dns_names, spki_sha256
 from nitrovault.policy.manifest import load_manifest
 from nitrovault.receipts import Receipt, check_receipt
 from nitrovault.rpc.gen.nitrovault.v1 import inference_pb2 as pb
+from nitrovault.rpc.streams import Transcript
 from nitrovault.rpc.tensors import TensorFormatError, from_numpy, to_numpy
 
-__all__ = ["Expect", "ModelInfo", "NitrovaultClient", "Receipted", "ServingLimits", "probe_certificate"]
+__all__ = [
+    "Expect", "GenerateStream", "Generation", "ModelInfo", "NitrovaultClient", "Receipted", "ServingLimits",
+    "probe_certificate",
+]
 
 log = logging.getLogger(__name__)
 
 #: trailing metadata key the enclave puts the correlation id of an INTERNAL error in
 CORRELATION_KEY = "x-correlation-id"
+#: trailing metadata key of a quota refusal: whole seconds until the call would be accepted
+RETRY_AFTER_KEY = "retry-after"
 #: bytes of the nonce sent with each connection's ``Attest`` (the enclave accepts up to 64)
 NONCE_LEN = 32
 #: how old a document the client accepts (it was requested just now)
@@ -161,16 +168,104 @@ class Receipted:
 
     @classmethod
     def of(cls, response: Any, request: bytes = b"") -> Receipted:
-        import cbor2
-
         if not response.HasField("receipt"):
             return cls(b"", b"", request)
-        body, signature = bytes(response.receipt.payload), bytes(response.receipt.signature)
         unsigned = type(response)()
         unsigned.CopyFrom(response)
         unsigned.ClearField("receipt")
-        receipt = cbor2.dumps([body, signature], canonical=True)
-        return cls(receipt, unsigned.SerializeToString(deterministic=True), request)
+        return cls(_receipt_file(response.receipt), unsigned.SerializeToString(deterministic=True), request)
+
+
+def _receipt_file(receipt: pb.Receipt) -> bytes:
+    """The receipt as ``nitrovault receipt verify`` reads it: deterministic CBOR ``[payload, signature]``."""
+    import cbor2
+
+    return cbor2.dumps([bytes(receipt.payload), bytes(receipt.signature)], canonical=True)
+
+
+#: GenerateDone.finish_reason → the word :class:`Generation` reports
+_FINISH = {pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_EOS: "eos", pb.FINISH_REASON_STOP: "stop"}
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A finished ``Generate`` stream."""
+
+    text: str
+    #: ``length`` (max_new_tokens or the context), ``eos`` (the model ended it), ``stop`` (a stop sequence)
+    finish_reason: str
+    prompt_tokens: int
+    #: tokens generated and charged (the end-of-text token included)
+    completion_tokens: int
+    model_id: str
+    #: the receipt over the stream's transcript (``response``: :class:`nitrovault.rpc.streams.Transcript`)
+    receipted: Receipted
+
+
+class GenerateStream:
+    """A ``Generate`` call in flight: iterate for the text pieces as the enclave releases them; after the
+    last one :attr:`result` holds the :class:`Generation`, its receipt verified (unless the client was
+    made with ``verify_receipts=False``). Pieces are authenticated by the attested TLS channel as they
+    arrive; the receipt, which signs the whole transcript, can only be checked at the end, and a failure
+    raises there. :meth:`cancel` (or leaving the ``with`` block early) stops the generation in the
+    enclave. Iterate once."""
+
+    def __init__(self, call: Any, request: bytes, check: Callable[[pb.Receipt, bytes], None] | None) -> None:
+        self._call = call
+        self._request = request
+        self._check = check
+        self.result: Generation | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        transcript = Transcript()
+        texts: list[str] = []
+        tokens = 0
+        try:
+            for raw in self._call:
+                if self.result is not None:
+                    raise ClientError("INTERNAL", "malformed response: a message after the last one")
+                try:
+                    message = pb.GenerateResponse.FromString(raw)
+                except DecodeError:
+                    raise ClientError("INTERNAL", "malformed response: not a GenerateResponse") from None
+                if not message.HasField("done"):
+                    transcript.add(message)
+                    texts.append(message.text)
+                    tokens += message.tokens
+                    yield message.text
+                    continue
+                transcript.add_last(message)
+                self.result = self._finish(message, "".join(texts) + message.text, tokens + message.tokens,
+                                           bytes(transcript))
+                if message.text:
+                    yield message.text
+        except grpc.RpcError as err:
+            raise _client_error(err) from None
+        if self.result is None:
+            raise ClientError("INTERNAL", "malformed response: the stream ended without its last message")
+
+    def _finish(self, last: pb.GenerateResponse, text: str, tokens: int, transcript: bytes) -> Generation:
+        done = last.done
+        if done.finish_reason not in _FINISH or done.completion_tokens != tokens:
+            raise ClientError("INTERNAL", "malformed response: the last message does not add up")
+        if self._check is not None:
+            if not last.HasField("receipt"):
+                raise ClientError("INTERNAL", "the enclave sent no receipt for Generate")
+            self._check(last.receipt, transcript)
+        receipt = _receipt_file(last.receipt) if last.HasField("receipt") else b""
+        return Generation(text, _FINISH[done.finish_reason], done.prompt_tokens, done.completion_tokens,
+                          done.model_id, Receipted(receipt, transcript if receipt else b"", self._request))
+
+    def cancel(self) -> None:
+        """Stop the call (and the generation in the enclave); iterating then raises CANCELLED."""
+        self._call.cancel()
+
+    def __enter__(self) -> GenerateStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.result is None:
+            self.cancel()
 
 
 # -- steps 1 and 2: the server's certificate -----------------------------------------------------------------
@@ -414,6 +509,53 @@ class NitrovaultClient:
             raise ClientError("INTERNAL", "malformed response: no plaintext outputs")
         return {tensor.name: _decode(tensor) for tensor in response.outputs.tensors}, receipted
 
+    def generate(self, prompt: str, *, max_new_tokens: int = 0, temperature: float | None = None,
+                 top_p: float | None = None, stop: Sequence[str] = (), seed: int | None = None,
+                 timeout: float | None = None) -> Generation:
+        """The whole continuation of ``prompt`` (see :meth:`generate_stream` for the arguments)."""
+        with self.generate_stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                                  top_p=top_p, stop=stop, seed=seed, timeout=timeout) as stream:
+            for _ in stream:
+                pass
+        assert stream.result is not None  # iteration raises unless the last message arrived
+        return stream.result
+
+    def generate_stream(self, prompt: str, *, max_new_tokens: int = 0, temperature: float | None = None,
+                        top_p: float | None = None, stop: Sequence[str] = (), seed: int | None = None,
+                        timeout: float | None = None) -> GenerateStream:
+        """Start generating: ``max_new_tokens`` 0 lets the enclave's limit and the context decide;
+        ``temperature`` 0 is greedy (absent: 1); ``top_p`` in (0, 1]; up to 4 ``stop`` sequences, never
+        part of the text; ``seed`` makes sampling reproducible. ``timeout`` bounds the whole stream
+        (default: the client's). Every generated token is charged to the caller's item allowance."""
+        if isinstance(stop, str):
+            raise TypeError("stop must be a sequence of strings, not one string")
+        request = pb.GenerateRequest(prompt=prompt, max_new_tokens=max_new_tokens, stop=list(stop))
+        if temperature is not None:
+            request.temperature = temperature
+        if top_p is not None:
+            request.top_p = top_p
+        if seed is not None:
+            request.seed = seed
+        request_bytes = request.SerializeToString()
+        check = None
+        if self.verify_receipts:
+            session = self._verified()
+
+            def check(receipt: pb.Receipt, transcript: bytes) -> None:
+                check_receipt(Receipt.from_bytes(_receipt_file(receipt)), public_key=session.receipt_key,
+                              pcr0=session.pcr0, response=transcript, request=request_bytes)
+
+        elif self.expect is not None:
+            self._verified()
+        channel = self._channel
+        if channel is None:
+            raise ClientError("CANCELLED", "the client is closed")
+        stub = channel.unary_stream(_SERVICE + "Generate", request_serializer=None,
+                                    response_deserializer=None)
+        call = stub(request_bytes, timeout=self.timeout if timeout is None else timeout,
+                    metadata=self._metadata)
+        return GenerateStream(call, request_bytes, check)
+
     def info(self) -> ModelInfo:
         response = pb.InfoResponse.FromString(self._call("Info", pb.InfoRequest().SerializeToString()))
         limits = response.limits
@@ -540,16 +682,18 @@ def _client_error(err: grpc.RpcError) -> ClientError:
     code = err.code() if callable(getattr(err, "code", None)) else None
     details = err.details() if callable(getattr(err, "details", None)) else None
     trailing = err.trailing_metadata() if callable(getattr(err, "trailing_metadata", None)) else None
-    correlation = None
+    correlation = retry_after = None
     for key, value in _pairs(trailing):
         if key == CORRELATION_KEY and isinstance(value, str):
             correlation = value
+        elif key == RETRY_AFTER_KEY and isinstance(value, str) and value.isdigit() and len(value) <= 9:
+            retry_after = int(value)
     name = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
     if name == "UNKNOWN" and str(details or "").startswith("Stream removed"):
         # gRPC core's word for a connection that broke mid-call (a TLS record failed to authenticate, the
         # peer vanished). The enclave itself never answers UNKNOWN; for the caller it is UNAVAILABLE.
         name = "UNAVAILABLE"
-    return ClientError(name, str(details or ""), correlation_id=correlation)
+    return ClientError(name, str(details or ""), correlation_id=correlation, retry_after_s=retry_after)
 
 
 def _pairs(metadata: Any) -> Iterator[tuple[str, Any]]:

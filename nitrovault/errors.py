@@ -356,7 +356,8 @@ class ClientError(NitrovaultError):
 
     step = "rpc"
 
-    def __init__(self, code: str, details: str, *, correlation_id: str | None = None) -> None:
+    def __init__(self, code: str, details: str, *, correlation_id: str | None = None,
+                 retry_after_s: int | None = None) -> None:
         super().__init__(f"{code}: {details}" if details else code)
         #: the gRPC status code name, e.g. ``RESOURCE_EXHAUSTED``
         self.code = code
@@ -364,3 +365,5 @@ class ClientError(NitrovaultError):
         self.details = details
         #: the enclave's correlation id for an INTERNAL error (look it up in the enclave's log), if sent
         self.correlation_id = correlation_id
+        #: for a quota refusal (RESOURCE_EXHAUSTED): whole seconds after which the call would be accepted
+        self.retry_after_s = retry_after_s

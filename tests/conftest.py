@@ -86,3 +86,11 @@ def store(state_store_server: Any) -> Iterator[Any]:
     client = store_for(server, port)
     yield client
     client.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real GPT-2 (``nitrovault.local.tiny_lm.TEST``, ~3 s) trained on the project's docs: its folder."""
+    from nitrovault.local.tiny_lm import TEST, ensure_tiny_lm, project_corpus
+
+    return ensure_tiny_lm(tmp_path_factory.mktemp("tiny-lm"), project_corpus(REPO), TEST)

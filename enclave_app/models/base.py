@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
 from nitrovault.errors import NitrovaultError
+
+if TYPE_CHECKING:
+    from enclave_app.models.causal_lm import Generated, TextRequest
 
 
 class ModelLoadError(NitrovaultError):
@@ -42,3 +45,11 @@ class ModelHandler(Protocol):
     def embed(self, texts: Sequence[str], *, normalize: bool) -> np.ndarray: ...
 
     def infer(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+
+
+@runtime_checkable
+class TextGenerator(Protocol):
+    """A handler that also serves ``Generate`` (text in, text streamed out: a causal LM with a tokenizer)."""
+
+    def generate(self, request: TextRequest, emit: Callable[[str, int], None],
+                 cancelled: Callable[[], bool]) -> Generated: ...

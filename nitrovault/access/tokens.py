@@ -36,12 +36,13 @@ Scope grammar (``scope`` claim, RFC 8693 style, space-separated)::
 
     scope       = scope-token *( SP scope-token )
     scope-token = "info" / "attest" / action ":" model
-    action      = "infer" / "embed"
+    action      = "infer" / "embed" / "generate"
     model       = "*" / model-id          ; model-id: the enclave config's model_id, exactly
 
 ``Info`` and ``Attest`` are allowed for every valid token ("info"/"attest" scopes are accepted and
 ignored); ``Infer`` needs ``infer:<model>`` or ``infer:*``; ``Embed`` needs ``embed:<model>`` or
-``embed:*``. Unknown scope tokens are ignored (forward compatible), an unknown method is denied.
+``embed:*``; ``Generate`` needs ``generate:<model>`` or ``generate:*``. Unknown scope tokens are ignored
+(forward compatible), an unknown method is denied.
 
 Example::
 
@@ -86,7 +87,7 @@ ALGORITHMS = frozenset({"ES256", "EdDSA", "RS256"})
 MIN_RSA_BITS = 2048
 #: method (last segment of the gRPC path, any case) -> scope action; ``None``: any valid token may call it.
 METHOD_ACTIONS: Mapping[str, str | None] = MappingProxyType(
-    {"infer": "infer", "embed": "embed", "info": None, "attest": None}
+    {"infer": "infer", "embed": "embed", "generate": "generate", "info": None, "attest": None}
 )
 _MAX_SUBJECT = 256
 #: Longest token lifetime (``exp - iat``, and ``exp - now``) accepted unless configured otherwise: one day.

@@ -63,7 +63,8 @@ def keygen(
 def issue(
     subject: Annotated[str, typer.Option("--subject", help="The sub claim: who the token speaks for.")],
     scope: Annotated[list[str] | None, typer.Option(
-        "--scope", help="Repeatable: infer:<model>, embed:<model>, infer:*, embed:*, info, attest.")] = None,
+        "--scope", help="Repeatable: infer:<model>, embed:<model>, generate:<model>, or <action>:*; "
+                        "info, attest.")] = None,
     ttl: Annotated[str, typer.Option("--ttl", help="Lifetime: 90, 45s, 30m, 1h, 1d (at most 1d).")] = "1h",
     tier: Annotated[str | None, typer.Option("--tier", help="Quota tier claim (default: config's).")] = None,
     keys_dir: KeysDir = DEFAULT_KEYS_DIR,

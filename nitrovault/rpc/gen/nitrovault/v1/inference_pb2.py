@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dnitrovault/v1/inference.proto\x12\rnitrovault.v1\"X\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x05\x64type\x18\x02 \x01(\x0e\x32\x14.nitrovault.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"1\n\x07Tensors\x12&\n\x07tensors\x18\x01 \x03(\x0b\x32\x15.nitrovault.v1.Tensor\"Z\n\rSealedPayload\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x18\n\x10\x65ncapsulated_key\x18\x02 \x01(\x0c\x12\x12\n\nciphertext\x18\x03 \x01(\x0c\x12\x0b\n\x03\x61\x61\x64\x18\x04 \x01(\x0c\"=\n\x07Receipt\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x0e\n\x06key_id\x18\x03 \x01(\t\"\x7f\n\x0cInferRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x06inputs\x18\x02 \x01(\x0b\x32\x16.nitrovault.v1.TensorsH\x00\x12.\n\x06sealed\x18\x0f \x01(\x0b\x32\x1c.nitrovault.v1.SealedPayloadH\x00\x42\x06\n\x04\x62ody\"\xad\x01\n\rInferResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12)\n\x07outputs\x18\x02 \x01(\x0b\x32\x16.nitrovault.v1.TensorsH\x00\x12.\n\x06sealed\x18\x0f \x01(\x0b\x32\x1c.nitrovault.v1.SealedPayloadH\x00\x12\'\n\x07receipt\x18\x0e \x01(\x0b\x32\x16.nitrovault.v1.ReceiptB\x06\n\x04\x62ody\"?\n\x0c\x45mbedRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\x11\n\tnormalize\x18\x02 \x01(\x08\x12\r\n\x05model\x18\x03 \x01(\t\"u\n\rEmbedResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12)\n\nembeddings\x18\x02 \x01(\x0b\x32\x15.nitrovault.v1.Tensor\x12\'\n\x07receipt\x18\x0e \x01(\x0b\x32\x16.nitrovault.v1.Receipt\"\r\n\x0bInfoRequest\"\x8a\x01\n\x06Limits\x12\x19\n\x11max_request_bytes\x18\x01 \x01(\x04\x12\x1a\n\x12max_response_bytes\x18\x02 \x01(\x04\x12\x1b\n\x13max_tensor_elements\x18\x03 \x01(\x04\x12\x16\n\x0emax_text_chars\x18\x04 \x01(\r\x12\x14\n\x0cmax_inflight\x18\x05 \x01(\r\"\x9b\x02\n\x0cInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x15\n\rsealed_digest\x18\x03 \x01(\t\x12\x33\n\x04pcrs\x18\x04 \x03(\x0b\x32%.nitrovault.v1.InfoResponse.PcrsEntry\x12\x17\n\x0f\x65nclave_version\x18\x05 \x01(\t\x12\x11\n\tmax_batch\x18\x06 \x01(\r\x12%\n\x06limits\x18\x07 \x01(\x0b\x32\x15.nitrovault.v1.Limits\x12\x16\n\x0ereceipt_key_id\x18\x08 \x01(\t\x1a+\n\tPcrsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"\x1e\n\rAttestRequest\x12\r\n\x05nonce\x18\x01 \x01(\x0c\"I\n\x0e\x41ttestResponse\x12\x10\n\x08\x64ocument\x18\x01 \x01(\x0c\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12\x11\n\tuser_data\x18\x03 \x01(\x0c*\xcf\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x11\n\rDTYPE_FLOAT64\x10\x04\x12\x0e\n\nDTYPE_INT8\x10\x05\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x06\x12\x0f\n\x0b\x44TYPE_INT16\x10\x07\x12\x0f\n\x0b\x44TYPE_INT32\x10\x08\x12\x0f\n\x0b\x44TYPE_INT64\x10\t\x12\x0e\n\nDTYPE_BOOL\x10\n2\x9b\x02\n\tInference\x12\x42\n\x05Infer\x12\x1b.nitrovault.v1.InferRequest\x1a\x1c.nitrovault.v1.InferResponse\x12\x42\n\x05\x45mbed\x12\x1b.nitrovault.v1.EmbedRequest\x1a\x1c.nitrovault.v1.EmbedResponse\x12?\n\x04Info\x12\x1a.nitrovault.v1.InfoRequest\x1a\x1b.nitrovault.v1.InfoResponse\x12\x45\n\x06\x41ttest\x12\x1c.nitrovault.v1.AttestRequest\x1a\x1d.nitrovault.v1.AttestResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dnitrovault/v1/inference.proto\x12\rnitrovault.v1\"X\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x05\x64type\x18\x02 \x01(\x0e\x32\x14.nitrovault.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"1\n\x07Tensors\x12&\n\x07tensors\x18\x01 \x03(\x0b\x32\x15.nitrovault.v1.Tensor\"Z\n\rSealedPayload\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x18\n\x10\x65ncapsulated_key\x18\x02 \x01(\x0c\x12\x12\n\nciphertext\x18\x03 \x01(\x0c\x12\x0b\n\x03\x61\x61\x64\x18\x04 \x01(\x0c\"=\n\x07Receipt\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x0e\n\x06key_id\x18\x03 \x01(\t\"\x7f\n\x0cInferRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x06inputs\x18\x02 \x01(\x0b\x32\x16.nitrovault.v1.TensorsH\x00\x12.\n\x06sealed\x18\x0f \x01(\x0b\x32\x1c.nitrovault.v1.SealedPayloadH\x00\x42\x06\n\x04\x62ody\"\xad\x01\n\rInferResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12)\n\x07outputs\x18\x02 \x01(\x0b\x32\x16.nitrovault.v1.TensorsH\x00\x12.\n\x06sealed\x18\x0f \x01(\x0b\x32\x1c.nitrovault.v1.SealedPayloadH\x00\x12\'\n\x07receipt\x18\x0e \x01(\x0b\x32\x16.nitrovault.v1.ReceiptB\x06\n\x04\x62ody\"?\n\x0c\x45mbedRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\x11\n\tnormalize\x18\x02 \x01(\x08\x12\r\n\x05model\x18\x03 \x01(\t\"u\n\rEmbedResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12)\n\nembeddings\x18\x02 \x01(\x0b\x32\x15.nitrovault.v1.Tensor\x12\'\n\x07receipt\x18\x0e \x01(\x0b\x32\x16.nitrovault.v1.Receipt\"\xba\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x02\x88\x01\x01\x12\r\n\x05model\x18\x07 \x01(\tB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\x86\x01\n\x0cGenerateDone\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x32\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1b.nitrovault.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\r\"\x84\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x01(\r\x12)\n\x04\x64one\x18\x03 \x01(\x0b\x32\x1b.nitrovault.v1.GenerateDone\x12\'\n\x07receipt\x18\x0e \x01(\x0b\x32\x16.nitrovault.v1.Receipt\"\r\n\x0bInfoRequest\"\x8a\x01\n\x06Limits\x12\x19\n\x11max_request_bytes\x18\x01 \x01(\x04\x12\x1a\n\x12max_response_bytes\x18\x02 \x01(\x04\x12\x1b\n\x13max_tensor_elements\x18\x03 \x01(\x04\x12\x16\n\x0emax_text_chars\x18\x04 \x01(\r\x12\x14\n\x0cmax_inflight\x18\x05 \x01(\r\"\x9b\x02\n\x0cInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x15\n\rsealed_digest\x18\x03 \x01(\t\x12\x33\n\x04pcrs\x18\x04 \x03(\x0b\x32%.nitrovault.v1.InfoResponse.PcrsEntry\x12\x17\n\x0f\x65nclave_version\x18\x05 \x01(\t\x12\x11\n\tmax_batch\x18\x06 \x01(\r\x12%\n\x06limits\x18\x07 \x01(\x0b\x32\x15.nitrovault.v1.Limits\x12\x16\n\x0ereceipt_key_id\x18\x08 \x01(\t\x1a+\n\tPcrsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"\x1e\n\rAttestRequest\x12\r\n\x05nonce\x18\x01 \x01(\x0c\"I\n\x0e\x41ttestResponse\x12\x10\n\x08\x64ocument\x18\x01 \x01(\x0c\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12\x11\n\tuser_data\x18\x03 \x01(\x0c*\xcf\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x11\n\rDTYPE_FLOAT64\x10\x04\x12\x0e\n\nDTYPE_INT8\x10\x05\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x06\x12\x0f\n\x0b\x44TYPE_INT16\x10\x07\x12\x0f\n\x0b\x44TYPE_INT32\x10\x08\x12\x0f\n\x0b\x44TYPE_INT64\x10\t\x12\x0e\n\nDTYPE_BOOL\x10\n*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x32\xea\x02\n\tInference\x12\x42\n\x05Infer\x12\x1b.nitrovault.v1.InferRequest\x1a\x1c.nitrovault.v1.InferResponse\x12\x42\n\x05\x45mbed\x12\x1b.nitrovault.v1.EmbedRequest\x1a\x1c.nitrovault.v1.EmbedResponse\x12M\n\x08Generate\x12\x1e.nitrovault.v1.GenerateRequest\x1a\x1f.nitrovault.v1.GenerateResponse0\x01\x12?\n\x04Info\x12\x1a.nitrovault.v1.InfoRequest\x1a\x1b.nitrovault.v1.InfoResponse\x12\x45\n\x06\x41ttest\x12\x1c.nitrovault.v1.AttestRequest\x1a\x1d.nitrovault.v1.AttestResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_INFORESPONSE_PCRSENTRY']._loaded_options = None
   _globals['_INFORESPONSE_PCRSENTRY']._serialized_options = b'8\001'
-  _globals['_DTYPE']._serialized_start=1383
-  _globals['_DTYPE']._serialized_end=1590
+  _globals['_DTYPE']._serialized_start=1844
+  _globals['_DTYPE']._serialized_end=2051
+  _globals['_FINISHREASON']._serialized_start=2053
+  _globals['_FINISHREASON']._serialized_end=2171
   _globals['_TENSOR']._serialized_start=48
   _globals['_TENSOR']._serialized_end=136
   _globals['_TENSORS']._serialized_start=138
@@ -51,18 +53,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EMBEDREQUEST']._serialized_end=712
   _globals['_EMBEDRESPONSE']._serialized_start=714
   _globals['_EMBEDRESPONSE']._serialized_end=831
-  _globals['_INFOREQUEST']._serialized_start=833
-  _globals['_INFOREQUEST']._serialized_end=846
-  _globals['_LIMITS']._serialized_start=849
-  _globals['_LIMITS']._serialized_end=987
-  _globals['_INFORESPONSE']._serialized_start=990
-  _globals['_INFORESPONSE']._serialized_end=1273
-  _globals['_INFORESPONSE_PCRSENTRY']._serialized_start=1230
-  _globals['_INFORESPONSE_PCRSENTRY']._serialized_end=1273
-  _globals['_ATTESTREQUEST']._serialized_start=1275
-  _globals['_ATTESTREQUEST']._serialized_end=1305
-  _globals['_ATTESTRESPONSE']._serialized_start=1307
-  _globals['_ATTESTRESPONSE']._serialized_end=1380
-  _globals['_INFERENCE']._serialized_start=1593
-  _globals['_INFERENCE']._serialized_end=1876
+  _globals['_GENERATEREQUEST']._serialized_start=834
+  _globals['_GENERATEREQUEST']._serialized_end=1020
+  _globals['_GENERATEDONE']._serialized_start=1023
+  _globals['_GENERATEDONE']._serialized_end=1157
+  _globals['_GENERATERESPONSE']._serialized_start=1160
+  _globals['_GENERATERESPONSE']._serialized_end=1292
+  _globals['_INFOREQUEST']._serialized_start=1294
+  _globals['_INFOREQUEST']._serialized_end=1307
+  _globals['_LIMITS']._serialized_start=1310
+  _globals['_LIMITS']._serialized_end=1448
+  _globals['_INFORESPONSE']._serialized_start=1451
+  _globals['_INFORESPONSE']._serialized_end=1734
+  _globals['_INFORESPONSE_PCRSENTRY']._serialized_start=1691
+  _globals['_INFORESPONSE_PCRSENTRY']._serialized_end=1734
+  _globals['_ATTESTREQUEST']._serialized_start=1736
+  _globals['_ATTESTREQUEST']._serialized_end=1766
+  _globals['_ATTESTRESPONSE']._serialized_start=1768
+  _globals['_ATTESTRESPONSE']._serialized_end=1841
+  _globals['_INFERENCE']._serialized_start=2174
+  _globals['_INFERENCE']._serialized_end=2536
 # @@protoc_insertion_point(module_scope)

@@ -44,6 +44,11 @@ class InferenceStub:
                 request_serializer=nitrovault_dot_v1_dot_inference__pb2.EmbedRequest.SerializeToString,
                 response_deserializer=nitrovault_dot_v1_dot_inference__pb2.EmbedResponse.FromString,
                 _registered_method=True)
+        self.Generate = channel.unary_stream(
+                '/nitrovault.v1.Inference/Generate',
+                request_serializer=nitrovault_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=nitrovault_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
+                _registered_method=True)
         self.Info = channel.unary_unary(
                 '/nitrovault.v1.Inference/Info',
                 request_serializer=nitrovault_dot_v1_dot_inference__pb2.InfoRequest.SerializeToString,
@@ -68,6 +73,16 @@ class InferenceServicer:
 
     def Embed(self, request, context):
         """Embed texts (tokenized inside the enclave) into one float32 vector per text.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Generate(self, request, context):
+        """Continue a text prompt with a causal LM (tokenized inside the enclave), streaming the text as it is
+        produced. Every generated token is charged as an item as it is released; when the subject's item
+        allowance runs out the stream ends with RESOURCE_EXHAUSTED. The last message carries `done` and the
+        receipt over the whole stream. Cancelling the call stops the generation.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -101,6 +116,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.Embed,
                     request_deserializer=nitrovault_dot_v1_dot_inference__pb2.EmbedRequest.FromString,
                     response_serializer=nitrovault_dot_v1_dot_inference__pb2.EmbedResponse.SerializeToString,
+            ),
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=nitrovault_dot_v1_dot_inference__pb2.GenerateRequest.FromString,
+                    response_serializer=nitrovault_dot_v1_dot_inference__pb2.GenerateResponse.SerializeToString,
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
@@ -167,6 +187,33 @@ class Inference:
             '/nitrovault.v1.Inference/Embed',
             nitrovault_dot_v1_dot_inference__pb2.EmbedRequest.SerializeToString,
             nitrovault_dot_v1_dot_inference__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/nitrovault.v1.Inference/Generate',
+            nitrovault_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
+            nitrovault_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
