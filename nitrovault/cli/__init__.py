@@ -40,6 +40,7 @@ app.command("seal")(seal_cmd.seal)
 app.command("inspect")(seal_cmd.inspect)
 app.command("embed")(client_cmd.embed)
 app.command("infer")(client_cmd.infer)
+app.command("generate")(client_cmd.generate)
 app.add_typer(watermark_cmd.app, name="watermark", help="Embed and detect ownership watermarks.")
 
 

@@ -1,5 +1,5 @@
-"""``nitrovault embed`` and ``nitrovault infer``: call a serving enclave with :mod:`nitrovault.client`; and
-the trust options every verb that talks to an enclave shares (``attest fetch``, ``attest pin``,
+"""``nitrovault embed``, ``infer`` and ``generate``: call a serving enclave with :mod:`nitrovault.client`;
+and the trust options every verb that talks to an enclave shares (``attest fetch``, ``attest pin``,
 ``watermark detect-embeddings --endpoint``), parsed here once (:func:`build_expect`, :func:`verified_client`).
 
 Nothing is sent before the enclave is verified: TLS 1.3 to the target, its certificate pinned, ``Attest``
@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -321,6 +322,50 @@ def infer(
     if output is not None:
         _write_npz(output, outputs)
         typer.echo(f"wrote {output}")
+
+
+def generate(
+    prompt: Annotated[str, typer.Argument(help="The text to continue.", show_default=False)],
+    target: Target = "127.0.0.1:50051",
+    token_file: TokenFile = None,
+    expect_pcr: ExpectPcr = None,
+    pcr_manifest: PcrManifest = None,
+    root: Root = None,
+    ca_file: CaFile = None,
+    server_name: ServerName = None,
+    no_verify_receipts: NoVerifyReceipts = False,
+    max_new_tokens: Annotated[int, typer.Option(
+        "--max-new-tokens", "-n", min=0, help="Most tokens to generate (0: the enclave's limit).")] = 0,
+    temperature: Annotated[float | None, typer.Option(
+        "--temperature", "-t", help="0: greedy; default 1; at most 5.")] = None,
+    top_p: Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling mass in (0, 1].")] = None,
+    stop: Annotated[list[str] | None, typer.Option(
+        "--stop", help="Repeatable (up to 4): end the text before this sequence.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", min=0, help="Reproducible sampling.")] = None,
+    timeout: Timeout = 120.0,
+    save_receipt: SaveReceipt = None,
+    save_response: Annotated[Path | None, typer.Option(
+        "--save-response", dir_okay=False,
+        help="Write the stream's transcript (what the receipt covers) here.")] = None,
+    save_request: SaveRequest = None,
+) -> None:
+    """Continue a prompt in the verified enclave, printing the text as it arrives; a summary line (why it
+    ended, tokens, receipt) goes to stderr."""
+    expect = build_expect(expect_pcr, pcr_manifest, root, ca_file)
+    with verified_client(target, expect, token=read_token(token_file), server_name=server_name,
+                         timeout=timeout, verify_receipts=not no_verify_receipts) as client:
+        with client.generate_stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                                    top_p=top_p, stop=stop or (), seed=seed, timeout=timeout) as stream:
+            for piece in stream:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        result = stream.result
+        assert result is not None  # the stream raises unless its last message arrived
+    sys.stdout.write("\n")
+    _save(result.receipted, save_receipt, save_response, save_request)
+    checked = "not checked" if no_verify_receipts else "verified"
+    typer.echo(f"[{result.finish_reason}: {result.prompt_tokens} prompt + {result.completion_tokens} "
+               f"generated tokens; {result.model_id}; receipt {checked}]", err=True)
 
 
 def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:

@@ -237,16 +237,19 @@ class Gate:
 
 def test_a_caller_that_goes_away_stops_the_generation_and_frees_the_worker(serve: Any, tiny_lm: Path) -> None:
     handler = lm_handler(tiny_lm)
-    gate = Gate(at=2)
+    pieces: list[int] = []
+    handler.generate(TextRequest(PROMPT, 100, Sampling(temperature=0.0)), lambda _, n: pieces.append(n))
+    first = pieces[0]  # tokens until the first text is final (a token may be part of a character)
+    gate = Gate(at=first + 1)
     handler.logits_processors.append(gate)
     served = serve(handler)
     call = served.generate(max_new_tokens=100, **GREEDY)
-    next(call)  # the first token's text arrived: the generation is now held at its 2nd token
+    next(call)  # the first text arrived: the generation is now held at the token after it
     call.cancel()
     wait_until(lambda: served.records(), what="the cancelled stream's audit record")
     gate.opened.set()
     wait_until(lambda: in_flight(served.server) == 0, what="the worker was freed")
-    assert gate.steps == 2  # stopped at the first token after the caller left, not after 100
+    assert gate.steps == first + 1  # stopped at the first token after the caller left, not after 100
     (record,) = served.records()
     assert record["code"] == "CANCELLED" and record["receipt"] is None
     # and the worker serves the next caller

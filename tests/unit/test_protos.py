@@ -153,7 +153,9 @@ def test_every_message_builds_and_round_trips(module: ModuleType) -> None:
 
 def test_services_have_the_agreed_methods() -> None:
     inf = inference_pb2.DESCRIPTOR.services_by_name["Inference"]
-    assert {m.name for m in inf.methods} == {"Infer", "Embed", "Info", "Attest"}
+    assert {m.name: m.server_streaming for m in inf.methods} == {
+        "Infer": False, "Embed": False, "Generate": True, "Info": False, "Attest": False,
+    }
     host = host_pb2.DESCRIPTOR.services_by_name["HostServices"]
     assert {m.name: m.server_streaming for m in host.methods} == {
         "GetCredentials": False,
