@@ -2,7 +2,10 @@
 
 ``--model minilm`` (default) serves the demo MiniLM with the owner's embedding watermark;
 ``--model digits`` a digits classifier under every model-stealing protection
-(:mod:`nitrovault.local.digits`). One home serves one model at a time.
+(:mod:`nitrovault.local.digits`); ``--model lm`` a small GPT-2 streaming watermarked text
+(:mod:`nitrovault.local.lm_demo`); ``--model PATH`` your own model folder or safetensors file
+(:mod:`nitrovault.local.own_model`, checked against the enclave's handler before anything is sealed).
+One home serves one model at a time.
 
 This command owns what is printed: each step of :class:`~nitrovault.local.stack.LocalStack` as it runs
 (:class:`RichProgress`), then how to call and check the running enclave. Ctrl-C or SIGTERM stops every
@@ -11,7 +14,7 @@ process the stack started; a failed step prints its name and the log folder, and
 
 from __future__ import annotations
 
-import enum
+import json
 import time
 from pathlib import Path
 from typing import Annotated
@@ -20,14 +23,12 @@ import typer
 from rich.console import Console
 
 from nitrovault.local.homes import Paths, StackError
-from nitrovault.local.models import LocalModel
+from nitrovault.local.models import LocalModel, describe_protection
 from nitrovault.local.processes import interrupt_on_sigterm
-from nitrovault.local.stack import REPO_ROOT, TLS_SERVER_NAME, LocalStack
+from nitrovault.local.stack import REPO_ROOT, TLS_SERVER_NAME, LocalStack, Steps
 
-
-class DemoModel(enum.StrEnum):
-    minilm = "minilm"
-    digits = "digits"
+#: the demo models ``--model`` names; anything else is a path (a folder named like one: ``./lm``)
+DEMOS = ("minilm", "digits", "lm")
 
 
 class RichProgress:
@@ -47,9 +48,30 @@ class RichProgress:
         self.console.print(f"    {line}")
 
 
-def _model(choice: DemoModel, home: Path) -> LocalModel | None:
-    if choice is DemoModel.minilm:
+def _model(choice: str, home: Path, handler: str | None, steps: Steps) -> LocalModel | None:
+    """The served model: a demo by name (built here, before the stack starts) or the model at a path."""
+    paths = Paths(home)
+    if choice not in DEMOS:
+        from nitrovault.local.own_model import model_from_path
+
+        with steps.step(f"check {choice} loads in the enclave's handler") as note:
+            model = model_from_path(paths, Path(choice), handler)
+            note(f"{model.model_id}: {model.handler}, protection: {describe_protection(model.protection)}")
+        return model
+    if handler is not None:
+        raise StackError("model", f"--handler is for a model at a path; the {choice} demo names its own")
+    if choice == "minilm":
         return None  # the stack's default, built lazily
+    if choice == "lm":
+        from nitrovault.local.lm_demo import lm_model
+        from nitrovault.local.tiny_lm import DEMO, ensure_tiny_lm, project_corpus, repo_root
+
+        with steps.step("demo LM (trained once on the project's docs, ~2 min on 2 cores)") as note:
+            folder = ensure_tiny_lm(paths.lm_cache, project_corpus(repo_root()), DEMO)
+            record = json.loads((folder / "nitrovault-training.json").read_text(encoding="utf-8"))
+            note(f"GPT-2, {record['parameters'] / 1e6:.2f} M parameters, held-out perplexity "
+                 f"{record['held_out_perplexity']:.0f} (vocabulary {record['tokenizer_vocab']}); {folder}")
+        return lm_model(paths, folder)
     from nitrovault.local.digits import (
         DIGITS_HANDLER,
         DIGITS_ID,
@@ -59,7 +81,7 @@ def _model(choice: DemoModel, home: Path) -> LocalModel | None:
         write_digits_weights,
     )
 
-    weights = write_digits_weights(Paths(home).plain / f"{DIGITS_ID}.safetensors")
+    weights = write_digits_weights(paths.plain / f"{DIGITS_ID}.safetensors")
     return LocalModel(DIGITS_ID, DIGITS_VERSION, DIGITS_HANDLER, weights, protection=DIGITS_PROTECTION,
                       demo_call=digits_demo)
 
@@ -67,22 +89,23 @@ def _model(choice: DemoModel, home: Path) -> LocalModel | None:
 def print_hints(console: Console, stack: LocalStack) -> None:
     """How to get a token, call the enclave, and check what it answered, against this stack."""
     paths, home, listen, model_id = stack.paths, stack.paths.home, stack.listen, stack.model.model_id
-    method = "embed" if stack.model.embeds else "infer"
+    method = stack.model.method
     trust = f"--pcr-manifest {paths.pcr_manifest} --root {paths.pki / 'root.pem'}"
     console.print(f"get a token: nitrovault token issue --keys-dir {paths.issuer} --subject you "
                   f"--scope {method}:{model_id} --ttl 1h > {home / 'my.token'}")
-    if stack.model.embeds:
-        console.print(f"call it: nitrovault embed --target {listen} {trust} --token-file {home / 'my.token'} "
-                      f"--save-receipt {home / 'receipt.cbor'} --save-response {home / 'response.bin'} "
-                      f"--save-request {home / 'request.bin'} --similarity 'some text' 'other text'")
+    saves = (f"--save-receipt {home / 'receipt.cbor'} --save-response {home / 'response.bin'} "
+             f"--save-request {home / 'request.bin'}")
+    call = f"--target {listen} {trust} --token-file {home / 'my.token'}"
+    if method == "infer":
+        console.print(f"call it: nitrovault infer {call} --input x=INPUT.npy")
     else:
-        console.print(f"call it: nitrovault infer --target {listen} {trust} "
-                      f"--token-file {home / 'my.token'} --input x=INPUT.npy")
-    console.print(f"check it: nitrovault attest fetch --target {listen} {trust} "
-                  f"-o {home / 'attestation.cose'} && nitrovault receipt verify {home / 'receipt.cbor'} "
-                  f"--response {home / 'response.bin'} "
-                  f"--request {home / 'request.bin'} --attestation {home / 'attestation.cose'} "
-                  f"--root {paths.pki / 'root.pem'}")
+        what = "--similarity 'some text' 'other text'" if method == "embed" else "-n 64 -t 0.8 'The enclave'"
+        console.print(f"call it: nitrovault {method} {call} {saves} {what}")
+        console.print(f"check it: nitrovault attest fetch --target {listen} {trust} "
+                      f"-o {home / 'attestation.cose'} && nitrovault receipt verify {home / 'receipt.cbor'} "
+                      f"--response {home / 'response.bin'} "
+                      f"--request {home / 'request.bin'} --attestation {home / 'attestation.cose'} "
+                      f"--root {paths.pki / 'root.pem'}")
     console.print(f"other clients: nitrovault attest pin --target {listen} {trust} "
                   f"-o {home / 'enclave.pem'}, "
                   f"then e.g. grpcurl -cacert {home / 'enclave.pem'} -servername {TLS_SERVER_NAME} "
@@ -128,10 +151,21 @@ def up(
     no_isolation: Annotated[
         bool, typer.Option("--no-isolation", help="Run the enclave without its own network namespace.")
     ] = False,
-    model: Annotated[DemoModel, typer.Option("--model", help="The demo model to serve.")] = DemoModel.minilm,
+    model: Annotated[str, typer.Option("--model", help=(
+        "What to serve: a demo (minilm, digits, lm) or the path of your own model: a sentence-transformers "
+        "or causal-LM folder, or a .safetensors file (with --handler)."))] = "minilm",
+    handler: Annotated[str | None, typer.Option("--handler", help=(
+        "The enclave handler for a model at a path, e.g. generic:mlp-classifier (default: from its "
+        "files)."))] = None,
 ) -> None:
-    """Start the KMS emulator, the local NSM, the parent and the enclave; serve the sealed demo model."""
+    """Start the KMS emulator, the local NSM, the parent and the enclave; serve the sealed model."""
     console = Console(highlight=False, soft_wrap=True)
+    progress = RichProgress(console)
+    try:
+        served = _model(model, home, handler, Steps(progress))
+    except StackError as err:
+        console.print(f"[bold red]✗ {err.step} failed:[/] {err}")
+        raise typer.Exit(1) from None
     stack = LocalStack(home, keep_policy=keep_policy, listen=listen, isolate=not no_isolation,
-                       model=_model(model, home), progress=RichProgress(console))
+                       model=served, progress=progress)
     raise typer.Exit(run(stack, console, once=once))

@@ -138,6 +138,11 @@ class Paths:
         """Plaintext models made by the stack (0700; the demo's file holds the owner's watermark secret)."""
         return self.owner / "plain"
 
+    @property
+    def lm_cache(self) -> Path:
+        """The demo LM's builds (``nitrovault.local.tiny_lm.ensure_tiny_lm``): trained once, reused."""
+        return self.owner / "lm"
+
     def seal_record(self, model_id: str) -> Path:
         """What the sealed model was made from (plain file SHA-256, key, context): reuse it or reseal."""
         return self.owner / "seals" / f"{model_id}.sealed.json"

@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 MODEL_ID = "all-minilm-l6-v2"
 MODEL_VERSION = "1"
 DEMO_HANDLER = "sentence-embedding"
+#: handlers named ``causal-lm:<architecture>`` generate text (``Generate``)
+GENERATING_HANDLER = "causal-lm:"
 #: the demo's measured protection: an EmbMarker watermark on every returned embedding (paper defaults)
 DEMO_PROTECTION: Mapping[str, Any] = MappingProxyType(
     {"watermark": {"embedding": {"triggers": 20, "max_triggers": 4}}}
@@ -77,7 +79,8 @@ class LocalModel:
     model_id: str
     #: the model's version: encryption context ``version``, enclave config ``model_version``
     version: str
-    #: the enclave's model handler: ``sentence-embedding`` or ``generic:<architecture>``
+    #: the enclave's model handler: ``sentence-embedding``, ``generic:<architecture>`` or
+    #: ``causal-lm:<architecture>``
     handler: str
     #: a plain safetensors file whose ``__metadata__`` already holds what the handler needs, plus any
     #: sealed extras (tensor ``nitrovault.reference``, metadata ``nitrovault.watermark.secret`` and
@@ -123,6 +126,13 @@ class LocalModel:
     def embeds(self) -> bool:
         """Whether the handler answers ``Embed`` (the demo step makes an Embed call, else an Info call)."""
         return self.handler == DEMO_HANDLER
+
+    @property
+    def method(self) -> str:
+        """The RPC a caller of this model makes, as a token scope names it: embed, generate or infer."""
+        if self.embeds:
+            return "embed"
+        return "generate" if self.handler.startswith(GENERATING_HANDLER) else "infer"
 
     @property
     def embedding_watermark(self) -> bool:
@@ -207,14 +217,21 @@ def demo_model(paths: Paths) -> LocalModel:
         WATERMARK_SECRET_KEY: ensure_owner_watermark_key(paths.owner_watermark_key),
         WATERMARK_CANDIDATES_KEY: json.dumps(demo_watermark_candidates()),
     }
-    plain = paths.plain / f"{MODEL_ID}.safetensors"
+    plain = owner_plain_file(paths, MODEL_ID, source, metadata)
+    return LocalModel(MODEL_ID, MODEL_VERSION, DEMO_HANDLER, plain, protection=DEMO_PROTECTION)
+
+
+def owner_plain_file(paths: Paths, model_id: str, source: Path, metadata: Mapping[str, str]) -> Path:
+    """``HOME/owner/plain/<model_id>.safetensors`` (0600): ``source`` with ``metadata`` merged into its
+    header, rewritten only when that header would change (so an unchanged model is not resealed)."""
+    plain = paths.plain / f"{model_id}.safetensors"
     try:
         if not _is_copy_with_metadata(plain, source, metadata):
             paths.plain.mkdir(mode=0o700, parents=True, exist_ok=True)
             with_metadata(source, plain, metadata)
     except (OSError, ValueError) as err:
-        raise StackError("seal", f"cannot write the demo model's plain file: {type(err).__name__}") from err
-    return LocalModel(MODEL_ID, MODEL_VERSION, DEMO_HANDLER, plain, protection=DEMO_PROTECTION)
+        raise StackError("seal", f"cannot write {model_id}'s plain file: {type(err).__name__}") from err
+    return plain
 
 
 def describe_protection(protection: Mapping[str, Any] | None) -> str:

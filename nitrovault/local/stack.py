@@ -282,7 +282,7 @@ class LocalStack:
         generate_issuer_keys(self.paths.issuer)
         return load_issuer(self.paths.issuer)
 
-    def token(self, subject: str = "demo", scopes: tuple[str, ...] = ("embed:*", "infer:*"),
+    def token(self, subject: str = "demo", scopes: tuple[str, ...] = ("embed:*", "infer:*", "generate:*"),
               ttl: float = 3600, tier: str | None = None) -> str:
         return self.issuer().issue(subject, scopes, ttl, tier=tier)
 
@@ -457,11 +457,11 @@ class LocalStack:
             return timings
 
     def demo(self) -> None:
-        """An Embed call for embedding handlers; an Info call (and the served protection) for the others."""
+        """An Embed call for embedding handlers; for the others an Info call, the model's own demo call
+        (a Generate stream for language models) and the served protection."""
         model = self.model
         with self.steps.step("demo call through the relay (verified, TLS into the enclave)") as note:
-            action = "embed" if model.embeds else "infer"
-            token = self.token("demo", (f"{action}:{model.model_id}",))
+            token = self.token("demo", (f"{model.method}:{model.model_id}",))
             write_private(self.paths.demo_token, token + "\n")
             with self.client(token, timeout=60) as client:
                 verified = client.attestation  # TLS, then Attest with a fresh nonce, PCRs, TLS key binding
