@@ -131,6 +131,11 @@ class Batching:
     oldest call arrived. Under load calls pile up while the workers are busy, so batches form without any
     delay; a delay only helps a lightly loaded enclave trade latency for throughput.
 
+    Streams: every ``Generate`` message costs a quota charge, a receipt-transcript entry and a TLS record
+    through two relays, which for a small fast model costs more than the tokens themselves; text released
+    within ``stream_interval_ms`` of the previous message is sent as one (no delay for the first piece,
+    none at all for models slower than one token per interval).
+
     Threads: a CPU enclave is the whole budget. Each of ``limits.workers`` workers runs torch with
     ``torch_threads`` intra-op threads (0: the enclave's vCPUs divided by the workers, at least 1) so that
     workers x threads never oversubscribes the vCPUs (oversubscribed BLAS threads spin against each
@@ -145,6 +150,9 @@ class Batching:
     torch_threads: int = 0
     #: torch inter-op threads (process wide).
     interop_threads: int = 1
+    #: ``Generate``: after a message, text released within this many milliseconds (0..1000) joins the next
+    #: one. The first piece is always sent at once; 0 sends every piece as soon as it is final.
+    stream_interval_ms: float = 20.0
 
     def __post_init__(self) -> None:
         for name in ("max_rows", "interop_threads"):
@@ -154,9 +162,10 @@ class Batching:
         if not isinstance(self.torch_threads, int) or isinstance(self.torch_threads, bool) or (
                 self.torch_threads < 0):
             raise ConfigError("Batching.torch_threads must be 0 (automatic) or a positive integer")
-        delay = self.max_delay_ms
-        if isinstance(delay, bool) or not isinstance(delay, int | float) or not 0 <= delay <= 1000:
-            raise ConfigError("Batching.max_delay_ms must be a number of milliseconds in [0, 1000]")
+        for name in ("max_delay_ms", "stream_interval_ms"):
+            delay = getattr(self, name)
+            if isinstance(delay, bool) or not isinstance(delay, int | float) or not 0 <= delay <= 1000:
+                raise ConfigError(f"Batching.{name} must be a number of milliseconds in [0, 1000]")
 
     def threads_per_worker(self, workers: int, vcpus: int) -> int:
         """Intra-op threads for each of ``workers`` workers on ``vcpus`` vCPUs."""

@@ -68,6 +68,7 @@ from enclave_app.models.generation import Sampling
 from enclave_app.outputs import OutputGuard
 from enclave_app.protections import RECEIPTED, CallRecord, Protections, Sink, boot_key_from_nsm
 from enclave_app.status import NotReadyError, OverloadedError, abort_with, classify
+from enclave_app.streams import ReleasedText, messages
 from nitrovault.errors import AccessError, ProtectionUnavailableError, StateStoreError
 from nitrovault.identity import TlsIdentity
 from nitrovault.nsm import Nsm
@@ -324,18 +325,13 @@ class InferenceService(pb_grpc.InferenceServicer):
             self._serving()
             self._check_model(request.model)
             work_request = self._text_request(request)
-            loop = asyncio.get_running_loop()
-            pieces: asyncio.Queue[tuple[str, int] | None] = asyncio.Queue()
-
-            def emit(text: str, tokens: int) -> None:  # on the worker thread
-                loop.call_soon_threadsafe(pieces.put_nowait, (text, tokens))
-
-            work = GenerateCall(work_request, _subject(call), emit, stopped.is_set)
+            released = ReleasedText(asyncio.get_running_loop())
+            work = GenerateCall(work_request, _subject(call), released.push, stopped.is_set)
             task = asyncio.ensure_future(self._run(context, work, None))
-            # after every emit: call_soon_threadsafe keeps order, and the answer is set after the last one
-            task.add_done_callback(functools.partial(_finished, pieces))
+            # the worker's last push happens before its answer is set, so the end comes after all the text
+            task.add_done_callback(functools.partial(_finished, released))
             transcript = Transcript()
-            async for text, tokens in _drain(pieces):
+            async for text, tokens in messages(released, self.config.batching.stream_interval_ms / 1000):
                 await self._charge_tokens(call, tokens)
                 message = pb.GenerateResponse(text=text, tokens=tokens)
                 transcript.add(message)
@@ -437,24 +433,10 @@ _FINISH = {"length": pb.FINISH_REASON_LENGTH, "eos": pb.FINISH_REASON_EOS, "stop
            "cancelled": pb.FINISH_REASON_UNSPECIFIED}
 
 
-def _finished(pieces: asyncio.Queue[tuple[str, int] | None], task: asyncio.Future[Answer]) -> None:
-    pieces.put_nowait(None)
+def _finished(released: ReleasedText, task: asyncio.Future[Answer]) -> None:
+    released.end()
     if not task.cancelled():
         task.exception()  # retrieved here too: a stream that ended early never asks for it
-
-
-async def _drain(pieces: asyncio.Queue[tuple[str, int] | None]) -> AsyncIterator[tuple[str, int]]:
-    """The generation's pieces until its end (``None``), what queued up meanwhile joined into one."""
-    while (piece := await pieces.get()) is not None:
-        text, tokens = [piece[0]], piece[1]
-        while not pieces.empty():
-            more = pieces.get_nowait()
-            if more is None:
-                pieces.put_nowait(None)
-                break
-            text.append(more[0])
-            tokens += more[1]
-        yield "".join(text), tokens
 
 
 def _since(started_ns: int) -> int:

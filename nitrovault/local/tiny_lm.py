@@ -238,12 +238,25 @@ def build_tiny_lm(dst: Path, corpus: str, settings: TinyLmSettings) -> Path:
 
 
 def ensure_tiny_lm(cache: Path, corpus: str, settings: TinyLmSettings) -> Path:
-    """``cache/<digest[:16]>/``: reused when its record names this digest, else (re)built."""
+    """``cache/<digest[:16]>/``: reused when its record names this digest, else (re)built. A new build
+    removes the builds of the same settings from other corpora (each edit of the docs would otherwise
+    leave one behind); builds of other settings are kept."""
     digest = settings.digest(corpus)
     dst = cache / digest[:16]
     if _recorded_digest(dst) == digest:
         return dst
-    return build_tiny_lm(dst, corpus, settings)
+    built = build_tiny_lm(dst, corpus, settings)
+    for other in cache.iterdir():
+        if other != dst and other.is_dir() and _recorded_settings(other) == asdict(settings):
+            shutil.rmtree(other, ignore_errors=True)
+    return built
+
+
+def _recorded_settings(folder: Path) -> Any:
+    try:
+        return json.loads((folder / RECORD).read_text(encoding="utf-8")).get("settings")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _recorded_digest(folder: Path) -> str | None:

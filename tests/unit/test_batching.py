@@ -255,8 +255,9 @@ def _config_with(batching: Any) -> dict[str, Any]:
 
 
 def test_the_batching_section_round_trips_and_defaults_are_on() -> None:
-    config = EnclaveConfig.from_mapping(_config_with({"max_rows": 16, "max_delay_ms": 2.5}))
-    assert config.batching == Batching(max_rows=16, max_delay_ms=2.5)
+    config = EnclaveConfig.from_mapping(_config_with({"max_rows": 16, "max_delay_ms": 2.5,
+                                                      "stream_interval_ms": 0}))
+    assert config.batching == Batching(max_rows=16, max_delay_ms=2.5, stream_interval_ms=0)
     assert EnclaveConfig.from_mapping(json.loads(config.to_json())).batching == config.batching
     assert Batching().max_rows > 1  # batching is on unless the owner turns it off
 
@@ -264,6 +265,7 @@ def test_the_batching_section_round_trips_and_defaults_are_on() -> None:
 @pytest.mark.parametrize("section", [
     {"max_rows": 0}, {"max_rows": 2.5}, {"max_rows": True}, {"max_delay_ms": -1}, {"max_delay_ms": 1001},
     {"max_delay_ms": "2"}, {"torch_threads": -1}, {"interop_threads": 0}, {"max_batch": 8}, "fast",
+    {"stream_interval_ms": -1}, {"stream_interval_ms": 1001}, {"stream_interval_ms": True},
 ])
 def test_a_bad_batching_section_is_refused_at_load(section: Any) -> None:
     with pytest.raises(ConfigError, match="Batching"):

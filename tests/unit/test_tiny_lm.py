@@ -62,8 +62,13 @@ def test_ensure_reuses_a_build_only_for_the_same_settings_and_corpus(tmp_path: P
     stamp = (first / "model.safetensors").stat().st_mtime_ns
     assert ensure_tiny_lm(tmp_path, CORPUS, QUICK) == first
     assert (first / "model.safetensors").stat().st_mtime_ns == stamp  # not rebuilt
-    assert ensure_tiny_lm(tmp_path, CORPUS + "More.", QUICK) != first
-    assert ensure_tiny_lm(tmp_path, CORPUS, replace(QUICK, steps=21)) != first
+    other_settings = ensure_tiny_lm(tmp_path, CORPUS, replace(QUICK, steps=21))
+    assert other_settings != first and first.is_dir()  # builds of other settings are kept
+    edited = ensure_tiny_lm(tmp_path, CORPUS + "More.", QUICK)
+    assert edited != first and not first.exists()  # an older corpus' build of the same settings is gone
+    assert other_settings.is_dir()
+    first = ensure_tiny_lm(tmp_path, CORPUS, QUICK)
+    assert not edited.exists()
     # a folder whose record names another digest (or has none) is rebuilt in place
     (first / RECORD).write_text(json.dumps({"digest": "0" * 64}))
     assert ensure_tiny_lm(tmp_path, CORPUS, QUICK) == first
