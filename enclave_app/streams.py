@@ -34,7 +34,6 @@ class ReleasedText:
         self._lock = threading.Lock()
         self._text: list[str] = []
         self._tokens = 0
-        self._ended = False
         self._waiter: asyncio.Future[None] | None = None
         self._end: asyncio.Future[None] = loop.create_future()
 
@@ -49,12 +48,11 @@ class ReleasedText:
 
     def end(self) -> None:
         """The generation is over (no push after this); on the event loop's thread."""
+        _wake(self._end)
         with self._lock:
-            self._ended = True
             waiter, self._waiter = self._waiter, None
         if waiter is not None:
             _wake(waiter)
-        _wake(self._end)
 
     def _take(self) -> tuple[str, int] | None:
         """What was released since the last take, or None when nothing was (the caller's lock)."""
@@ -70,7 +68,7 @@ class ReleasedText:
         while True:
             with self._lock:
                 taken = self._take()
-                if taken is not None or self._ended:
+                if taken is not None or self._end.done():  # end() and take() run on the loop's thread
                     return taken
                 self._waiter = waiter = self._loop.create_future()
             await waiter

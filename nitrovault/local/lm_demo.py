@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -54,9 +55,9 @@ def lm_model(paths: Paths, folder: Path, *, model_id: str = LM_ID, handler: str 
     key = ensure_owner_watermark_key(paths.owner_watermark_key)
     metadata = {**sealing_metadata(folder), "nitrovault.handler": handler, WATERMARK_SECRET_KEY: key}
     plain = owner_plain_file(paths, model_id, folder / "model.safetensors", metadata)
-    marked = protection is not None and (protection.get("watermark") or {}).get("text") is not None
-    demo = lm_demo_call(folder, bytes.fromhex(key) if marked else None, model_id)
-    return LocalModel(model_id, LM_VERSION, handler, plain, protection=protection, demo_call=demo)
+    model = LocalModel(model_id, LM_VERSION, handler, plain, protection=protection)
+    secret = bytes.fromhex(key) if model.text_watermark else None
+    return replace(model, demo_call=lm_demo_call(folder, secret, model_id))
 
 
 def lm_demo_call(folder: Path, owner_secret: bytes | None, model_id: str,

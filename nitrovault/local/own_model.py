@@ -29,23 +29,27 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from nitrovault.envelope.extras import WATERMARK_CANDIDATES_KEY, WATERMARK_SECRET_KEY, read_header
+import safetensors.torch
+
+from enclave_app.models import ARCHITECTURES, HANDLER_KEY, LM_ARCHITECTURES, ModelLoadError, load_handler
+from enclave_app.models.generic import CONFIG_KEY
+from enclave_app.outputs import SealedExtras
+from nitrovault.envelope.extras import read_header
 from nitrovault.errors import ConfigError
 from nitrovault.local.homes import Paths, StackError
+from nitrovault.local.lm_demo import lm_model
 from nitrovault.local.models import (
     DEMO_HANDLER,
     DEMO_PROTECTION,
     GENERATING_HANDLER,
     LocalModel,
-    demo_watermark_candidates,
-    ensure_owner_watermark_key,
+    owner_embedding_mark,
     owner_plain_file,
+    sentence_embedding_metadata,
 )
 
 STEP = "model"
 VERSION = "1"
-HANDLER_KEY = "nitrovault.handler"
-CONFIG_KEY = "nitrovault.config"
 GENERIC = "generic:"
 #: the sentence-transformers modules the sentence-embedding handler runs (encoder, mean pool, normalize)
 SERVED_MODULES = frozenset(f"sentence_transformers.models.{name}"
@@ -105,8 +109,6 @@ def _from_folder(paths: Paths, folder: Path, model_id: str, handler: str | None)
     if chosen == DEMO_HANDLER:
         return _sentence_embedding(paths, folder, weights, config, model_id)
     if chosen.startswith(GENERATING_HANDLER):
-        from nitrovault.local.lm_demo import lm_model
-
         _tokenizer(folder)
         return lm_model(paths, folder, model_id=model_id, handler=chosen)
     metadata = {HANDLER_KEY: chosen, CONFIG_KEY: (folder / "config.json").read_text(encoding="utf-8")}
@@ -142,8 +144,6 @@ def _config(folder: Path) -> dict[str, Any]:
 
 def _detect(folder: Path, config: Mapping[str, Any]) -> str:
     """The handler a folder's files call for, or why none does."""
-    from enclave_app.models import LM_ARCHITECTURES
-
     if (folder / "modules.json").is_file() or (folder / "sentence_bert_config.json").is_file():
         return DEMO_HANDLER
     model_type = config.get("model_type")
@@ -158,14 +158,10 @@ def _detect(folder: Path, config: Mapping[str, Any]) -> str:
 
 
 def _generic_names() -> list[str]:
-    from enclave_app.models import ARCHITECTURES
-
     return [f"{GENERIC}{name}" for name in sorted(ARCHITECTURES)]
 
 
 def _check_handler(name: str) -> None:
-    from enclave_app.models import ARCHITECTURES, LM_ARCHITECTURES
-
     kind, _, architecture = name.partition(":")
     registered = ((name == DEMO_HANDLER) or (kind == "generic" and architecture in ARCHITECTURES)
                   or (kind == "causal-lm" and architecture in LM_ARCHITECTURES))
@@ -190,7 +186,7 @@ def _sentence_embedding(paths: Paths, folder: Path, weights: Path, config: Mappi
     if config.get("model_type") != "bert":
         raise StackError(STEP, f"the sentence-embedding handler serves BERT-family encoders; {folder} is "
                                f"model_type {config.get('model_type')!r}")
-    tokenizer = _tokenizer(folder)
+    _tokenizer(folder)
     modules = _json_or_empty(folder / "modules.json", default=[])
     extra = [m.get("type") for m in modules if isinstance(m, dict) and m.get("type") not in SERVED_MODULES]
     if extra:
@@ -201,15 +197,7 @@ def _sentence_embedding(paths: Paths, folder: Path, weights: Path, config: Mappi
         modes = sorted(k.removeprefix("pooling_mode_") for k, v in pooling.items()
                        if k.startswith("pooling_mode_") and v is True)
         raise StackError(STEP, f"{folder} pools with {modes}; the sentence-embedding handler mean-pools")
-    bert = _json_or_empty(folder / "sentence_bert_config.json")
-    metadata = {
-        HANDLER_KEY: DEMO_HANDLER,
-        CONFIG_KEY: json.dumps(config),
-        "nitrovault.tokenizer": tokenizer.read_text(encoding="utf-8"),
-        "nitrovault.max_seq_length": str(bert.get("max_seq_length", 256)),
-        WATERMARK_SECRET_KEY: ensure_owner_watermark_key(paths.owner_watermark_key),
-        WATERMARK_CANDIDATES_KEY: json.dumps(demo_watermark_candidates()),
-    }
+    metadata = {**sentence_embedding_metadata(folder), **owner_embedding_mark(paths)}
     plain = owner_plain_file(paths, model_id, weights, metadata)
     return LocalModel(model_id, VERSION, DEMO_HANDLER, plain, protection=DEMO_PROTECTION)
 
@@ -237,10 +225,6 @@ def _json_or_empty(path: Path, default: Any = None) -> Any:
 def check_loads(plain: Path, handler: str, model_id: str) -> None:
     """Load ``plain`` with the enclave's own code, as the enclave's model-load step will after unsealing
     it: the sealed extras taken out and parsed, the handler loaded and warmed up."""
-    import safetensors.torch
-
-    from enclave_app.models import ModelLoadError, load_handler
-    from enclave_app.outputs import SealedExtras
 
     try:
         tensors = safetensors.torch.load_file(str(plain))

@@ -247,24 +247,22 @@ def ensure_tiny_lm(cache: Path, corpus: str, settings: TinyLmSettings) -> Path:
         return dst
     built = build_tiny_lm(dst, corpus, settings)
     for other in cache.iterdir():
-        if other != dst and other.is_dir() and _recorded_settings(other) == asdict(settings):
+        if other != dst and other.is_dir() and _record(other).get("settings") == asdict(settings):
             shutil.rmtree(other, ignore_errors=True)
     return built
 
 
-def _recorded_settings(folder: Path) -> Any:
-    try:
-        return json.loads((folder / RECORD).read_text(encoding="utf-8")).get("settings")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def _recorded_digest(folder: Path) -> str | None:
+def _record(folder: Path) -> dict[str, Any]:
+    """A build folder's training record, or {} when it has none (or a broken one)."""
     try:
         record = json.loads((folder / RECORD).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None
-    digest = record.get("digest") if isinstance(record, dict) else None
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _recorded_digest(folder: Path) -> str | None:
+    digest = _record(folder).get("digest")
     if not isinstance(digest, str) or not (folder / "model.safetensors").is_file():
         return None
     return digest

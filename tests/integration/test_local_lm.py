@@ -27,6 +27,8 @@ from nitrovault.local.lm_demo import LM_ID, detect_in_text, lm_model
 from nitrovault.local.stack import REPO_ROOT, LocalStack, TextProgress
 
 pytestmark = pytest.mark.slow
+#: |z| that text scored under a key it was not marked with stays below (z is N(0, 1) there; p ~ 0.003)
+UNMARKED_Z = 3.0
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +84,7 @@ def test_the_owner_tells_marked_text_from_text_under_another_key(lm: tuple[Local
     wrong_model = detect_in_text(text, tiny_lm, _owner_secret(stack), "another-model")
     assert owner.detected and owner.z > 4.0, owner
     assert not other.detected and not wrong_model.detected
-    assert abs(other.z) < 3.0 and abs(wrong_model.z) < 3.0
+    assert max(abs(other.z), abs(wrong_model.z)) < UNMARKED_Z
 
 
 def test_generate_needs_its_own_scope(lm: tuple[LocalStack, str]) -> None:
