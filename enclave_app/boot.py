@@ -38,6 +38,7 @@ from enclave_app.key_release import release_data_key
 from enclave_app.models import ModelHandler, ModelLoadError, load_handler
 from enclave_app.models.green_list import GreenListProcessor
 from enclave_app.outputs import OutputGuard, SealedExtras
+from enclave_app.weights import protect_weights
 from nitrovault.clock import utc_now
 from nitrovault.envelope import SealedModel, zeroize
 from nitrovault.envelope.extras import STATE_STORE_PASSWORD_KEY
@@ -147,6 +148,8 @@ def boot(
         extras = SealedExtras.take(tensors, metadata, config.model_id)
         handler = load_handler(config.handler, tensors, metadata)
         attach_text_watermark(config, handler, extras)
+        handler = protect_weights(config.protection.weights_policy, handler)
+        del tensors  # dynamic: the selected tensors' plaintext is overwritten; nothing else refers to it
         handler.warm_up()
         outputs = OutputGuard.for_handler(config.protection, extras, handler, store=store)
         loaded = time.perf_counter()

@@ -94,7 +94,7 @@ class Limits:
     max_batch: int = 64
     #: requests that may wait for a worker; beyond it calls get RESOURCE_EXHAUSTED.
     queue_depth: int = 64
-    #: model workers; 0 means one per vCPU the enclave has.
+    #: model workers; 0 means one per vCPU the enclave has (one with dynamic weights).
     workers: int = 0
     #: longest text accepted by Embed, in characters.
     max_text_chars: int = 8192
@@ -269,6 +269,50 @@ class StateStoreConfig:
                              namespace=self.namespace or model_id, timeout_s=self.timeout_ms / 1000.0)
 
 
+WEIGHT_MODES = ("resident", "dynamic")
+
+
+@dataclass(frozen=True)
+class WeightsPolicy:
+    """``protection.weights``: whether the selected tensors stay encrypted in enclave memory between uses
+    (``enclave_app/weights.py``, docs/dynamic-weights.md)."""
+
+    #: ``resident`` (every tensor plaintext for the enclave's life) or ``dynamic``
+    mode: str = "resident"
+    #: fnmatch patterns over the handler module's parameter names (each must match a tensor of the sealed
+    #: model); None: every weight matrix of the model's numbered blocks
+    tensors: tuple[str, ...] | None = None
+    #: most blocks decrypted at any instant (>= 1; 2 lets the next block decrypt during the current one)
+    budget: int = 1
+
+    @property
+    def dynamic(self) -> bool:
+        return self.mode == "dynamic"
+
+    @classmethod
+    def from_config(cls, section: Mapping[str, Any] | None) -> WeightsPolicy:
+        """The section as written (null: resident); anything malformed is a :class:`ConfigError`."""
+        if section is None:
+            return cls()
+        unknown = sorted(set(section) - {"mode", "tensors", "budget"})
+        if unknown:
+            raise ConfigError(f"unknown Protection.weights key(s): {', '.join(unknown)}")
+        mode = section.get("mode", "resident")
+        if mode not in WEIGHT_MODES:
+            raise ConfigError(f"Protection.weights.mode must be one of {', '.join(WEIGHT_MODES)}")
+        tensors = section.get("tensors")
+        if tensors is not None:
+            if not isinstance(tensors, list | tuple) or not tensors or not all(
+                    isinstance(p, str) and p.strip() and len(p) <= 256 for p in tensors):
+                raise ConfigError("Protection.weights.tensors must be a non-empty list of name patterns "
+                                  "or null")
+            tensors = tuple(tensors)
+        budget = section.get("budget", 1)
+        if isinstance(budget, bool) or not isinstance(budget, int) or not 1 <= budget <= 64:
+            raise ConfigError("Protection.weights.budget must be an integer in [1, 64] (decrypted blocks)")
+        return cls(mode=mode, tensors=tensors, budget=budget)
+
+
 @dataclass(frozen=True)
 class Protection:
     """What a caller gets to see of the model's answers (docs/model-stealing.md, docs/watermarks.md).
@@ -291,6 +335,9 @@ class Protection:
     watermark: Mapping[str, Any] = field(
         default_factory=lambda: MappingProxyType({"embedding": None, "text": None})
     )
+    #: ``{"mode": "resident" | "dynamic", "tensors": [pattern, ...] | null, "budget": 1}``
+    #: (:class:`WeightsPolicy`); null: resident.
+    weights: Mapping[str, Any] | None = None
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> Protection:
@@ -315,6 +362,10 @@ class Protection:
         return None if self.extraction is None else ExtractionPolicy.from_config(self.extraction)
 
     @property
+    def weights_policy(self) -> WeightsPolicy:
+        return WeightsPolicy.from_config(self.weights)
+
+    @property
     def embedding_mark(self) -> Mapping[str, Any] | None:
         """Parameters of the EmbMarker mark, or None when the policy does not ask for it."""
         value: Mapping[str, Any] | None = self.watermark.get("embedding")  # read-only, made so at load
@@ -337,7 +388,7 @@ _TEXT_MARK_KEYS = {"gamma": 0.25, "delta": 2.0}
 
 def _protection(data: Mapping[str, Any]) -> Protection:
     values = _checked(Protection, data)
-    for name in ("hardening", "privacy", "extraction", "watermark"):
+    for name in ("hardening", "privacy", "extraction", "watermark", "weights"):
         value = values.get(name)
         if value is not None and not isinstance(value, Mapping):
             raise ConfigError(f"Protection.{name} must be an object or null")
@@ -354,6 +405,11 @@ def _protection(data: Mapping[str, Any]) -> Protection:
         values["privacy"] = MappingProxyType({k: MappingProxyType(dict(v)) for k, v in privacy.items()})
     if values.get("extraction") is not None:
         values["extraction"] = MappingProxyType(dict(values["extraction"]))
+    if values.get("weights") is not None:
+        weights = dict(values["weights"])
+        if isinstance(weights.get("tensors"), list):
+            weights["tensors"] = tuple(weights["tensors"])
+        values["weights"] = MappingProxyType(weights)
     watermark = dict(values.get("watermark") or {})
     unknown = sorted(set(watermark) - {"embedding", "text"})
     if unknown:
@@ -381,6 +437,7 @@ def _protection(data: Mapping[str, Any]) -> Protection:
         raise ConfigError("Protection.privacy.mechanism.output and Protection.hardening disagree on "
                           "what the model answers (probabilities or embeddings)")
     protection.extraction_policy  # noqa: B018 - validates
+    protection.weights_policy  # noqa: B018 - validates
     mark = protection.embedding_mark
     if mark is not None and not 1 <= int(mark["max_triggers"]) <= int(mark["triggers"]) <= 1000:
         raise ConfigError("Protection.watermark.embedding needs 1 <= max_triggers <= triggers <= 1000")
@@ -456,12 +513,15 @@ class EnclaveConfig:
         if not str(values.get("kms_key_arn", "")).startswith("arn:aws"):
             raise ConfigError("kms_key_arn must be a full key ARN")
         _check_key_release(values)
+        if values["protection"].weights_policy.dynamic and values["limits"].workers > 1:
+            raise ConfigError("Protection.weights.mode dynamic runs one forward pass at a time: "
+                              "limits.workers must be 0 or 1 (batching gathers concurrent calls into it)")
         return cls(**values)
 
     def model_threads(self, vcpus: int) -> tuple[int, int]:
-        """The model workers on ``vcpus`` vCPUs (``limits.workers``, 0: one per vCPU) and each one's torch
-        intra-op threads (``batching.torch_threads``; docs/serving.md)."""
-        workers = self.limits.workers or vcpus
+        """The model workers on ``vcpus`` vCPUs (``limits.workers``, 0: one per vCPU, one with dynamic
+        weights) and each one's torch intra-op threads (``batching.torch_threads``; docs/serving.md)."""
+        workers = self.limits.workers or (1 if self.protection.weights_policy.dynamic else vcpus)
         return workers, self.batching.threads_per_worker(workers, vcpus)
 
     @property

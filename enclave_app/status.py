@@ -19,6 +19,7 @@ import uuid
 import grpc
 
 from enclave_app.models.base import InvalidInputError, UnsupportedCallError
+from enclave_app.weights import WeightsIntegrityError
 from nitrovault.errors import (
     AuthenticationError,
     NitrovaultError,
@@ -53,6 +54,8 @@ TABLE: tuple[tuple[type[BaseException], grpc.StatusCode, bool], ...] = (
     (QuotaExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED, True),
     # fail closed: limits or audit cannot be enforced right now (state store unreachable, audit withheld)
     (ProtectionUnavailableError, grpc.StatusCode.UNAVAILABLE, True),
+    # dynamic weights: a block's in-memory ciphertext did not authenticate; the text names no secret
+    (WeightsIntegrityError, grpc.StatusCode.DATA_LOSS, True),
 )
 
 _FIXED = {

@@ -5,7 +5,8 @@
 (:mod:`nitrovault.local.digits`); ``--model lm`` a small GPT-2 streaming watermarked text
 (:mod:`nitrovault.local.lm_demo`); ``--model PATH`` your own model folder or safetensors file
 (:mod:`nitrovault.local.own_model`, checked against the enclave's handler before anything is sealed).
-One home serves one model at a time.
+``--weights dynamic`` serves any of them with the blocks' weights encrypted in enclave memory between
+uses (docs/dynamic-weights.md). One home serves one model at a time.
 
 This command owns what is printed: each step of :class:`~nitrovault.local.stack.LocalStack` as it runs
 (:class:`RichProgress`), then how to call and check the running enclave. Ctrl-C or SIGTERM stops every
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import time
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -29,6 +31,13 @@ from nitrovault.local.stack import REPO_ROOT, TLS_SERVER_NAME, LocalStack, Steps
 
 #: the demo models ``--model`` names; anything else is a path (a folder named like one: ``./lm``)
 DEMOS = ("minilm", "digits", "lm")
+
+
+class WeightMode(StrEnum):
+    """``--weights``: the measured config's ``protection.weights.mode``."""
+
+    resident = "resident"
+    dynamic = "dynamic"
 
 
 class RichProgress:
@@ -157,6 +166,10 @@ def up(
     handler: Annotated[str | None, typer.Option("--handler", help=(
         "The enclave handler for a model at a path, e.g. generic:mlp-classifier (default: from its "
         "files)."))] = None,
+    weights: Annotated[WeightMode, typer.Option("--weights", help=(
+        "resident: every tensor plaintext in enclave memory; dynamic: the blocks' weights stay encrypted "
+        "in memory and are decrypted one block at a time per forward pass (docs/dynamic-weights.md)."))]
+        = WeightMode.resident,
 ) -> None:
     """Start the KMS emulator, the local NSM, the parent and the enclave; serve the sealed model."""
     console = Console(highlight=False, soft_wrap=True)
@@ -167,5 +180,5 @@ def up(
         console.print(f"[bold red]✗ {err.step} failed:[/] {err}")
         raise typer.Exit(1) from None
     stack = LocalStack(home, keep_policy=keep_policy, listen=listen, isolate=not no_isolation,
-                       model=served, progress=progress)
+                       model=served, progress=progress, weights=weights.value)
     raise typer.Exit(run(stack, console, once=once))

@@ -12,7 +12,7 @@ import os
 import re
 import secrets
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -272,4 +272,17 @@ def describe_protection(protection: Mapping[str, Any] | None) -> str:
     marks = [name for name in ("embedding", "text") if watermark.get(name) is not None]
     if marks:
         parts.append(f"{' and '.join(marks)} watermark")
+    weights = protection.get("weights") or {}
+    if weights.get("mode") == "dynamic":
+        parts.append(f"dynamic weights (at most {weights.get('budget', 1)} block(s) decrypted at once)")
     return "; ".join(parts)
+
+
+def with_weights(model: LocalModel, mode: str) -> LocalModel:
+    """``model`` served with ``protection.weights.mode`` = ``mode`` (``resident``: ``model`` itself; the
+    rest of its ``weights`` section, if any, is kept). The enclave's config load checks the section."""
+    if mode == "resident":
+        return model
+    protection = dict(model.protection or {})
+    protection["weights"] = {**(protection.get("weights") or {}), "mode": mode}
+    return replace(model, protection=protection)

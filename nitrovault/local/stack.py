@@ -93,7 +93,7 @@ from nitrovault.kms.endpoints import kms_hostname
 from nitrovault.local import provision
 from nitrovault.local.homes import REGION, Paths, StackError, ensure_principals, free_port
 from nitrovault.local.kms.tls import KmsTls
-from nitrovault.local.models import DEMO_PAIRS, LocalModel, demo_model, describe_protection
+from nitrovault.local.models import DEMO_PAIRS, LocalModel, demo_model, describe_protection, with_weights
 from nitrovault.local.pki import LocalPki
 from nitrovault.local.processes import Processes, find_pids, wait_for_status
 from nitrovault.local.provision import REPO_ROOT, TLS_SERVER_NAME, StoreEndpoint
@@ -217,9 +217,12 @@ class LocalStack:
         kms_proxy_target: str | None = None,
         state_store_proxy_target: str | None = None,
         shared_store: LocalStack | None = None,
+        weights: str = "resident",
     ) -> None:
         self.paths = Paths(home)
-        self._model = model
+        #: ``protection.weights.mode`` the model is served in (``dynamic``: docs/dynamic-weights.md)
+        self.weights = weights
+        self._model = None if model is None else with_weights(model, weights)
         self.is_demo = model is None
         self.steps = Steps(progress or TextProgress())
         self.keep_policy = keep_policy
@@ -274,7 +277,7 @@ class LocalStack:
     def model(self) -> LocalModel:
         """The served model; the demo's is built (plain file written, owner key made) on first use."""
         if self._model is None:
-            self._model = demo_model(self.paths)
+            self._model = with_weights(demo_model(self.paths), self.weights)
         return self._model
 
     def issuer(self) -> TokenIssuer:
@@ -478,9 +481,9 @@ class LocalStack:
                         self.steps.progress.detail(shown)
                     self.steps.progress.detail(f"handler {model.handler}: sealed digest "
                                                f"{info.sealed_digest[:16]}…, max batch {info.max_batch}")
-                    self.steps.progress.detail(f"protection: {describe_protection(model.protection)}")
                     note(f"{info.model_id}@{info.model_version}, PCR0 {info.pcrs[0].hex()[:16]}…, "
                          f"receipt key {info.receipt_key_id[:16]}…")
+            self.steps.progress.detail(f"protection: {describe_protection(model.protection)}")
             self.steps.progress.detail(f"audit log: {self.paths.audit / '<boot>'}/audit-*.jsonl "
                                        f"(this boot: {self.current_audit_dir() or 'not written yet'})")
 

@@ -9,9 +9,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from handlers import lm_handler
 from test_client import IDENTITY, PCRS, expect_for, runner, trust_args
 from test_enclave_server import CONFIG, ISSUER, ServerThread, short_socket_dir
-from test_server_generate import PROMPT, expected, lm_handler
+from test_server_generate import PROMPT, expected
 
 from nitrovault.attestation import load_root
 from nitrovault.cli import app

@@ -19,14 +19,13 @@ from typing import Any
 
 import grpc
 import pytest
-import safetensors.torch
 import torch
 from fakes import WAIT_S, wait_until
+from handlers import lm_handler
 from test_enclave_server import ACCESS, CONFIG, ISSUER, ServerThread, in_flight, short_socket_dir
 
 from enclave_app.boot import attach_text_watermark
 from enclave_app.config import EnclaveConfig
-from enclave_app.models import load_handler
 from enclave_app.models.causal_lm import CausalLMHandler, TextRequest
 from enclave_app.models.generation import Sampling
 from enclave_app.outputs import OutputGuard, SealedExtras
@@ -34,7 +33,6 @@ from enclave_app.server import ServingModel
 from nitrovault.client import NitrovaultClient
 from nitrovault.errors import ReceiptError
 from nitrovault.local.nsm import make_local_nsm
-from nitrovault.local.tiny_lm import sealing_metadata
 from nitrovault.nsm import Nsm
 from nitrovault.receipts import Receipt, check_receipt
 from nitrovault.rpc.gen.nitrovault.v1 import inference_pb2 as pb
@@ -47,14 +45,6 @@ PCRS = {0: bytes([0xC0]) * 48, 1: bytes([0xC1]) * 48, 2: bytes([0xC2]) * 48}
 PROMPT = "The parent instance"
 TOKEN = ISSUER.issue("writer", ["generate:*"], 3600)
 GREEDY = {"temperature": 0.0}
-
-
-def lm_handler(folder: Path) -> CausalLMHandler:
-    metadata = sealing_metadata(folder)
-    handler = load_handler(metadata["nitrovault.handler"],
-                           safetensors.torch.load_file(str(folder / "model.safetensors")), metadata)
-    assert isinstance(handler, CausalLMHandler)
-    return handler
 
 
 def lm_config(*, tiers: dict[str, Any] | None = None, protection: dict[str, Any] | None = None,
@@ -167,7 +157,7 @@ def test_the_stream_is_the_models_continuation_and_its_receipt_covers_the_transc
         return bytes(t)
 
     dropped = [m for i, m in enumerate(messages) if i != 1]
-    changed = [pb.GenerateResponse(text=m.text.upper(), tokens=m.tokens) for m in pieces] + [last]
+    changed = [pb.GenerateResponse(text=m.text + "!", tokens=m.tokens) for m in pieces] + [last]
     joined = [pb.GenerateResponse(text=pieces[0].text + pieces[1].text, tokens=pieces[0].tokens
                                   + pieces[1].tokens), *pieces[2:], last]
     for forged in (dropped, changed, joined):
