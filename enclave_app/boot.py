@@ -38,7 +38,7 @@ from enclave_app.key_release import release_data_key
 from enclave_app.models import ModelHandler, ModelLoadError, load_handler
 from enclave_app.models.green_list import GreenListProcessor
 from enclave_app.outputs import OutputGuard, SealedExtras
-from enclave_app.weights import protect_weights
+from enclave_app.weights import WeightsSelectionError, protect_weights
 from nitrovault.clock import utc_now
 from nitrovault.envelope import SealedModel, zeroize
 from nitrovault.envelope.extras import STATE_STORE_PASSWORD_KEY
@@ -167,7 +167,7 @@ def boot(
                                 "mismatch): refusing the file") from err
     except SealedModelError as err:
         raise BootFailure(step, "sealed model is invalid or was tampered with") from err
-    except (TlsIdentityError, StateStoreError) as err:  # their messages name no secret
+    except (TlsIdentityError, StateStoreError, WeightsSelectionError) as err:  # their messages name no secret
         raise BootFailure(step, str(err)) from err
     except (ConfigError, NitrovaultError) as err:
         raise BootFailure(step, f"{type(err).__name__}") from err

@@ -66,6 +66,11 @@ class WeightsIntegrityError(NitrovaultError):
     step = "weights"
 
 
+class WeightsSelectionError(ModelLoadError):
+    """``Protection.weights`` selects nothing usable in the sealed model. The message names only what the
+    measured (public) config says, so the boot may report it to the parent as is."""
+
+
 def handler_module(handler: ModelHandler) -> nn.Module:
     """The torch module a registered handler computes with."""
     for name in ("model", "module"):
@@ -108,11 +113,12 @@ def select(module: nn.Module, policy: WeightsPolicy) -> dict[str, list[tuple[str
         chosen = []
         for pattern in policy.tensors:
             if not any(fnmatch.fnmatchcase(n, pattern) for n, _ in params):
-                raise ModelLoadError(f"Protection.weights.tensors pattern {pattern!r} matches no tensor")
+                raise WeightsSelectionError(f"Protection.weights.tensors pattern {pattern!r} matches no "
+                                            "tensor of the sealed model")
         chosen = [(n, p) for n, p in params if any(fnmatch.fnmatchcase(n, q) for q in policy.tensors)]
     if not chosen:
-        raise ModelLoadError("dynamic weights: the model has no numbered blocks; name the tensors to keep "
-                             "encrypted with Protection.weights.tensors")
+        raise WeightsSelectionError("Protection.weights: the sealed model has no numbered blocks; name the "
+                                    "tensors to keep encrypted with Protection.weights.tensors")
     blocks: dict[str, list[tuple[str, nn.Parameter]]] = {}
     for name, param in chosen:
         blocks.setdefault(_block_of(name) or name.rpartition(".")[0], []).append((name, param))

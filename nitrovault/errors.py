@@ -58,6 +58,7 @@ against the classes (``tests/unit/test_error_tree.py``): a new subclass must be 
     ├── AuditError                       an audit record was refused (raw inputs/outputs, bad value types)
     ├── TensorFormatError                (nitrovault.rpc.tensors) a wire tensor is malformed (dtype, shape)
     ├── ModelLoadError                   (enclave_app.models.base) the unsealed tensors do not fit the handler
+    │   └── WeightsSelectionError        (enclave_app.weights) Protection.weights selects nothing in the model
     ├── UnsupportedCallError             (enclave_app.models.base) the model cannot serve this method
     ├── InvalidInputError                (enclave_app.models.base) the caller's input does not fit the model
     ├── GenerationError                  (enclave_app.models.causal_lm) no valid next-token distribution

@@ -14,7 +14,7 @@ import pytest
 from safetensors.numpy import save_file
 
 import enclave_app.boot as boot_module
-from enclave_app.boot import BootFailure, boot, open_state_store
+from enclave_app.boot import BootFailure, BootResult, boot, open_state_store
 from enclave_app.config import EnclaveConfig
 from enclave_app.key_release import ReleaseTimings
 from nitrovault.envelope import SealedModel, seal_file
@@ -159,11 +159,11 @@ def _sealed(tmp_path: Path, password: str | None) -> Path:
     return tmp_path / "m.sealed"
 
 
-def _boot(monkeypatch: pytest.MonkeyPatch, config: EnclaveConfig, sealed: Path, factory: Any) -> None:
+def _boot(monkeypatch: pytest.MonkeyPatch, config: EnclaveConfig, sealed: Path, factory: Any) -> BootResult:
     """``boot`` with key release faked (attestation and KMS are other tests' business)."""
     monkeypatch.setattr(boot_module, "release_data_key",
                         lambda *args, **kwargs: (bytearray(KEY), ReleaseTimings(0.0, 0.0)))
-    boot(config, host=_Host(sealed), nsm=None, kms_factory=lambda credentials: None,  # type: ignore[arg-type,return-value]
+    return boot(config, host=_Host(sealed), nsm=None, kms_factory=lambda credentials: None,  # type: ignore[arg-type,return-value]
          store_factory=factory)
 
 
