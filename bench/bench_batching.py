@@ -30,15 +30,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from bench.timing import concurrent_load, percentile_ms
 from enclave_app.batching import Batcher, Job
 from enclave_app.config import Batching
-from enclave_app.models import load_handler
 from nitrovault.client import NitrovaultClient
 from nitrovault.local.homes import Paths
-from nitrovault.local.models import demo_model, demo_model_source
+from nitrovault.local.models import demo_handler, demo_model
 from nitrovault.local.provision import LOCAL_TIERS
 from nitrovault.local.stack import LocalStack, TextProgress
 
@@ -61,8 +59,7 @@ class Plain:
     """The served handler in process behind a :class:`Batcher` with the enclave's default settings."""
 
     def __init__(self) -> None:
-        source, metadata = demo_model_source()
-        self.handler = load_handler("sentence-embedding", load_file(source), metadata)
+        self.handler = demo_handler()
         self.handler.warm_up()
         vcpus = os.cpu_count() or 1
         threads = Batching().threads_per_worker(vcpus, vcpus)

@@ -26,12 +26,10 @@ from functools import partial
 from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
-from safetensors.torch import load_file
 
 from enclave_app.config import WeightsPolicy
-from enclave_app.models import load_handler
 from enclave_app.weights import DynamicHandler, DynamicWeights, handler_module, protect_weights
-from nitrovault.local.models import demo_model_source
+from nitrovault.local.models import demo_handler
 
 BATCHES = (1, 8, 32)
 #: alternating calls per batch size (the p50 of each side)
@@ -50,13 +48,8 @@ def _texts(batch: int) -> list[str]:
     return [f"{SENTENCES[i % len(SENTENCES)]} ({i})" for i in range(batch)]
 
 
-def _minilm() -> Any:
-    source, metadata = demo_model_source()
-    return load_handler("sentence-embedding", load_file(source), metadata)
-
-
 def _dynamic(budget: int) -> DynamicHandler:
-    handler = protect_weights(WeightsPolicy(mode="dynamic", budget=budget), _minilm())
+    handler = protect_weights(WeightsPolicy(mode="dynamic", budget=budget), demo_handler())
     assert isinstance(handler, DynamicHandler)
     handler.warm_up()
     return handler
@@ -96,7 +89,7 @@ def _one_shot_mb_s(aead: Any, weights: DynamicWeights) -> float:
 
 
 def run() -> Iterator[dict[str, object]]:
-    resident = _minilm()
+    resident = demo_handler()
     resident.warm_up()
     whole = sum(p.numel() * p.element_size() for p in handler_module(resident).parameters())
     dynamic = _dynamic(budget=1)

@@ -94,9 +94,9 @@ class _Tensor:
 
 @dataclass
 class _Block:
-    name: str
     module: nn.Module
     tensors: list[_Tensor]
+    nbytes: int  # the tensors' plaintext bytes
     size: int  # slot bytes the block's regions span
     #: per slot, the views of that slot's buffer in the block's tensors' shapes
     views: list[list[torch.Tensor]] = field(default_factory=list)
@@ -159,14 +159,11 @@ class DynamicWeights:
         self._key = _fresh_key()
         self._counter = 0
         self._placeholder = torch.empty(0)
-        self.blocks: list[_Block] = []
-        self.plain_bytes = 0  # the selected tensors' plaintext size
         with torch.no_grad():
-            for name, selected in select(module, policy).items():
-                self.blocks.append(self._seal_block(module.get_submodule(name) if name else module, name,
-                                                    selected))
-        self.slot_size = max(b.size for b in self.blocks)
-        self._slots = [torch.zeros(self.slot_size, dtype=torch.uint8) for _ in range(policy.budget)]
+            self.blocks = [self._seal_block(module.get_submodule(name) if name else module, selected)
+                           for name, selected in select(module, policy).items()]
+        slot_size = max(b.size for b in self.blocks)
+        self._slots = [torch.zeros(slot_size, dtype=torch.uint8) for _ in range(policy.budget)]
         for block in self.blocks:
             block.views = [[slot[t.offset:t.offset + t.nbytes].view(t.dtype).view(t.shape)
                             for t in block.tensors] for slot in self._slots]
@@ -188,7 +185,7 @@ class DynamicWeights:
 
     # -- boot ------------------------------------------------------------------------------------------
 
-    def _seal_block(self, module: nn.Module, name: str, selected: list[tuple[str, nn.Parameter]]) -> _Block:
+    def _seal_block(self, module: nn.Module, selected: list[tuple[str, nn.Parameter]]) -> _Block:
         tensors: list[_Tensor] = []
         offset = 0
         for _, param in selected:
@@ -198,15 +195,19 @@ class DynamicWeights:
             nbytes = data.numel() * data.element_size()
             nonce = self._nonce()
             encryptor = Cipher(algorithms.AES(self._key), modes.GCM(nonce)).encryptor()
-            plain = data.view(-1).view(torch.uint8).numpy() if nbytes else np.empty(0, np.uint8)
+            plain = data.view(-1).view(torch.uint8).numpy()
             ciphertext = encryptor.update(plain.data) + encryptor.finalize()
             tensors.append(_Tensor(param, data.shape, data.dtype, nbytes, offset, nonce, ciphertext,
                                    encryptor.tag))
             data.zero_()  # the unsealed plaintext (the load buffer the parameter pointed into)
             param.data = self._placeholder
             offset = _align(offset + nbytes + _TAG)
-            self.plain_bytes += nbytes
-        return _Block(name, module, tensors, offset)
+        return _Block(module, tensors, sum(t.nbytes for t in tensors), offset)
+
+    @property
+    def plain_bytes(self) -> int:
+        """The selected tensors' plaintext size."""
+        return sum(b.nbytes for b in self.blocks)
 
     def _nonce(self) -> bytes:
         self._counter += 1
@@ -242,11 +243,10 @@ class DynamicWeights:
         block = self.blocks[i]
         buffer = self._slots[slot].numpy().data
         self._in_slot[slot] = i
-        nbytes = sum(t.nbytes for t in block.tensors)
         with self._stats:
             self.decrypted_blocks += 1
-            self.decrypted_bytes += nbytes
-            self._plain_now += nbytes
+            self.decrypted_bytes += block.nbytes
+            self._plain_now += block.nbytes
             self.peak_plain_bytes = max(self.peak_plain_bytes, self._plain_now)
         started = time.perf_counter()
         try:
@@ -267,12 +267,13 @@ class DynamicWeights:
     def _wipe(self, slot: int, i: int) -> None:
         if self._in_slot[slot] != i:
             return
-        self._slots[slot][: self.blocks[i].size].zero_()
-        for tensor in self.blocks[i].tensors:
+        block = self.blocks[i]
+        self._slots[slot][: block.size].zero_()
+        for tensor in block.tensors:
             tensor.param.data = self._placeholder
         self._in_slot[slot] = None
         with self._stats:
-            self._plain_now -= sum(t.nbytes for t in self.blocks[i].tensors)
+            self._plain_now -= block.nbytes
 
     def wipe_all(self) -> None:
         """Wait for any prefetch, then overwrite every slot: nothing decrypted outlives a call."""
@@ -302,8 +303,6 @@ class DynamicHandler:
     """A handler whose calls run inside :meth:`DynamicWeights.session`; everything else is the inner
     handler's (``generate`` only if the inner handler has it)."""
 
-    _WRAPPED = ("warm_up", "embed", "infer", "generate")
-
     def __init__(self, inner: ModelHandler, weights: DynamicWeights) -> None:
         self.inner = inner
         self.weights = weights
@@ -327,9 +326,7 @@ class DynamicHandler:
 
     def __getattr__(self, name: str) -> Any:
         value = getattr(self.inner, name)
-        if name == "generate":
-            return self._in_session(value)
-        return value
+        return self._in_session(value) if name == "generate" else value
 
     def _in_session(self, method: Callable[..., Any]) -> Callable[..., Any]:
         def call(*args: Any, **kwargs: Any) -> Any:

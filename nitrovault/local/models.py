@@ -17,6 +17,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from enclave_app.config import WeightsPolicy
 from nitrovault.envelope.extras import (
     WATERMARK_CANDIDATES_KEY,
     WATERMARK_SECRET_KEY,
@@ -29,6 +30,7 @@ from nitrovault.local.homes import Paths, StackError
 from nitrovault.local.watermark_words import CANDIDATE_WORDS
 
 if TYPE_CHECKING:
+    from enclave_app.models import ModelHandler
     from nitrovault.client import NitrovaultClient
 
 #: the demo model's identity (the default :class:`LocalModel`, see :func:`demo_model`)
@@ -159,6 +161,17 @@ def demo_model_source() -> tuple[Path, dict[str, str]]:
     return model_dir / "model.safetensors", sentence_embedding_metadata(model_dir)
 
 
+def demo_handler() -> ModelHandler:
+    """The packaged MiniLM loaded by the enclave's own handler code from its plain weights (benchmarks and
+    tests that compare against the model itself)."""
+    from safetensors.torch import load_file
+
+    from enclave_app.models import load_handler
+
+    source, metadata = demo_model_source()
+    return load_handler(DEMO_HANDLER, load_file(source), metadata)
+
+
 def sentence_embedding_metadata(folder: Path) -> dict[str, str]:
     """What travels encrypted with a sentence-transformers folder's weights for the enclave's
     ``sentence-embedding`` handler: the handler name, config.json, tokenizer.json and the
@@ -272,9 +285,9 @@ def describe_protection(protection: Mapping[str, Any] | None) -> str:
     marks = [name for name in ("embedding", "text") if watermark.get(name) is not None]
     if marks:
         parts.append(f"{' and '.join(marks)} watermark")
-    weights = protection.get("weights") or {}
-    if weights.get("mode") == "dynamic":
-        parts.append(f"dynamic weights (at most {weights.get('budget', 1)} block(s) decrypted at once)")
+    weights = WeightsPolicy.from_config(protection.get("weights"))
+    if weights.dynamic:
+        parts.append(f"dynamic weights (at most {weights.budget} block(s) decrypted at once)")
     return "; ".join(parts)
 
 

@@ -20,13 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.torch import load_file
 
 from enclave_app.config import WeightsPolicy
-from enclave_app.models import load_handler
-from enclave_app.weights import select
+from enclave_app.weights import handler_module, select
 from nitrovault.envelope import seal_file
-from nitrovault.local.models import demo_model_source, with_metadata
+from nitrovault.local.models import demo_handler, demo_model_source, with_metadata
 
 HERE = Path(__file__).resolve().parent
 WINDOWS = 64  # sampled per tensor
@@ -51,12 +49,11 @@ def sealed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes]:
 def windows() -> dict[bytes, int]:
     """16-byte windows of every dynamic tensor → its block's index (windows that occur in two blocks,
     or are all zeros, are left out: they would not name one block)."""
-    source, metadata = demo_model_source()
-    handler = load_handler("sentence-embedding", load_file(source), metadata)
+    module = handler_module(demo_handler())
     rng = np.random.default_rng(0)
     found: dict[bytes, int] = {}
     ambiguous: set[bytes] = set()
-    for index, (_, params) in enumerate(select(handler.model, WeightsPolicy(mode="dynamic")).items()):  # type: ignore[attr-defined]
+    for index, (_, params) in enumerate(select(module, WeightsPolicy(mode="dynamic")).items()):
         for _, param in params:
             data = param.detach().numpy().tobytes()
             for offset in rng.integers(0, (len(data) - WIDTH) // 4, WINDOWS) * 4:
