@@ -14,6 +14,7 @@ from nitrovault.cli import (
     attest_cmd,
     audit_cmd,
     client_cmd,
+    harden_cmd,
     local_cmd,
     receipt_cmd,
     review_cmd,
@@ -42,6 +43,9 @@ app.command("embed")(client_cmd.embed)
 app.command("infer")(client_cmd.infer)
 app.command("generate")(client_cmd.generate)
 app.add_typer(watermark_cmd.app, name="watermark", help="Embed and detect ownership watermarks.")
+app.command("harden")(harden_cmd.harden_command)
+app.add_typer(harden_cmd.fingerprint_app, name="fingerprint",
+              help="Name the hardened copy a leaked model came from (per-copy fingerprints).")
 
 
 def main() -> None:

