@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from enclave_app.config import WeightsPolicy
+from enclave_app.models import ModelHandler
 from enclave_app.weights import handler_module, select
 from nitrovault.envelope import seal_file
 from nitrovault.local.models import demo_handler, demo_model_source, with_metadata
@@ -47,9 +48,14 @@ def sealed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes]:
 
 @pytest.fixture(scope="module")
 def windows() -> dict[bytes, int]:
+    """The packaged MiniLM's :func:`windows_of`: what the probe unseals."""
+    return windows_of(demo_handler())
+
+
+def windows_of(handler: ModelHandler) -> dict[bytes, int]:
     """16-byte windows of every dynamic tensor → its block's index (windows that occur in two blocks,
     or are all zeros, are left out: they would not name one block)."""
-    module = handler_module(demo_handler())
+    module = handler_module(handler)
     rng = np.random.default_rng(0)
     found: dict[bytes, int] = {}
     ambiguous: set[bytes] = set()

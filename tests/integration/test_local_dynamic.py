@@ -18,10 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_dynamic_memory import blocks_in_memory, windows  # noqa: F401 - the fixture
+from safetensors.torch import load_file
+from test_dynamic_memory import blocks_in_memory, windows_of
 
+from enclave_app.models import load_handler
+from nitrovault.envelope.extras import read_header
 from nitrovault.local.homes import free_port
-from nitrovault.local.models import DEMO_PAIRS
+from nitrovault.local.models import DEMO_HANDLER, DEMO_PAIRS
 from nitrovault.local.stack import REPO_ROOT, LocalStack, TextProgress
 
 pytestmark = pytest.mark.slow
@@ -29,11 +32,18 @@ TEXTS = [text for pair in DEMO_PAIRS for text in pair]  # no watermark trigger a
 
 
 @pytest.fixture(scope="module")
-def dynamic(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalStack, str]]:
-    """The running dynamic-weights stack and what its steps printed."""
+def dynamic(tmp_path_factory: pytest.TempPathFactory,
+            stack: LocalStack) -> Iterator[tuple[LocalStack, str]]:
+    """The running dynamic-weights stack and what its steps printed. Its owner holds the resident stack's
+    keys, so both serve the same hardened copy (the same bytes) with the same watermark."""
     printed = io.StringIO()
-    local = LocalStack(tmp_path_factory.mktemp("dynamic") / "home", listen=f"127.0.0.1:{free_port()}",
-                       weights="dynamic", progress=TextProgress(printed))
+    home = tmp_path_factory.mktemp("dynamic") / "home"
+    local = LocalStack(home, listen=f"127.0.0.1:{free_port()}", weights="dynamic",
+                       progress=TextProgress(printed))
+    for key in (stack.paths.owner_harden_key, stack.paths.owner_watermark_key):
+        target = local.paths.owner / key.name
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        target.write_bytes(key.read_bytes())
     try:
         local.start()
         yield local, printed.getvalue()
@@ -60,8 +70,23 @@ def test_callers_get_the_resident_stacks_answers_byte_for_byte(dynamic: tuple[Lo
     assert _embed(dynamic[0]).tobytes() == _embed(stack).tobytes()
 
 
+@pytest.fixture(scope="module")
+def windows(stack: LocalStack) -> dict[bytes, int]:
+    """Windows of the weights both stacks serve: their (hardened) plain file."""
+    plain = stack.model.weights
+    metadata = read_header(plain)[0]["__metadata__"]
+    return windows_of(load_handler(DEMO_HANDLER, load_file(plain), metadata))
+
+
+def test_both_stacks_serve_the_same_hardened_copy(dynamic: tuple[LocalStack, str], stack: LocalStack) -> None:
+    ours, theirs = dynamic[0].model.weights, stack.model.weights
+    assert read_header(ours)[0] == read_header(theirs)[0]  # names, shapes, offsets, metadata
+    a, b = load_file(ours), load_file(theirs)
+    assert all(a[name].equal(b[name]) for name in a)
+
+
 def test_a_dump_of_the_serving_enclave_holds_no_block_the_resident_one_holds_them_all(
-        dynamic: tuple[LocalStack, str], stack: LocalStack, windows: dict[bytes, int]) -> None:  # noqa: F811
+        dynamic: tuple[LocalStack, str], stack: LocalStack, windows: dict[bytes, int]) -> None:
     found: dict[str, set[int]] = {}
     for name, local in (("resident", stack), ("dynamic", dynamic[0])):
         _embed(local)
