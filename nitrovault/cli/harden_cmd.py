@@ -25,7 +25,7 @@ import typer
 from nitrovault.errors import ConfigError
 from nitrovault.owner.fingerprint import DEFAULT_THRESHOLD, Registry, copy_secret, identify
 from nitrovault.owner.harden import DEFAULT_TRAPS, harden
-from nitrovault.owner.model_files import harden_file, read_model, write_model
+from nitrovault.owner.model_files import harden_file, read_model, read_tensors, write_model
 from nitrovault.watermark.keys import parse_key_file
 
 fingerprint_app = typer.Typer(no_args_is_help=True, help="Name the hardened copy a leaked model came from.")
@@ -106,11 +106,8 @@ def identify_command(
     try:
         reg = Registry.load(registry)
         original, _ = read_model(reference)
-        suspect_model, _ = read_model(suspect)
-        if suspect_model.architecture != original.architecture:
-            raise ConfigError(f"the suspect is a {suspect_model.architecture} model; the reference a "
-                              f"{original.architecture}")
-        result = identify(suspect_model.tensors, original, reg, master, threshold=threshold)
+        # only the suspect's tensors: a leaked file need not keep our metadata (its shapes are checked)
+        result = identify(read_tensors(suspect), original, reg, master, threshold=threshold)
     except (ConfigError, OSError) as err:
         _error(str(err))
     if as_json:

@@ -22,19 +22,30 @@ from nitrovault.owner.fingerprint import Registry, harden_copy
 from nitrovault.owner.harden import HardenReport, Model
 
 
-def read_model(path: Path) -> tuple[Model, dict[str, torch.dtype]]:
-    """The model in ``path`` and its tensors' dtypes; :class:`ConfigError` for an unreadable file or an
-    architecture hardening does not know."""
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = dict(f.metadata() or {})
             tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (not a mapping)
     except (OSError, SafetensorError, ValueError) as err:
         raise ConfigError(f"{path} is not a readable safetensors file ({type(err).__name__})") from None
-    dtypes = {name: t.dtype for name, t in tensors.items()}
-    arrays = {name: (t.float().numpy() if t.is_floating_point() else t.numpy())
-              for name, t in tensors.items()}
-    return Model.from_file_parts(arrays, metadata), dtypes
+    return tensors, metadata
+
+
+def _arrays(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {name: (t.float().numpy() if t.is_floating_point() else t.numpy()) for name, t in tensors.items()}
+
+
+def read_model(path: Path) -> tuple[Model, dict[str, torch.dtype]]:
+    """The model in ``path`` and its tensors' dtypes; :class:`ConfigError` for an unreadable file or an
+    architecture hardening does not know."""
+    tensors, metadata = _read(path)
+    return Model.from_file_parts(_arrays(tensors), metadata), {name: t.dtype for name, t in tensors.items()}
+
+
+def read_tensors(path: Path) -> dict[str, np.ndarray]:
+    """Only the tensors of ``path`` (a leaked suspect need not keep our metadata)."""
+    return _arrays(_read(path)[0])
 
 
 def write_model(model: Model, path: Path, dtypes: dict[str, torch.dtype]) -> None:

@@ -61,6 +61,16 @@ def test_harden_then_identify_names_the_copy(files: dict[str, Path]) -> None:
     assert code == 0 and "IDENTIFIED copy 'region-2'" in output
 
 
+def test_a_leaked_copy_stripped_of_its_metadata_is_still_named(files: dict[str, Path]) -> None:
+    copy = harden(files, "region-0")
+    from safetensors.torch import load_file
+
+    stripped = files["tmp"] / "stripped.safetensors"
+    save_file(load_file(copy), str(stripped))  # no __metadata__ at all
+    code, output = identify(files, stripped)
+    assert code == 0 and "region-0" in output
+
+
 def test_identify_exits_1_when_no_copy_matches(files: dict[str, Path]) -> None:
     harden(files, "region-0")
     code, output = identify(files, files["model"])  # the original itself is no hardened copy
@@ -132,7 +142,7 @@ def bad_inputs(files: dict[str, Path]) -> dict[str, tuple[list[str], str]]:
         "an unreadable suspect": ([*base, str(tmp / "garbage.safetensors"), "--registry", reg, "--reference",
                                    ref, "--key-file", key], "not a readable safetensors file"),
         "another architecture": ([*base, str(foreign), "--registry", reg, "--reference", ref, "--key-file",
-                                  key], "hardening supports"),
+                                  key], "the suspect has no tensor 'net.0.weight': not this architecture"),
         "harden another architecture": (["harden", str(foreign), "--secret", key, "-o",
                                           str(tmp / "x.safetensors")], "hardening supports"),
         "harden a registered copy id again": (["harden", ref, "--secret", key, "-o",

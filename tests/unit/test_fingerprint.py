@@ -3,11 +3,13 @@ named for models that are no copy, and each of the two tests carries the identif
 
 from __future__ import annotations
 
+import json
 from functools import cache
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from test_harden import SECRET, minilm, mlp
 
 from nitrovault.errors import ConfigError
@@ -160,3 +162,46 @@ def test_a_registry_with_duplicate_copies_is_corrupt(tmp_path: Path) -> None:
     path.write_text(text)
     with pytest.raises(ConfigError, match="duplicate"):
         Registry.load(path)
+
+
+@cache
+def digits(seed: int) -> Model:
+    from nitrovault.local.digits import digits_data, train_classifier
+
+    x, y, _, _ = digits_data()
+    module = train_classifier(x, y, seed=seed)
+    metadata = {"nitrovault.handler": "generic:mlp-classifier",
+                "nitrovault.config": json.dumps({"in_features": 64, "hidden": [64], "classes": 10})}
+    return Model.from_file_parts({k: v.detach().numpy().copy() for k, v in module.state_dict().items()},
+                                 metadata)
+
+
+def fine_tuned(model: Model, epochs: int) -> dict[str, np.ndarray]:
+    """The thief's fine-tuning of a leaked copy on the training split (full-batch Adam, lr 1e-3)."""
+    from enclave_app.models.generic import MLPClassifier
+    from nitrovault.local.digits import digits_data
+
+    x, y, _, _ = digits_data()
+    hidden = model.config["hidden"]
+    assert isinstance(hidden, list)
+    module = MLPClassifier(64, hidden, 10)
+    module.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in model.tensors.items()})
+    opt = torch.optim.Adam(module.parameters(), lr=1e-3)
+    for _ in range(epochs):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(module(torch.from_numpy(x))["logits"], torch.from_numpy(y).long()
+                                          ).backward()  # type: ignore[no-untyped-call]
+        opt.step()
+    return {k: v.detach().numpy().copy() for k, v in module.state_dict().items()}
+
+
+def test_a_fine_tuned_copy_of_a_trained_model_is_named_and_an_independently_trained_one_is_not() -> None:
+    reference = digits(0)
+    reg = Registry.new(SECRET, reference)
+    for i in range(COPIES):
+        reg = reg.with_copy(f"site-{i}")
+    copy, _ = harden_copy(reference, SECRET, reg, "site-5")
+    result = identify(fine_tuned(copy, epochs=20), reference, reg, SECRET)
+    assert result.copy_id == "site-5" and result.p_value <= THRESHOLD
+    result = identify(digits(1).tensors, reference, reg, SECRET)
+    assert result.copy_id is None and result.p_value > THRESHOLD
