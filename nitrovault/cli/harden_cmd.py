@@ -58,6 +58,9 @@ def harden_command(
     = None,
     traps: Annotated[int, typer.Option("--traps", help="Trap units per FFN layer (a new registry's).")]
     = DEFAULT_TRAPS,
+    value_mark: Annotated[float, typer.Option(
+        "--value-mark", help="Also mark each copy's values with this strength (a new registry's; 0: none). "
+        "Not function preserving; the one trace that survives re-alignment to the base.")] = 0.0,
     as_json: AsJson = False,
 ) -> None:
     """Harden a model: a secret permutation of units and heads, positive rescaling and trap units; the
@@ -67,9 +70,12 @@ def harden_command(
         _error("the output must not be the input model")
     try:
         if registry is not None:
-            report, reg = harden_file(model, output, master, copy_id, registry, traps=traps)
+            report, reg = harden_file(model, output, master, copy_id, registry, traps=traps,
+                                      value_strength=value_mark)
             copies = len(reg.copies)
         else:
+            if value_mark:
+                raise ConfigError("--value-mark needs --registry (identify reads its strength there)")
             reference, dtypes = read_model(model)
             hardened, report = harden(reference, copy_secret(master, copy_id), traps=traps)
             write_model(hardened, output, dtypes)
@@ -115,7 +121,7 @@ def identify_command(
     elif result.copy_id is not None:
         best = min(result.scores, key=lambda s: s.p_value)
         typer.echo(f"IDENTIFIED copy {result.copy_id!r}: p = {result.p_value:.3g} over {len(result.scores)} "
-                   f"copies ({best.positions_agreeing}/{result.units} units in place, {best.traps_found}/"
+                   f"copies ({best.order_agreeing}/{result.units} units in place, {best.traps_found}/"
                    f"{best.traps} traps found)")
     else:
         typer.echo(f"no copy matched: smallest p = {result.p_value:.3g} over {len(result.scores)} copies "

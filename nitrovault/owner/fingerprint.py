@@ -10,24 +10,36 @@ file names the copy it came from (docs/hardening.md).
   under H0 "the suspect does not depend on this copy's secret" (the copy's plan is then independent of
   the suspect, and uniformly random):
 
-  1. *Positions.* ``k`` = the reference units found where the copy's secret permutation put them. A
-     reference unit lands on a given position of ``m_l`` with probability ``1/m_l``, independently
-     across groups, so ``E[C(k, j)] <= R^j / j!`` with ``R = sum_l n_l/m_l`` and Markov's inequality on
-     ``C(k, j)`` gives ``P[k >= j] <= R^j / j!``.
+  1. *Order.* In each group, the reference units matched with correlation at least
+     :data:`MIN_MATCH` (a set chosen from the suspect and the reference alone) are ranked twice: by
+     where the suspect has them and by where the copy's secret permutation put them. ``k`` = the units
+     with the same rank in both. The copy's ranks are a uniformly random permutation of that set, so per
+     group ``E[C(k_l, j)] = 1/j!``, across the ``L`` groups ``E[C(k, j)] <= L^j / j!``, and Markov's
+     inequality on ``C(k, j)`` gives ``P[k >= j] <= L^j / j!``. Ranks, not positions: a unit added or
+     removed (a trap dropped) shifts every later position but no other unit's rank.
   2. *Traps.* For each of the copy's trap codes ``t`` (an isotropic Gaussian vector of dimension ``d``),
      the largest ``|cos|`` with any suspect unit's incoming parameters. For one fixed unit ``|cos|`` of
      an isotropic ``t`` has the exact tail ``I_{1-x^2}((d-1)/2, 1/2)``; a union bound over the suspect's
      ``m'`` units gives a valid p-value per trap, independent across traps (independent codes), combined
      with Fisher's method (valid for conservative p-values).
+  3. *Values* (only for a registry with ``value_strength > 0``): each copy also carries the weight
+     watermark of :mod:`nitrovault.watermark.weights` under a key derived from its secret, embedded in the
+     reference's coordinates before hardening, in the FFN layers' incoming weights. It is the one part
+     that is not function preserving (its cost is measured in docs/hardening.md) and the one part that
+     survives a thief who re-aligns the copy to a relative of the base and drops the leftover units: the
+     exact binomial test of :func:`~nitrovault.watermark.weights.detect_weight_mark` on the re-aligned
+     suspect.
 
-  The copy's p-value is ``2 * min`` of the two (Bonferroni), the reported one that times the number of
-  registered copies (Bonferroni again). The copy with the smallest p-value is named when it is at most
-  the threshold (default ``1e-6``).
+  The copy's p-value is the number of tests times their smallest p-value (Bonferroni), the reported one
+  that times the number of registered copies (Bonferroni again). The copy with the smallest p-value is
+  named when it is at most the threshold (default ``1e-6``).
 
-The positions test survives everything that keeps units in place (fine-tuning, pruning, noise,
-quantisation) and dies with a re-permutation; the trap test survives re-permutation and rescaling (fine-
-tuning does not move a trap's incoming weights at all: its outgoing weights are zero, so is their
-gradient) and dies when the trap units are found and removed. docs/hardening.md has the measured sweep.
+The order test survives everything that keeps units in order (fine-tuning, pruning, noise, quantisation,
+units added or removed) and dies with a re-permutation; the trap test survives re-permutation and
+rescaling (fine-tuning moves a trap's incoming weights only slowly: their gradient is zero until the
+trap's zero outgoing weights have moved) and dies when the trap units are found and removed. A thief
+holding the base model (or a relative) can re-align the copy to it and drop the leftover units, which
+removes both: only the value mark survives that. docs/hardening.md has the measured sweep.
 """
 
 from __future__ import annotations
@@ -60,10 +72,16 @@ from nitrovault.owner.harden import (
     model_digest,
     plan,
 )
+from nitrovault.watermark.keys import WatermarkKeys, derive_watermark_keys
+from nitrovault.watermark.weights import detect_weight_mark, embed_weight_mark
 
 REGISTRY_FORMAT = "nitrovault-fingerprint-registry"
 REGISTRY_VERSION = 1
 DEFAULT_THRESHOLD = 1e-6
+#: correlation at or above which a matched pair counts for the order test
+MIN_MATCH = 0.5
+#: the value mark's bits (the weight watermark's default)
+VALUE_BITS = 64
 COPY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
 _SALT = b"nitrovault/harden/v1"
 _COPY_INFO = b"nitrovault/harden/v1/copy\x00"
@@ -90,12 +108,17 @@ class Registry:
     architecture: str
     traps: int = DEFAULT_TRAPS
     scale_range: float = SCALE_RANGE
+    #: strength of each copy's value mark (0: none, the copies compute exactly the reference's function)
+    value_strength: float = 0.0
     copies: tuple[str, ...] = ()
 
     @classmethod
     def new(cls, master: bytes, reference: Model, *, traps: int = DEFAULT_TRAPS,
-            scale_range: float = SCALE_RANGE) -> Registry:
-        return cls(key_id(master), model_digest(reference), reference.architecture, traps, scale_range)
+            scale_range: float = SCALE_RANGE, value_strength: float = 0.0) -> Registry:
+        if not 0 <= value_strength <= 10:
+            raise ConfigError("the value mark's strength must be in [0, 10] (0: no value mark)")
+        return cls(key_id(master), model_digest(reference), reference.architecture, traps, scale_range,
+                   value_strength)
 
     @classmethod
     def load(cls, path: Path) -> Registry:
@@ -113,6 +136,7 @@ class Registry:
             registry = cls(key_id=str(raw["key_id"]), reference=str(raw["reference"]["sha256"]),
                            architecture=str(raw["reference"]["architecture"]), traps=int(params["traps"]),
                            scale_range=float(params["scale_range"]),
+                           value_strength=float(params["value_strength"]),
                            copies=tuple(str(c["copy_id"]) for c in copies))
         except (KeyError, TypeError, ValueError):
             raise ConfigError(f"{path} is a corrupt fingerprint registry (missing or mistyped fields)"
@@ -126,7 +150,8 @@ class Registry:
         return json.dumps({
             "format": REGISTRY_FORMAT, "version": REGISTRY_VERSION, "key_id": self.key_id,
             "reference": {"sha256": self.reference, "architecture": self.architecture},
-            "params": {"traps": self.traps, "scale_range": self.scale_range},
+            "params": {"traps": self.traps, "scale_range": self.scale_range,
+                       "value_strength": self.value_strength},
             "copies": [{"copy_id": c, "derivation": "HKDF-SHA256(master, salt='nitrovault/harden/v1', "
                                                     f"info='nitrovault/harden/v1/copy' 0x00 '{c}')"}
                        for c in self.copies],
@@ -150,30 +175,46 @@ class Registry:
 
 def harden_copy(reference: Model, master: bytes, registry: Registry,
                 copy_id: str) -> tuple[Model, HardenReport]:
-    """``reference`` hardened as copy ``copy_id`` of ``registry`` (whose parameters it uses)."""
+    """``reference`` hardened as copy ``copy_id`` of ``registry`` (whose parameters it uses), with the
+    copy's value mark first when the registry asks for one."""
     registry.check(master, reference)
-    return harden(reference, copy_secret(master, copy_id), traps=registry.traps,
-                  scale_range=registry.scale_range)
+    secret = copy_secret(master, copy_id)
+    if registry.value_strength > 0:
+        marked, _ = embed_weight_mark(reference.tensors, _value_keys(secret), bits=VALUE_BITS,
+                                      strength=registry.value_strength, layers=value_layers(reference))
+        reference = replace(reference, tensors=marked)
+    return harden(reference, secret, traps=registry.traps, scale_range=registry.scale_range)
+
+
+def value_layers(reference: Model) -> list[str]:
+    """The tensors that carry a copy's value mark: the FFN layers' incoming weights."""
+    return sorted({p.tensor for g in reference.groups() if g.takes_traps for p in g.code_parts})
+
+
+def _value_keys(secret: bytes) -> WatermarkKeys:
+    return derive_watermark_keys(secret, "nitrovault/harden/v1/value-mark")
 
 
 @dataclass(frozen=True)
 class CopyScore:
     copy_id: str
-    #: reference units found at the copy's secret positions, of all units
-    positions_agreeing: int
-    positions_p: float
+    #: well-matched reference units with the rank the copy's secret order gave them
+    order_agreeing: int
+    order_p: float
     #: traps found (their own p-value at most 1e-3), of the copy's traps
     traps_found: int
     traps: int
     traps_p: float
-    #: ``min(1, copies * 2 * min(positions_p, traps_p))``
+    #: ``min(1, copies * tests * min(p-values))``
     p_value: float
+    #: the value mark's p-value (1.0 when the registry has none)
+    values_p: float = 1.0
 
     def as_dict(self) -> dict[str, object]:
         return {"copy_id": self.copy_id, "p_value": self.p_value,
-                "positions_agreeing": self.positions_agreeing,
-                "positions_p": self.positions_p, "traps_found": self.traps_found, "traps": self.traps,
-                "traps_p": self.traps_p}
+                "order_agreeing": self.order_agreeing,
+                "order_p": self.order_p, "traps_found": self.traps_found, "traps": self.traps,
+                "traps_p": self.traps_p, "values_p": self.values_p}
 
 
 @dataclass(frozen=True)
@@ -193,11 +234,11 @@ class Identification:
                 "copies_tested": len(self.scores), "best": [s.as_dict() for s in best[:5]]}
 
 
-def _positions_p(agreeing: int, rate: float) -> float:
-    """``P[k >= agreeing] <= rate^k / k!`` (module docstring), at most 1."""
+def _order_p(agreeing: int, groups: int) -> float:
+    """``P[k >= agreeing] <= L^k / k!`` for ``L`` groups (module docstring), at most 1."""
     if agreeing == 0:
         return 1.0
-    log_p = agreeing * math.log(rate) - math.lgamma(agreeing + 1)
+    log_p = agreeing * math.log(groups) - math.lgamma(agreeing + 1)
     return max(P_FLOOR, math.exp(min(0.0, log_p)))
 
 
@@ -210,26 +251,40 @@ def trap_p_values(alignment: GroupAlignment, group_plan: GroupPlan) -> np.ndarra
     """One p-value per trap of ``group_plan`` against the suspect's units (module docstring)."""
     if not group_plan.traps:
         return np.ones(0)
-    rows = np.hstack(alignment.incoming)
     codes = np.stack([np.concatenate(c) for c in group_plan.codes])
-    if rows.shape[1] != codes.shape[1]:
+    if alignment.directions.shape[1] != codes.shape[1]:
         raise ConfigError("the suspect's units do not have the reference's inputs")
-    norms = np.linalg.norm(rows, axis=1) * np.linalg.norm(codes, axis=1)[:, None]
-    cos = np.abs(codes @ rows.T) / np.where(norms > 0, norms, np.inf)
+    cos = np.abs(codes @ alignment.directions.T) / np.linalg.norm(codes, axis=1)[:, None]
     tail = _cos_tail(cos.max(axis=1), codes.shape[1])
     return np.asarray(np.clip(alignment.suspect_units * tail, P_FLOOR, 1.0))
 
 
+def _ranks(values: np.ndarray) -> np.ndarray:
+    return np.asarray(np.argsort(np.argsort(values, kind="stable"), kind="stable"))
+
+
+def order_agreement(alignment: GroupAlignment, group_plan: GroupPlan) -> int:
+    """Well-matched reference units ranked alike by the suspect's order and the copy's (module docstring)."""
+    kept = (alignment.assignment >= 0) & (alignment.similarity >= MIN_MATCH)
+    if not kept.any():
+        return 0
+    return int(np.sum(_ranks(alignment.assignment[kept]) == _ranks(group_plan.positions[kept])))
+
+
 def score_copy(copy_id: str, plans: Sequence[GroupPlan], alignments: Sequence[GroupAlignment],
-               copies: int) -> CopyScore:
-    agreeing = sum(int(np.sum(a.assignment == p.positions)) for a, p in zip(alignments, plans, strict=True))
-    rate = sum(p.units / (p.units + p.traps) for p in plans)
-    trap_p = np.concatenate([trap_p_values(a, p) for a, p in zip(alignments, plans, strict=True)])
+               copies: int, values_p: float | None = None) -> CopyScore:
+    """The tests of one copy (``values_p``: the value mark's p-value, when the registry has one)."""
+    pairs = list(zip(alignments, plans, strict=True))
+    agreeing = sum(order_agreement(a, p) for a, p in pairs)
+    groups = sum(1 for a, _ in pairs if np.any((a.assignment >= 0) & (a.similarity >= MIN_MATCH)))
+    trap_p = np.concatenate([trap_p_values(a, p) for a, p in pairs])
     traps_p = float(chi2.sf(-2 * np.sum(np.log(trap_p)), 2 * len(trap_p))) if len(trap_p) else 1.0
-    positions_p = _positions_p(agreeing, rate)
-    p = min(1.0, copies * 2 * min(positions_p, max(traps_p, P_FLOOR)))
-    return CopyScore(copy_id, agreeing, positions_p, int(np.sum(trap_p <= 1e-3)), len(trap_p),
-                     max(traps_p, P_FLOOR), p)
+    traps_p = max(traps_p, P_FLOOR)
+    order_p = _order_p(agreeing, max(groups, 1))
+    tested = [order_p, traps_p] + ([] if values_p is None else [max(values_p, P_FLOOR)])
+    p = min(1.0, copies * len(tested) * min(tested))
+    return CopyScore(copy_id, agreeing, order_p, int(np.sum(trap_p <= 1e-3)), len(trap_p), traps_p, p,
+                     1.0 if values_p is None else values_p)
 
 
 def identify(suspect: Mapping[str, np.ndarray], reference: Model, registry: Registry, master: bytes, *,
@@ -240,12 +295,19 @@ def identify(suspect: Mapping[str, np.ndarray], reference: Model, registry: Regi
     if not 0 < threshold < 1:
         raise ConfigError("the threshold must be in (0, 1)")
     registry.check(master, reference)
-    _, alignments = align(suspect, reference)
+    aligned, alignments = align(suspect, reference)
     groups = reference.groups()
-    scores = tuple(
-        score_copy(c, plan(copy_secret(master, c), groups, reference.tensors, traps=registry.traps,
-                           scale_range=registry.scale_range), alignments, len(registry.copies))
-        for c in registry.copies)
+    layers = value_layers(reference)
+
+    def score(copy_id: str) -> CopyScore:
+        secret = copy_secret(master, copy_id)
+        plans = plan(secret, groups, reference.tensors, traps=registry.traps,
+                     scale_range=registry.scale_range)
+        values_p = None if registry.value_strength <= 0 else detect_weight_mark(
+            aligned, _value_keys(secret), bits=VALUE_BITS, layers=layers).p_value
+        return score_copy(copy_id, plans, alignments, len(registry.copies), values_p)
+
+    scores = tuple(score(c) for c in registry.copies)
     best = min(scores, key=lambda s: s.p_value)
     similarity = float(np.mean(np.concatenate([a.similarity for a in alignments])))
     return Identification(

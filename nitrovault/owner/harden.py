@@ -453,8 +453,9 @@ class GroupAlignment:
     assignment: np.ndarray
     #: correlation of each matched pair (what the match is worth)
     similarity: np.ndarray
-    #: every suspect unit's incoming parameters per code part, with the inputs already re-aligned
-    incoming: tuple[np.ndarray, ...]
+    #: every suspect unit's incoming parameters (the code parts, concatenated) as a unit vector, with the
+    #: inputs already re-aligned (a zero unit stays zero)
+    directions: np.ndarray
     suspect_units: int
 
 
@@ -490,7 +491,9 @@ def align(suspect: Arrays, reference: Model) -> tuple[dict[str, np.ndarray], lis
     alignments = []
     for group in reference.groups():
         units = suspect_units(group, reference.tensors, out)
-        incoming = tuple(unit_vectors(out, group.code_parts, units))
+        incoming = np.hstack([np.zeros((units, 0)), *unit_vectors(out, group.code_parts, units)])
+        norms = np.linalg.norm(incoming, axis=1, keepdims=True)
+        directions = incoming / np.where(norms > 0, norms, 1.0)
         ref_f = _features(reference.tensors, group, group.units)
         sus_f = _features(out, group, units)
         similarity = ref_f @ sus_f.T
@@ -507,7 +510,7 @@ def align(suspect: Arrays, reference: Model) -> tuple[dict[str, np.ndarray], lis
             factors = np.where(usable, sus_norm / np.where(usable, ref_norm, 1), 1)
             _scale(out, rescale.up, group.units, 1 / factors)
             _scale(out, rescale.down, group.units, factors)
-        alignments.append(GroupAlignment(assignment, matched, incoming, units))
+        alignments.append(GroupAlignment(assignment, matched, directions, units))
     return out, alignments
 
 

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from nitrovault.errors import ConfigError
 from nitrovault.owner.fingerprint import Registry, harden_copy
-from nitrovault.owner.harden import HardenReport, Model
+from nitrovault.owner.harden import DEFAULT_TRAPS, HardenReport, Model
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -63,9 +63,11 @@ def write_model(model: Model, path: Path, dtypes: dict[str, torch.dtype]) -> Non
 
 
 def harden_file(source: Path, output: Path, master: bytes, copy_id: str, registry_path: Path, *,
-                traps: int | None = None, again: bool = False) -> tuple[HardenReport, Registry]:
+                traps: int | None = None, value_strength: float | None = None,
+                again: bool = False) -> tuple[HardenReport, Registry]:
     """Write ``source`` hardened as copy ``copy_id`` to ``output`` and record the copy in
-    ``registry_path`` (created for a first copy, with ``traps`` per FFN layer). The registry is written
+    ``registry_path`` (created for a first copy, with ``traps`` per FFN layer and the copies' value mark
+    ``value_strength``; an existing registry's must not be asked otherwise). The registry is written
     first: a copy that exists is always traceable (a failed write of ``output`` leaves at most an unused
     registry entry). A copy id already registered is refused, unless ``again`` (the same secret makes the
     same copy: a lost file is made again, not a second copy)."""
@@ -74,8 +76,12 @@ def harden_file(source: Path, output: Path, master: bytes, copy_id: str, registr
         registry = Registry.load(registry_path)
         if traps is not None and traps != registry.traps:
             raise ConfigError(f"the registry's copies have {registry.traps} traps per layer, not {traps}")
+        if value_strength is not None and value_strength != registry.value_strength:
+            raise ConfigError(f"the registry's copies have value mark strength {registry.value_strength:g}, "
+                              f"not {value_strength:g}")
     else:
-        registry = Registry.new(master, reference, **({} if traps is None else {"traps": traps}))
+        registry = Registry.new(master, reference, traps=DEFAULT_TRAPS if traps is None else traps,
+                                value_strength=value_strength or 0.0)
     registry.check(master, reference)
     if not (again and copy_id in registry.copies):
         registry = registry.with_copy(copy_id)

@@ -1,5 +1,5 @@
 """Per-copy fingerprints (nitrovault/owner/fingerprint.py): the leaked copy among 100 is named, nothing is
-named for models that are no copy, and each of the two tests carries the identification alone."""
+named for models that are no copy, and each test (order, traps, values) carries the identification alone."""
 
 from __future__ import annotations
 
@@ -10,9 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_harden import SECRET, minilm, mlp
+from test_harden import SECRET, minilm, mlp, torch_tensors
 
+from enclave_app.models import load_handler
+from enclave_app.models.generic import MLPClassifier
 from nitrovault.errors import ConfigError
+from nitrovault.local.digits import digits_data, train_classifier
 from nitrovault.owner.fingerprint import Registry, copy_secret, harden_copy, identify, score_copy
 from nitrovault.owner.harden import Model, align, plan, reorder
 
@@ -23,6 +26,8 @@ THRESHOLD = 1e-6
 NULL_MODELS, NULL_COPIES = 10, 100
 #: the raw per-copy p-value is conservative: at level 0.05 at most this share of null tests may fall
 LOOSE_LEVEL, LOOSE_MAX_RATE = 0.05, 0.05
+#: a value-marked copy (strength 1) keeps the reference's top-1 on at least this share of test digits
+VALUE_MARK_MIN_AGREEMENT = 0.97
 
 
 @cache
@@ -78,7 +83,7 @@ def test_a_hardened_minilm_copy_is_named_among_100() -> None:
     result = identify(suspect, minilm(), reg, SECRET)
     assert result.copy_id == "customer-017"
     best = next(s for s in result.scores if s.copy_id == "customer-017")
-    assert best.positions_agreeing == result.units and best.traps_found == best.traps
+    assert best.order_agreeing == result.units and best.traps_found == best.traps
 
 
 def test_the_original_and_an_independently_trained_model_name_no_copy() -> None:
@@ -91,7 +96,7 @@ def test_a_re_permuted_copy_is_named_by_its_traps_alone() -> None:
     result = identify(repermuted(leaked("customer-007"), seed=1), mlp(), registry(), SECRET)
     best = next(s for s in result.scores if s.copy_id == "customer-007")
     assert result.copy_id == "customer-007"
-    assert best.positions_p > THRESHOLD and best.traps_p <= THRESHOLD  # positions lost, traps carry it
+    assert best.order_p > THRESHOLD and best.traps_p <= THRESHOLD  # positions lost, traps carry it
 
 
 def test_a_copy_without_its_dead_units_is_named_by_positions_alone() -> None:
@@ -100,7 +105,7 @@ def test_a_copy_without_its_dead_units_is_named_by_positions_alone() -> None:
     result = identify(stripped, mlp(), registry(), SECRET)
     best = next(s for s in result.scores if s.copy_id == "customer-008")
     assert result.copy_id == "customer-008"
-    assert best.traps_found == 0 and best.positions_p <= THRESHOLD
+    assert best.traps_found == 0 and best.order_p <= THRESHOLD
 
 
 def test_re_permutation_plus_dead_unit_removal_removes_the_fingerprint() -> None:
@@ -166,8 +171,6 @@ def test_a_registry_with_duplicate_copies_is_corrupt(tmp_path: Path) -> None:
 
 @cache
 def digits(seed: int) -> Model:
-    from nitrovault.local.digits import digits_data, train_classifier
-
     x, y, _, _ = digits_data()
     module = train_classifier(x, y, seed=seed)
     metadata = {"nitrovault.handler": "generic:mlp-classifier",
@@ -178,9 +181,6 @@ def digits(seed: int) -> Model:
 
 def fine_tuned(model: Model, epochs: int) -> dict[str, np.ndarray]:
     """The thief's fine-tuning of a leaked copy on the training split (full-batch Adam, lr 1e-3)."""
-    from enclave_app.models.generic import MLPClassifier
-    from nitrovault.local.digits import digits_data
-
     x, y, _, _ = digits_data()
     hidden = model.config["hidden"]
     assert isinstance(hidden, list)
@@ -205,3 +205,39 @@ def test_a_fine_tuned_copy_of_a_trained_model_is_named_and_an_independently_trai
     assert result.copy_id == "site-5" and result.p_value <= THRESHOLD
     result = identify(digits(1).tensors, reference, reg, SECRET)
     assert result.copy_id is None and result.p_value > THRESHOLD
+
+
+def _canonicalised(copy: Model, base: Model) -> dict[str, np.ndarray]:
+    """The thief holding a relative of the base: re-align the copy to it, drop the leftover (trap) units."""
+    return align(copy.tensors, base)[0]
+
+
+@pytest.mark.parametrize("value_strength", [0.0, 1.0])
+def test_only_the_value_mark_survives_re_alignment_to_a_relative_of_the_base(value_strength: float) -> None:
+    reference = digits(0)
+    relative = Model(fine_tuned(reference, epochs=20), reference.architecture, reference.config)
+    reg = Registry.new(SECRET, reference, value_strength=value_strength)
+    for i in range(COPIES):
+        reg = reg.with_copy(f"site-{i}")
+    copy, _ = harden_copy(reference, SECRET, reg, "site-3")
+    result = identify(_canonicalised(copy, relative), reference, reg, SECRET)
+    if value_strength:
+        best = next(s for s in result.scores if s.copy_id == "site-3")
+        assert result.copy_id == "site-3" and best.values_p <= THRESHOLD
+    else:
+        assert result.copy_id is None  # the documented limit of a function-preserving fingerprint
+
+
+def test_a_value_marked_registry_round_trips_and_its_copies_keep_the_top1(tmp_path: Path) -> None:
+    reference = digits(0)
+    reg = Registry.new(SECRET, reference, value_strength=1.0).with_copy("site-0")
+    reg.save(tmp_path / "reg.json")
+    assert Registry.load(tmp_path / "reg.json").value_strength == 1.0
+    copy, _ = harden_copy(reference, SECRET, reg, "site-0")
+    _, _, x, _ = digits_data()
+    a, b = (load_handler(m.architecture, torch_tensors(m), m.file_metadata()).infer(
+        {"x": torch.from_numpy(x)})["probabilities"].argmax(1) for m in (reference, copy))
+    assert float((a == b).float().mean()) >= VALUE_MARK_MIN_AGREEMENT
+    assert identify(reference.tensors, reference, reg, SECRET).copy_id is None
+    with pytest.raises(ConfigError, match="strength"):
+        Registry.new(SECRET, reference, value_strength=11)
