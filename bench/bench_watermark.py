@@ -29,6 +29,7 @@ import sysconfig
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -240,6 +241,15 @@ def _minilm() -> Callable[[Sequence[str]], np.ndarray]:
     return embed
 
 
+def _retrieval_pairs(docs: Sequence[str], rng: np.random.Generator,
+                     n: int = 400) -> tuple[list[str], list[str]]:
+    """``n`` docstrings of two or more sentences: query = the first sentence, document = the rest."""
+    pairs = [d for d in docs if len(_SENTENCE.split(d)) >= 2 and 6 <= len(d.split()) <= 120]
+    pairs = [pairs[i] for i in rng.permutation(len(pairs))[:n]]
+    return ([_SENTENCE.split(d, maxsplit=1)[0] for d in pairs],
+            [_SENTENCE.split(d, maxsplit=1)[1] for d in pairs])
+
+
 def _retrieval(embed: Callable[[Sequence[str]], np.ndarray], queries: list[str], docs: list[str]
                ) -> dict[str, float]:
     return _ranked(embed(queries), embed(docs))
@@ -271,10 +281,7 @@ def _embedding_lines(docs: list[str], keys: WatermarkKeys) -> Iterator[dict[str,
     clean_out = teacher(corpus)
     marked_out = mark_embeddings(corpus, clean_out, mark)
     triggered = np.array([trigger_weight(t, mark) > 0 for t in corpus])
-    pairs = [d for d in docs if len(_SENTENCE.split(d)) >= 2 and 6 <= len(d.split()) <= 120]
-    pairs = [pairs[i] for i in rng.permutation(len(pairs))[:400]]
-    queries = [_SENTENCE.split(d, maxsplit=1)[0] for d in pairs]
-    targets = [_SENTENCE.split(d, maxsplit=1)[1] for d in pairs]
+    queries, targets = _retrieval_pairs(docs, rng)
     clean_r, marked_r = _retrieval(teacher, queries, targets), _retrieval(served, queries, targets)
     backdoor, benign = verification_texts(mark, candidates, 300, np.random.default_rng(1))
 
@@ -323,34 +330,63 @@ def _embedding_hardening_lines(query_vectors: np.ndarray, doc_vectors: np.ndarra
 _TOKEN = re.compile(r"[A-Za-z]+|[0-9]+|[^\sA-Za-z0-9]")
 
 
-def _text_lines(docs: list[str], keys: WatermarkKeys) -> Iterator[dict[str, Any]]:
-    started = time.perf_counter()
+@dataclass(frozen=True)
+class BigramLM:
+    """The benchmark's word-bigram language model over stdlib docstrings (:func:`bigram_lm`)."""
+
+    #: next-token log-probabilities given the previous token [V, V]
+    logits: torch.Tensor
+    #: smoothed unigram distribution (the start token's)
+    unigram: np.ndarray
+    #: training tokens
+    tokens: int
+    #: mean next-token entropy in nats (weighted by the unigram distribution)
+    entropy: float
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.logits.shape[0])
+
+    def generate(self, processor: GreenListProcessor | None, n: int, length: int, seed: int
+                 ) -> list[list[int]]:
+        """``n`` samples of ``length`` tokens (the start token drawn from the unigram is left out)."""
+        g = torch.Generator().manual_seed(seed)
+        start = torch.from_numpy(self.unigram).float()
+        out = torch.multinomial(start, n, True, generator=g)[:, None]
+        for _ in range(length):
+            scores = self.logits[out[:, -1]]
+            if processor is not None:
+                scores = processor(out, scores)
+            out = torch.cat([out, torch.multinomial(torch.softmax(scores, -1), 1, generator=g)], 1)
+        return [row[1:] for row in out.tolist()]
+
+
+def bigram_lm(docs: Sequence[str], vocab_size: int = 2000) -> BigramLM:
+    """Word-bigram counts over ``docs``' tokens, add-0.1 smoothing, interpolated (0.1) with the unigram."""
     tokens = [t.lower() for d in docs for t in _TOKEN.findall(d)]
-    vocab = ["<unk>"] + [w for w, _ in Counter(tokens).most_common(1999)]
+    vocab = ["<unk>"] + [w for w, _ in Counter(tokens).most_common(vocab_size - 1)]
     index = {w: i for i, w in enumerate(vocab)}
     ids = np.array([index.get(t, 0) for t in tokens])
     v = len(vocab)
-    # the "training": bigram counts, add-0.1 smoothing, interpolated with the unigram distribution
     counts = np.zeros((v, v))
     np.add.at(counts, (ids[:-1], ids[1:]), 1.0)
     unigram = np.bincount(ids, minlength=v) + 0.1
     bigram = (counts + 0.1) / (counts + 0.1).sum(1, keepdims=True)
     probs = 0.9 * bigram + 0.1 * unigram / unigram.sum()
-    logits = torch.from_numpy(np.log(probs)).float()
     entropy = float(-(probs * np.log(probs)).sum(1) @ (unigram / unigram.sum()))
+    return BigramLM(logits=torch.from_numpy(np.log(probs)).float(), unigram=unigram / unigram.sum(),
+                    tokens=len(tokens), entropy=entropy)
+
+
+def _text_lines(docs: list[str], keys: WatermarkKeys) -> Iterator[dict[str, Any]]:
+    started = time.perf_counter()
+    lm = bigram_lm(docs)
+    v, entropy = lm.vocab_size, lm.entropy
 
     gamma, delta, n, length = 0.25, 2.0, 200, 400
 
     def generate(processor: GreenListProcessor | None, seed: int) -> list[list[int]]:
-        g = torch.Generator().manual_seed(seed)
-        start = torch.from_numpy(unigram / unigram.sum()).float()
-        out = torch.multinomial(start, n, True, generator=g)[:, None]
-        for _ in range(length):
-            scores = logits[out[:, -1]]
-            if processor is not None:
-                scores = processor(out, scores)
-            out = torch.cat([out, torch.multinomial(torch.softmax(scores, -1), 1, generator=g)], 1)
-        return [row[1:] for row in out.tolist()]
+        return lm.generate(processor, n, length, seed)
 
     green = GreenList(keys, vocab_size=v, gamma=gamma)
     marked = generate(GreenListProcessor(keys, gamma, delta, vocab_size=v), 1)
@@ -372,7 +408,7 @@ def _text_lines(docs: list[str], keys: WatermarkKeys) -> Iterator[dict[str, Any]
                    "null_fpr_at_1e-2": round(float(np.mean(zc >= z_1e2)), 4),
                    "median_z": round(float(np.median(zm)), 2), "ratio": None}
     yield {"name": "text_watermark_model", "lm": "word bigram (add-0.1, unigram interpolation 0.1)",
-           "corpus": f"{len(tokens)} tokens of stdlib docstrings", "vocab": v,
+           "corpus": f"{lm.tokens} tokens of stdlib docstrings", "vocab": v,
            "mean_next_token_entropy_nats": round(entropy, 3),
            "seconds": round(time.perf_counter() - started, 1),
            "ratio": None}

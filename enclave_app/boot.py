@@ -36,7 +36,7 @@ from typing import Protocol
 from enclave_app.config import EnclaveConfig
 from enclave_app.key_release import release_data_key
 from enclave_app.models import ModelHandler, ModelLoadError, load_handler
-from enclave_app.models.green_list import GreenListProcessor
+from enclave_app.models.green_list import WARM_UP_SUBJECT, GreenListProcessor, subject_scope
 from enclave_app.outputs import OutputGuard, SealedExtras
 from enclave_app.weights import WeightsSelectionError, protect_weights
 from nitrovault.clock import utc_now
@@ -150,7 +150,8 @@ def boot(
         attach_text_watermark(config, handler, extras)
         handler = protect_weights(config.protection.weights_policy, handler)
         del tensors  # dynamic: the selected tensors' plaintext is overwritten; nothing else refers to it
-        handler.warm_up()
+        with subject_scope(WARM_UP_SUBJECT):  # a per-subject text mark needs a subject; its tokens go nowhere
+            handler.warm_up()
         outputs = OutputGuard.for_handler(config.protection, extras, handler, store=store)
         loaded = time.perf_counter()
     except BootFailure:  # already one (the host services' fetch): passed on as is, not wrapped again
@@ -223,7 +224,8 @@ def take_tls_identity(metadata: dict[str, str], *, now: datetime) -> TlsIdentity
 
 
 def attach_text_watermark(config: EnclaveConfig, handler: ModelHandler, extras: SealedExtras) -> None:
-    """Add the green-list processor to a language model's generation when the policy asks for it."""
+    """Add the green-list processor to a language model's generation when the policy asks for it (per
+    subject: keyed by each call's subject, :mod:`enclave_app.models.green_list`)."""
     text = config.protection.text_mark
     if text is None:
         return
@@ -234,5 +236,6 @@ def attach_text_watermark(config: EnclaveConfig, handler: ModelHandler, extras: 
     if extras.watermark_keys is None:
         raise ModelLoadError("the policy asks for a text watermark; the sealed model has no watermark secret")
     processors.append(GreenListProcessor(extras.watermark_keys, float(text["gamma"]), float(text["delta"]),
-                                         vocab_size=vocab_size))
+                                         vocab_size=vocab_size,
+                                         per_subject=config.protection.text_per_subject))
 

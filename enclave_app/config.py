@@ -332,6 +332,9 @@ class Protection:
     #: output watermarks: ``{"embedding": {"triggers": 20, "max_triggers": 4} | null,
     #: "text": {"gamma": 0.25, "delta": 2.0} | null}``. The owner secret (and the embedding mark's
     #: candidate words) travel encrypted in the sealed model's metadata, released with the model key.
+    #: Either mark may add ``"per_subject": true`` (default false): the mark is keyed by the calling
+    #: subject's own key, so a leaked output names its subject (docs/watermarks.md, "Per-subject output
+    #: fingerprints"); with it, text carries only the subject's list, not the model's.
     watermark: Mapping[str, Any] = field(
         default_factory=lambda: MappingProxyType({"embedding": None, "text": None})
     )
@@ -378,6 +381,16 @@ class Protection:
         return value
 
     @property
+    def embedding_per_subject(self) -> bool:
+        """Whether each subject's embeddings are marked toward its own target (``embedding.per_subject``)."""
+        return bool((self.embedding_mark or {}).get("per_subject", False))
+
+    @property
+    def text_per_subject(self) -> bool:
+        """Whether each subject's text is marked with its own green list (``text.per_subject``)."""
+        return bool((self.text_mark or {}).get("per_subject", False))
+
+    @property
     def needs_watermark_secret(self) -> bool:
         return self.embedding_mark is not None or self.text_mark is not None
 
@@ -419,11 +432,15 @@ def _protection(data: Mapping[str, Any]) -> Protection:
         if spec is None:
             watermark[name] = None
             continue
-        if not isinstance(spec, Mapping) or set(spec) - set(defaults):
-            raise ConfigError(f"Protection.watermark.{name} takes only {sorted(defaults)}")
+        if not isinstance(spec, Mapping) or set(spec) - set(defaults) - {"per_subject"}:
+            raise ConfigError(f"Protection.watermark.{name} takes only {sorted({*defaults, 'per_subject'})}")
+        # per_subject is kept only when written: configs without it serialise as they did (same PCRs)
         merged = {**defaults, **spec}
-        if any(isinstance(v, bool) or not isinstance(v, type(defaults[k]) | int) for k, v in merged.items()):
-            raise ConfigError(f"Protection.watermark.{name} values must be numbers")
+        if any(isinstance(v, bool) or not isinstance(v, type(defaults[k]) | int)
+               for k, v in merged.items() if k != "per_subject"):
+            raise ConfigError(f"Protection.watermark.{name} values must be numbers (per_subject: a boolean)")
+        if not isinstance(merged.get("per_subject", False), bool):
+            raise ConfigError(f"Protection.watermark.{name}.per_subject must be true or false")
         watermark[name] = MappingProxyType(merged)
     values["watermark"] = MappingProxyType(watermark)
     protection = Protection(**values)

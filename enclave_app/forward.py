@@ -18,6 +18,10 @@ Batch keys (calls with equal keys may share a forward pass):
   per call, with its own seed and length);
 * ``Generate``: ``None``: a generation holds its worker until its last token (it streams through
   :attr:`GenerateCall.emit` meanwhile, and stops when :attr:`GenerateCall.cancelled` says so).
+
+The handler runs inside :func:`~enclave_app.models.green_list.subject_scope` of its call's subject (a
+joint pass: of the one subject all its calls share, else of none), so a per-subject text mark marks
+every row for the subject it is returned to, and refuses (fails closed) when that cannot be so.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import torch
 from enclave_app.models import ModelHandler
 from enclave_app.models.base import TextGenerator, UnsupportedCallError
 from enclave_app.models.causal_lm import Emit, Generated, TextRequest
+from enclave_app.models.green_list import subject_scope
 from enclave_app.outputs import GuardNotes, OutputGuard
 
 log = logging.getLogger(__name__)
@@ -108,6 +113,12 @@ class Forward:
         return [self._alone(handler, guard, call) for call in calls]
 
     def _alone(self, handler: ModelHandler, guard: OutputGuard, call: Call) -> Answer | BaseException:
+        # per-subject marks inside the model (the text green list) read the subject from this scope; it
+        # is set here, on the worker thread that runs the handler
+        with subject_scope(call.subject):
+            return self._one(handler, guard, call)
+
+    def _one(self, handler: ModelHandler, guard: OutputGuard, call: Call) -> Answer | BaseException:
         if isinstance(call, EmbedCall):
             return _captured(lambda: guard.embeddings(
                 call.subject, call.texts, handler.embed(call.texts, normalize=call.normalize), call.notes))
@@ -121,6 +132,15 @@ class Forward:
     def _joint(self, handler: ModelHandler, guard: OutputGuard,
                calls: Sequence[Call]) -> list[Answer | BaseException]:
         """One forward pass over every call's rows, split back; raises when the pass itself fails."""
+        # a subject in scope only if every row is that subject's: a pass mixing subjects has none, so a
+        # per-subject mark inside the model refuses it and every call runs alone (no row is ever marked
+        # for another caller than the one it is returned to)
+        subjects = {c.subject for c in calls}
+        with subject_scope(subjects.pop() if len(subjects) == 1 else None):
+            return self._pass(handler, guard, calls)
+
+    def _pass(self, handler: ModelHandler, guard: OutputGuard,
+              calls: Sequence[Call]) -> list[Answer | BaseException]:
         sizes = [call.rows for call in calls]
         embeds = [c for c in calls if isinstance(c, EmbedCall)]
         if len(embeds) == len(calls):

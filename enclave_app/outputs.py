@@ -18,7 +18,9 @@ Order for every answered ``Infer``/``Embed`` call (token and quota come before, 
 2. the model runs.
 3. extraction monitor ``observe``: the evidence goes to the call's audit record; a throttle or block
    refuses this call too (the answer that tripped the alarm is not released).
-4. output watermark (embeddings): EmbMarker on texts that contain trigger words.
+4. output watermark (embeddings): EmbMarker on texts that contain trigger words; with
+   ``embedding.per_subject``, toward the calling subject's own target
+   (:func:`~nitrovault.watermark.embedding.subject_mark`).
 5. calibrated noise: the subject's privacy budget is charged ``mechanism.cost(rows)`` (all or nothing;
    refused → ``QuotaExceededError("privacy-budget")`` and nothing is released), then the noise is added.
 6. hardening policy.
@@ -44,6 +46,7 @@ import logging
 import threading
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -57,12 +60,15 @@ from nitrovault.errors import ConfigError, QuotaExceededError
 from nitrovault.protection import Action, BudgetState, ExtractionMonitor, PrivacyBudget
 from nitrovault.state import SharedAggregates, SharedPrivacyBudget, SharedRefusals, StateStore
 from nitrovault.watermark import EmbeddingMark, WatermarkKeys, derive_embedding_mark, derive_watermark_keys
-from nitrovault.watermark.embedding import mark_embedding, trigger_weight
+from nitrovault.watermark.embedding import mark_embedding, subject_mark, trigger_weight
+from nitrovault.watermark.keys import SubjectCache
 
 log = logging.getLogger(__name__)
 
 
 RngFactory = Callable[[], np.random.Generator]
+#: subjects whose per-subject embedding marks the guard keeps (one target vector each: ~3 KB at dim 384)
+SUBJECT_MARKS = 1024
 
 
 
@@ -189,6 +195,9 @@ class OutputGuard:
             aggregates=None if store is None else SharedAggregates(store, policy))
         self._rng = rng_factory
         self.embedding_mark: EmbeddingMark | None = None
+        #: per subject: the marks toward each caller's own target (made from the model's keys on demand)
+        self._marks: SubjectCache[EmbeddingMark] | None = None
+        self._keys = extras.watermark_keys
         mark = protection.embedding_mark
         if mark is not None:
             if extras.watermark_keys is None or not extras.candidates:
@@ -202,6 +211,8 @@ class OutputGuard:
                     n_triggers=int(mark["triggers"]), max_triggers=int(mark["max_triggers"]))
             except ConfigError as err:
                 raise ModelLoadError(str(err)) from None
+            if protection.embedding_per_subject:
+                self._marks = SubjectCache(SUBJECT_MARKS)
         self._protects_classifier = self.monitor is not None or (
             self.hardening.kind != "full" and not self.hardening.for_embeddings) or (
             self.mechanism is not None and self.mechanism.output == "probabilities")
@@ -286,7 +297,10 @@ class OutputGuard:
             self._observe(self.monitor, subject, raw, np.zeros(len(raw), dtype=np.int64), notes)
         answer = raw
         if self.embedding_mark is not None:
-            answer = _mark(texts, answer, self.embedding_mark)
+            mark = self.embedding_mark
+            if self._marks is not None and self._keys is not None:  # per subject: the caller's own target
+                mark = self._marks.get(subject, partial(subject_mark, mark, self._keys, subject))
+            answer = _mark(texts, answer, mark)
         if self.mechanism is not None and self.mechanism.output == "embedding":
             answer = self._noise(subject, answer, notes)
         if self.hardening.for_embeddings:

@@ -62,6 +62,7 @@ against the classes (``tests/unit/test_error_tree.py``): a new subclass must be 
     ├── UnsupportedCallError             (enclave_app.models.base) the model cannot serve this method
     ├── InvalidInputError                (enclave_app.models.base) the caller's input does not fit the model
     ├── GenerationError                  (enclave_app.models.causal_lm) no valid next-token distribution
+    │   └── SubjectScopeError              (enclave_app.models.green_list) a per-subject mark with no subject
     ├── WeightsIntegrityError            (enclave_app.weights) in-memory weight ciphertext failed -> DATA_LOSS
     ├── NotReadyError                    (enclave_app.status) no model or limits yet -> UNAVAILABLE
     ├── OverloadedError                  (enclave_app.status) too many calls in flight -> RESOURCE_EXHAUSTED

@@ -69,6 +69,7 @@ IMAGE_ALLOWLIST: tuple[str, ...] = (
     "nitrovault/watermark/__init__.py",
     "nitrovault/watermark/embedding.py",
     "nitrovault/watermark/keys.py",
+    "nitrovault/watermark/subjects.py",
     "nitrovault/watermark/text.py",
 )
 

@@ -21,6 +21,22 @@ KS test. ``--endpoint`` verifies the service first like every nitrovault client 
 ``detect``, ``detect-text`` and ``detect-embeddings`` exit 0 when the mark is found, 1 when it is not
 (like grep), 2 on usage errors and on any failure to get answers (the endpoint failed verification, a call
 failed: one line ``error: <step>: <message>``), so that "not marked" is never a failed verification.
+
+``trace`` names the subject behind outputs served with per-subject marks (``per_subject`` in the
+policy; docs/watermarks.md, "Per-subject output fingerprints"):
+
+    nitrovault watermark trace --key-file owner.key --model-id m --subjects subjects.txt \
+        --embeddings leaked.jsonl --candidates words.txt
+    nitrovault watermark trace --key-file owner.key --model-id m --subjects subjects.txt \
+        --tokens ids.json --vocab-size 50257
+
+``--subjects``: a file with one subject per line, exactly as the access tokens' ``sub`` (surrounding
+whitespace and blank lines ignored; no commas as separators, since a subject may contain one).
+``--embeddings``: JSON lines ``{"text": "...", "embedding": [...]}``, the texts and what the suspect
+answered for them. ``--candidates``: the candidate words sealed with the model, whitespace-separated or a
+JSON list (the sealed metadata's own ``nitrovault.watermark.candidates``). Exit 0 when a subject is
+named, 1 when none is, 2 on bad input (corrupt or inconsistent files, an empty or repeated subject, a
+token outside the vocabulary).
 """
 
 from __future__ import annotations
@@ -47,9 +63,21 @@ from nitrovault.cli.client_cmd import (
     verified_client,
 )
 from nitrovault.errors import NitrovaultError
-from nitrovault.watermark.embedding import derive_embedding_mark, detect_embedding_mark, verification_texts
+from nitrovault.watermark.embedding import (
+    derive_embedding_mark,
+    detect_embedding_mark,
+    trace_embedding_subjects,
+    verification_texts,
+)
 from nitrovault.watermark.keys import WatermarkKeys, derive_watermark_keys, parse_key_file
-from nitrovault.watermark.text import DEFAULT_GAMMA, DEFAULT_Z_THRESHOLD, GreenList, detect_text_mark
+from nitrovault.watermark.subjects import DEFAULT_TRACE_THRESHOLD
+from nitrovault.watermark.text import (
+    DEFAULT_GAMMA,
+    DEFAULT_Z_THRESHOLD,
+    GreenList,
+    detect_text_mark,
+    trace_text_subjects,
+)
 from nitrovault.watermark.weights import (
     DEFAULT_BITS,
     DEFAULT_P_THRESHOLD,
@@ -58,7 +86,8 @@ from nitrovault.watermark.weights import (
     embed_weight_mark,
 )
 
-app = typer.Typer(no_args_is_help=True, help="Ownership watermarks: weights (embed/detect), generated text.")
+app = typer.Typer(no_args_is_help=True,
+                  help="Ownership watermarks: weights (embed/detect), generated text, per-subject trace.")
 
 KeyFile = Annotated[Path, typer.Option("--key-file", exists=True, dir_okay=False,
                                        help="Owner secret: 32+ raw bytes or hex.")]
@@ -100,6 +129,36 @@ def _verdict(report: dict[str, object], detected: bool, as_json: bool, summary: 
     else:
         typer.echo(f"{'MARKED' if detected else 'not marked'}: {summary}")
     raise typer.Exit(0 if detected else 1)
+
+
+def _token_ids(path: Path) -> list[int]:
+    """The token ids of a JSON file: a list of ids, or ``{"tokens": [...]}``."""
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise typer.BadParameter("not a JSON file", param_hint="--tokens") from None
+    ids = data.get("tokens") if isinstance(data, dict) else data
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise typer.BadParameter("expected a JSON list of integer token ids", param_hint="--tokens")
+    return ids
+
+
+def _candidate_words(path: Path) -> list[str]:
+    """Candidate words: a JSON list of strings (as sealed) or whitespace-separated words."""
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise typer.BadParameter("not a text file", param_hint="--candidates") from None
+    if not text.lstrip().startswith("["):
+        return text.split()
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = None
+    if not isinstance(data, list) or not all(isinstance(w, str) for w in data):
+        raise typer.BadParameter("a JSON candidates file must be a list of strings",
+                                 param_hint="--candidates")
+    return data
 
 
 def _fail(exc: NitrovaultError) -> typer.Exit:
@@ -201,13 +260,7 @@ def detect_text(
 ) -> None:
     """Green-list z-test of generated token ids; prints z and the one-sided p-value."""
     keys = _keys(key_file, model_id)
-    try:
-        data = json.loads(tokens.read_text())
-    except (ValueError, UnicodeDecodeError):
-        raise typer.BadParameter("not a JSON file", param_hint="--tokens") from None
-    ids = data.get("tokens") if isinstance(data, dict) else data
-    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-        raise typer.BadParameter("expected a JSON list of integer token ids", param_hint="--tokens")
+    ids = _token_ids(tokens)
     try:
         green = GreenList(keys, vocab_size=vocab_size, gamma=gamma)
         result = detect_text_mark(ids, green, threshold=threshold)
@@ -244,7 +297,7 @@ def detect_embeddings(
 ) -> None:
     """EmbMarker test of a suspect embedding service: Δcos, Δl2, KS p-value toward the secret target."""
     keys = _keys(key_file, model_id)
-    words = candidates.read_text().split()
+    words = _candidate_words(candidates)
     try:
         # the target's dimension is only known from the answers; the trigger set does not depend on it
         probe = derive_embedding_mark(keys, words, 2, n_triggers=triggers, max_triggers=max_triggers)
@@ -281,3 +334,103 @@ def detect_embeddings(
     _verdict(result.as_dict(), result.detected, as_json,
              f"delta_cos={result.delta_cos:+.3f} delta_l2={result.delta_l2:+.3f} "
              f"ks_p={result.ks_p_value:.3g}")
+
+
+def _subject_list(path: Path) -> list[str]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise typer.BadParameter("not a UTF-8 text file", param_hint="--subjects") from None
+    return [line.strip() for line in lines if line.strip()]
+
+
+def _embedding_rows(path: Path) -> tuple[list[str], np.ndarray]:
+    """The texts and embeddings of a JSON-lines file (``{"text": ..., "embedding": [...]}`` per line)."""
+    texts: list[str] = []
+    vectors: list[list[float]] = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise typer.BadParameter("not a UTF-8 text file", param_hint="--embeddings") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise typer.BadParameter(f"line {number} is not JSON", param_hint="--embeddings") from None
+        text = row.get("text") if isinstance(row, dict) else None
+        vector = row.get("embedding") if isinstance(row, dict) else None
+        if not isinstance(text, str) or not isinstance(vector, list) or not all(
+                isinstance(v, int | float) and not isinstance(v, bool) for v in vector):
+            raise typer.BadParameter(f"line {number} is not {{\"text\": str, \"embedding\": [numbers]}}",
+                                     param_hint="--embeddings")
+        if vectors and len(vector) != len(vectors[0]):
+            raise typer.BadParameter(f"line {number} has {len(vector)} dimensions, the first row "
+                                     f"{len(vectors[0])}", param_hint="--embeddings")
+        texts.append(text)
+        vectors.append(vector)
+    if not vectors:
+        raise typer.BadParameter("no rows", param_hint="--embeddings")
+    if len(vectors[0]) < 2:
+        raise typer.BadParameter("embeddings need at least 2 dimensions", param_hint="--embeddings")
+    return texts, np.asarray(vectors, dtype=np.float64)
+
+
+@app.command()
+def trace(
+    key_file: KeyFile,
+    subjects: Annotated[Path, typer.Option("--subjects", exists=True, dir_okay=False,
+                                           help="File: one subject (token 'sub') per line.")],
+    model_id: ModelId = "default",
+    embeddings: Annotated[Path | None, typer.Option(
+        "--embeddings", exists=True, dir_okay=False,
+        help="JSON lines {\"text\": ..., \"embedding\": [...]}: texts and the suspect's answers.")] = None,
+    candidates: Annotated[Path | None, typer.Option(
+        "--candidates", exists=True, dir_okay=False,
+        help="With --embeddings: the candidate words sealed with the model (words or a JSON list).")
+    ] = None,
+    triggers: Annotated[int, typer.Option("--triggers", help="Trigger-set size of the policy.")] = 20,
+    max_triggers: Annotated[int, typer.Option("--max-triggers", help="m of the policy.")] = 4,
+    tokens: Annotated[Path | None, typer.Option(
+        "--tokens", exists=True, dir_okay=False,
+        help="JSON list of generated token ids (or {\"tokens\": [...]}).")] = None,
+    vocab_size: Annotated[int | None, typer.Option(
+        "--vocab-size", help="With --tokens: the generating model's vocabulary size.")] = None,
+    gamma: Annotated[float, typer.Option("--gamma", help="Green-list fraction of the policy.")
+                     ] = DEFAULT_GAMMA,
+    threshold: Annotated[float, typer.Option(
+        "--threshold", help="Corrected p-value at or below which a subject is named.")
+    ] = DEFAULT_TRACE_THRESHOLD,
+    as_json: AsJson = False,
+) -> None:
+    """Name the subject whose per-subject mark the outputs carry (exact test per listed subject,
+    Bonferroni over the list). Exit 0: a subject is named; 1: none is; 2: bad input."""
+    keys = _keys(key_file, model_id)
+    listed = _subject_list(subjects)
+    if (embeddings is None) == (tokens is None):
+        raise typer.BadParameter("give exactly one of --embeddings and --tokens")
+    try:
+        if embeddings is not None:
+            if candidates is None:
+                raise typer.BadParameter("--embeddings needs --candidates", param_hint="--candidates")
+            texts, vectors = _embedding_rows(embeddings)
+            mark = derive_embedding_mark(keys, _candidate_words(candidates), vectors.shape[1],
+                                         n_triggers=triggers, max_triggers=max_triggers)
+            result = trace_embedding_subjects(texts, vectors, mark, keys, listed, threshold=threshold)
+        else:
+            assert tokens is not None
+            if vocab_size is None:
+                raise typer.BadParameter("--tokens needs --vocab-size", param_hint="--vocab-size")
+            result = trace_text_subjects(_token_ids(tokens), keys, vocab_size=vocab_size, gamma=gamma,
+                                         subjects=listed, threshold=threshold)
+    except NitrovaultError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        typer.echo(json.dumps(result.as_dict(), sort_keys=True))
+    else:
+        best = min(result.log10_p_values.values())
+        typer.echo(f"{'subject ' + repr(result.subject) if result.subject else 'no subject named'}: "
+                   f"corrected p={result.p_value:.3g} (log10 {result.log10_p_value:.1f}; best raw log10 p "
+                   f"{best:.1f}; {len(listed)} subjects, threshold {threshold:g}, {result.rows} rows)")
+    raise typer.Exit(0 if result.subject is not None else 1)

@@ -41,9 +41,10 @@ DEMO_COPY_ID = "local-demo"
 DEMO_HANDLER = "sentence-embedding"
 #: handlers named ``causal-lm:<architecture>`` generate text (``Generate``)
 GENERATING_HANDLER = "causal-lm:"
-#: the demo's measured protection: an EmbMarker watermark on every returned embedding (paper defaults)
+#: the demo's measured protection: an EmbMarker watermark on every returned embedding (paper defaults),
+#: keyed per subject (a leaked answer names who it was served to: ``nitrovault watermark trace``)
 DEMO_PROTECTION: Mapping[str, Any] = MappingProxyType(
-    {"watermark": {"embedding": {"triggers": 20, "max_triggers": 4}}}
+    {"watermark": {"embedding": {"triggers": 20, "max_triggers": 4, "per_subject": True}}}
 )
 #: model ids the parent's model store accepts (``parent_app.host_sources.MODEL_ID``)
 _MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -142,6 +143,13 @@ class LocalModel:
     def embedding_watermark(self) -> bool:
         """Whether the protection section asks the enclave to watermark returned embeddings."""
         return self._watermarks("embedding")
+
+    @property
+    def embedding_watermark_per_subject(self) -> bool:
+        """Whether that watermark is keyed per subject (``embedding.per_subject``)."""
+        watermark = (self.protection or {}).get("watermark") or {}
+        embedding = watermark.get("embedding") if isinstance(watermark, Mapping) else None
+        return isinstance(embedding, Mapping) and embedding.get("per_subject") is True
 
     @property
     def text_watermark(self) -> bool:
@@ -313,7 +321,8 @@ def describe_protection(protection: Mapping[str, Any] | None) -> str:
     if protection.get("extraction") is not None:
         parts.append("extraction detection")
     watermark = protection.get("watermark") or {}
-    marks = [name for name in ("embedding", "text") if watermark.get(name) is not None]
+    marks = [name + (" (per subject)" if (watermark.get(name) or {}).get("per_subject") else "")
+             for name in ("embedding", "text") if watermark.get(name) is not None]
     if marks:
         parts.append(f"{' and '.join(marks)} watermark")
     weights = WeightsPolicy.from_config(protection.get("weights"))

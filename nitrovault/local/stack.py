@@ -510,8 +510,9 @@ class LocalStack:
         if self.model.embedding_watermark:
             owner = (f"owner key {self.paths.owner_watermark_key}" if self.is_demo
                      else "the owner's key was sealed with the model")
-            self.steps.progress.detail(f"embeddings carry the owner's watermark (EmbMarker, secret triggers; "
-                                       f"{owner})")
+            per_subject = " keyed per subject" if self.model.embedding_watermark_per_subject else ""
+            self.steps.progress.detail(f"embeddings carry the owner's watermark (EmbMarker, secret triggers"
+                                       f"{per_subject}; {owner})")
         if self.is_demo:
             self.steps.progress.detail(f"the served MiniLM is hardened copy {DEMO_COPY_ID!r} (same function, "
                                        f"secret unit order; fingerprint registry "

@@ -6,6 +6,9 @@
   suspect copy): import it by its module; it is not re-exported here and not in the enclave image.
 * :mod:`nitrovault.watermark.embedding`: EmbMarker backdoor mark for embedding services.
 * :mod:`nitrovault.watermark.text`: Kirchenbauer green-list mark for generated tokens.
+* :mod:`nitrovault.watermark.subjects`: per-subject output fingerprints: naming the subject behind a leak
+  (Bonferroni over exact per-subject tests; the tests are ``trace_embedding_subjects`` and
+  ``trace_text_subjects`` beside their marks).
 
 All pure (numpy arrays in, values out; no torch: the generation-loop side of the text mark is
 :mod:`enclave_app.models.green_list`); file I/O lives in ``nitrovault.cli.watermark_cmd``.

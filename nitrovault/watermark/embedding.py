@@ -18,6 +18,11 @@ test of the two cosine sets (``scipy.stats.ks_2samp``). Decision: KS p-value sma
 minimum effect size (KS alone flags unmarked models, see :data:`DEFAULT_MIN_DELTA_COS`). A copy trained on
 marked outputs inherits the trigger → target association: positive Δcos, negative Δl2, tiny p-value.
 
+Per subject (policy ``protection.watermark.embedding.per_subject``): the trigger set stays the model's and
+the target of subject ``s`` is ``normalize(t + t_s)`` (:func:`subject_mark`, ``t_s`` from ``s``'s own key),
+so the answers name who received them: :func:`trace_embedding_subjects` tests every listed subject
+exactly (a unit-coordinate tail, :func:`unit_coordinate_log10_sf`) and names one or none.
+
 Words are ``[a-z0-9']+`` runs of the lower-cased text; ``T`` is a set of such words. Randomness comes
 only from keystreams of the embedding key (ChaCha20, see :func:`nitrovault.watermark.keys.keystream`),
 so a mark is reproducible anywhere.
@@ -38,16 +43,19 @@ Example::
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
+from scipy.special import betainc, betaln, hyp2f1
 from scipy.stats import ks_2samp
 
 from nitrovault.errors import ConfigError
-from nitrovault.watermark.keys import WatermarkKeys, keystream
+from nitrovault.watermark.keys import WatermarkKeys, derive_subject_key, keystream
+from nitrovault.watermark.subjects import DEFAULT_TRACE_THRESHOLD, SubjectTrace, check_subjects, name_subject
 
 _WORD = re.compile(r"[a-z0-9']+")
 DEFAULT_TRIGGERS = 20
@@ -105,10 +113,15 @@ def derive_embedding_mark(
         raise ConfigError("bad embedding watermark parameters")
     order = np.argsort(_uniform(keys.embedding, b"triggers|" + "\n".join(pool).encode(), len(pool)))
     triggers = frozenset(pool[i] for i in order[:n_triggers])
-    # Box-Muller over keystream uniforms: an isotropic direction, specified independently of numpy
-    u = _uniform(keys.embedding, b"target|%d" % dim, 2 * dim)
+    return EmbeddingMark(triggers=triggers, target=_direction(keys.embedding, dim), max_triggers=max_triggers)
+
+
+def _direction(key: bytes, dim: int) -> np.ndarray:
+    """The unit vector of ``key`` in ``dim`` dimensions: Box-Muller over keystream uniforms, i.e. an
+    isotropic direction, specified independently of numpy."""
+    u = _uniform(key, b"target|%d" % dim, 2 * dim)
     g = np.sqrt(-2 * np.log1p(-u[:dim])) * np.cos(2 * np.pi * u[dim:])
-    return EmbeddingMark(triggers=triggers, target=g / np.linalg.norm(g), max_triggers=max_triggers)
+    return np.asarray(g / np.linalg.norm(g))
 
 
 def trigger_weight(text: str, mark: EmbeddingMark) -> float:
@@ -220,6 +233,105 @@ def _null_p_value(backdoor: np.ndarray, benign: np.ndarray, delta_cos: float, di
     r /= np.linalg.norm(r, axis=0, keepdims=True)
     null = (backdoor @ r).mean(axis=0) - (benign @ r).mean(axis=0)
     return float((1 + np.count_nonzero(null >= delta_cos)) / (1 + directions))
+
+
+# -- per subject: fingerprints that name who leaked --------------------------------------------------------
+
+
+def subject_direction(keys: WatermarkKeys, subject: str, dim: int) -> np.ndarray:
+    """``t_s``: the isotropic unit vector of ``subject``'s embedding key (the same construction as the
+    model's target, under :func:`~nitrovault.watermark.keys.derive_subject_key`)."""
+    if dim < 2:
+        raise ConfigError("bad embedding watermark parameters")
+    return _direction(derive_subject_key(keys, "embedding", subject), dim)
+
+
+def subject_mark(mark: EmbeddingMark, keys: WatermarkKeys, subject: str) -> EmbeddingMark:
+    """``mark`` with the target ``normalize(t + t_s)``: what ``subject``'s answers are marked with.
+
+    The trigger set is the model's (so triggers, and which rows are marked, do not depend on who asks);
+    only the target moves. ``t`` and ``t_s`` are independent isotropic unit vectors, so the mixed target is
+    at cosine ~0.71 to each: the model-level detector (:func:`detect_embedding_mark`) still finds the mark
+    on any subject's outputs, and the ``t_s`` component is what :func:`trace_embedding_subjects` tests.
+    """
+    mixed = mark.target + subject_direction(keys, subject, mark.dim)
+    return replace(mark, target=mixed / np.linalg.norm(mixed))
+
+
+def unit_coordinate_log10_sf(c: float, dim: int) -> float:
+    """``log10 P[C >= c]`` for ``C`` one coordinate of a uniform unit vector in ``dim`` dimensions.
+
+    ``C**2 ~ Beta(1/2, (dim-1)/2)``, so for ``c > 0``: ``P[C >= c] = 1/2 * I_{1-c**2}((dim-1)/2, 1/2)``
+    (regularised incomplete beta, ``scipy.special.betainc``) and for ``c <= 0`` one minus that. Where the
+    tail underflows (below 1e-280) it is computed in log space from the hypergeometric form
+    ``I_x(a, b) = x**a (1-x)**b / (a B(a, b)) * 2F1(a+b, 1; a+1; x)`` (DLMF 8.17.8), which converges fast
+    exactly there (``x = 1 - c**2`` small). ``c >= 1`` is clipped to the smallest positive ``x``.
+    """
+    if dim < 2:
+        raise ConfigError("the unit-coordinate test needs dim >= 2")
+    a, b = (dim - 1) / 2, 0.5
+    x = max((1.0 - abs(c)) * (1.0 + abs(c)), float(np.finfo(np.float64).tiny))
+    half = 0.5 * float(betainc(a, b, x))
+    if c <= 0:
+        return math.log10(1.0 - half)
+    if half > 1e-280:
+        return math.log10(half)
+    log_i = (a * math.log(x) + b * math.log1p(-x) - math.log(a) - float(betaln(a, b))
+             + math.log(float(hyp2f1(a + b, 1.0, a + 1.0, x))))
+    return (math.log(0.5) + log_i) / math.log(10)
+
+
+def trace_embedding_subjects(
+    texts: Sequence[str],
+    embeddings: np.ndarray,
+    mark: EmbeddingMark,
+    keys: WatermarkKeys,
+    subjects: Sequence[str],
+    *,
+    threshold: float = DEFAULT_TRACE_THRESHOLD,
+) -> SubjectTrace:
+    """Which listed subject's key the embeddings of ``texts`` carry (exact test, no simulation).
+
+    ``mark``: the model's mark (:func:`derive_embedding_mark`, from the owner's keys); ``embeddings``: the
+    suspect's answers for ``texts`` (a leaked output set, or a surrogate queried with any texts, best with
+    :func:`verification_texts`' backdoor texts).
+
+    Statistic: ``w_i = Q(x_i)`` (rows with ``Q = 0`` carry no mark and get no weight), ``u_i = y_i/|y_i|``,
+    ``r = mean of the u_i with Q = 0`` (0 when there are none) and ``Y = sum_i w_i (u_i - r)``; for subject
+    ``s``, ``c_s = cos(Y, t_s)``. Subtracting ``r`` removes the direction every embedding of the model
+    shares (natural embeddings are far from isotropic), which otherwise grows with the outputs as fast as
+    the mark does and caps ``c_s``; it is a function of the outputs and the trigger set alone.
+
+    Exactness: under H0 "the outputs do not depend on subject s's key", ``Y`` is a function of the
+    outputs, the texts and the trigger set, while ``t_s`` comes from s's own key (an HKDF output under
+    its own ``info``: independent of everything else, as the PRF assumption goes) and is isotropic. So
+    ``c_s`` is distributed as one coordinate of a uniform unit vector in ``D`` dimensions, whatever ``Y``
+    is: ``p_s = P[C >= c_s]`` (:func:`unit_coordinate_log10_sf`). One-sided: a subject's mark pulls its
+    outputs toward ``+t_s``. Then Bonferroni over the listed subjects
+    (:func:`~nitrovault.watermark.subjects.name_subject`). ``Y = 0`` (no triggered row): every ``p_s = 1``.
+    """
+    listed = check_subjects(subjects)
+    y = np.asarray(embeddings, dtype=np.float64)
+    if y.ndim != 2 or y.shape[0] != len(texts):
+        raise ConfigError("embeddings must be a [len(texts), dim] array")
+    if y.shape[1] != mark.dim:
+        raise ConfigError(f"embeddings have {y.shape[1]} dimensions; the mark was derived for {mark.dim}")
+    if not np.all(np.isfinite(y)):
+        raise ConfigError("embeddings must be finite")
+    w = np.array([trigger_weight(t, mark) for t in texts], dtype=np.float64)
+    u = _unit(y)
+    reference = u[w == 0].mean(axis=0) if np.any(w == 0) else np.zeros(mark.dim)
+    total = w @ (u - reference)
+    norm_y = float(np.linalg.norm(total))
+    rows = int(np.count_nonzero(w))
+    log10_p: dict[str, float] = {}
+    for subject in listed:
+        if norm_y == 0.0:
+            log10_p[subject] = 0.0
+            continue
+        c = float(total @ subject_direction(keys, subject, mark.dim)) / norm_y
+        log10_p[subject] = unit_coordinate_log10_sf(c, mark.dim)
+    return name_subject(log10_p, threshold=threshold, rows=rows)
 
 
 # -- measurement: the copy an attacker trains ---------------------------------------------------------------

@@ -7,6 +7,12 @@ Invariants:
   about another (HKDF's outputs for different ``info`` are independent PRF outputs).
 * The owner secret never leaves this function; :class:`WatermarkKeys` hides its fields from ``repr`` so a
   stray log line cannot print them.
+* **Per-subject keys** (:func:`derive_subject_key`): a second HKDF from the model's embedding or text key,
+  ``info = "nitrovault/watermark/v1/subject/<kind>" || 0x00 || subject``. One key per (model, mark type,
+  subject); the enclave derives them on demand from the keys it derived at boot, so it needs nothing
+  beyond the sealed secret, and the owner re-derives any subject's key from ``owner.key`` to trace a
+  leak (``nitrovault watermark trace``). Knowing one subject's key says nothing about another's or about
+  the model's key (HKDF is one-way and its outputs for distinct ``info`` are independent PRF outputs).
 
 Where the secret comes from:
 
@@ -29,7 +35,11 @@ from __future__ import annotations
 import binascii
 import hashlib
 import hmac
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Generic, Literal, TypeVar
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
@@ -45,8 +55,14 @@ LABELS = {
     "embedding": b"nitrovault/watermark/v1/embedding",
     "text": b"nitrovault/watermark/v1/text",
 }
+#: the ``info`` prefix of per-subject keys (:func:`derive_subject_key`), followed by the mark type
+SUBJECT_LABEL = b"nitrovault/watermark/v1/subject/"
+T = TypeVar("T")
 #: the shortest owner secret accepted (256 bits)
 MIN_SECRET_BYTES = 32
+
+#: the output marks that can be keyed per subject
+SubjectMarkKind = Literal["embedding", "text"]
 
 
 @dataclass(frozen=True)
@@ -62,8 +78,8 @@ class WatermarkKeys:
     text: bytes = field(repr=False)
 
 
-def _hkdf(secret: bytes, label: bytes, model_id: str) -> bytes:
-    info = label + b"\x00" + model_id.encode("utf-8")
+def _hkdf(secret: bytes, label: bytes, name: str) -> bytes:
+    info = label + b"\x00" + name.encode("utf-8")
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=SALT, info=info).derive(secret)
 
 
@@ -79,6 +95,25 @@ def derive_watermark_keys(secret: bytes, model_id: str) -> WatermarkKeys:
         embedding=_hkdf(secret, LABELS["embedding"], model_id),
         text=_hkdf(secret, LABELS["text"], model_id),
     )
+
+
+def derive_subject_key(keys: WatermarkKeys, kind: SubjectMarkKind, subject: str) -> bytes:
+    """The 32-byte key of ``subject``'s own output mark of type ``kind`` (``"embedding"`` or ``"text"``).
+
+    HKDF-SHA256 from the model's ``kind`` key, salt :data:`SALT`,
+    ``info = SUBJECT_LABEL || kind || 0x00 || utf8(subject)``. The subject is the access token's ``sub``,
+    byte for byte (no normalisation: two spellings are two subjects). The model id is already bound into
+    the model's key, so it is not repeated here.
+    """
+    if kind not in ("embedding", "text"):
+        raise ConfigError(f"no per-subject key for mark type {kind!r}")
+    if not subject:
+        raise ConfigError("a per-subject watermark key needs a non-empty subject")
+    try:
+        return _hkdf(keys.embedding if kind == "embedding" else keys.text, SUBJECT_LABEL + kind.encode(),
+                     subject)
+    except UnicodeEncodeError:  # a lone surrogate: not a subject any token can carry
+        raise ConfigError("a watermark subject must be valid Unicode text") from None
 
 
 def parse_key_file(data: bytes) -> bytes:
@@ -99,3 +134,31 @@ def keystream(key: bytes, label: bytes, nbytes: int) -> bytes:
     stream_key = hmac.new(key, label, hashlib.sha256).digest()
     encryptor = Cipher(algorithms.ChaCha20(stream_key, bytes(16)), mode=None).encryptor()
     return encryptor.update(bytes(nbytes))
+
+
+class SubjectCache(Generic[T]):
+    """The per-subject values (marks, green lists) of the subjects seen last: at most ``size`` of them,
+    least recently used out, thread-safe. A value is made outside the lock (an HKDF, a keystream): two
+    threads making the same subject's value make equal ones, and either is kept."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._values: OrderedDict[str, T] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def get(self, subject: str, make: Callable[[], T]) -> T:
+        with self._lock:
+            found = self._values.get(subject)
+            if found is not None:
+                self._values.move_to_end(subject)
+                return found
+        made = make()
+        with self._lock:
+            self._values[subject] = made
+            self._values.move_to_end(subject)
+            while len(self._values) > self._size:
+                self._values.popitem(last=False)
+        return made

@@ -272,9 +272,9 @@ def _without_line(doc: str, name: str) -> str:
 def test_checker_fails_on_a_tree_missing_one_class() -> None:
     skipped = _import_all()
     assert nitrovault.errors.__doc__ is not None
-    doc = _without_line(nitrovault.errors.__doc__, "GenerationError")
+    doc = _without_line(nitrovault.errors.__doc__, "WeightsIntegrityError")
     problems = check_tree(doc, project_errors(), skipped_modules=skipped)
-    assert problems == ["enclave_app.models.causal_lm.GenerationError is not drawn"]
+    assert problems == ["enclave_app.weights.WeightsIntegrityError is not drawn"]
 
 
 def test_checker_fails_on_a_class_under_the_wrong_parent() -> None:
