@@ -56,11 +56,13 @@ def harden_command(
     registry: Annotated[Path | None, typer.Option(
         "--registry", help="Record the copy in this registry (created for a first copy).", dir_okay=False)]
     = None,
-    traps: Annotated[int, typer.Option("--traps", help="Trap units per FFN layer (a new registry's).")]
-    = DEFAULT_TRAPS,
-    value_mark: Annotated[float, typer.Option(
-        "--value-mark", help="Also mark each copy's values with this strength (a new registry's; 0: none). "
-        "Not function preserving; the one trace that survives re-alignment to the base.")] = 0.0,
+    traps: Annotated[int | None, typer.Option(
+        "--traps", help=f"Trap units per FFN layer (a new registry's; default {DEFAULT_TRAPS}; an existing "
+        "registry's own).")] = None,
+    value_mark: Annotated[float | None, typer.Option(
+        "--value-mark", help="Also mark each copy's values with this strength (a new registry's; default "
+        "0: none; an existing registry's own). Not function preserving; the one trace that survives "
+        "re-alignment to the base.")] = None,
     as_json: AsJson = False,
 ) -> None:
     """Harden a model: a secret permutation of units and heads, positive rescaling and trap units; the
@@ -72,24 +74,27 @@ def harden_command(
         if registry is not None:
             report, reg = harden_file(model, output, master, copy_id, registry, traps=traps,
                                       value_strength=value_mark)
-            copies = len(reg.copies)
+            copies, strength = len(reg.copies), reg.value_strength
         else:
             if value_mark:
                 raise ConfigError("--value-mark needs --registry (identify reads its strength there)")
             reference, dtypes = read_model(model)
-            hardened, report = harden(reference, copy_secret(master, copy_id), traps=traps)
+            hardened, report = harden(reference, copy_secret(master, copy_id),
+                                      traps=DEFAULT_TRAPS if traps is None else traps)
             write_model(hardened, output, dtypes)
-            copies = 0
+            copies, strength = 0, 0.0
     except (ConfigError, OSError) as err:
         _error(str(err))
-    summary = {**report.as_dict(), "copy_id": copy_id, "output": str(output),
+    summary = {**report.as_dict(), "copy_id": copy_id, "output": str(output), "value_mark": strength,
                "registry": None if registry is None else str(registry), "registered_copies": copies}
     if as_json:
         typer.echo(json.dumps(summary, sort_keys=True))
     else:
         typer.echo(f"hardened {report.architecture} copy {copy_id!r}: {report.permuted_units} units in "
                    f"{report.groups} groups permuted, {report.rescaled_groups} groups rescaled, "
-                   f"{report.trap_units} trap units -> {output}")
+                   f"{report.trap_units} trap units"
+                   + (f", value mark strength {strength:g}" if strength else " (same function)")
+                   + f" -> {output}")
 
 
 @fingerprint_app.command("identify")
@@ -121,8 +126,8 @@ def identify_command(
     elif result.copy_id is not None:
         best = min(result.scores, key=lambda s: s.p_value)
         typer.echo(f"IDENTIFIED copy {result.copy_id!r}: p = {result.p_value:.3g} over {len(result.scores)} "
-                   f"copies ({best.order_agreeing}/{result.units} units in place, {best.traps_found}/"
-                   f"{best.traps} traps found)")
+                   f"copies ({best.order_agreeing}/{result.units} units in the copy's order, "
+                   f"{best.traps_found}/{best.traps} traps found, value mark p = {best.values_p:.3g})")
     else:
         typer.echo(f"no copy matched: smallest p = {result.p_value:.3g} over {len(result.scores)} copies "
                    f"(threshold {threshold:g})")

@@ -136,7 +136,7 @@ class Registry:
             registry = cls(key_id=str(raw["key_id"]), reference=str(raw["reference"]["sha256"]),
                            architecture=str(raw["reference"]["architecture"]), traps=int(params["traps"]),
                            scale_range=float(params["scale_range"]),
-                           value_strength=float(params["value_strength"]),
+                           value_strength=float(params.get("value_strength", 0.0)),
                            copies=tuple(str(c["copy_id"]) for c in copies))
         except (KeyError, TypeError, ValueError):
             raise ConfigError(f"{path} is a corrupt fingerprint registry (missing or mistyped fields)"
@@ -180,7 +180,7 @@ def harden_copy(reference: Model, master: bytes, registry: Registry,
     registry.check(master, reference)
     secret = copy_secret(master, copy_id)
     if registry.value_strength > 0:
-        marked, _ = embed_weight_mark(reference.tensors, _value_keys(secret), bits=VALUE_BITS,
+        marked, _ = embed_weight_mark(reference.tensors, value_keys(secret), bits=VALUE_BITS,
                                       strength=registry.value_strength, layers=value_layers(reference))
         reference = replace(reference, tensors=marked)
     return harden(reference, secret, traps=registry.traps, scale_range=registry.scale_range)
@@ -191,7 +191,8 @@ def value_layers(reference: Model) -> list[str]:
     return sorted({p.tensor for g in reference.groups() if g.takes_traps for p in g.code_parts})
 
 
-def _value_keys(secret: bytes) -> WatermarkKeys:
+def value_keys(secret: bytes) -> WatermarkKeys:
+    """The weight-watermark keys of a copy's value mark (from the copy's secret)."""
     return derive_watermark_keys(secret, "nitrovault/harden/v1/value-mark")
 
 
@@ -304,7 +305,7 @@ def identify(suspect: Mapping[str, np.ndarray], reference: Model, registry: Regi
         plans = plan(secret, groups, reference.tensors, traps=registry.traps,
                      scale_range=registry.scale_range)
         values_p = None if registry.value_strength <= 0 else detect_weight_mark(
-            aligned, _value_keys(secret), bits=VALUE_BITS, layers=layers).p_value
+            aligned, value_keys(secret), bits=VALUE_BITS, layers=layers).p_value
         return score_copy(copy_id, plans, alignments, len(registry.copies), values_p)
 
     scores = tuple(score(c) for c in registry.copies)

@@ -77,6 +77,31 @@ def test_identify_exits_1_when_no_copy_matches(files: dict[str, Path]) -> None:
     assert code == 1 and "no copy matched" in output
 
 
+def test_later_copies_take_the_registry_s_own_parameters(files: dict[str, Path]) -> None:
+    harden(files, "region-0", "--traps", "2", "--value-mark", "1")
+    later = harden(files, "region-1")  # no options: the registry's own traps and value mark
+    from safetensors import safe_open
+
+    with safe_open(str(later), "pt") as f:
+        assert json.loads(f.metadata()["nitrovault.config"])["hidden"] == [130, 130]
+    code, output = identify(files, later, "--json")
+    best = json.loads(output)["best"][0]
+    assert code == 0 and best["copy_id"] == "region-1" and best["values_p"] <= 1e-6
+    result = runner.invoke(app, ["harden", str(files["model"]), "--secret", str(files["key"]), "-o",
+                                 str(files["tmp"] / "x.safetensors"), "--copy-id", "region-2", "--registry",
+                                 str(files["registry"]), "--traps", "4"])
+    assert result.exit_code == 2 and "2 traps per layer, not 4" in result.output
+
+
+def test_a_registry_without_a_value_mark_field_reads_as_none(files: dict[str, Path]) -> None:
+    harden(files, "region-0")
+    raw = json.loads(files["registry"].read_text())
+    del raw["params"]["value_strength"]
+    files["registry"].write_text(json.dumps(raw))
+    code, _ = identify(files, files["tmp"] / "region-0.safetensors")
+    assert code == 0
+
+
 def test_harden_keeps_dtypes_and_metadata_and_writes_a_private_file(files: dict[str, Path]) -> None:
     out = harden(files, "region-0", "--traps", "2")
     from safetensors import safe_open
