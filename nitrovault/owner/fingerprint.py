@@ -48,7 +48,7 @@ import json
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -212,10 +212,7 @@ class CopyScore:
     values_p: float = 1.0
 
     def as_dict(self) -> dict[str, object]:
-        return {"copy_id": self.copy_id, "p_value": self.p_value,
-                "order_agreeing": self.order_agreeing,
-                "order_p": self.order_p, "traps_found": self.traps_found, "traps": self.traps,
-                "traps_p": self.traps_p, "values_p": self.values_p}
+        return asdict(self)
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ import hashlib
 import hmac
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -372,9 +372,7 @@ class HardenReport:
     trap_units: int
 
     def as_dict(self) -> dict[str, object]:
-        return {"architecture": self.architecture, "groups": self.groups,
-                "permuted_units": self.permuted_units, "rescaled_groups": self.rescaled_groups,
-                "trap_units": self.trap_units}
+        return asdict(self)
 
 
 def harden(model: Model, secret: bytes, *, traps: int = DEFAULT_TRAPS,
