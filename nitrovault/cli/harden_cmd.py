@@ -127,7 +127,8 @@ def identify_command(
         best = min(result.scores, key=lambda s: s.p_value)
         typer.echo(f"IDENTIFIED copy {result.copy_id!r}: p = {result.p_value:.3g} over {len(result.scores)} "
                    f"copies ({best.order_agreeing}/{result.units} units in the copy's order, "
-                   f"{best.traps_found}/{best.traps} traps found, value mark p = {best.values_p:.3g})")
+                   f"{best.traps_found}/{best.traps} traps found"
+                   + (f", value mark p = {best.values_p:.3g})" if reg.value_strength else ")"))
     else:
         typer.echo(f"no copy matched: smallest p = {result.p_value:.3g} over {len(result.scores)} copies "
                    f"(threshold {threshold:g})")
