@@ -75,10 +75,13 @@ class Batcher(Generic[P, R]):
 
     def __init__(self, run: BatchFn[P, R], *, workers: int, max_rows: int, max_delay_s: float = 0.0,
                  monotonic: Callable[[], float] = time.monotonic, name: str = "model",
-                 on_start: Callable[[], None] | None = None) -> None:
+                 on_start: Callable[[], None] | None = None,
+                 on_batch: Callable[[int, list[float]], None] | None = None) -> None:
         if workers < 1 or max_rows < 1 or max_delay_s < 0:
             raise ValueError("workers and max_rows must be positive, max_delay_s not negative")
         self._run = run
+        #: told each batch's rows and its jobs' queue waits (seconds), from the worker thread (metrics)
+        self.on_batch = on_batch
         self.max_rows = max_rows
         self.max_delay_s = max_delay_s
         self.monotonic = monotonic
@@ -202,6 +205,8 @@ class Batcher(Generic[P, R]):
                 self._largest = max(self._largest, rows)
         if not live:
             return
+        if self.on_batch is not None:
+            self.on_batch(sum(job.rows for job in live), [now - job.arrived for job in live])
         try:
             results: Sequence[Any] = self._run([job.payload for job in live])
             if len(results) != len(live):

@@ -34,6 +34,7 @@ from collections import deque
 from collections.abc import Callable
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -48,13 +49,18 @@ log = logging.getLogger(__name__)
 
 class HostClient:
     def __init__(
-        self, target: str, *, download_dir: Path, max_model_bytes: int, timeout: float = 30.0
+        self, target: str, *, download_dir: Path, max_model_bytes: int, timeout: float = 30.0,
+        enclave_cid: int = 0,
     ) -> None:
+        #: this enclave's vsock CID, in every report (the parent tells its enclaves apart by it)
+        self.enclave_cid = enclave_cid
         self._download_dir = download_dir
         self._channel = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", 8 << 20)])
         self._stub = pb_grpc.HostServicesStub(self._channel)
         self._max = max_model_bytes
         self._timeout = timeout
+        self._control_lock = threading.Lock()
+        self._control: Any = None
 
     def credentials(self) -> AwsCredentials:
         try:
@@ -102,14 +108,46 @@ class HostClient:
         """Best effort: a parent that does not listen cannot stop the enclave from serving or failing."""
         try:
             self._stub.ReportStatus(
-                pb.StatusReport(state=pb.StatusReport.State.Value(state), reason=reason, step=step), timeout=5
+                pb.StatusReport(state=pb.StatusReport.State.Value(state), reason=reason, step=step,
+                                enclave_cid=self.enclave_cid), timeout=5
             )
         except grpc.RpcError as err:
             log.warning("status report %s not delivered (%s)", state, err.code().name)
 
     def audit_append(self, boot_id: str, lines: list[bytes]) -> None:
         """Store lines at the parent; raises ``grpc.RpcError`` when they were not stored."""
-        self._stub.AuditAppend(pb.AuditBatch(boot_id=boot_id, lines=lines), timeout=5)
+        self._stub.AuditAppend(pb.AuditBatch(boot_id=boot_id, lines=lines, enclave_cid=self.enclave_cid),
+                               timeout=5)
+
+    def report_metrics(self, report: pb.MetricsReport) -> None:
+        """Send aggregate metrics; raises ``grpc.RpcError`` when the parent did not take them."""
+        self._stub.ReportMetrics(report, timeout=5)
+
+    def watch_control(self, on_drain: Callable[[float], None], stopped: threading.Event, *,
+                      retry_s: float = 1.0) -> None:
+        """Follow the parent's ``Control`` stream until ``stopped`` and :meth:`stop_control` (run it in a
+        thread): ``on_drain`` gets each DRAIN's deadline in seconds. A broken stream (a parent that
+        restarted) is opened again after ``retry_s``."""
+        while not stopped.is_set():
+            with self._control_lock:
+                stream = self._control = self._stub.Control(pb.ControlRequest(enclave_cid=self.enclave_cid))
+                if stopped.is_set():
+                    stream.cancel()
+            try:
+                for command in stream:
+                    if command.kind == pb.ControlCommand.DRAIN:
+                        on_drain(command.deadline_s)
+            except grpc.RpcError as err:
+                if stopped.is_set():
+                    return
+                log.debug("control stream ended (%s)", err.code().name)
+            stopped.wait(retry_s)
+
+    def stop_control(self) -> None:
+        """End :meth:`watch_control`'s stream (set its ``stopped`` event first)."""
+        with self._control_lock:
+            if self._control is not None:
+                self._control.cancel()
 
     def close(self) -> None:
         self._channel.close()
@@ -176,6 +214,16 @@ class AuditShipper:
                     except Exception as err:  # reporting is best effort
                         log.warning("withheld report failed (%s)", type(err).__name__)
             return reason
+
+    def backlog(self) -> float:
+        """Audit entries not stored by the parent yet (queued here or buffered in the writer), for metrics."""
+        writer = self._writer
+        return float(writer.unacknowledged(self._queued) if writer is not None else self._queued())
+
+    @property
+    def withheld_reason(self) -> str | None:
+        """The last :meth:`withheld` decision (no new one is made)."""
+        return self._withheld
 
     def _queued(self) -> int:
         with self._cond:

@@ -27,7 +27,13 @@ KMS sees already binds it. The gRPC server starts only after boot, with the TLS 
 the model: before then the inference port refuses connections (the parent's relay answers promptly),
 and no byte of a request is ever served in plaintext. On SIGTERM/SIGINT the server stops taking calls,
 the audit log gets its final signed checkpoint and the enclave waits (bounded) for the parent to store
-it before exiting.
+it before exiting. The parent's DRAIN (host ``Control`` stream, opened once serving) does the same with
+its deadline as the grace for in-flight calls, reporting DRAINING and then STOPPED once the log is
+stored. A ``WeightsIntegrityError`` (the dynamic weights' in-memory ciphertext failed to authenticate)
+stops serving at once: FAILED, exit 3, and the parent's supervisor boots a fresh enclave.
+
+Aggregate metrics (``enclave_app.metrics``) go to the parent every :data:`METRICS_INTERVAL_S` seconds
+and once more at the end.
 """
 
 from __future__ import annotations
@@ -36,10 +42,12 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -51,6 +59,7 @@ import torch
 from enclave_app.boot import BootFailure, boot
 from enclave_app.config import EnclaveConfig
 from enclave_app.host import AuditShipper, HostClient
+from enclave_app.metrics import MetricsReporter
 from enclave_app.server import EnclaveServer, InferenceService, ServingModel
 from nitrovault.audit import AuditStatus
 from nitrovault.errors import NetworkSetupError
@@ -67,8 +76,14 @@ from nitrovault.transport import (
     open_socket,
 )
 from nitrovault.transport.loopback import ensure_loopback_up
+from nitrovault.transport.vsock import local_cid
 
 log = logging.getLogger("enclave")
+
+#: seconds between metrics reports to the parent
+METRICS_INTERVAL_S = 5.0
+#: the longest grace a DRAIN can ask for in-flight calls (a parent cannot hold the enclave open forever)
+MAX_DRAIN_S = 300.0
 
 
 def process_age_s() -> float | None:
@@ -101,17 +116,23 @@ def _size_threads(config: EnclaveConfig) -> None:
 
 
 async def run(
-    config: EnclaveConfig, *, mapping: AddressMap, nsm_transport: NsmTransport, run_dir: Path
+    config: EnclaveConfig, *, mapping: AddressMap, nsm_transport: NsmTransport, run_dir: Path,
+    enclave_cid: int | None = None,
 ) -> int:
+    """Boot and serve until SIGTERM/SIGINT, the parent's DRAIN, or a fatal serving error.
+
+    ``enclave_cid``: this enclave's vsock CID as the composition root found it (the kernel's answer in
+    production, so one measured image runs under any CID; ``ports.enclave_cid`` when ``None``)."""
     run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     for stale in ("grpc.sock", "host.sock", "model.sealed"):  # left by a killed predecessor
         with contextlib.suppress(FileNotFoundError):
             (run_dir / stale).unlink()
     ports = config.ports
+    cid = enclave_cid if enclave_cid is not None else ports.enclave_cid
     grpc_sock = run_dir / "grpc.sock"
     host_sock = run_dir / "host.sock"
     relays = [
-        Relay(VsockAddress(ports.enclave_cid, ports.inference), UnixAddress(str(grpc_sock)), mapping=mapping),
+        Relay(VsockAddress(cid, ports.inference), UnixAddress(str(grpc_sock)), mapping=mapping),
         Relay(
             UnixAddress(str(host_sock)), VsockAddress(ports.parent_cid, ports.host_services), mapping=mapping
         ),
@@ -125,7 +146,8 @@ async def run(
     )
     nsm = Nsm(nsm_transport)
     host = HostClient(
-        f"unix:{host_sock}", download_dir=run_dir, max_model_bytes=config.limits.max_model_bytes
+        f"unix:{host_sock}", download_dir=run_dir, max_model_bytes=config.limits.max_model_bytes,
+        enclave_cid=cid,
     )
 
     def on_audit_change(down: bool, reason: str) -> None:
@@ -155,6 +177,11 @@ async def run(
     protections = service.protections
     protections.audit_withheld = shipper.withheld
     shipper.start(protections.audit)
+    service.metrics.gauge("audit_backlog", shipper.backlog)
+    service.metrics.gauge("audit_withheld", lambda: 0.0 if shipper.withheld_reason is None else 1.0)
+    metrics = MetricsReporter(service.metrics, host.report_metrics, boot_id=protections.audit.boot_id,
+                              enclave_cid=cid, interval_s=METRICS_INTERVAL_S)
+    metrics.start()
     for relay in relays:
         await relay.start()
     ca_bundle = config.kms_ca_bundle.encode()
@@ -180,6 +207,17 @@ async def run(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    ending = _Ending()
+
+    def on_drain(deadline_s: float) -> None:  # from the control thread
+        loop.call_soon_threadsafe(ending.drain, deadline_s, stop)
+
+    def on_fatal(reason: str) -> None:  # from the event loop or a worker thread
+        loop.call_soon_threadsafe(ending.fail, reason, stop)
+
+    service.on_fatal = on_fatal
+    control_stopped = threading.Event()
+    control: threading.Thread | None = None
     exit_code = 0
     store: StateStore | None = None
     try:
@@ -220,13 +258,33 @@ async def run(
         _say("serving", sealed_digest=result.sealed_digest, timings=timings,
              tls_spki_sha256=result.tls.spki_sha256.hex())
         await asyncio.to_thread(host.report, "SERVING", reason=json.dumps(timings), step="serving")
+        control = threading.Thread(target=host.watch_control, args=(on_drain, control_stopped),
+                                   name="control", daemon=True)
+        control.start()
         await stop.wait()
+        if ending.fatal is not None:
+            exit_code = 3
     finally:
+        control_stopped.set()
+        host.stop_control()
+        if ending.fatal is not None:
+            _say("stopping", reason=ending.fatal)
+            await asyncio.to_thread(host.report, "FAILED", reason=f"stopped serving: {ending.fatal}",
+                                    step=ending.fatal)
+        elif ending.draining:
+            _say("draining", deadline_s=ending.grace)
+            await asyncio.to_thread(host.report, "DRAINING", reason="told to drain", step="drain")
         if server is not None:
-            await server.stop()
+            await server.stop(ending.grace)  # in-flight calls get the grace, then are cancelled
         else:
             service.close()
-        await asyncio.to_thread(_close_audit, protections.close, protections.audit.flush, shipper)
+        stored = await asyncio.to_thread(_close_audit, protections.close, protections.audit.flush, shipper)
+        metrics.stop()
+        if ending.draining and ending.fatal is None:
+            _say("drained", audit_stored=stored)
+            await asyncio.to_thread(host.report, "STOPPED" if stored else "DEGRADED",
+                                    reason="drained" if stored else "drained; audit log not fully stored",
+                                    step="drain")
         for relay in relays:
             await relay.close()
         await forwarder.close()
@@ -237,18 +295,42 @@ async def run(
     return exit_code
 
 
+class _Ending:
+    """How serving ends: SIGTERM (``grace`` 2 s), the parent's DRAIN (its deadline) or a fatal error."""
+
+    def __init__(self) -> None:
+        self.grace = 2.0
+        self.draining = False
+        self.fatal: str | None = None
+
+    def drain(self, deadline_s: float, stop: asyncio.Event) -> None:
+        if not self.draining:
+            self.draining = True
+            self.grace = min(max(deadline_s, 0.0), MAX_DRAIN_S) if math.isfinite(deadline_s) else 2.0
+        stop.set()
+
+    def fail(self, reason: str, stop: asyncio.Event) -> None:
+        if self.fatal is None:
+            self.fatal = reason
+            self.grace = 0.0  # nothing more is served from tampered memory
+        stop.set()
+
+
 def _close_audit(close: Callable[[], object], flush: Callable[[], AuditStatus], shipper: AuditShipper,
-                 timeout: float = 5.0) -> None:
-    """Final checkpoint, then wait (bounded) until the parent stored everything."""
+                 timeout: float = 5.0) -> bool:
+    """Final checkpoint, then wait (bounded) until the parent stored everything; whether it did."""
     close()
     deadline = time.monotonic() + timeout
+    stored = False
     while time.monotonic() < deadline:
         status = flush()
         if shipper.drain(0.5) and not status.degraded:
+            stored = True
             break
     else:
         log.warning("audit log not fully delivered at shutdown (%d entries buffered)", flush().buffered)
     shipper.stop()
+    return stored
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,5 +343,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     config = EnclaveConfig.load(config_path)
     return asyncio.run(
-        run(config, mapping=DIRECT, nsm_transport=DeviceTransport(), run_dir=Path("/run/nitrovault"))
+        run(config, mapping=DIRECT, nsm_transport=DeviceTransport(), run_dir=Path("/run/nitrovault"),
+            enclave_cid=local_cid())
     )

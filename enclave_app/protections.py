@@ -45,6 +45,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from enclave_app.config import EnclaveConfig
+from enclave_app.metrics import EnclaveMetrics
 from enclave_app.outputs import GuardNotes
 from enclave_app.status import NotReadyError
 from nitrovault.access import Principal, QuotaLedger, QuotaState, TokenVerifier
@@ -139,6 +140,8 @@ class Protections:
         self.audit_withheld: Callable[[], str | None] = _never
         #: a call's limits in one round trip to the shared store (from :meth:`serving`, with a store)
         self.admission: SharedAdmission | None = None
+        #: the aggregate metrics every recorded call is counted in (set by the service)
+        self.metrics: EnclaveMetrics | None = None
 
     @property
     def shared(self) -> bool:
@@ -237,7 +240,10 @@ class Protections:
 
     def record(self, call: CallRecord, *, decision: str, latency_us: int, reason: str | None = None,
                code: str = "OK") -> None:
-        """Append the call's audit record (never raises: a refused record is logged, serving goes on)."""
+        """Append the call's audit record (never raises: a refused record is logged, serving goes on) and
+        count the call in the aggregate metrics (method, status, decision and reason slug only)."""
+        if self.metrics is not None:
+            self.metrics.call(call.method, code, latency_us / 1e6, decision=decision, reason=reason)
         principal = call.principal
         quota = call.quota
         body: dict[str, Any] = {

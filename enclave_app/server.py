@@ -61,6 +61,7 @@ import nitrovault
 from enclave_app.batching import Batcher, Job
 from enclave_app.config import EnclaveConfig
 from enclave_app.forward import Answer, Call, EmbedCall, Forward, GenerateCall, InferCall
+from enclave_app.metrics import EnclaveMetrics
 from enclave_app.models import ModelHandler
 from enclave_app.models.base import InvalidInputError
 from enclave_app.models.causal_lm import Generated, TextRequest
@@ -69,6 +70,7 @@ from enclave_app.outputs import OutputGuard
 from enclave_app.protections import RECEIPTED, CallRecord, Protections, Sink, boot_key_from_nsm
 from enclave_app.status import NotReadyError, OverloadedError, abort_with, classify
 from enclave_app.streams import ReleasedText, messages
+from enclave_app.weights import WeightsIntegrityError
 from nitrovault.errors import AccessError, ProtectionUnavailableError, StateStoreError
 from nitrovault.identity import TlsIdentity
 from nitrovault.nsm import Nsm
@@ -117,13 +119,19 @@ class InferenceService(pb_grpc.InferenceServicer):
         self.protections = Protections(
             config, boot_key_from_nsm(nsm), pcr0=nsm.describe_pcr(0).data, sink=audit_sink or _discard
         )
+        #: aggregate serving metrics (enclave_app.metrics), sent to the parent by the composition root
+        self.metrics = EnclaveMetrics()
+        self.protections.metrics = self.metrics
+        #: told once when serving must stop (the composition root stops the enclave: fail closed)
+        self.on_fatal: Callable[[str], None] | None = None
         #: the attestation ``user_data`` binding this boot's receipt/audit key (in every document)
         self.user_data = self.protections.user_data
         workers, threads = config.model_threads(os.cpu_count() or 1)
         self.workers = workers
         self.batcher: Batcher[Call, Answer] = Batcher(
             Forward(self._handler_and_guard), workers=workers, max_rows=config.batching.max_rows,
-            max_delay_s=config.batching.max_delay_ms / 1000, on_start=lambda: torch.set_num_threads(threads))
+            max_delay_s=config.batching.max_delay_ms / 1000, on_start=lambda: torch.set_num_threads(threads),
+            on_batch=self.metrics.batch)
         # Counted from admission until the model work has really finished (or was cancelled before it
         # started), so a call abandoned by its caller keeps its slot while a worker still runs it.
         self._admitted = 0
@@ -232,6 +240,10 @@ class InferenceService(pb_grpc.InferenceServicer):
         if isinstance(caught, StateStoreError):  # limits cannot be decided: fail closed
             log.warning("%s: refusing the call", caught)
             err = ProtectionUnavailableError("state-store-unavailable")
+        if isinstance(caught, WeightsIntegrityError):  # memory was tampered with: stop serving at once
+            self.metrics.count("weights_integrity_failures_total")
+            if self.on_fatal is not None:
+                self.on_fatal("weights-integrity")
         if call.notes.precharged is not None:  # spent at admission, but no answer is released
             await asyncio.to_thread(guard.refund, call)
         decision, reason = guard.decision_of(err)

@@ -39,6 +39,9 @@ def host_port(value: object, key: str) -> TcpAddress:
     return address
 
 
+#: enclaves one parent runs at most (nitro-cli allows several per instance; each needs its own vCPUs)
+MAX_ENCLAVES = 16
+
 #: keys that must be positive integers
 _COUNTS = ("audit_max_bytes", "max_connections", "max_connections_per_source", "connection_burst_per_source")
 
@@ -72,7 +75,9 @@ class ParentConfig:
     #: ``{"kind": "directory", "path": DIR}`` or ``{"kind": "s3", "bucket": B, "prefix": P}``
     models: Mapping[str, Any]
     #: ``{"kind": "process", "argv": [...]}`` or
-    #: ``{"kind": "nitro-cli", "eif": PATH, "cpu_count": N, "memory_mib": M}``
+    #: ``{"kind": "nitro-cli", "eif": PATH, "cpu_count": N, "memory_mib": M}``; either may add
+    #: ``"count": N`` (enclaves on this parent, CIDs ``enclave_cid`` .. ``enclave_cid + N - 1``;
+    #: ``cpu_count`` and ``memory_mib`` are per enclave)
     enclave: Mapping[str, Any]
     #: where the local KMS proxy relays vsock(3, kms_proxy) to; empty in production (vsock-proxy does it)
     kms_proxy_target: str = ""
@@ -100,6 +105,13 @@ class ParentConfig:
     max_handshake_bytes: int = 64 * 1024
     #: the load balancer's HTTP health endpoint, "HOST:PORT" (``GET /health``); empty: none
     health_listen: str = ""
+    #: the Prometheus endpoint, "HOST:PORT" (``GET /metrics``: the parent's and the enclaves' aggregate
+    #: metrics, never a subject, input or output); empty: none. Bind it to loopback: the CloudWatch agent
+    #: on the instance scrapes it.
+    metrics_listen: str = ""
+    #: seconds a drain (SIGTERM) gives in-flight calls and the enclaves' final audit checkpoints before
+    #: the enclaves are stopped
+    drain_timeout_s: float = 30.0
     #: seconds an enclave must stay up before its restart backoff resets
     stable_after_s: float = 60.0
     #: where the enclave's audit log is stored, one folder per enclave boot; empty: ``RUN_DIR/audit``
@@ -134,13 +146,25 @@ class ParentConfig:
             _is_positive_int(self.max_handshake_bytes) and self.max_handshake_bytes >= 1024,
             "an integer of at least 1024",
         )
-        for key in ("connection_rate_per_source", "idle_timeout_s", "handshake_timeout_s"):
+        for key in ("connection_rate_per_source", "idle_timeout_s", "handshake_timeout_s", "drain_timeout_s"):
             _require(key, getattr(self, key), _is_positive_number(getattr(self, key)), "a positive number")
         if self.max_connections_per_source > self.max_connections:
             raise ConfigError("max_connections_per_source must not exceed max_connections")
-        listen, health = self.listen_address, self.health_address
-        if health is not None and listen.port and (health.host, health.port) == (listen.host, listen.port):
-            raise ConfigError("health_listen must be another address than listen")
+        count = self.enclave.get("count", 1)
+        _require("enclave.count", count, _is_positive_int(count) and count <= MAX_ENCLAVES,
+                 f"an integer in 1..{MAX_ENCLAVES}")
+        _require("enclave_cid", self.enclave_cid,
+                 _is_positive_int(self.enclave_cid) and 4 <= self.enclave_cid < 2**32 - count,
+                 "a vsock CID >= 4 (0-3 are reserved) leaving room for every enclave")
+        taken: dict[tuple[str, int], str] = {}
+        for key in ("listen", "health_listen", "metrics_listen"):
+            value = getattr(self, key)
+            if not value:
+                continue
+            address = host_port(value, key)
+            if address.port and (address.host, address.port) in taken:
+                raise ConfigError(f"{key} must be another address than {taken[(address.host, address.port)]}")
+            taken[(address.host, address.port)] = key
 
     @property
     def listen_address(self) -> TcpAddress:
@@ -149,6 +173,19 @@ class ParentConfig:
     @property
     def health_address(self) -> TcpAddress | None:
         return host_port(self.health_listen, "health_listen") if self.health_listen else None
+
+    @property
+    def metrics_address(self) -> TcpAddress | None:
+        return host_port(self.metrics_listen, "metrics_listen") if self.metrics_listen else None
+
+    @property
+    def enclave_count(self) -> int:
+        return int(self.enclave.get("count", 1))
+
+    @property
+    def enclave_cids(self) -> tuple[int, ...]:
+        """The enclaves' vsock CIDs: ``enclave_cid``, ``enclave_cid + 1``, ... (one per enclave)."""
+        return tuple(self.enclave_cid + i for i in range(self.enclave_count))
 
     @property
     def audit_path(self) -> Path:

@@ -1,5 +1,9 @@
-"""The host services the parent offers the enclave over vsock: credentials, sealed model bytes, status,
-and the audit sink.
+"""The host services the parent offers its enclaves over vsock: credentials, sealed model bytes, status,
+the audit sink, aggregate metrics and the control stream (DRAIN).
+
+Several enclaves share one parent: each names itself by its vsock CID in every report (``enclave_cid``;
+none named means the first), and the parent keeps one :class:`EnclaveStatus` per CID
+(:attr:`HostServices.enclaves`). A report naming a CID the parent did not start is refused.
 
 The enclave's status reports are the parent's only view of why it is not serving: they carry a coarse
 reason and the failed step (never a secret), and are kept as the latest :class:`EnclaveStatus`, written
@@ -19,14 +23,15 @@ reports.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import asdict, dataclass
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import grpc
@@ -51,6 +56,12 @@ class EnclaveStatus:
     at: float
     #: enclave boots (``BOOTING`` reports: one attested KMS Decrypt each) since this parent started
     boots: int = 0
+    #: which enclave (its vsock CID); 0 in the parent's summary of all of them
+    cid: int = 0
+
+
+#: states in which an enclave takes calls (the relay sends it clients, ``/health`` is 200)
+TAKES_CALLS = frozenset({"SERVING", "DEGRADED"})
 
 
 _BOOT_ID = re.compile(r"[0-9a-f]{8,64}")
@@ -67,17 +78,58 @@ class HostServices(pb_grpc.HostServicesServicer):
         on_status: Callable[[EnclaveStatus], None] | None = None,
         audit_dir: Path | None = None,
         audit_max_bytes: int = 10 << 20,
+        cids: Sequence[int] = (16,),
+        on_call: Callable[[str, str], None] | None = None,
+        on_metrics: Callable[[int, pb.MetricsReport], object] | None = None,
     ) -> None:
+        if not cids or len(set(cids)) != len(cids):
+            raise ConfigError("host services need distinct enclave CIDs")
         self._credentials = credentials
         self._models = models
         self._region = region
         self._status_file = status_file
         self._on_status = on_status
-        self.status = EnclaveStatus("BOOTING", "", "", time.time())
+        self._on_call = on_call
+        self._on_metrics = on_metrics
+        now = time.time()
+        #: each enclave's latest status, by CID (the order of ``cids``)
+        self.enclaves: dict[int, EnclaveStatus] = {
+            c: EnclaveStatus("BOOTING", "", "", now, 0, c) for c in cids}
+        self._default_cid = cids[0]
+        self._controls: dict[int, asyncio.Queue[pb.ControlCommand]] = {}
         self._audit_dir = audit_dir
         self._audit_max = audit_max_bytes
-        self._audit_sinks: dict[str, RotatingFileSink] = {}
+        self._audit_sinks: dict[str, tuple[int, RotatingFileSink]] = {}
         self._audit_lock = threading.Lock()
+
+    @property
+    def status(self) -> EnclaveStatus:
+        """The summary: the first enclave that takes calls (else the first enclave's status), boots summed."""
+        statuses = list(self.enclaves.values())
+        best = next((e for e in statuses if e.state in TAKES_CALLS), statuses[0])
+        return replace(best, boots=sum(e.boots for e in statuses), cid=0)
+
+    def serving(self) -> list[int]:
+        """CIDs of the enclaves that take calls now, in order."""
+        return [cid for cid, e in self.enclaves.items() if e.state in TAKES_CALLS]
+
+    def _cid(self, reported: int) -> int | None:
+        cid = reported or self._default_cid  # an enclave that does not say is the first one
+        return cid if cid in self.enclaves else None
+
+    async def _known(self, reported: int, method: str, context: grpc.aio.ServicerContext) -> int:
+        """The reporting enclave's CID, counted as an OK call; a CID this parent did not start is refused."""
+        cid = self._cid(reported)
+        if cid is None:
+            self._count(method, "INVALID_ARGUMENT")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "unknown enclave CID")
+            raise AssertionError("unreachable")  # abort raises
+        self._count(method, "OK")
+        return cid
+
+    def _count(self, method: str, code: str) -> None:
+        if self._on_call is not None:
+            self._on_call(method, code)
 
     async def GetCredentials(
         self, request: pb.CredentialsRequest, context: grpc.aio.ServicerContext
@@ -86,8 +138,10 @@ class HostServices(pb_grpc.HostServicesServicer):
             creds = self._credentials.get()
         except (ConfigError, OSError, ValueError, KeyError) as err:
             log.error("credentials unavailable: %s", type(err).__name__)
+            self._count("GetCredentials", "UNAVAILABLE")
             await context.abort(grpc.StatusCode.UNAVAILABLE, "credentials unavailable")
             raise
+        self._count("GetCredentials", "OK")
         expiration = Timestamp()
         if creds.expiration is not None:
             expiration.FromDatetime(creds.expiration)
@@ -105,8 +159,10 @@ class HostServices(pb_grpc.HostServicesServicer):
         try:
             total = self._models.size(request.model_id)
         except ConfigError:
+            self._count("FetchSealedModel", "NOT_FOUND")
             await context.abort(grpc.StatusCode.NOT_FOUND, "no such sealed model")
             raise
+        self._count("FetchSealedModel", "OK")
         offset = min(request.offset, total)
         length = total - offset if request.length == 0 else min(request.length, total - offset)
         for data in self._models.read(request.model_id, offset, length):
@@ -114,61 +170,103 @@ class HostServices(pb_grpc.HostServicesServicer):
             offset += len(data)
 
     async def ReportStatus(self, request: pb.StatusReport, context: grpc.aio.ServicerContext) -> pb.Ack:
+        cid = await self._known(request.enclave_cid, "ReportStatus", context)
         state = pb.StatusReport.State.Name(request.state)
-        boots = self.status.boots
+        before = self.enclaves[cid]
+        boots = before.boots
         if state == "BOOTING":
             boots += 1
-            log.warning("enclave boot %d: the enclave attests to KMS (one Decrypt with a Recipient)", boots)
-        self.status = EnclaveStatus(state, request.reason[:512], request.step[:64], time.time(), boots)
-        log.info("enclave status %s step=%s reason=%s", state, self.status.step, self.status.reason)
-        if self.status.step == AUDIT_WITHHELD:  # the CDK app's AuditWithheld alarm counts these lines
+            log.warning("enclave %d boot %d: the enclave attests to KMS (one Decrypt with a Recipient)",
+                        cid, boots)
+        status = EnclaveStatus(state, request.reason[:512], request.step[:64], time.time(), boots, cid)
+        self.enclaves[cid] = status
+        log.info("enclave %d status %s step=%s reason=%s", cid, state, status.step, status.reason)
+        if status.step == AUDIT_WITHHELD:  # the CDK app's AuditWithheld alarm counts these lines
             log.warning("audit-withheld: the enclave refuses protected calls until its audit log is stored "
-                        "(%s)", self.status.reason)
+                        "(%s)", status.reason)
         self.write_status()
         if self._on_status is not None:
-            self._on_status(self.status)
+            self._on_status(status)
         return pb.Ack()
 
-    async def AuditAppend(self, request: pb.AuditBatch, context: grpc.aio.ServicerContext) -> pb.Ack:
-        if self._audit_dir is None:
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "no audit sink configured")
-        if not _BOOT_ID.fullmatch(request.boot_id):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad boot id")
+    async def ReportMetrics(self, request: pb.MetricsReport, context: grpc.aio.ServicerContext) -> pb.Ack:
+        cid = await self._known(request.enclave_cid, "ReportMetrics", context)
+        if self._on_metrics is not None:
+            self._on_metrics(cid, request)
+        return pb.Ack()
+
+    async def Control(self, request: pb.ControlRequest,
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ControlCommand]:
+        cid = await self._known(request.enclave_cid, "Control", context)
+        queue: asyncio.Queue[pb.ControlCommand] = asyncio.Queue()
+        self._controls[cid] = queue  # the latest stream of an enclave is the one that counts
         try:
-            sink = self._audit_sink(request.boot_id)
+            while True:
+                yield await queue.get()
+        finally:
+            if self._controls.get(cid) is queue:
+                del self._controls[cid]
+
+    def drain(self, cid: int, deadline_s: float) -> bool:
+        """Tell enclave ``cid`` to drain; ``False`` if it has no control stream open (it cannot be told)."""
+        queue = self._controls.get(cid)
+        if queue is None:
+            return False
+        queue.put_nowait(pb.ControlCommand(kind=pb.ControlCommand.DRAIN, deadline_s=deadline_s))
+        return True
+
+    async def AuditAppend(self, request: pb.AuditBatch, context: grpc.aio.ServicerContext) -> pb.Ack:
+        cid = self._cid(request.enclave_cid)
+        if self._audit_dir is None:
+            self._count("AuditAppend", "UNIMPLEMENTED")
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "no audit sink configured")
+        if cid is None or not _BOOT_ID.fullmatch(request.boot_id):
+            self._count("AuditAppend", "INVALID_ARGUMENT")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad boot id or enclave CID")
+            raise AssertionError("unreachable")
+        try:
+            sink = self._audit_sink(cid, request.boot_id)
             for line in request.lines:
                 sink(bytes(line))
         except OSError as err:
             log.error("audit sink cannot write: %s", type(err).__name__)
+            self._count("AuditAppend", "UNAVAILABLE")
             await context.abort(grpc.StatusCode.UNAVAILABLE, "audit sink cannot write")
+        self._count("AuditAppend", "OK")
         return pb.Ack()
 
-    def _audit_sink(self, boot_id: str) -> RotatingFileSink:
+    def _audit_sink(self, cid: int, boot_id: str) -> RotatingFileSink:
         assert self._audit_dir is not None
         with self._audit_lock:
-            sink = self._audit_sinks.get(boot_id)
-            if sink is None:
-                for old in self._audit_sinks.values():  # an enclave restarted: its old log is complete
-                    old.close()
-                self._audit_sinks = {boot_id: RotatingFileSink(self._audit_dir / boot_id, self._audit_max)}
-                sink = self._audit_sinks[boot_id]
-                log.info("audit log of boot %s in %s", boot_id, self._audit_dir / boot_id)
-            return sink
+            found = self._audit_sinks.get(boot_id)
+            if found is None:
+                for old_id, (old_cid, old) in list(self._audit_sinks.items()):
+                    if old_cid == cid:  # that enclave restarted: its old log is complete
+                        old.close()
+                        del self._audit_sinks[old_id]
+                found = self._audit_sinks[boot_id] = (
+                    cid, RotatingFileSink(self._audit_dir / boot_id, self._audit_max))
+                log.info("audit log of enclave %d boot %s in %s", cid, boot_id, self._audit_dir / boot_id)
+            return found[1]
 
     def close(self) -> None:
         with self._audit_lock:
-            for sink in self._audit_sinks.values():
+            for _, sink in self._audit_sinks.values():
                 sink.close()
             self._audit_sinks.clear()
 
-    def mark(self, state: str, reason: str = "", step: str = "") -> None:
+    def mark(self, state: str, reason: str = "", step: str = "", *, cid: int | None = None) -> None:
         """Record a status the parent itself observed (e.g. the enclave process exited)."""
-        self.status = EnclaveStatus(state, reason, step, time.time(), self.status.boots)
+        cid = self._default_cid if cid is None else cid
+        before = self.enclaves[cid]
+        self.enclaves[cid] = EnclaveStatus(state, reason, step, time.time(), before.boots, cid)
         self.write_status()
 
     def write_status(self) -> None:
         if self._status_file is None:
             return
+        doc = asdict(self.status)
+        doc["enclaves"] = {str(cid): asdict(e) for cid, e in self.enclaves.items()}
         tmp = self._status_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self.status)))
+        tmp.write_text(json.dumps(doc))
         os.replace(tmp, self._status_file)

@@ -12,7 +12,8 @@ Invariants:
   failure too (state goes to BACKOFF, never a crash loop without delay).
 * Time is a parameter (``clock``, ``sleep``), so the schedule is unit-tested without waiting.
 * :meth:`Supervisor.stop` stops the enclave (``launcher.stop``) and returns only when the run loop
-  has ended; the state is then STOPPED.
+  has ended; the state is then STOPPED. :meth:`Supervisor.drain` restarts nothing any more and waits
+  (bounded) for the enclave to end on its own before it stops it.
 * Commands are argv lists, never a shell string. A debug-console enclave is only started through
   the parameter named ``unsafe_debug_console``, and each start logs a warning: debug enclaves have
   all-zero PCRs, so a correctly written key policy refuses them, and the console leaks their output.
@@ -131,6 +132,7 @@ class Supervisor:
         self._stopping = asyncio.Event()
         self._done = asyncio.Event()
         self._running = False
+        self._retiring = False
         #: exit code of the enclave's last run (``None`` before the first exit or when start failed)
         self.last_exit_code: int | None = None
         #: how many times the enclave was started after the first start
@@ -165,7 +167,7 @@ class Supervisor:
                     self.restarts += 1
                 started_once = True
                 uptime = await self._run_once()
-                if self._stopping.is_set():
+                if self._stopping.is_set() or self._retiring:
                     break
                 self.failures = self.policy.failures_after(self.failures, uptime)
                 delay = self.policy.delay(self.failures)
@@ -223,6 +225,24 @@ class Supervisor:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+
+    async def drain(self, timeout: float) -> bool:
+        """Restart no more; let the running enclave end on its own (it was told to drain) for at most
+        ``timeout`` seconds, then :meth:`stop` it. ``True`` if it ended on its own (or none was running)."""
+        self._retiring = True
+        if not self._running:
+            return True
+        if self._state is not SupervisorState.RUNNING:  # starting or backing off: nothing to wait for
+            await self.stop()
+            return True
+        try:
+            await asyncio.wait_for(asyncio.shield(self._done.wait()), timeout)
+            return True
+        except TimeoutError:
+            if timeout > 0:
+                log.warning("enclave did not end within the %.0f s drain bound; stopping it", timeout)
+            await self.stop()
+            return False
 
     async def stop(self) -> None:
         """Stop the enclave and the loop; returns once the state is STOPPED."""

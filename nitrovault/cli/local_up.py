@@ -120,6 +120,9 @@ def print_hints(console: Console, stack: LocalStack) -> None:
                   f"then e.g. grpcurl -cacert {home / 'enclave.pem'} -servername {TLS_SERVER_NAME} "
                   f"{listen} grpc.health.v1.Health/Check")
     console.print(f"audit log (one folder per enclave boot): {paths.audit}")
+    console.print(f"metrics: curl http://127.0.0.1:{stack.metrics_port}/metrics; health: curl "
+                  f"http://127.0.0.1:{stack.health_port}/health; drain: kill -TERM "
+                  f"{' '.join(map(str, stack.parent_pids())) or '<parent pid>'}")
 
 
 def run(stack: LocalStack, console: Console, *, once: bool) -> int:
@@ -170,8 +173,11 @@ def up(
         "resident: every tensor plaintext in enclave memory; dynamic: the blocks' weights stay encrypted "
         "in memory and are decrypted one block at a time per forward pass (docs/dynamic-weights.md)."))]
         = WeightMode.resident,
+    enclaves: Annotated[int, typer.Option("--enclaves", min=1, max=4, help=(
+        "Enclaves the parent runs (CIDs 16, 17, ...); the relay spreads clients across those serving."))]
+        = 1,
 ) -> None:
-    """Start the KMS emulator, the local NSM, the parent and the enclave; serve the sealed model."""
+    """Start the KMS emulator, the local NSM, the parent and the enclave(s); serve the sealed model."""
     console = Console(highlight=False, soft_wrap=True)
     progress = RichProgress(console)
     try:
@@ -180,5 +186,5 @@ def up(
         console.print(f"[bold red]✗ {err.step} failed:[/] {err}")
         raise typer.Exit(1) from None
     stack = LocalStack(home, keep_policy=keep_policy, listen=listen, isolate=not no_isolation,
-                       model=served, progress=progress, weights=weights.value)
+                       model=served, progress=progress, weights=weights.value, enclaves=enclaves)
     raise typer.Exit(run(stack, console, once=once))

@@ -9,6 +9,7 @@ are the unix sockets of the vsock stand-in, exactly as an enclave's only way out
 is the abstract socket only that namespace can reach.
 
 ``python -m nitrovault.local.enclave --config FILE --nsm-socket @NAME --vsock-dir DIR --run-dir DIR``
+``[--cid N]``
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nsm-socket", required=True)
     parser.add_argument("--vsock-dir", required=True)
     parser.add_argument("--run-dir", required=True, type=Path)
+    parser.add_argument("--cid", type=int, default=None,
+                        help="this enclave's vsock CID (the parent starts several with their own)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     interfaces = network_interfaces()
@@ -51,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             mapping=LocalVsockMap(args.vsock_dir),
             nsm_transport=UnixSocketTransport(args.nsm_socket),
             run_dir=args.run_dir,
+            enclave_cid=args.cid,
         )
     )
 

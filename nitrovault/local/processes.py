@@ -83,8 +83,9 @@ class Processes:
         while not self.exited():
             time.sleep(10 * POLL_S)
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Terminate every child, newest first; kill what has not ended after ``timeout`` seconds."""
+    def close(self, timeout: float = 30.0) -> None:
+        """Terminate every child, newest first; kill what has not ended after ``timeout`` seconds (the
+        parent drains its enclaves on SIGTERM: their final audit checkpoints take a moment)."""
         for proc in reversed(self.children):
             if proc.poll() is None:
                 proc.terminate()

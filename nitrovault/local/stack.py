@@ -84,7 +84,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol
@@ -198,6 +198,10 @@ class StoreService:
         return StoreEndpoint(STORE_HOST, self.store.ca_pem, STORE_USER)
 
 
+#: the CIDs the local parent gives its enclaves (the parent's ``enclave_cid`` upwards)
+ENCLAVE_CIDS = (16, 17, 18, 19)
+
+
 @dataclass(frozen=True)
 class NsmService:
     """The local NSM service: its process (whose network namespace is the enclave's) and socket."""
@@ -227,8 +231,13 @@ class LocalStack:
         state_store_proxy_target: str | None = None,
         shared_store: LocalStack | None = None,
         weights: str = "resident",
+        enclaves: int = 1,
     ) -> None:
+        if not 1 <= enclaves <= 4:
+            raise StackError("local stack", "--enclaves must be 1 to 4 (each is a whole model in memory)")
         self.paths = Paths(home)
+        #: enclaves the parent runs (CIDs 16, 17, ...), each its own process in the enclave namespace
+        self.enclaves = enclaves
         #: ``protection.weights.mode`` the model is served in (``dynamic``: docs/dynamic-weights.md)
         self.weights = weights
         self._model = None if model is None else with_weights(model, weights)
@@ -246,10 +255,14 @@ class LocalStack:
         self.processes = Processes(self.paths.logs, REPO_ROOT)
         #: the parent's HTTP health endpoint (what a load balancer's health check would ask)
         self.health_port = free_port()
+        #: the parent's Prometheus endpoint (what the CloudWatch agent scrapes on an instance)
+        self.metrics_port = free_port()
         # what the steps produced (each step returns its part; these keep it for clients and tests)
         self.kms_service: KmsService | None = None
         self.store_service: StoreService | None = None
         self.nsm: NsmService | None = None
+        #: every enclave's NSM service, by CID
+        self.nsms: dict[int, NsmService] = {}
         self.key_arn = ""
         self.pcrs: dict[int, bytes] = {}
 
@@ -391,37 +404,56 @@ class LocalStack:
         return probe.returncode == 0
 
     def start_nsm(self, pcrs: dict[int, bytes]) -> NsmService:
-        """The local NSM as its own process. With namespaces: in a fresh network namespace (which the
-        enclave then joins) on an abstract socket, unreachable from the parent's namespace."""
+        """The local NSM as its own process, one per enclave (each Nitro Enclave has its own). With
+        namespaces: each in a fresh network namespace (which its enclave then joins, so every enclave has
+        a loopback of its own, as in production) on an abstract socket, unreachable from the parent's
+        namespace. Returns the first enclave's."""
         with self.steps.step("local NSM (the enclave's namespace)") as note:
             LocalPki.ensure(self.paths.pki)
             pcr_file = self.paths.aws / "nsm-pcrs.json"
             pcr_file.write_text(json.dumps({str(i): v.hex() for i, v in sorted(pcrs.items())}))
             self.paths.run.mkdir(mode=0o700, parents=True, exist_ok=True)
             isolated = self.namespaces_available()
+            if not isolated and self.enclaves > 1:
+                raise StackError("local NSM", "several enclaves need network namespaces (root, unshare): "
+                                 "each needs a loopback of its own")
             name = f"@nitrovault-nsm-{self.paths.tag}" if isolated else str(self.paths.run / "nsm.sock")
-            argv = [sys.executable, "-m", "nitrovault.local.nsm_service", "--pki", str(self.paths.pki),
-                    "--pcrs", str(pcr_file), "--socket", name,
-                    "--module-id", "i-0000000000local0-enc0000000000000001"]
-            if isolated:
-                argv = ["unshare", "--net", "--", *argv]  # unshare execs: the pid is the service's
-            process, _ = self.processes.spawn("nsm", argv, ready=re.compile(r"nsm listening on"), timeout=30)
-            self.nsm = NsmService(process, name)
-            note(f"{name} in its own network namespace (pid {process.pid})" if isolated else
+            links = self.paths.run / "netns"
+            links.mkdir(mode=0o700, exist_ok=True)
+            self.nsms = {}
+            for i, cid in enumerate(ENCLAVE_CIDS[:self.enclaves]):
+                argv = [sys.executable, "-m", "nitrovault.local.nsm_service", "--pki", str(self.paths.pki),
+                        "--pcrs", str(pcr_file), "--socket", name,
+                        "--module-id", f"i-0000000000local0-enc{i + 1:016x}"]
+                if isolated:
+                    argv = ["unshare", "--net", "--", *argv]  # unshare execs: the pid is the service's
+                process, _ = self.processes.spawn("nsm" if i == 0 else f"nsm-{cid}", argv,
+                                                  ready=re.compile(r"nsm listening on"), timeout=30)
+                service = self.nsms[cid] = NsmService(process, name)
+                if service.netns is not None:  # the parent starts enclave CID in the namespace named CID
+                    link = links / str(cid)
+                    link.unlink(missing_ok=True)
+                    link.symlink_to(service.netns)
+            self.nsm = self.nsms[ENCLAVE_CIDS[0]]
+            pids = ", ".join(str(n.process.pid) for n in self.nsms.values())
+            where = "its own network namespace" if self.enclaves == 1 else "one namespace per enclave"
+            note(f"{name} in {where} (pid {pids})" if isolated else
                  f"{name}: no network namespaces here, so the parent could reach it (not isolated)")
             return self.nsm
 
     def enclave_argv(self, nsm: NsmService) -> tuple[list[str], str]:
-        """How the parent starts the enclave: the local ``nitro-cli run-enclave`` (into its namespace)."""
+        """How the parent starts an enclave: the local ``nitro-cli run-enclave`` (into its namespace);
+        ``{cid}`` in it is the enclave's CID, filled in by the parent for each enclave it starts."""
         argv = [
             sys.executable, "-m", "nitrovault.local.enclave",
             "--config", str(self.paths.image_config),
             "--nsm-socket", nsm.socket,
             "--vsock-dir", str(self.paths.run),
-            "--run-dir", str(self.paths.run / "enclave"),
+            "--run-dir", str(self.paths.run / "enclave-{cid}"),
+            "--cid", "{cid}",  # the parent names each enclave's CID, as nitro-cli run-enclave does
         ]
         if nsm.netns is not None:
-            return (["nsenter", f"--net={nsm.netns}", "--", *argv],
+            return (["nsenter", f"--net={self.paths.run / 'netns' / '{cid}'}", "--", *argv],
                     "its own network namespace (loopback down until the enclave app brings it up)")
         return argv, "no network namespace available on this machine: plain process"
 
@@ -436,6 +468,7 @@ class LocalStack:
             parent_config = {
                 "listen": self.listen,
                 "health_listen": f"127.0.0.1:{self.health_port}",
+                "metrics_listen": f"127.0.0.1:{self.metrics_port}",
                 "region": REGION,
                 "run_dir": str(self.paths.run / "parent"),
                 "credentials": {"kind": "static", "file": str(self.paths.parent_credentials)},
@@ -444,8 +477,9 @@ class LocalStack:
                 "kms_proxy_target": self.kms_proxy_target or "tcp:" + kms.endpoint.removeprefix("https://"),
                 # the same kind of relay to the state store: the enclave's TLS and AUTH pass through it
                 "state_store_proxy_target": self.state_store_proxy_target or f"tcp:127.0.0.1:{store.port}",
-                "enclave": {"kind": "process", "argv": enclave_argv},
+                "enclave": {"kind": "process", "argv": enclave_argv, "count": self.enclaves},
                 "stable_after_s": 30.0,
+                "drain_timeout_s": 5.0,
                 "audit_dir": str(self.paths.audit),
             }
             write_private(self.paths.parent_config, json.dumps(parent_config, indent=2))
@@ -455,18 +489,24 @@ class LocalStack:
                 [sys.executable, "-m", "nitrovault.local.parent", str(self.paths.parent_config),
                  "--vsock-dir", str(self.paths.run)],
                 ready=re.compile(r"parent listening on (\S+)"), timeout=30)
-            note(f"TLS relay on {self.listen} (health on 127.0.0.1:{self.health_port}); enclave: {isolation}")
+            note(f"TLS relay on {self.listen} (health on 127.0.0.1:{self.health_port}, metrics on "
+                 f"127.0.0.1:{self.metrics_port}); {self.enclaves} enclave(s): {isolation}")
             return ready.group(1)
 
     def wait_serving(self, timeout: float = 180.0) -> dict[str, float]:
         """The enclave's boot timings once the parent reports SERVING."""
         step = "enclave boot (attest → KMS → unseal → load)"
         with self.steps.step(step) as note:
-            status = wait_for_status(self.status_file, lambda s: s["state"] == "SERVING", step="enclave boot",
+            status = wait_for_status(self.status_file, self._all_serving, step="enclave boot",
                                      timeout=timeout, processes=self.processes)
             timings: dict[str, float] = json.loads(status["reason"] or "{}")
             note(", ".join(f"{k.removesuffix('_s')} {v:.2f}s" for k, v in timings.items()))
             return timings
+
+    @staticmethod
+    def _all_serving(status: Mapping[str, Any]) -> bool:
+        enclaves = status.get("enclaves") or {"": status}
+        return all(e["state"] == "SERVING" for e in enclaves.values())
 
     def demo(self) -> None:
         """An Embed call for embedding handlers; for the others an Info call, the model's own demo call
@@ -580,9 +620,26 @@ class LocalStack:
         folders = [d for d in self.paths.audit.glob("*") if d.is_dir()] if self.paths.audit.is_dir() else []
         return max(folders, key=lambda d: d.stat().st_mtime_ns, default=None)
 
-    def enclave_pids(self) -> list[int]:
-        """Pids of this stack's enclave processes (found by their config path, as an operator would)."""
-        return find_pids(b"nitrovault.local.enclave", str(self.paths.image_config).encode())
+    def enclave_pids(self, cid: int | None = None) -> list[int]:
+        """Pids of this stack's enclave processes (found by their config path, as an operator would); with
+        ``cid``, only that enclave's (found by its run folder)."""
+        pids = find_pids(b"nitrovault.local.enclave", str(self.paths.image_config).encode())
+        if cid is None:
+            return pids
+        own = set(find_pids(b"nitrovault.local.enclave", str(self.paths.run / f"enclave-{cid}").encode()))
+        return [p for p in pids if p in own]
+
+    def enclave_status(self) -> dict[int, Mapping[str, Any]]:
+        """Each enclave's latest status at the parent, by CID."""
+        status = json.loads(self.status_file.read_text())
+        return {int(cid): e for cid, e in status["enclaves"].items()}
+
+    def metrics(self) -> str:
+        """One scrape of the parent's Prometheus endpoint (what the CloudWatch agent reads)."""
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as answer:
+            return str(answer.read().decode())
 
     def parent_pids(self) -> list[int]:
         """Pids of this stack's parent process (found by its config path)."""
@@ -605,7 +662,7 @@ class LocalStack:
         finally:
             for fd in exits:
                 os.close(fd)
-        status = wait_for_status(self.status_file, lambda s: s["boots"] > before and s["state"] == "SERVING",
+        status = wait_for_status(self.status_file, lambda s: s["boots"] > before and self._all_serving(s),
                                  step="kill enclave", timeout=timeout)
         return int(status["boots"])
 

@@ -44,6 +44,11 @@ Invariants:
   the log.
 * **Unreachable target.** If the target cannot be connected within ``connect_timeout`` the client is
   closed at once (``stats.failed``). The client is not read from until the target is connected.
+  With ``choose``, the target is picked per connection from the connections each chosen target holds
+  now (the parent sends a client to the serving enclave with the fewest); ``None`` from it means none
+  can take one, and the client is closed at once.
+* **Drain.** :meth:`Relay.stop_accepting` closes the listening socket and lets the relayed connections
+  run on; :meth:`Relay.wait_idle` waits (bounded) for them to end.
 * **Front ends.** :meth:`Relay.adopt` splices a connection some front end already accepted and read from
   (the in-enclave CONNECT forwarder, :mod:`nitrovault.transport.connect`), with a :class:`Preface`: its
   ``greeting`` goes to the client as soon as the target is connected, before any target byte; the
@@ -191,6 +196,8 @@ class _Pair:
         self.finished = False
         self.last_activity = self.loop.time()
         self.connector: asyncio.Task[None] | None = None
+        #: the target ``choose`` picked for this pair (``None`` without a chooser)
+        self.target: Address | None = None
         self.done: asyncio.Future[None] = self.loop.create_future()
         self.idle_timer = self.loop.call_later(relay._idle, self._check_idle)
         self.hs_timer = (
@@ -366,6 +373,7 @@ class Relay:
         connection_burst_per_source: int | None = None,
         tls_handshake_timeout: float | None = None,
         max_handshake_bytes: int = DEFAULT_MAX_HANDSHAKE_BYTES,
+        choose: Callable[[Mapping[Address, int]], Address | None] | None = None,
     ) -> None:
         if not _positive_int(max_connections):
             raise ConfigError("max_connections must be at least 1")
@@ -388,6 +396,7 @@ class Relay:
             raise ConfigError("max_handshake_bytes must be at least 1024 bytes")
         self.listen = listen
         self.target = target
+        self._choose = choose
         self._mapping = mapping
         self._max = max_connections
         self._idle = float(idle_timeout)
@@ -409,6 +418,8 @@ class Relay:
         self._where: Address = listen
         self._closing = False
         self._pairs: set[_Pair] = set()
+        #: pairs by the target ``choose`` picked for them (what a least-connections choice reads)
+        self._by_target: dict[Address, int] = {}
         self._sources: dict[str, _Source] = {}
         self._sweep_at = max(1024, 2 * max_connections)
         self._total = 0
@@ -475,6 +486,20 @@ class Relay:
         if self._listener is not None:
             await self._listener.close()
         log.info("relay %s -> %s closed", self.listen, self.target)
+
+    def stop_accepting(self) -> None:
+        """Drain: close the listening socket (new connections are refused by the kernel, a load balancer
+        sees the port shut); connections being relayed go on until they end or :meth:`close`."""
+        self._closing = True
+        if self._listener is not None:
+            self._listener.stop_accepting()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no connection is relayed any more, at most ``timeout`` seconds; ``True`` if none is."""
+        pairs = list(self._pairs)
+        if pairs:
+            await asyncio.wait([p.done for p in pairs], timeout=timeout)
+        return not self._pairs
 
     async def __aenter__(self) -> Relay:
         await self.start()
@@ -558,6 +583,12 @@ class Relay:
 
     def _release(self, pair: _Pair) -> None:
         self._pairs.discard(pair)
+        if pair.target is not None:
+            left = self._by_target[pair.target] - 1
+            if left:
+                self._by_target[pair.target] = left
+            else:
+                del self._by_target[pair.target]
         pair.slot.active -= 1
         if pair.slot.active == 0 and pair.slot.bucket is None:
             self._sources.pop(pair.source, None)
@@ -615,7 +646,12 @@ class Relay:
         loop = asyncio.get_running_loop()
         end = _End(self, _DOWN)
         end.pair = pair
-        where = self._mapping.resolve(self.target)
+        target = self.target if self._choose is None else self._choose(self._by_target)
+        if target is None:  # no target can take it (every enclave is down): closed at once
+            raise ConnectionRefusedError("no target available")
+        pair.target = target
+        self._by_target[target] = self._by_target.get(target, 0) + 1
+        where = self._mapping.resolve(target)
         if isinstance(where, UnixAddress):
             await loop.create_unix_connection(lambda: end, where.path)
         elif isinstance(where, TcpAddress):

@@ -53,3 +53,24 @@ def bind_vsock(address: VsockAddress) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+#: ``IOCTL_VM_SOCKETS_GET_LOCAL_CID`` (``_IO(7, 0xb9)``, linux/vm_sockets.h)
+_GET_LOCAL_CID = 0x7B9
+
+
+def local_cid(device: str = "/dev/vsock") -> int | None:
+    """This machine's vsock CID (an enclave's own CID, 3 on a parent), or ``None`` where there is none.
+
+    The kernel's answer to ``IOCTL_VM_SOCKETS_GET_LOCAL_CID`` on ``/dev/vsock``: an enclave started with
+    ``nitro-cli run-enclave --enclave-cid N`` reads ``N``, so one measured image serves under any CID."""
+    import fcntl
+    import struct
+
+    try:
+        with open(device, "rb") as dev:
+            raw = fcntl.ioctl(dev, _GET_LOCAL_CID, struct.pack("I", 0))
+    except OSError:
+        return None
+    cid: int = struct.unpack("I", raw)[0]
+    return cid if 0 < cid < CID_ANY else None

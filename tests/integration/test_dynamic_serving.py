@@ -78,9 +78,15 @@ def test_a_block_whose_ciphertext_was_altered_in_memory_fails_the_call_with_data
     handler = _dynamic()
     tensor = handler.weights.blocks[1].tensors[0]
     tensor.ciphertext = bytes([tensor.ciphertext[0] ^ 1]) + tensor.ciphertext[1:]
-    stub = stub_for(channel_for(servers.start(handler)))
+    server = servers.start(handler)
+    fatal: list[str] = []
+    server.server.service.on_fatal = fatal.append  # the composition root stops serving on it
+    stub = stub_for(channel_for(server))
     failed = rpc_error(lambda: stub.Infer(infer_request(x_tensor()), timeout=10))
     assert failed.code() == SC.DATA_LOSS
     assert failed.details() == "a block of the model's weights failed authentication in enclave memory"
+    assert fatal == ["weights-integrity"]  # the enclave takes itself out of service (FAILED, restart)
+    counters = {c.name: c.value for c in server.server.service.metrics.snapshot().counters}
+    assert counters["weights_integrity_failures_total"] == 1
     assert handler.weights.plaintext_blocks() == 0
     assert not any(slot.any() for slot in handler.weights._slots)

@@ -162,6 +162,8 @@ def test_services_have_the_agreed_methods() -> None:
         "FetchSealedModel": True,
         "ReportStatus": False,
         "AuditAppend": False,
+        "ReportMetrics": False,
+        "Control": True,
     }
     assert inference_pb2.DESCRIPTOR.package == "nitrovault.v1"
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18nitrovault/v1/host.proto\x12\rnitrovault.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x14\n\x12\x43redentialsRequest\"\x96\x01\n\x0b\x43redentials\x12\x15\n\raccess_key_id\x18\x01 \x01(\t\x12\x19\n\x11secret_access_key\x18\x02 \x01(\t\x12\x15\n\rsession_token\x18\x03 \x01(\t\x12.\n\nexpiration\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06region\x18\x05 \x01(\t\"@\n\x0c\x46\x65tchRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\"9\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\"\xb2\x01\n\x0cStatusReport\x12\x30\n\x05state\x18\x01 \x01(\x0e\x32!.nitrovault.v1.StatusReport.State\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\t\"R\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x42OOTING\x10\x01\x12\x0b\n\x07SERVING\x10\x02\x12\n\n\x06\x46\x41ILED\x10\x03\x12\x0c\n\x08\x44\x45GRADED\x10\x04\"\x05\n\x03\x41\x63k\",\n\nAuditBatch\x12\x0f\n\x07\x62oot_id\x18\x01 \x01(\t\x12\r\n\x05lines\x18\x02 \x03(\x0c\x32\xa7\x02\n\x0cHostServices\x12O\n\x0eGetCredentials\x12!.nitrovault.v1.CredentialsRequest\x1a\x1a.nitrovault.v1.Credentials\x12G\n\x10\x46\x65tchSealedModel\x12\x1b.nitrovault.v1.FetchRequest\x1a\x14.nitrovault.v1.Chunk0\x01\x12?\n\x0cReportStatus\x12\x1b.nitrovault.v1.StatusReport\x1a\x12.nitrovault.v1.Ack\x12<\n\x0b\x41uditAppend\x12\x19.nitrovault.v1.AuditBatch\x1a\x12.nitrovault.v1.Ackb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18nitrovault/v1/host.proto\x12\rnitrovault.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x14\n\x12\x43redentialsRequest\"\x96\x01\n\x0b\x43redentials\x12\x15\n\raccess_key_id\x18\x01 \x01(\t\x12\x19\n\x11secret_access_key\x18\x02 \x01(\t\x12\x15\n\rsession_token\x18\x03 \x01(\t\x12.\n\nexpiration\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06region\x18\x05 \x01(\t\"@\n\x0c\x46\x65tchRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\"9\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\"\xe2\x01\n\x0cStatusReport\x12\x30\n\x05state\x18\x01 \x01(\x0e\x32!.nitrovault.v1.StatusReport.State\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\t\x12\x13\n\x0b\x65nclave_cid\x18\x04 \x01(\r\"m\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x42OOTING\x10\x01\x12\x0b\n\x07SERVING\x10\x02\x12\n\n\x06\x46\x41ILED\x10\x03\x12\x0c\n\x08\x44\x45GRADED\x10\x04\x12\x0c\n\x08\x44RAINING\x10\x05\x12\x0b\n\x07STOPPED\x10\x06\"\x05\n\x03\x41\x63k\"A\n\nAuditBatch\x12\x0f\n\x07\x62oot_id\x18\x01 \x01(\t\x12\r\n\x05lines\x18\x02 \x03(\x0c\x12\x13\n\x0b\x65nclave_cid\x18\x03 \x01(\r\"$\n\x05Label\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"R\n\rCounterSample\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x06labels\x18\x02 \x03(\x0b\x32\x14.nitrovault.v1.Label\x12\r\n\x05value\x18\x03 \x01(\x01\"*\n\x0bGaugeSample\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\"\x81\x01\n\x0fHistogramSample\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x06labels\x18\x02 \x03(\x0b\x32\x14.nitrovault.v1.Label\x12\x0e\n\x06\x62ounds\x18\x03 \x03(\x01\x12\x0e\n\x06\x63ounts\x18\x04 \x03(\x04\x12\x0b\n\x03sum\x18\x05 \x01(\x01\x12\r\n\x05\x63ount\x18\x06 \x01(\x04\"\xc5\x01\n\rMetricsReport\x12\x0f\n\x07\x62oot_id\x18\x01 \x01(\t\x12\x13\n\x0b\x65nclave_cid\x18\x02 \x01(\r\x12.\n\x08\x63ounters\x18\x03 \x03(\x0b\x32\x1c.nitrovault.v1.CounterSample\x12\x32\n\nhistograms\x18\x04 \x03(\x0b\x32\x1e.nitrovault.v1.HistogramSample\x12*\n\x06gauges\x18\x05 \x03(\x0b\x32\x1a.nitrovault.v1.GaugeSample\"%\n\x0e\x43ontrolRequest\x12\x13\n\x0b\x65nclave_cid\x18\x01 \x01(\r\"\x7f\n\x0e\x43ontrolCommand\x12\x30\n\x04kind\x18\x01 \x01(\x0e\x32\".nitrovault.v1.ControlCommand.Kind\x12\x12\n\ndeadline_s\x18\x02 \x01(\x01\"\'\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\t\n\x05\x44RAIN\x10\x01\x32\xb5\x03\n\x0cHostServices\x12O\n\x0eGetCredentials\x12!.nitrovault.v1.CredentialsRequest\x1a\x1a.nitrovault.v1.Credentials\x12G\n\x10\x46\x65tchSealedModel\x12\x1b.nitrovault.v1.FetchRequest\x1a\x14.nitrovault.v1.Chunk0\x01\x12?\n\x0cReportStatus\x12\x1b.nitrovault.v1.StatusReport\x1a\x12.nitrovault.v1.Ack\x12<\n\x0b\x41uditAppend\x12\x19.nitrovault.v1.AuditBatch\x1a\x12.nitrovault.v1.Ack\x12\x41\n\rReportMetrics\x12\x1c.nitrovault.v1.MetricsReport\x1a\x12.nitrovault.v1.Ack\x12I\n\x07\x43ontrol\x12\x1d.nitrovault.v1.ControlRequest\x1a\x1d.nitrovault.v1.ControlCommand0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,13 +41,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHUNK']._serialized_start=317
   _globals['_CHUNK']._serialized_end=374
   _globals['_STATUSREPORT']._serialized_start=377
-  _globals['_STATUSREPORT']._serialized_end=555
-  _globals['_STATUSREPORT_STATE']._serialized_start=473
-  _globals['_STATUSREPORT_STATE']._serialized_end=555
-  _globals['_ACK']._serialized_start=557
-  _globals['_ACK']._serialized_end=562
-  _globals['_AUDITBATCH']._serialized_start=564
-  _globals['_AUDITBATCH']._serialized_end=608
-  _globals['_HOSTSERVICES']._serialized_start=611
-  _globals['_HOSTSERVICES']._serialized_end=906
+  _globals['_STATUSREPORT']._serialized_end=603
+  _globals['_STATUSREPORT_STATE']._serialized_start=494
+  _globals['_STATUSREPORT_STATE']._serialized_end=603
+  _globals['_ACK']._serialized_start=605
+  _globals['_ACK']._serialized_end=610
+  _globals['_AUDITBATCH']._serialized_start=612
+  _globals['_AUDITBATCH']._serialized_end=677
+  _globals['_LABEL']._serialized_start=679
+  _globals['_LABEL']._serialized_end=715
+  _globals['_COUNTERSAMPLE']._serialized_start=717
+  _globals['_COUNTERSAMPLE']._serialized_end=799
+  _globals['_GAUGESAMPLE']._serialized_start=801
+  _globals['_GAUGESAMPLE']._serialized_end=843
+  _globals['_HISTOGRAMSAMPLE']._serialized_start=846
+  _globals['_HISTOGRAMSAMPLE']._serialized_end=975
+  _globals['_METRICSREPORT']._serialized_start=978
+  _globals['_METRICSREPORT']._serialized_end=1175
+  _globals['_CONTROLREQUEST']._serialized_start=1177
+  _globals['_CONTROLREQUEST']._serialized_end=1214
+  _globals['_CONTROLCOMMAND']._serialized_start=1216
+  _globals['_CONTROLCOMMAND']._serialized_end=1343
+  _globals['_CONTROLCOMMAND_KIND']._serialized_start=1304
+  _globals['_CONTROLCOMMAND_KIND']._serialized_end=1343
+  _globals['_HOSTSERVICES']._serialized_start=1346
+  _globals['_HOSTSERVICES']._serialized_end=1783
 # @@protoc_insertion_point(module_scope)

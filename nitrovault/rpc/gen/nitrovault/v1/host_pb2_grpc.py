@@ -54,6 +54,16 @@ class HostServicesStub:
                 request_serializer=nitrovault_dot_v1_dot_host__pb2.AuditBatch.SerializeToString,
                 response_deserializer=nitrovault_dot_v1_dot_host__pb2.Ack.FromString,
                 _registered_method=True)
+        self.ReportMetrics = channel.unary_unary(
+                '/nitrovault.v1.HostServices/ReportMetrics',
+                request_serializer=nitrovault_dot_v1_dot_host__pb2.MetricsReport.SerializeToString,
+                response_deserializer=nitrovault_dot_v1_dot_host__pb2.Ack.FromString,
+                _registered_method=True)
+        self.Control = channel.unary_stream(
+                '/nitrovault.v1.HostServices/Control',
+                request_serializer=nitrovault_dot_v1_dot_host__pb2.ControlRequest.SerializeToString,
+                response_deserializer=nitrovault_dot_v1_dot_host__pb2.ControlCommand.FromString,
+                _registered_method=True)
 
 
 class HostServicesServicer:
@@ -89,6 +99,23 @@ class HostServicesServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportMetrics(self, request, context):
+        """Aggregate serving metrics (counters, histograms, gauges; never a subject, input or output),
+        re-exported by the parent on its Prometheus endpoint. Each report holds the totals since boot.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Control(self, request, context):
+        """The parent's commands to a serving enclave, on one long-lived stream the enclave opens once it
+        serves. DRAIN: stop taking calls, finish those in flight, write the audit log's final checkpoint,
+        flush it to the parent and exit. A hostile parent gains nothing: it can stop the enclave anyway.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HostServicesServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +138,16 @@ def add_HostServicesServicer_to_server(servicer, server):
                     servicer.AuditAppend,
                     request_deserializer=nitrovault_dot_v1_dot_host__pb2.AuditBatch.FromString,
                     response_serializer=nitrovault_dot_v1_dot_host__pb2.Ack.SerializeToString,
+            ),
+            'ReportMetrics': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportMetrics,
+                    request_deserializer=nitrovault_dot_v1_dot_host__pb2.MetricsReport.FromString,
+                    response_serializer=nitrovault_dot_v1_dot_host__pb2.Ack.SerializeToString,
+            ),
+            'Control': grpc.unary_stream_rpc_method_handler(
+                    servicer.Control,
+                    request_deserializer=nitrovault_dot_v1_dot_host__pb2.ControlRequest.FromString,
+                    response_serializer=nitrovault_dot_v1_dot_host__pb2.ControlCommand.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -221,6 +258,60 @@ class HostServices:
             '/nitrovault.v1.HostServices/AuditAppend',
             nitrovault_dot_v1_dot_host__pb2.AuditBatch.SerializeToString,
             nitrovault_dot_v1_dot_host__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportMetrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nitrovault.v1.HostServices/ReportMetrics',
+            nitrovault_dot_v1_dot_host__pb2.MetricsReport.SerializeToString,
+            nitrovault_dot_v1_dot_host__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Control(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/nitrovault.v1.HostServices/Control',
+            nitrovault_dot_v1_dot_host__pb2.ControlRequest.SerializeToString,
+            nitrovault_dot_v1_dot_host__pb2.ControlCommand.FromString,
             options,
             channel_credentials,
             insecure,
