@@ -7,6 +7,10 @@ protections' cost, not the model's or the network's. ``baseline_p50_us`` is the 
 ``protections_overhead_us`` the difference of the p50s (target ≤ 100 µs). The token is a real EdDSA JWT
 (the verifier's signature cache is warm after the first call, as for a client that reuses its token).
 
+``metrics_overhead_us``: the same protected call with the enclave's aggregate metrics on
+(:class:`enclave_app.metrics.EnclaveMetrics`: a counter, a histogram and, for a refusal, another counter
+under one lock) against off, in alternating rounds (medians of the rounds' p50s); ``ratio`` = on over off.
+
 ``output_guard_overhead_us`` (one line per policy): :class:`enclave_app.outputs.OutputGuard` around a
 one-row call of a digits-sized classifier (``MLPClassifier(64, [64], 10)``, the extraction benchmark's
 victim), against the bare model call of the same run. The monitor's state grows as a real subject's
@@ -17,6 +21,7 @@ every call once ``prada_min_samples`` rows were seen.
 from __future__ import annotations
 
 import itertools
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -25,11 +30,13 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from bench.timing import p50_us
 from enclave_app.config import Access, EnclaveConfig
+from enclave_app.metrics import EnclaveMetrics
 from enclave_app.protections import CallRecord, Protections
 from nitrovault.owner.issuer import TokenIssuer
 from nitrovault.rpc.gen.nitrovault.v1 import inference_pb2 as pb
 
 CALLS = 3000
+METRICS_ROUNDS = 6
 
 
 def _p50(fn: Callable[[], object], n: int = CALLS) -> float:
@@ -72,6 +79,15 @@ def run() -> Iterator[dict[str, object]]:
     baseline = _p50(work)
     with_protections = _p50(protected)
     overhead = with_protections - baseline
+    metrics = EnclaveMetrics()  # what the server adds to every recorded call: counters, a histogram
+    on: list[float] = []
+    off: list[float] = []
+    for _ in range(METRICS_ROUNDS):  # alternating rounds: both see the same drift of the machine's load
+        guard.metrics = metrics
+        on.append(_p50(protected, CALLS // METRICS_ROUNDS))
+        guard.metrics = None
+        off.append(_p50(protected, CALLS // METRICS_ROUNDS))
+    with_metrics, without_metrics = statistics.median(on), statistics.median(off)
     yield {
         "name": "protections_overhead_us",
         "protections_overhead_us": round(overhead, 1),
@@ -81,6 +97,15 @@ def run() -> Iterator[dict[str, object]]:
         "target_us": 100,
         "calls": CALLS,
         "audit_lines": len(lines),
+    }
+    yield {
+        "name": "metrics_overhead_us",
+        "value": round(with_metrics - without_metrics, 2),
+        "ratio": round(with_metrics / without_metrics, 3) if without_metrics else None,
+        "with_metrics_p50_us": round(with_metrics, 1),
+        "without_metrics_p50_us": round(without_metrics, 1),
+        "calls": CALLS,
+        "rounds": METRICS_ROUNDS,
     }
     yield from _guard_lines()
 

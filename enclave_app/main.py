@@ -157,8 +157,9 @@ async def run(
     reporter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="withheld-report")
 
     def on_withheld(reason: str | None) -> None:
-        """Announce it on the console and to the parent (its log feeds the CDK app's alarm); the report is
-        a blocking call and this runs on the request path, so it goes from the reporter thread."""
+        """Announce it on the console and to the parent (its log, for operators; the CDK app's alarm reads
+        the ``audit_withheld`` gauge); the report is a blocking call and this runs on the request path,
+        so it goes from the reporter thread."""
         if reason is None:
             _say("audit-stored", detail="the parent stores the audit log again: serving protected calls")
             report = ("SERVING", "audit log stored again", "audit")

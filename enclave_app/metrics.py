@@ -27,6 +27,7 @@ does not take it loses nothing but figures) and once more at shutdown.
 from __future__ import annotations
 
 import bisect
+import functools
 import logging
 import re
 import threading
@@ -46,6 +47,7 @@ _SLUG = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,47}")
 Labels = tuple[tuple[str, str], ...]
 
 
+@functools.lru_cache(maxsize=1024)
 def label(value: str | None) -> str:
     """``value`` if it is a short slug, else ``other`` (label values never carry free text)."""
     return value if value is not None and _SLUG.fullmatch(value) else "other"

@@ -121,6 +121,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         )
         #: aggregate serving metrics (enclave_app.metrics), sent to the parent by the composition root
         self.metrics = EnclaveMetrics()
+        self.metrics.count("weights_integrity_failures_total", 0)  # present from boot: a rise is visible
         self.protections.metrics = self.metrics
         #: told once when serving must stop (the composition root stops the enclave: fail closed)
         self.on_fatal: Callable[[str], None] | None = None

@@ -12,6 +12,10 @@ enclave, which anyone can run with any code) are refused unless ``unsafe_allow_d
 ``unsafeAllowDebugPcrs`` context flag), which logs a warning on every use. The reviewer, by contrast,
 loads such a manifest so that it can *report* it.
 
+Several manifests (an image rollout: the current and the next image) are read with
+:func:`load_pcr_manifests`, which also refuses two manifests with the same PCRs (the same image twice would
+be a duplicate release statement, and usually means the wrong file was passed).
+
 Example::
 
     >>> m = parse_pcr_manifest({"pcrs": {"0": "11" * 48, "1": "22" * 48, "2": "33" * 48}})
@@ -22,14 +26,14 @@ Example::
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from nitrovault.errors import ConfigError
 from nitrovault.policy.manifest import PcrManifest, load_manifest, parse_manifest
 
-__all__ = ["PcrManifest", "load_pcr_manifest", "parse_pcr_manifest"]
+__all__ = ["PcrManifest", "load_pcr_manifest", "load_pcr_manifests", "parse_pcr_manifest"]
 
 log = logging.getLogger(__name__)
 
@@ -61,3 +65,23 @@ def parse_pcr_manifest(
 def load_pcr_manifest(path: str | Path, *, unsafe_allow_debug_pcrs: bool = False) -> PcrManifest:
     """Read ``path`` with the shared reader, then refuse debug PCRs (unless unsafe); :class:`ConfigError`."""
     return _refuse_debug(load_manifest(path), unsafe_allow_debug_pcrs)
+
+
+def load_pcr_manifests(
+    paths: Sequence[str | Path], *, unsafe_allow_debug_pcrs: bool = False
+) -> tuple[PcrManifest, ...]:
+    """Each of ``paths`` with :func:`load_pcr_manifest`, in order; :class:`ConfigError` when none is given
+    or two hold the same PCRs."""
+    if isinstance(paths, str | Path) or not paths:
+        raise ConfigError("at least one PCR manifest path is required (a list of paths)")
+    manifests: list[PcrManifest] = []
+    for path in paths:
+        manifest = load_pcr_manifest(path, unsafe_allow_debug_pcrs=unsafe_allow_debug_pcrs)
+        for earlier, seen in zip(paths, manifests, strict=False):
+            if dict(seen.pcrs) == dict(manifest.pcrs):
+                raise ConfigError(
+                    f"PCR manifests {str(earlier)!r} and {str(path)!r} hold the same PCRs: "
+                    "give each image once"
+                )
+        manifests.append(manifest)
+    return tuple(manifests)

@@ -5,10 +5,11 @@
 :func:`infra.app.build_app` registers it) it resolves the key policy
 (``Stack.of(node).resolve(node.key_policy)``), renders the intrinsics that remain exactly as the template
 review does (:func:`nitrovault.policy.cfn.render_intrinsics`, with the stack's IAM roles, account and
-region), reviews it against the image's PCR manifest with :func:`nitrovault.policy.review.review_policy`,
-and annotates the key: ``add_error`` for findings at or above ``fail_on`` (default ``high``),
-``add_warning_v2`` for the rest. ``python -m infra.app`` (``make synth``) refuses to write an assembly with
-errors, so a model key that the reviewer would fail cannot be synthesized.
+region), reviews it against the images' PCR manifests (one, or several in a rollout) with
+:func:`nitrovault.policy.review.review_policy`, and annotates the key: ``add_error`` for findings at or
+above ``fail_on`` (default ``high``), ``add_warning_v2`` for the rest. ``python -m infra.app`` (``make
+synth``) refuses to write an assembly with errors, so a model key that the reviewer would fail cannot be
+synthesized.
 
 Which keys are reviewed: a model key is a ``CfnKey`` under a
 :class:`infra.constructs.model_key.ModelKey`, or one marked with :func:`mark_model_key` (metadata
@@ -30,7 +31,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jsii
@@ -100,7 +101,7 @@ class KeyPolicyReviewAspect:
 
     def __init__(
         self,
-        manifest: PcrManifest | None,
+        manifest: PcrManifest | Sequence[PcrManifest] | None,
         *,
         fail_on: str = "high",
         model_keys_only: bool = True,

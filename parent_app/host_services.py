@@ -176,12 +176,12 @@ class HostServices(pb_grpc.HostServicesServicer):
         boots = before.boots
         if state == "BOOTING":
             boots += 1
-            log.warning("enclave %d boot %d: the enclave attests to KMS (one Decrypt with a Recipient)",
-                        cid, boots)
+            log.warning("enclave boot %d: the enclave attests to KMS (one Decrypt with a Recipient; "
+                        "enclave %d)", boots, cid)
         status = EnclaveStatus(state, request.reason[:512], request.step[:64], time.time(), boots, cid)
         self.enclaves[cid] = status
         log.info("enclave %d status %s step=%s reason=%s", cid, state, status.step, status.reason)
-        if status.step == AUDIT_WITHHELD:  # the CDK app's AuditWithheld alarm counts these lines
+        if status.step == AUDIT_WITHHELD:  # for operators; the AuditWithheld alarm reads the enclave's gauge
             log.warning("audit-withheld: the enclave refuses protected calls until its audit log is stored "
                         "(%s)", status.reason)
         self.write_status()

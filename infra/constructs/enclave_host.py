@@ -11,11 +11,12 @@ Invariants:
 * User data installs the Nitro Enclaves CLI, sizes the allocator from the props, writes the vsock-proxy
   allowlist for the region's KMS endpoint only (:func:`parent_app.vsock_proxy.kms_allowlist`), writes
   the parent's configuration (:func:`parent_config`, loaded by :class:`parent_app.config.ParentConfig`)
-  to ``/etc/nitrovault/parent.json`` (0600, root) and installs exactly one nitrovault unit,
+  to ``/etc/nitrovault/parent.json`` (0600, root) and installs two nitrovault units:
   ``nitrovault-parent.service`` (``python -m parent_app /etc/nitrovault/parent.json``): the parent
-  runs the TCP relay, the health endpoint, the host services *and* supervises the enclave through
+  runs the TCP relay, the health endpoint, the host services *and* supervises the enclaves through
   ``nitro-cli``, beside AWS's ``nitro-enclaves-allocator.service`` and
-  ``nitro-enclaves-vsock-proxy.service``. Region, sizes and names are validated or typed values, never
+  ``nitro-enclaves-vsock-proxy.service``; and ``nitrovault-lifecycle.service``, the termination watcher
+  (below). Region, sizes and names are validated or typed values, never
   free text, and every file is written from a quoted heredoc, so nothing can inject shell through them.
 * With the shared state store (``state_store_endpoint``), the allowlist holds the KMS entry and the
   store's endpoint (:func:`parent_app.vsock_proxy.kms_and_store_allowlist`), and a second vsock-proxy,
@@ -31,6 +32,24 @@ Invariants:
   enclave's vsock port, and the load balancer's listener is plain TCP. Neither ever holds a certificate,
   a private key or plaintext; clients authenticate the enclave by its attestation and pin its
   certificate (``nitrovault attest pin``).
+* Metrics: the parent serves Prometheus on loopback (``metrics_listen`` = :data:`METRICS_LISTEN`, no
+  security group opens it); the CloudWatch agent scrapes it and ships the chosen metrics as EMF into
+  ``/nitrovault/metrics`` (:func:`infra.constructs.observability.scrape_config` and
+  :func:`~infra.constructs.observability.agent_prometheus_section`), where the alarms read them.
+* Draining: the group has a termination lifecycle hook (:data:`parent_app.lifecycle.HOOK_NAME`, default
+  result CONTINUE) whose heartbeat outlasts the parent's stop (:func:`drain_bounds`); the parent's unit
+  stops with ``KillSignal=SIGTERM`` (``KillMode=mixed``: only the parent gets it, its nitro-cli children
+  are left to finish) and ``TimeoutStopSec`` above ``drain_timeout_s`` + ``AUDIT_FLUSH_S``; a second
+  unit, ``nitrovault-lifecycle.service`` (``python -m parent_app.lifecycle``), notices the termination
+  in IMDS, stops the parent (which drains), and completes the action. It does not ``Requires=`` the
+  parent (stopping the parent would stop it too). The role may ``DescribeAutoScalingInstances``
+  (no resource-level permission exists) and ``CompleteLifecycleAction`` on this group only, in a policy
+  of its own (the group's name in the role's default policy would be a cycle through the launch
+  template); the hosts reach Auto Scaling through an interface endpoint that admits only their
+  security group.
+* Several enclaves (``enclave_count``): the allocator reserves ``count`` x the per-enclave memory and
+  vCPUs, the parent config says ``enclave.count``; an instance type whose size names its vCPUs
+  (:func:`instance_vcpus`) must leave the parent at least one vCPU.
 * The load balancer health-checks the parent's ``health_listen`` port over HTTP (``GET /health``,
   healthy only on 200, which the parent answers only while the enclave reports SERVING), so a host
   whose enclave failed leaves the target group within about 20 s; the Auto Scaling group uses those
@@ -44,6 +63,8 @@ internet route: see ``docs/deploy.md``).
 from __future__ import annotations
 
 import json
+import logging
+import math
 import re
 import shlex
 from collections.abc import Sequence
@@ -56,10 +77,16 @@ from aws_cdk import aws_elasticloadbalancingv2 as elbv2
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_logs as logs
 from aws_cdk import aws_s3 as s3
+from cdk_nag import NagPackSuppression, NagSuppressions, RegexAppliesTo
 from constructs import Construct
 
+from infra.constructs.observability import agent_prometheus_section, check_fleet, scrape_config
 from infra.constructs.weights_store import ARTIFACTS_PREFIX, ENCLAVE_IMAGE_PREFIX, SEALED_PREFIX
+from parent_app.config import MAX_ENCLAVES
 from parent_app.host_sources import MODEL_ID
+from parent_app.lifecycle import COMPLETE_FOR_S, HOOK_NAME, LOG_SHIP_WAIT_S, POLL_INTERVAL_S
+from parent_app.lifecycle import PARENT_UNIT as _LIFECYCLE_STOPS
+from parent_app.main import AUDIT_FLUSH_S
 from parent_app.vsock_proxy import (
     DEFAULT_CONFIG_PATH,
     STORE_HOST_PATTERN,
@@ -82,7 +109,24 @@ RUN_DIR = "/run/nitrovault"
 #: The enclave's signed audit lines, one folder per enclave boot (persistent, shipped to the enclave logs).
 AUDIT_DIR = "/var/lib/nitrovault/audit"
 PARENT_LOG = "/var/log/nitrovault/parent.log"
-PARENT_UNIT = "nitrovault-parent.service"
+#: the parent's unit, the one the lifecycle watcher stops (``parent_app.lifecycle.PARENT_UNIT``)
+PARENT_UNIT = _LIFECYCLE_STOPS
+#: the termination watcher's unit and command (``python -m parent_app.lifecycle``)
+LIFECYCLE_UNIT = "nitrovault-lifecycle.service"
+DEFAULT_LIFECYCLE_COMMAND = (f"{INSTALL_DIR}/venv/bin/python", "-m", "parent_app.lifecycle")
+#: the parent's Prometheus endpoint (``metrics_listen``): loopback, scraped by the CloudWatch agent only
+METRICS_LISTEN = "127.0.0.1:9464"
+AGENT_DIR = "/opt/aws/amazon-cloudwatch-agent/etc"
+AGENT_CONFIG_PATH = f"{AGENT_DIR}/nitrovault.json"
+PROMETHEUS_CONFIG_PATH = f"{AGENT_DIR}/nitrovault-prometheus.yaml"
+#: seconds a drain (SIGTERM) gives calls in flight (``ParentConfig.drain_timeout_s``)
+DEFAULT_DRAIN_TIMEOUT_S = 30.0
+#: seconds the parent's stop may take beyond its drain bound: nitro-cli terminate-enclave for what is
+#: left, closing the relays and the host services
+STOP_MARGIN_S = 20
+#: seconds the hook holds the instance beyond the watcher's poll, the parent's stop and the wait for the
+#: log agent: the describe/complete calls and their retries (``parent_app.lifecycle.COMPLETE_FOR_S``)
+HOOK_MARGIN_S = math.ceil(COMPLETE_FOR_S) + 5
 #: AWS's units from ``aws-nitro-enclaves-cli``: hugepages/CPU carve-out, and the KMS-only vsock relay.
 AWS_UNITS = ("nitro-enclaves-allocator.service", "nitro-enclaves-vsock-proxy.service")
 #: The parent's command; the config path is appended.
@@ -98,6 +142,9 @@ STORE_PROXY_LOG = "/var/log/nitrovault/vsock-proxy-state-store.log"
 #: Stands in for a store host that CloudFormation fills in, while the validated text is rendered.
 STORE_HOST_PLACEHOLDER = "state-store.placeholder.cache.amazonaws.com"
 _ROLE_NAME = re.compile(r"[A-Za-z0-9+=,.@_-]{1,64}")
+_COMPACT = (",", ":")
+#: EC2 refuses user data above 16 KB (before base64)
+USER_DATA_LIMIT = 16 * 1024
 
 
 def _heredoc(path: str, content: str) -> list[str]:
@@ -107,15 +154,79 @@ def _heredoc(path: str, content: str) -> list[str]:
     return [f"cat > {shlex.quote(path)} <<'NITROVAULT_EOF'", content.rstrip("\n"), "NITROVAULT_EOF"]
 
 
-def allocator_yaml(memory_mib: int, cpu_count: int) -> str:
-    """``/etc/nitro_enclaves/allocator.yaml`` for the given enclave size."""
+def _enclave_count(count: int) -> int:
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_ENCLAVES:
+        raise ValueError(f"enclaves per instance must be an integer in 1..{MAX_ENCLAVES}, not {count!r}")
+    return count
+
+
+def allocator_yaml(memory_mib: int, cpu_count: int, count: int = 1) -> str:
+    """``/etc/nitro_enclaves/allocator.yaml`` for ``count`` enclaves of the given size each: the allocator
+    reserves the pool every ``nitro-cli run-enclave`` takes its memory and vCPUs from."""
     if memory_mib < 64 or cpu_count < 2 or cpu_count % 2:
         raise ValueError("the enclave needs >= 64 MiB and an even number (>= 2) of vCPUs (full cores)")
-    return f"---\nmemory_mib: {memory_mib}\ncpu_count: {cpu_count}\n"
+    count = _enclave_count(count)
+    return f"---\nmemory_mib: {memory_mib * count}\ncpu_count: {cpu_count * count}\n"
 
 
-def systemd_unit(description: str, argv: Sequence[str], *, after: Sequence[str], log_file: str) -> str:
-    """A hardened ``Restart=always`` service unit running ``argv`` (quoted, never a shell)."""
+_SIZE = re.compile(r"[a-z][a-z0-9-]*\.(?:(\d+)xlarge|(xlarge)|(large))")
+
+
+def instance_vcpus(instance_type: str) -> int | None:
+    """vCPUs of an EC2 instance type as its size names them (``large`` 2, ``xlarge`` 4, ``Nxlarge``
+    4N: true of the current families), or ``None`` for other sizes (``metal``, ``medium``), unchecked."""
+    found = _SIZE.fullmatch(instance_type)
+    if found is None:
+        return None
+    n, xlarge, _large = found.groups()
+    return 4 * int(n) if n else (4 if xlarge else 2)
+
+
+def check_enclave_fit(instance_type: str, cpu_count: int, count: int) -> None:
+    """``ValueError`` unless ``count`` enclaves of ``cpu_count`` vCPUs leave the parent at least one vCPU
+    on ``instance_type`` (when its size names its vCPUs; otherwise a warning says it was not checked).
+    Memory cannot be checked here (the instance type does not name it); the allocator refuses at boot."""
+    vcpus = instance_vcpus(instance_type)
+    taken = cpu_count * _enclave_count(count)
+    if vcpus is None:
+        logging.getLogger(__name__).warning(
+            "cannot tell the vCPUs of %s: not checking that %d enclave vCPUs leave the parent one",
+            instance_type, taken)
+        return
+    if taken > vcpus - 1:
+        raise ValueError(
+            f"{count} enclave(s) of {cpu_count} vCPUs take {taken} of {instance_type}'s {vcpus} vCPUs: the "
+            "parent needs at least one (pick a larger instance type or fewer/smaller enclaves)"
+        )
+
+
+def drain_bounds(drain_timeout_s: float) -> tuple[int, int]:
+    """(``TimeoutStopSec`` of the parent's unit, the termination hook's heartbeat timeout), in seconds.
+
+    The stop outlasts the drain (``drain_timeout_s`` for calls in flight, ``AUDIT_FLUSH_S`` for the final
+    audit checkpoints, :data:`STOP_MARGIN_S` for stopping what is left); the heartbeat outlasts the
+    watcher's poll, that stop, the wait for the log agent and the API calls (:data:`HOOK_MARGIN_S`).
+    """
+    if isinstance(drain_timeout_s, bool) or not 0 < drain_timeout_s <= 3600:
+        raise ValueError(f"drain_timeout_s must be in (0, 3600] seconds, not {drain_timeout_s!r}")
+    stop = math.ceil(drain_timeout_s + AUDIT_FLUSH_S) + STOP_MARGIN_S
+    heartbeat = stop + math.ceil(POLL_INTERVAL_S + LOG_SHIP_WAIT_S) + HOOK_MARGIN_S
+    return stop, heartbeat
+
+
+def systemd_unit(
+    description: str,
+    argv: Sequence[str],
+    *,
+    after: Sequence[str],
+    log_file: str,
+    restart: str = "always",
+    stopping: Sequence[str] = (),
+) -> str:
+    """A hardened service unit running ``argv`` (quoted, never a shell), restarted ``restart``;
+    ``stopping`` are extra ``[Service]`` lines about how it stops (``KillSignal=``, ``TimeoutStopSec=``)."""
+    if restart not in ("always", "on-failure"):
+        raise ValueError(f"unsupported Restart={restart!r}")
     return "\n".join(
         [
             "[Unit]",
@@ -125,8 +236,9 @@ def systemd_unit(description: str, argv: Sequence[str], *, after: Sequence[str],
             "",
             "[Service]",
             "ExecStart=" + " ".join(shlex.quote(a) for a in argv),
-            "Restart=always",
+            f"Restart={restart}",
             "RestartSec=2",
+            *stopping,
             f"StandardOutput=append:{log_file}",
             f"StandardError=append:{log_file}",
             "NoNewPrivileges=yes",
@@ -174,43 +286,67 @@ def _port(value: int) -> int:
 
 
 def parent_config(
-    *, region: str, bucket_name: str, relay_port: int, health_port: int, memory_mib: int, cpu_count: int
+    *,
+    region: str,
+    bucket_name: str,
+    relay_port: int,
+    health_port: int,
+    memory_mib: int,
+    cpu_count: int,
+    count: int = 1,
+    drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S,
+    metrics_listen: str = METRICS_LISTEN,
 ) -> dict[str, Any]:
     """The parent's ``ParentConfig`` for an enclave host, as a JSON-ready dict.
 
     ``listen`` is the TCP relay on ``relay_port`` (TLS passthrough: the enclave terminates TLS, the
     parent only copies ciphertext, so no certificate or key is configured here); ``health_listen`` is
-    the HTTP ``GET /health`` endpoint on ``health_port`` for the load balancer. Instance-role credentials
-    from IMDSv2, sealed models from ``s3://BUCKET/models/``, the enclave started by ``nitro-cli`` from
-    the image fetched at boot. ``kms_proxy_target`` is empty: AWS's vsock-proxy relays KMS.
+    the HTTP ``GET /health`` endpoint on ``health_port`` for the load balancer; ``metrics_listen`` the
+    Prometheus endpoint on loopback for the CloudWatch agent. Instance-role credentials from IMDSv2,
+    sealed models from ``s3://BUCKET/models/``, ``count`` enclaves (``cpu_count`` vCPUs and
+    ``memory_mib`` each) started by ``nitro-cli`` from the image fetched at boot, ``drain_timeout_s`` for
+    calls in flight on SIGTERM. ``kms_proxy_target`` is empty: AWS's vsock-proxy relays KMS.
     ``bucket_name`` may be a CDK token (it resolves inside the user data). The relay's connection limits
     keep ``parent_app``'s defaults.
 
     >>> config = parent_config(region="eu-west-1", bucket_name="b", relay_port=50051, health_port=8080,
-    ...                        memory_mib=4096, cpu_count=2)
-    >>> config["listen"], config["health_listen"], config["enclave"]["kind"]
-    ('0.0.0.0:50051', '0.0.0.0:8080', 'nitro-cli')
+    ...                        memory_mib=4096, cpu_count=2, count=2)
+    >>> config["listen"], config["health_listen"], config["metrics_listen"], config["enclave"]["count"]
+    ('0.0.0.0:50051', '0.0.0.0:8080', '127.0.0.1:9464', 2)
     """
     kms_allowlist(region)  # validates the region
-    allocator_yaml(memory_mib, cpu_count)  # validates the sizes
+    allocator_yaml(memory_mib, cpu_count, count)  # validates the sizes and the count
+    drain_bounds(drain_timeout_s)  # validates the drain bound
     if _port(relay_port) == _port(health_port):
         raise ValueError(f"the relay and the health endpoint need two ports, not both {relay_port}")
+    host, _, port = metrics_listen.rpartition(":")
+    if host != "127.0.0.1" or _port(int(port)) in (relay_port, health_port):
+        raise ValueError(f"metrics_listen must be a loopback port of its own, not {metrics_listen!r}")
     return {
         "listen": f"0.0.0.0:{relay_port}",
         "health_listen": f"0.0.0.0:{health_port}",
+        "metrics_listen": metrics_listen,
         "region": region,
         "run_dir": RUN_DIR,
         "audit_dir": AUDIT_DIR,
         "credentials": {"kind": "imds"},
         "models": {"kind": "s3", "bucket": bucket_name, "prefix": SEALED_PREFIX},
-        "enclave": {"kind": "nitro-cli", "eif": EIF_PATH, "cpu_count": cpu_count, "memory_mib": memory_mib},
+        "enclave": {
+            "kind": "nitro-cli",
+            "eif": EIF_PATH,
+            "cpu_count": cpu_count,
+            "memory_mib": memory_mib,
+            "count": count,
+        },
+        "drain_timeout_s": drain_timeout_s,
         "kms_proxy_target": "",
     }
 
 
 class EnclaveHost(Construct):
     """``.role``, ``.role_arn`` (literal), ``.security_group``, ``.launch_template``, ``.asg``, ``.nlb``,
-    ``.target_group``."""
+    ``.target_group``, ``.drain_hook``, ``.drain_policy``, ``.autoscaling_endpoint``, ``.enclave_count``,
+    ``.stop_timeout_s``, ``.heartbeat_timeout_s``."""
 
     def __init__(
         self,
@@ -224,10 +360,14 @@ class EnclaveHost(Construct):
         weights_bucket: s3.IBucket,
         parent_log_group: logs.ILogGroup,
         enclave_log_group: logs.ILogGroup,
+        metrics_log_group: logs.ILogGroup,
         access_log_bucket: s3.IBucket,
+        fleet: str = "nitrovault",
         instance_type: str = "m6i.xlarge",
         enclave_memory_mib: int = 4096,
         enclave_cpu_count: int = 2,
+        enclave_count: int = 1,
+        drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S,
         relay_port: int = DEFAULT_RELAY_PORT,
         health_port: int = DEFAULT_HEALTH_PORT,
         listener_port: int = 443,
@@ -245,6 +385,11 @@ class EnclaveHost(Construct):
             raise ValueError(f"not an IAM role name: {role_name!r}")
         if not MODEL_ID.match(model_id):
             raise ValueError(f"not a model id: {model_id!r}")
+        check_fleet(fleet)
+        allocator_yaml(enclave_memory_mib, enclave_cpu_count, enclave_count)
+        check_enclave_fit(instance_type, enclave_cpu_count, enclave_count)
+        self.enclave_count = enclave_count
+        self.stop_timeout_s, self.heartbeat_timeout_s = drain_bounds(drain_timeout_s)
         stack = Stack.of(self)
         region = stack.region
         self.role_arn = f"arn:aws:iam::{stack.account}:role/{role_name}"
@@ -259,6 +404,7 @@ class EnclaveHost(Construct):
         )
         parent_log_group.grant_write(self.role)
         enclave_log_group.grant_write(self.role)
+        metrics_log_group.grant_write(self.role)  # the agent's EMF events (the parent's metrics)
 
         host_sg = ec2.SecurityGroup(
             self, "HostSg", vpc=vpc, description="nitrovault enclave hosts", allow_all_outbound=True
@@ -290,11 +436,15 @@ class EnclaveHost(Construct):
                 bucket_name=weights_bucket.bucket_name,
                 memory_mib=enclave_memory_mib,
                 cpu_count=enclave_cpu_count,
+                count=enclave_count,
+                drain_timeout_s=drain_timeout_s,
                 parent_command=parent_command,
                 relay_port=relay_port,
                 health_port=health_port,
                 parent_log_group=parent_log_group.log_group_name,
                 enclave_log_group=enclave_log_group.log_group_name,
+                metrics_log_group=metrics_log_group.log_group_name,
+                fleet=fleet,
                 state_store=state_store_endpoint,
             )
         )
@@ -343,6 +493,7 @@ class EnclaveHost(Construct):
         # Which sealed model the hosts serve is the enclave image's (measured) choice; the tag only
         # tells operators which ``models/<id>.sealed`` these hosts are expected to fetch.
         Tags.of(self.asg).add("nitrovault:model", model_id)
+        self._drain(vpc, host_subnets, host_sg, region, stack.account)
 
         self.nlb = elbv2.NetworkLoadBalancer(
             self,
@@ -392,6 +543,74 @@ class EnclaveHost(Construct):
             default_target_groups=[self.target_group],
         )
 
+    def _drain(
+        self,
+        vpc: ec2.IVpc,
+        subnets: ec2.SubnetSelection,
+        host_sg: ec2.SecurityGroup,
+        region: str,
+        account: str,
+    ) -> None:
+        """The termination hook, what the watcher may call, and its way to Auto Scaling (no internet)."""
+        self.drain_hook = self.asg.add_lifecycle_hook(
+            "DrainHook",
+            lifecycle_hook_name=HOOK_NAME,
+            lifecycle_transition=autoscaling.LifecycleTransition.INSTANCE_TERMINATING,
+            heartbeat_timeout=Duration.seconds(self.heartbeat_timeout_s),
+            default_result=autoscaling.DefaultResult.CONTINUE,
+        )
+        group_arn = (
+            f"arn:aws:autoscaling:{region}:{account}:autoScalingGroup:*:"
+            f"autoScalingGroupName/{self.asg.auto_scaling_group_name}"
+        )
+        # A policy of its own: it names the group, which depends on the launch template, which depends on
+        # the role (not on this policy).
+        self.drain_policy = iam.Policy(
+            self,
+            "DrainPolicy",
+            roles=[self.role],
+            statements=[
+                iam.PolicyStatement(actions=["autoscaling:CompleteLifecycleAction"], resources=[group_arn]),
+                iam.PolicyStatement(actions=["autoscaling:DescribeAutoScalingInstances"], resources=["*"]),
+            ],
+        )
+        NagSuppressions.add_resource_suppressions(
+            self.drain_policy,
+            [
+                NagPackSuppression(
+                    id="AwsSolutions-IAM5",
+                    reason="autoscaling:DescribeAutoScalingInstances supports no resource-level permission "
+                    "(Resource *); CompleteLifecycleAction is scoped to this group, whose ARN has a "
+                    "generated id in place of the '*'. The lifecycle watcher needs exactly these two.",
+                    applies_to=[
+                        "Resource::*",
+                        RegexAppliesTo(
+                            regex=r"/^Resource::arn:aws:autoscaling:[a-z0-9-]+:\d{12}:autoScalingGroup:\*:"
+                            r"autoScalingGroupName\/<[A-Za-z0-9]+>$/g"
+                        ),
+                    ],
+                )
+            ],
+        )
+        endpoint_sg = ec2.SecurityGroup(
+            self,
+            "AutoScalingEndpointSg",
+            vpc=vpc,
+            description="nitrovault Auto Scaling endpoint: HTTPS from the hosts only",
+            allow_all_outbound=False,
+        )
+        endpoint_sg.add_ingress_rule(host_sg, ec2.Port.tcp(443), "enclave hosts: complete the drain hook")
+        self.autoscaling_endpoint = ec2.InterfaceVpcEndpoint(
+            self,
+            "AutoScalingEndpoint",
+            vpc=vpc,
+            service=ec2.InterfaceVpcEndpointAwsService.AUTOSCALING,
+            subnets=subnets,
+            private_dns_enabled=True,
+            security_groups=[endpoint_sg],
+            open=False,
+        )
+
     @staticmethod
     def _boot_script(
         *,
@@ -404,7 +623,12 @@ class EnclaveHost(Construct):
         health_port: int,
         parent_log_group: str,
         enclave_log_group: str,
+        metrics_log_group: str,
+        fleet: str,
+        count: int = 1,
+        drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S,
         state_store: tuple[str, int] | None = None,
+        lifecycle_command: Sequence[str] = DEFAULT_LIFECYCLE_COMMAND,
     ) -> list[str]:
         store_check: list[str] = []
         store_unit: list[str] = []
@@ -423,9 +647,19 @@ class EnclaveHost(Construct):
             health_port=health_port,
             memory_mib=memory_mib,
             cpu_count=cpu_count,
+            count=count,
+            drain_timeout_s=drain_timeout_s,
         )
+        stop_timeout, _ = drain_bounds(drain_timeout_s)
+        scrape = scrape_config(METRICS_LISTEN, fleet)
         agent_config = {
             "logs": {
+                # The parent's Prometheus endpoint, scraped on loopback, shipped as EMF (the alarms' metrics).
+                "metrics_collected": {
+                    "prometheus": agent_prometheus_section(
+                        fleet, log_group_name=metrics_log_group, config_path=PROMETHEUS_CONFIG_PATH
+                    )
+                },
                 "logs_collected": {
                     "files": {
                         "collect_list": [
@@ -454,12 +688,12 @@ class EnclaveHost(Construct):
             "dnf install -y amazon-cloudwatch-agent python3.11",
             f"mkdir -p {INSTALL_DIR} /var/log/nitrovault {PROXY_DROPIN_DIR}",
             f"install -d -m 0700 -o root -g root {config_dir} {AUDIT_DIR}",
-            *_heredoc(ALLOCATOR_PATH, allocator_yaml(memory_mib, cpu_count)),
+            *_heredoc(ALLOCATOR_PATH, allocator_yaml(memory_mib, cpu_count, count)),
             *_heredoc(DEFAULT_CONFIG_PATH, allowlist),
             *_heredoc(f"{PROXY_DROPIN_DIR}/kms-only.conf", proxy_dropin),
-            *_heredoc(
-                "/opt/aws/amazon-cloudwatch-agent/etc/nitrovault.json", json.dumps(agent_config, indent=2)
-            ),
+            # compact: user data is limited to 16 KB (EC2), and these two are its largest files
+            *_heredoc(AGENT_CONFIG_PATH, json.dumps(agent_config, separators=_COMPACT)),
+            *_heredoc(PROMETHEUS_CONFIG_PATH, json.dumps(scrape, separators=_COMPACT)),
             # The parent's config: created 0600 before anything is written into it.
             f"install -m 0600 -o root -g root /dev/null {PARENT_CONFIG_PATH}",
             *_heredoc(PARENT_CONFIG_PATH, json.dumps(config, indent=2, sort_keys=True)),
@@ -477,14 +711,29 @@ class EnclaveHost(Construct):
                     [*parent_command, PARENT_CONFIG_PATH],
                     after=AWS_UNITS,
                     log_file=PARENT_LOG,
+                    # SIGTERM drains; only the parent gets it (its nitro-cli children finish their call),
+                    # and systemd waits past the drain bound before it kills what is left.
+                    stopping=("KillSignal=SIGTERM", "KillMode=mixed", f"TimeoutStopSec={stop_timeout}"),
+                ),
+            ),
+            # The termination watcher: not Requires= the parent (stopping the parent would stop it too).
+            *_heredoc(
+                f"/etc/systemd/system/{LIFECYCLE_UNIT}",
+                systemd_unit(
+                    "nitrovault lifecycle watcher (drains the parent before Auto Scaling ends the host)",
+                    [*lifecycle_command, "--region", region, "--stop-timeout", str(stop_timeout + 30)],
+                    after=("network-online.target",),
+                    log_file=PARENT_LOG,
+                    restart="on-failure",
                 ),
             ),
             *store_unit,
             "/opt/aws/amazon-cloudwatch-agent/bin/amazon-cloudwatch-agent-ctl -a fetch-config -m ec2 -s "
-            "-c file:/opt/aws/amazon-cloudwatch-agent/etc/nitrovault.json",
+            f"-c file:{AGENT_CONFIG_PATH}",
             "systemctl daemon-reload",
             *(f"systemctl enable --now {unit}" for unit in AWS_UNITS),
             *([f"systemctl enable --now {STORE_PROXY_UNIT}"] if state_store is not None else []),
             f"systemctl enable --now {PARENT_UNIT}",
+            f"systemctl enable --now {LIFECYCLE_UNIT}",
         ]
         return lines

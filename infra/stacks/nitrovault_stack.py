@@ -9,6 +9,12 @@ does not exist yet). The identity canary's role is deliberately in no key policy
 Every key's policy comes from :mod:`nitrovault.policy.build` and none names the account root; the
 synth-time review (``infra/review_aspect.py``) reviews all of them.
 
+The model key's release statements come from ``props.manifests`` (one per image; none in the first
+deploy's first phase) and ``props.signer_sets``. The outputs ``ModelKeyArn``, ``ModelId``,
+``ModelVersion`` and ``StateStoreEndpointAddress`` are what ``nitrovault deploy enclave-config`` reads from
+``cdk deploy --outputs-file`` to write the measured enclave config; the key keeps its logical id whatever
+the sets, so its ARN survives every later deploy (``docs/deploy.md``, "First deploy").
+
 The shared state store (``state_store``, on by default) is created before the hosts, whose boot script
 needs its endpoint; it then admits the hosts' security group, denies the host role its passwords (in the
 role's policy and, by literal ARN, in the secrets' resource policies, which therefore depend on the
@@ -44,8 +50,11 @@ class NitrovaultStackProps:
     #: the 12-digit account and the region to deploy into (both literal: the key policy needs them)
     account: str
     region: str
-    #: the reviewed enclave image's measurements
-    manifest: PcrManifest
+    #: the reviewed enclave images' measurements, one release statement each, in order: one image, two
+    #: during a rollout, none in the first deploy's first phase (nothing can decrypt yet)
+    manifests: Sequence[PcrManifest]
+    #: signer sets (PCR8, optionally PCR3) released to besides the images (``signerSet``)
+    signer_sets: Sequence[Mapping[int, bytes]] = ()
     #: model identity, bound as the encryption context {"model": ..., "version": ...}
     model_id: str = "model"
     model_version: str = "1"
@@ -54,6 +63,9 @@ class NitrovaultStackProps:
     instance_type: str = "m6i.xlarge"
     enclave_memory_mib: int = 4096
     enclave_cpu_count: int = 2
+    #: enclaves per instance (each ``enclave_memory_mib`` and ``enclave_cpu_count``; the allocator
+    #: reserves the sum, and the instance type must leave the parent a vCPU)
+    enclave_count: int = 1
     #: extra key administrators (existing roles/users of the account), besides the created admin role
     extra_admin_arns: Sequence[str] = ()
     #: the role CloudFormation deploys with; it must stay a key administrator to update the policy
@@ -95,10 +107,13 @@ class NitrovaultStack(Stack):
     ``.canary``, ``.operators``, ``.state_store`` (None when ``props.state_store`` is off)."""
 
     def __init__(self, scope: Construct, construct_id: str, *, props: NitrovaultStackProps) -> None:
-        manifest = props.manifest
+        images = "; ".join(
+            f"image {m.image_digest or 'unknown'}, commit {m.source_commit or 'unknown'}"
+            for m in props.manifests
+        )
         description = (
             f"nitrovault: model {props.model_id} v{props.model_version} served from attested Nitro Enclaves"
-            f" (image {manifest.image_digest or 'unknown'}, commit {manifest.source_commit or 'unknown'})"
+            f" ({images or 'no image yet: the model key releases to no enclave'})"
         )
         super().__init__(
             scope,
@@ -116,6 +131,7 @@ class NitrovaultStack(Stack):
             admin_arns=admin_arns,
             principals_created_by=[admin_role],
             retention=props.log_retention,
+            fleet=props.name_prefix,  # the metrics' ``fleet`` dimension
         )
         flow_logs = self.observability.log_group("FlowLogs", "/nitrovault/vpc-flow")
         self.network = Network(
@@ -160,10 +176,13 @@ class NitrovaultStack(Stack):
             weights_bucket=self.store.bucket,
             parent_log_group=self.observability.parent_logs,
             enclave_log_group=self.observability.enclave_logs,
+            metrics_log_group=self.observability.metrics_logs,
+            fleet=self.observability.fleet,
             access_log_bucket=self.store.log_bucket,
             instance_type=props.instance_type,
             enclave_memory_mib=props.enclave_memory_mib,
             enclave_cpu_count=props.enclave_cpu_count,
+            enclave_count=props.enclave_count,
             internet_facing=props.internet_facing,
             client_cidr=props.client_cidr,
             model_id=props.model_id,
@@ -189,7 +208,8 @@ class NitrovaultStack(Stack):
             admin_arns=admin_arns,
             sealer_arns=[self.operators.sealer_arn],
             enclave_role_arns=[self.host.role_arn],
-            pcrs=manifest.pcrs,
+            pcr_sets=[m.pcrs for m in props.manifests],
+            signer_sets=props.signer_sets,
             encryption_context=props.encryption_context,
             principals_created_by=[self.operators, self.host.role],
             unsafe_allow_debug_pcrs=props.unsafe_allow_debug_pcrs,
@@ -204,10 +224,11 @@ class NitrovaultStack(Stack):
             encryption_context=props.encryption_context,
             ciphertext_b64=props.canary_ciphertext_b64,
         )
-        # Default: 3 x the ASG's max size per hour. A rolling instance refresh boots every host once and a
-        # crash loop is already caught by EnclaveRestarts; three full fleets of boots in one hour is more
-        # than any legitimate roll, so the alarm means someone is releasing the key unusually often.
-        threshold = props.boot_alarm_threshold or 3 * self.host.asg_max_capacity
+        # Default: 3 x the ASG's max size x the enclaves per host, per hour. A rolling instance refresh boots
+        # every enclave once and a crash loop is already caught by EnclaveRestarts; three full fleets of
+        # boots in one hour is more than any legitimate roll, so the alarm means someone is releasing the
+        # key unusually often.
+        threshold = props.boot_alarm_threshold or 3 * self.host.asg_max_capacity * self.host.enclave_count
         self.boots = BootWatch(
             self,
             "BootWatch",
@@ -220,8 +241,15 @@ class NitrovaultStack(Stack):
         CfnOutput(self, "BootMetricName", value="nitrovault/AttestedModelKeyDecrypts")
         CfnOutput(self, "BootAlarmName", value=self.boots.alarm.alarm_name)
         CfnOutput(self, "ModelKeyArn", value=self.model_key.key.key_arn)
+        # What the measured enclave config needs besides the key ARN (`nitrovault deploy enclave-config`),
+        # and how many measurement sets the key is released to (0 in the first deploy's first phase).
+        CfnOutput(self, "ModelId", value=props.model_id)
+        CfnOutput(self, "ModelVersion", value=props.model_version)
+        CfnOutput(self, "ModelKeyReleaseSets", value=str(self.model_key.release_sets))
         CfnOutput(self, "WeightsBucket", value=self.store.bucket.bucket_name)
         CfnOutput(self, "LoadBalancerDns", value=self.host.nlb.load_balancer_dns_name)
+        # the group an image rollout refreshes (docs/deploy.md, "Rolling out a new image")
+        CfnOutput(self, "AutoScalingGroupName", value=self.host.asg.auto_scaling_group_name)
         CfnOutput(self, "EnclaveRoleArn", value=self.host.role_arn)
         CfnOutput(self, "SealerRoleArn", value=self.operators.sealer_arn)
         if self.state_store is not None:

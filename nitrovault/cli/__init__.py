@@ -14,6 +14,7 @@ from nitrovault.cli import (
     attest_cmd,
     audit_cmd,
     client_cmd,
+    deploy_cmd,
     harden_cmd,
     local_cmd,
     receipt_cmd,
@@ -37,6 +38,7 @@ app.add_typer(token_cmd.app, name="token", help="Issuer keys and bearer tokens f
 app.add_typer(receipt_cmd.app, name="receipt", help="Verify response receipts offline.")
 app.add_typer(audit_cmd.app, name="audit", help="Verify the enclave's audit log.")
 app.add_typer(review_cmd.app, name="policy", help="Review KMS key policies against an image's PCRs.")
+app.add_typer(deploy_cmd.app, name="deploy", help="Deploy helpers: enclave.json from the stack's outputs.")
 app.command("seal")(seal_cmd.seal)
 app.command("inspect")(seal_cmd.inspect)
 app.command("embed")(client_cmd.embed)

@@ -1,9 +1,10 @@
 """``nitrovault policy review``: who can obtain plaintext key material, under which measurements?
 
-    nitrovault policy review INPUT... [--pcr-manifest FILE] [--format text|json|sarif] [--fail-on SEVERITY]
+    nitrovault policy review INPUT... [--pcr-manifest FILE]... [--format text|json|sarif] [--fail-on SEVERITY]
 
-The I/O shell around :mod:`nitrovault.policy.review` (pure): it reads the inputs and the manifest, renders
-text, JSON or SARIF, and maps the result to an exit code. Each INPUT is one of
+The I/O shell around :mod:`nitrovault.policy.review` (pure): it reads the inputs and the manifests (one per
+image the policy should accept: give ``--pcr-manifest`` once per image during a rollout), renders text,
+JSON or SARIF, and maps the result to an exit code. Each INPUT is one of
 
 * a key policy JSON: the bare policy, or what ``aws kms get-key-policy`` prints
   (``{"Policy": "<policy as a JSON string>", "PolicyName": "default"}``);
@@ -48,6 +49,7 @@ from nitrovault.policy.review import (
     review_policy,
     review_template,
 )
+from nitrovault.policy.review.findings import MeasurementSet
 
 __all__ = ["EXIT_FINDINGS", "EXIT_OK", "EXIT_UNREADABLE", "app", "load_cfn_yaml", "review", "to_sarif"]
 
@@ -163,7 +165,9 @@ def _cdk_environments(manifest: Path) -> dict[str, tuple[str | None, str | None]
     return out
 
 
-def _review_folder(folder: Path, manifest: PcrManifest | None, account: str | None) -> list[KeyReview]:
+def _review_folder(
+    folder: Path, manifest: PcrManifest | list[PcrManifest] | None, account: str | None
+) -> list[KeyReview]:
     templates = sorted(folder.rglob("*.template.json"))
     if not templates:
         raise ConfigError(f"{str(folder)!r} holds no *.template.json (is it a cdk.out folder?)")
@@ -183,9 +187,11 @@ def _review_folder(folder: Path, manifest: PcrManifest | None, account: str | No
     return keys
 
 
-def review_path(path: Path, manifest: PcrManifest | None, account: str | None = None) -> list[KeyReview]:
-    """Review one INPUT (policy file, template file or cdk.out folder); :class:`NitrovaultError` when it
-    cannot be read or holds a malformed policy."""
+def review_path(
+    path: Path, manifest: PcrManifest | list[PcrManifest] | None, account: str | None = None
+) -> list[KeyReview]:
+    """Review one INPUT (policy file, template file or cdk.out folder) against the manifest(s);
+    :class:`NitrovaultError` when it cannot be read or holds a malformed policy."""
     if path.is_dir():
         return _review_folder(path, manifest, account)
     doc = _read_document(path)
@@ -212,7 +218,11 @@ def to_sarif(review: Review, *, tool_version: str = "0") -> dict[str, Any]:
             "name": rule_id.removeprefix("NV-").title().replace("-", ""),
             "shortDescription": {"text": RULES[rule_id].summary},
             "help": {"text": "docs/review.md (Findings) explains the rule and its fix"},
-            "properties": {"category": RULES[rule_id].category, "tags": ["security", "kms"]},
+            "properties": {
+                "category": RULES[rule_id].category,
+                "kind": RULES[rule_id].kind,
+                "tags": ["security", "kms"],
+            },
         }
         for rule_id in rule_ids
     ]
@@ -235,6 +245,7 @@ def to_sarif(review: Review, *, tool_version: str = "0") -> dict[str, Any]:
                     ],
                     "properties": {
                         "category": f.category,
+                        "kind": RULES[f.rule_id].kind,
                         "severity": f.severity,
                         "security-severity": _SECURITY_SEVERITY[f.severity],
                         "key": f.key,
@@ -266,10 +277,21 @@ def _short(values: dict[str, str]) -> str:
     return ", ".join(f"{k}={v}" for k, v in values.items()) or "-"
 
 
-def _render(review: Review) -> None:
+def _set_row(m: MeasurementSet, labels: list[str]) -> tuple[str, ...]:
+    binds = ", ".join(f"{pcr}={cell}" for pcr, cell in m.pcrs.items())
+    manifest = labels[m.manifest] if m.manifest is not None else ("none" if labels else "-")
+    return (
+        m.statement, ", ".join(m.principals), m.kind, binds, manifest, ", ".join(m.problems) or "ok",
+    )
+
+
+def _render(review: Review, labels: list[str] | None = None) -> None:
     out = Console()  # created per call: it picks up the terminal width (COLUMNS) of this run
-    if review.manifest is not None and review.manifest.is_debug:
-        out.print("[bold red]The manifest is a DEBUG-mode image (all-zero PCRs).[/]")
+    manifests = review.all_manifests
+    labels = labels or [f"manifest {i}" for i in range(len(manifests))]
+    for label, manifest in zip(labels, manifests, strict=False):
+        if manifest.is_debug:
+            out.print(f"[bold red]{label} is a DEBUG-mode image (all-zero PCRs).[/]", highlight=False)
     if not review.keys:
         out.print("no AWS::KMS::Key found")
     for key in review.keys:
@@ -290,6 +312,13 @@ def _render(review: Review) -> None:
                 verdict,
             )
         out.print(table)
+        if key.measurement_sets:
+            sets = Table(title=f"accepted measurement sets of {key.key}")
+            for column in ("statement", "principals", "kind", "binds", "manifest", "problems"):
+                sets.add_column(column, overflow="fold")
+            for m in key.measurement_sets:
+                sets.add_row(*_set_row(m, labels))
+            out.print(sets)
     if not review.findings:
         out.print("[green]no findings[/]")
         return
@@ -322,8 +351,12 @@ def review(
             metavar="INPUT", help="key policy JSON, CloudFormation template (JSON/YAML), or cdk.out/"
         ),
     ],
-    manifest_path: Annotated[
-        Path | None, typer.Option("--pcr-manifest", help="pcr-manifest.json of the reviewed image")
+    manifest_paths: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--pcr-manifest",
+            help="pcr-manifest.json of a reviewed image; once per image the policy should accept",
+        ),
     ] = None,
     output_format: Annotated[Format, typer.Option("--format", help="text, json or sarif")] = Format.text,
     fail_on: Annotated[
@@ -335,19 +368,22 @@ def review(
 ) -> None:
     """Say who can obtain plaintext key material, and under which enclave measurements."""
     try:
-        manifest = load_manifest(manifest_path) if manifest_path is not None else None
+        manifests = [load_manifest(p) for p in manifest_paths or []]
+        manifest: PcrManifest | list[PcrManifest] | None = (
+            manifests[0] if len(manifests) == 1 else manifests or None
+        )
         keys: list[KeyReview] = []
         for path in inputs:
             keys += review_path(path, manifest, account)
     except NitrovaultError as exc:
         _err.print(f"error: {exc.diagnostics()}", markup=False, highlight=False)
         raise typer.Exit(EXIT_UNREADABLE) from exc
-    result = Review(tuple(keys), manifest)
+    result = Review(tuple(keys), manifests[0] if manifests else None, tuple(manifests))
     if output_format is Format.json:
         typer.echo(json.dumps(result.as_dict(), indent=2))
     elif output_format is Format.sarif:
         typer.echo(json.dumps(to_sarif(result, tool_version=_version()), indent=2))
     else:
-        _render(result)
+        _render(result, [f"manifest {i} ({p.name})" for i, p in enumerate(manifest_paths or [])])
     raise typer.Exit(EXIT_FINDINGS if reaching(result.findings, fail_on.value) else EXIT_OK)
 

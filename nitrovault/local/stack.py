@@ -587,12 +587,14 @@ class LocalStack:
 
     def channel(self) -> Any:
         """A raw ``grpc`` channel to the stack pinned to its sealed certificate (for tests of raw calls;
-        unlike :meth:`client` it attests nothing)."""
+        unlike :meth:`client` it attests nothing), on a connection of its own (no subchannel shared
+        with another channel, so the parent's relay sees one client per channel)."""
         import grpc
 
         credentials = grpc.ssl_channel_credentials(root_certificates=self.paths.enclave_cert.read_bytes())
         return grpc.secure_channel(self.listen, credentials,
-                                   options=[("grpc.ssl_target_name_override", TLS_SERVER_NAME)])
+                                   options=[("grpc.ssl_target_name_override", TLS_SERVER_NAME),
+                                            ("grpc.use_local_subchannel_pool", 1)])
 
     def kms(self, role: str) -> Any:
         """A boto3 KMS client of the running emulator as ``role`` (``admin``, ``sealer``, ``enclave``)."""

@@ -12,11 +12,23 @@ statements:
    deletion, put the policy) but get no cryptographic action. Being able to put the policy is the
    documented break-glass path: it is a visible, CloudTrail-logged change, not a silent decrypt.
 2. ``SealModel``: the sealing role may ``GenerateDataKey`` only with the model's encryption context.
-3. ``ReleaseToAttestedEnclave``: the enclave host role may ``Decrypt`` only with the model's encryption
-   context and a ``Recipient`` whose attested PCRs equal the reviewed image's (``StringEqualsIgnoreCase``
-   on ``kms:RecipientAttestation:PCRn``, as AWS recommends).
+3. ``ReleaseToAttestedEnclave`` (then ``ReleaseToAttestedEnclave2``, ``...3``: one statement per
+   accepted measurement set): the enclave host role may ``Decrypt`` only with the model's encryption
+   context and a ``Recipient`` whose attested PCRs equal one set's (``StringEqualsIgnoreCase`` on
+   ``kms:RecipientAttestation:PCRn``, as AWS recommends, one value per PCR). A statement per set, never a
+   list of values per PCR: a list would admit PCR0 of one image with PCR1 of another. Several sets are
+   how an image rollout overlaps (the current and the next image's manifests, ``docs/deploy.md``).
 4. ``DenyDecryptWithoutAttestation``: an explicit deny of ``Decrypt`` to everyone when no attestation is
    present, so no later statement or IAM policy can hand out plaintext.
+
+A measurement set is either an **image set** (PCR0, PCR1 and PCR2, optionally PCR3, PCR4 and PCR8: one
+image, ``pcr_sets=``) or a **signer set** (PCR8, the hash of the image signing certificate, optionally
+PCR3, the parent's IAM role; ``signer_sets=``): every image signed with that certificate qualifies, so a
+new image signed by the same owner key needs no policy change (and an old one signed by it stays
+accepted until the certificate changes). A signer set never binds PCR4 (the instance id: it would only
+ever match one host). With no set at all (``pcr_sets=[]``, the first deploy before any image exists) the
+policy has no release statement and nothing can decrypt. Debug sets (all-zero PCR0/1/2/8) and two equal
+sets are refused.
 
 No statement names the account root: the default CDK/KMS key policy (``arn:aws:iam::ACCOUNT:root`` with
 ``kms:*``) would let any IAM policy in the account grant plaintext access, which is what we avoid.
@@ -58,6 +70,15 @@ material, so they need no attestation, and each is usable only through its servi
 ...     encryption_context={"model": "m", "version": "1"})
 >>> [s["Sid"] for s in policy["Statement"]]
 ['KeyAdministration', 'SealModel', 'ReleaseToAttestedEnclave', 'DenyDecryptWithoutAttestation']
+>>> rollout = model_key_policy(account_id="111122223333",
+...     admin_arns=["arn:aws:iam::111122223333:role/admin"],
+...     sealer_arns=["arn:aws:iam::111122223333:role/sealer"],
+...     enclave_role_arns=["arn:aws:iam::111122223333:role/enclave"],
+...     pcr_sets=[{i: bytes([0x10 + i]) * 48 for i in (0, 1, 2)},
+...               {i: bytes([0x20 + i]) * 48 for i in (0, 1, 2)}],
+...     encryption_context={"model": "m", "version": "1"})
+>>> [s["Sid"] for s in rollout["Statement"]][2:4]
+['ReleaseToAttestedEnclave', 'ReleaseToAttestedEnclave2']
 """
 
 from __future__ import annotations
@@ -71,10 +92,15 @@ from nitrovault.errors import PolicyError
 
 log = logging.getLogger(__name__)
 
-#: PCRs every release statement binds; PCR3 (parent role), PCR4 (instance) and PCR8 (signing cert) are
-#: added when the image's manifest names them.
+#: PCRs every image set binds; PCR3 (parent role), PCR4 (instance) and PCR8 (signing cert) are added when
+#: the image's manifest names them.
 REQUIRED_PCRS = (0, 1, 2)
 OPTIONAL_PCRS = (3, 4, 8)
+#: A signer set binds PCR8 (the signing certificate) and optionally PCR3 (the parent's role), nothing else.
+SIGNER_REQUIRED_PCRS = (8,)
+SIGNER_OPTIONAL_PCRS = (3,)
+#: Sid of the first release statement; the n-th accepted set's is this with ``n`` appended (n >= 2).
+RELEASE_SID = "ReleaseToAttestedEnclave"
 #: PCRs that are all zeros in a debug-mode enclave (PCR3/PCR4 stay set in debug mode).
 DEBUG_ZERO_PCRS = (0, 1, 2, 8)
 
@@ -132,35 +158,59 @@ def model_key_policy(
     admin_arns: Sequence[str],
     sealer_arns: Sequence[str],
     enclave_role_arns: Sequence[str],
-    pcrs: Mapping[int, bytes],
     encryption_context: Mapping[str, str],
+    pcrs: Mapping[int, bytes] | None = None,
+    pcr_sets: Sequence[Mapping[int, bytes]] | None = None,
+    signer_sets: Sequence[Mapping[int, bytes]] = (),
     unsafe_allow_debug_pcrs: bool = False,
 ) -> dict[str, Any]:
-    """The key policy for one model key. Raises :class:`PolicyError` on anything that would weaken it."""
+    """The key policy for one model key. Raises :class:`PolicyError` on anything that would weaken it.
+
+    ``pcrs`` is one image set (the policy of a single image); ``pcr_sets`` the image sets of a rollout, in
+    order (the first gets Sid ``ReleaseToAttestedEnclave``), possibly none; give one or the other.
+    ``signer_sets`` follow the image sets (module docstring). The policy for one image set is the same
+    whichever way it is passed.
+    """
     _check_account(account_id)
     for name, arns in (("admin", admin_arns), ("sealer", sealer_arns), ("enclave", enclave_role_arns)):
         _check_principals(account_id, name, arns)
-    missing = [i for i in REQUIRED_PCRS if i not in pcrs]
-    if missing:
-        raise PolicyError(f"the release statement must bind PCR0, PCR1 and PCR2 (missing {missing})")
-    unknown = sorted(set(pcrs) - set(REQUIRED_PCRS) - set(OPTIONAL_PCRS))
-    if unknown:
-        raise PolicyError(f"unexpected PCR indexes {unknown}")
-    for index, value in pcrs.items():
-        if len(value) != 48:
-            raise PolicyError(f"PCR{index} must be 48 bytes, got {len(value)}")
-    if any(not any(pcrs[i]) for i in DEBUG_ZERO_PCRS if i in pcrs):
-        if not unsafe_allow_debug_pcrs:
+    if (pcrs is None) == (pcr_sets is None):
+        raise PolicyError("give the PCRs either as pcrs= (one image) or as pcr_sets= (a list), not both")
+    if isinstance(pcr_sets, Mapping) or isinstance(signer_sets, Mapping):
+        raise PolicyError("pcr_sets and signer_sets are lists of PCR sets, not one set")
+    images = [pcrs] if pcrs is not None else list(pcr_sets or ())
+    sets = [_image_set(i, s) for i, s in enumerate(images, 1)]
+    sets += [_signer_set(i, s) for i, s in enumerate(signer_sets, len(sets) + 1)]
+    for index, pcr_set in enumerate(sets):
+        if pcr_set in sets[:index]:
             raise PolicyError(
-                "all-zero PCRs are a debug-mode enclave: anyone can run one with any code. "
-                "Refusing to bind a production key to them."
+                f"measurement set {index + 1} is the same as set {sets.index(pcr_set) + 1}: "
+                "each accepted set must appear once (is the same manifest given twice?)"
             )
-        log.warning("UNSAFE: binding a key policy to all-zero (debug-mode) PCRs; never do this in production")
+    for index, pcr_set in enumerate(sets, 1):
+        _check_debug(index, pcr_set, unsafe_allow_debug_pcrs)
     if not encryption_context:
         raise PolicyError("an encryption context naming the model is required")
+    if not sets:
+        log.info("the model key policy has no release statement: no enclave can decrypt until a set is added")
 
     context_condition = {f"kms:EncryptionContext:{k}": v for k, v in sorted(encryption_context.items())}
-    pcr_condition = {f"kms:RecipientAttestation:PCR{i}": pcrs[i].hex() for i in sorted(pcrs)}
+    releases = [
+        {
+            "Sid": RELEASE_SID if n == 1 else f"{RELEASE_SID}{n}",
+            "Effect": "Allow",
+            "Principal": {"AWS": list(enclave_role_arns)},
+            "Action": "kms:Decrypt",
+            "Resource": "*",
+            "Condition": {
+                "StringEquals": context_condition,
+                "StringEqualsIgnoreCase": {
+                    f"kms:RecipientAttestation:PCR{i}": pcr_set[i].hex() for i in sorted(pcr_set)
+                },
+            },
+        }
+        for n, pcr_set in enumerate(sets, 1)
+    ]
     return {
         "Version": "2012-10-17",
         "Id": "nitrovault-model-key",
@@ -174,14 +224,7 @@ def model_key_policy(
                 "Resource": "*",
                 "Condition": {"StringEquals": context_condition},
             },
-            {
-                "Sid": "ReleaseToAttestedEnclave",
-                "Effect": "Allow",
-                "Principal": {"AWS": list(enclave_role_arns)},
-                "Action": "kms:Decrypt",
-                "Resource": "*",
-                "Condition": {"StringEquals": context_condition, "StringEqualsIgnoreCase": pcr_condition},
-            },
+            *releases,
             {
                 "Sid": "DenyDecryptWithoutAttestation",
                 "Effect": "Deny",
@@ -192,6 +235,60 @@ def model_key_policy(
             },
         ],
     }
+
+
+def _pcr_values(number: int, pcr_set: Mapping[int, bytes]) -> dict[int, bytes]:
+    if not isinstance(pcr_set, Mapping):
+        raise PolicyError(f"measurement set {number} must map PCR indexes to 48-byte values")
+    for index, value in pcr_set.items():
+        if not isinstance(value, bytes) or len(value) != 48:
+            size = len(value) if isinstance(value, bytes) else type(value).__name__
+            raise PolicyError(f"PCR{index} must be 48 bytes, got {size} (measurement set {number})")
+    return dict(sorted(pcr_set.items()))
+
+
+def _image_set(number: int, pcr_set: Mapping[int, bytes]) -> dict[int, bytes]:
+    """One image's PCRs: 0, 1 and 2, optionally 3, 4 and 8."""
+    pcr_set = _pcr_values(number, pcr_set)
+    missing = [i for i in REQUIRED_PCRS if i not in pcr_set]
+    if missing:
+        raise PolicyError(
+            f"the release statement must bind PCR0, PCR1 and PCR2 (missing {missing}, measurement set "
+            f"{number}); bind the signing certificate alone with signer_sets="
+        )
+    unknown = sorted(set(pcr_set) - set(REQUIRED_PCRS) - set(OPTIONAL_PCRS))
+    if unknown:
+        raise PolicyError(f"unexpected PCR indexes {unknown} (measurement set {number})")
+    return pcr_set
+
+
+def _signer_set(number: int, pcr_set: Mapping[int, bytes]) -> dict[int, bytes]:
+    """The signing certificate's PCR8, optionally the parent role's PCR3; no image's, no instance's."""
+    pcr_set = _pcr_values(number, pcr_set)
+    if 8 not in pcr_set:
+        raise PolicyError(
+            f"a signer set binds PCR8, the image signing certificate (measurement set {number})"
+        )
+    unknown = sorted(set(pcr_set) - set(SIGNER_REQUIRED_PCRS) - set(SIGNER_OPTIONAL_PCRS))
+    if unknown:
+        raise PolicyError(
+            f"a signer set binds only PCR8 and optionally PCR3, not {unknown} (measurement set {number}): "
+            "PCR0/1/2 make it an image set, PCR4 (the instance id) would match only one host"
+        )
+    return pcr_set
+
+
+def _check_debug(number: int, pcr_set: Mapping[int, bytes], unsafe_allow_debug_pcrs: bool) -> None:
+    zeros = [i for i in DEBUG_ZERO_PCRS if i in pcr_set and not any(pcr_set[i])]
+    if not zeros:
+        return
+    if not unsafe_allow_debug_pcrs:
+        names = ", ".join(f"PCR{i}" for i in zeros)
+        raise PolicyError(
+            f"all-zero PCRs are a debug-mode enclave: anyone can run one with any code ({names} of "
+            f"measurement set {number}). Refusing to bind a production key to them."
+        )
+    log.warning("UNSAFE: binding a key policy to all-zero (debug-mode) PCRs; never do this in production")
 
 
 def store_key_policy(

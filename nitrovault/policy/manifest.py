@@ -18,6 +18,11 @@ Invariants:
 * All-zero PCR0/1/2/8 are a debug-mode enclave (anyone can run one with any code). The manifest still
   loads, because the reviewer must be able to *say* so, but :attr:`PcrManifest.debug_pcrs` names them and
   every consumer that binds a key must refuse them (``model_key_policy`` does).
+* :meth:`PcrManifest.signer_pcrs` is the image's *signer set* (``model_key_policy(signer_sets=...)``):
+  PCR8, and PCR3 when the manifest records it, never PCR4. PCR3 (the parent's IAM role) is the same on
+  every host of the group, so binding it keeps a signer set from working beside another role; PCR4 (the
+  instance id) differs per host, so a set binding it would match one instance only. An unsigned image
+  (no PCR8, or PCR8 all zeros) has no signer set.
 
 Example::
 
@@ -116,6 +121,21 @@ class PcrManifest:
     @property
     def is_debug(self) -> bool:
         return bool(self.debug_pcrs)
+
+    @property
+    def is_signed(self) -> bool:
+        """Whether the image was signed: PCR8 (the signing certificate's hash) is recorded and not zero."""
+        return 8 in self.pcrs and any(self.pcrs[8])
+
+    def signer_pcrs(self) -> dict[int, bytes]:
+        """The signer set: PCR8 and, when recorded, PCR3 (see the module docstring). :class:`ConfigError`
+        for an unsigned image."""
+        if not self.is_signed:
+            raise ConfigError(
+                "PCR manifest: the image is not signed (no PCR8, or PCR8 all zeros), so it has no signer "
+                "set; build it with --signing-certificate and --private-key"
+            )
+        return {i: self.pcrs[i] for i in (3, 8) if i in self.pcrs}
 
     def pcr_hex(self, index: int) -> str:
         """The PCR as the lower-case hex string a key policy carries."""

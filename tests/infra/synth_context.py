@@ -20,6 +20,13 @@ BASE_CONTEXT = {
 }
 
 
+def heredoc(script: str, path: str) -> str:
+    """The file ``script`` writes at ``path`` (a heredoc it must write exactly once)."""
+    head = f"cat > {path} <<'NITROVAULT_EOF'\n"
+    assert script.count(head) == 1, f"{path} is not written exactly once"
+    return script.split(head, 1)[1].split("\nNITROVAULT_EOF", 1)[0]
+
+
 @dataclass(frozen=True)
 class Synth:
     app: Any
@@ -33,3 +40,20 @@ class Synth:
 
     def of_type(self, kind: str) -> dict[str, Any]:
         return {k: v for k, v in self.resources.items() if v["Type"] == kind}
+
+    def user_data(self) -> str:
+        """The hosts' boot script, ``{"Ref": X}`` rendered as ``<Ref:X>``."""
+        from nitrovault.policy.cfn import render_text
+
+        (template,) = self.of_type("AWS::EC2::LaunchTemplate").values()
+        return render_text(template["Properties"]["LaunchTemplateData"]["UserData"])
+
+    def boot_file(self, path: str) -> str:
+        """The file the boot script writes at ``path``."""
+        return heredoc(self.user_data(), path)
+
+    def model_key(self) -> tuple[str, dict[str, Any]]:
+        """The model key's logical id and resource (the one key whose policy is the model key's)."""
+        (found,) = [(k, r) for k, r in self.of_type("AWS::KMS::Key").items()
+                    if r["Properties"]["KeyPolicy"].get("Id") == "nitrovault-model-key"]
+        return found

@@ -1,15 +1,12 @@
-"""The at-rest keys (weights store, log groups, alarm topic) and the restart metric, on the synthesized
+"""The at-rest keys (weights store, log groups, alarm topic) and the parent's log, on the synthesized
 stack: each key policy is exactly its builder's, names no account root and grants no ``kms:*``; the store
 key is usable only through S3 with the bucket's encryption context (proved with the policy evaluator);
-the logs key only by the region's CloudWatch Logs service for ``/nitrovault/*``; the EnclaveRestarts
-metric filter reads the log group the parent's restart line is really shipped to, and matches the line
-the real supervisor logs."""
+the logs key only by the region's CloudWatch Logs service for ``/nitrovault/*``; the parent's log is
+shipped to the log group its metric filters read."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import logging
 from typing import Any
 
 import pytest
@@ -17,7 +14,7 @@ from aws_cdk.assertions import Match
 from synth_context import ACCOUNT, REGION, Synth
 
 from infra.constructs.enclave_host import PARENT_LOG
-from infra.constructs.observability import ENCLAVE_LOG_GROUP, PARENT_LOG_GROUP, RESTART_PATTERN
+from infra.constructs.observability import ENCLAVE_LOG_GROUP, PARENT_LOG_GROUP
 from nitrovault.policy import RequestContext, build_request_context, evaluate_key_policy
 from nitrovault.policy.build import (
     ADMIN_ACTIONS,
@@ -26,7 +23,6 @@ from nitrovault.policy.build import (
     store_key_policy,
 )
 from nitrovault.policy.cfn import render_text
-from parent_app.supervisor import Supervisor
 
 ROLE = f"arn:aws:iam::{ACCOUNT}:role/"
 ADMINS = [f"{ROLE}nitrovault-key-admin", f"{ROLE}cdk-hnb659fds-cfn-exec-role-{ACCOUNT}-{REGION}"]
@@ -381,33 +377,8 @@ def test_log_groups_use_the_logs_key_and_the_topic_its_own(synth: Synth) -> None
     assert users == [({"Service": "cloudwatch.amazonaws.com"}, ["kms:Decrypt", "kms:GenerateDataKey*"])]
 
 
-# -- the EnclaveRestarts metric --------------------------------------------------------------------------
-
-
-def _filters(synth: Synth, metric: str) -> list[dict[str, Any]]:
-    return [
-        f["Properties"]
-        for f in synth.of_type("AWS::Logs::MetricFilter").values()
-        if f["Properties"]["MetricTransformations"][0]["MetricName"] == metric
-    ]
-
-
-def test_restart_filter_reads_the_parent_log_group(synth: Synth) -> None:
-    parent = _log_group_id(synth, PARENT_LOG_GROUP)
-    synth.template.has_resource_properties(
-        "AWS::Logs::MetricFilter",
-        {
-            "LogGroupName": {"Ref": parent},
-            "FilterPattern": RESTART_PATTERN,
-            "MetricTransformations": [
-                Match.object_like(
-                    {"MetricNamespace": "nitrovault", "MetricName": "EnclaveRestarts", "MetricValue": "1"}
-                )
-            ],
-        },
-    )
-    # the enclave group holds only the enclave's audit lines: the restart line never lands there
-    assert [f["LogGroupName"] for f in _filters(synth, "EnclaveRestarts")] == [{"Ref": parent}]
+# -- the parent's log ---------------------------------------------------------------------------------------
+# (The restart alarm reads the parent's Prometheus metrics now: tests/infra/test_metrics_alarms.py.)
 
 
 def _user_data(synth: Synth) -> str:
@@ -428,59 +399,3 @@ def test_the_host_ships_the_parent_log_to_the_group_the_filter_reads(synth: Synt
     assert shipped[PARENT_LOG] == f"<Ref:{_log_group_id(synth, PARENT_LOG_GROUP)}>"
     unit = _file(script, "/etc/systemd/system/nitrovault-parent.service")
     assert f"StandardError=append:{PARENT_LOG}" in unit  # where the parent's Python logging (stderr) goes
-
-
-def _cloudwatch_matches(pattern: str, line: str) -> bool:
-    """CloudWatch Logs' match for a pattern of quoted terms (every term must occur, case-sensitively)."""
-    terms = pattern.split('"')[1::2]
-    assert terms and pattern == " ".join(f'"{t}"' for t in terms), "only quoted AND-terms are modelled"
-    return all(t in line for t in terms)
-
-
-class _OneCrashLauncher:
-    """Exits with 3 once, then runs until stopped."""
-
-    def __init__(self) -> None:
-        self.starts = 0
-        self.stopped = asyncio.Event()
-
-    async def start(self) -> int:
-        self.starts += 1
-        return self.starts
-
-    async def wait(self, handle: int) -> int:
-        if handle == 1:
-            return 3
-        await self.stopped.wait()
-        return 0
-
-    async def stop(self, handle: int) -> None:
-        self.stopped.set()
-
-
-def test_restart_pattern_matches_the_line_the_real_supervisor_logs(caplog: pytest.LogCaptureFixture) -> None:
-    async def scenario() -> int:
-        launcher = _OneCrashLauncher()
-
-        async def no_sleep(_: float) -> None:
-            return None
-
-        supervisor = Supervisor(launcher, sleep=no_sleep)
-        task = asyncio.create_task(supervisor.run())
-        while launcher.starts < 2:
-            await asyncio.sleep(0)
-        await supervisor.stop()
-        await task
-        return supervisor.restarts
-
-    with caplog.at_level(logging.INFO, logger="parent_app.supervisor"):
-        restarts = asyncio.run(scenario())
-    # formatted as parent_app.main's logging.basicConfig writes them to stderr (the parent's log file)
-    formatter = logging.Formatter(logging.BASIC_FORMAT)
-    lines = [formatter.format(r) for r in caplog.records if r.name == "parent_app.supervisor"]
-    assert restarts == 1
-    # exactly one matching line per restart, none for the clean stop or the state changes
-    assert [line for line in lines if _cloudwatch_matches(RESTART_PATTERN, line)] == [
-        next(line for line in lines if "restarting in" in line)
-    ]
-    assert len(lines) > 1

@@ -71,7 +71,7 @@ def _which(name: str) -> str:
 
 def test_app_reviews_every_key_and_each_is_clean(synth: Synth) -> None:
     aspect = _aspect(synth.app)
-    assert aspect.manifest == MANIFEST and aspect.fail_on == "high"
+    assert aspect.manifest == (MANIFEST,) and aspect.fail_on == "high"
     assert aspect.model_keys_only is False  # the app reviews the at-rest keys too
     assert sorted(_which(path) for path in aspect.reviews) == sorted(KEYS)  # each exactly once
     for path, review in aspect.reviews.items():

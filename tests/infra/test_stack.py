@@ -324,9 +324,10 @@ def test_user_data_installs_cli_sizes_allocator_and_allows_only_kms(synth: Synth
     assert f"vsock-proxy 8000 kms.{REGION}.amazonaws.com 443" in script
 
 
-def test_user_data_runs_one_nitrovault_unit_the_real_parent_entry_point(synth: Synth) -> None:
+def test_user_data_runs_the_parent_unit_the_real_parent_entry_point(synth: Synth) -> None:
     script = _user_data(synth)
-    assert script.count("cat > /etc/systemd/system/nitrovault-") == 1
+    # the parent, and the lifecycle watcher that drains it (tests/infra/test_drain_stack.py)
+    assert script.count("cat > /etc/systemd/system/nitrovault-") == 2
     unit = _heredoc_body(script, "/etc/systemd/system/nitrovault-parent.service")
     (exec_start,) = [line for line in unit.splitlines() if line.startswith("ExecStart=")]
     assert exec_start == "ExecStart=/opt/nitrovault/venv/bin/python -m parent_app /etc/nitrovault/parent.json"
@@ -365,12 +366,13 @@ def test_parent_json_loads_as_parent_config_and_matches_the_stack(synth: Synth, 
         "eif": "/opt/nitrovault/enclave.eif",
         "cpu_count": 2,
         "memory_mib": 4096,
+        "count": 1,
     }
     # the image the parent starts is the one the boot script fetched from the bucket
     assert f'aws s3 cp "s3://<Ref:{bucket_id}>/enclave/nitrovault.eif" /opt/nitrovault/enclave.eif' in (
         _user_data(synth)
     )
-    launcher = _launcher(config)
+    launcher = _launcher(config, config.enclave_cid)
     assert isinstance(launcher, NitroCliLauncher)
     assert launcher.argv == [
         "nitro-cli",
@@ -427,10 +429,12 @@ def test_parent_config_writes_the_relay_and_health_listeners_and_rejects_bad_val
     assert sorted(config) == [
         "audit_dir",
         "credentials",
+        "drain_timeout_s",
         "enclave",
         "health_listen",
         "kms_proxy_target",
         "listen",
+        "metrics_listen",
         "models",
         "region",
         "run_dir",
@@ -610,6 +614,7 @@ def test_vpc_endpoints_and_no_nat(synth: Synth) -> None:
             ("ssmmessages", "Interface"),
             ("ec2messages", "Interface"),
             ("logs", "Interface"),
+            ("autoscaling", "Interface"),  # the lifecycle watcher's (tests/infra/test_drain_stack.py)
             ("s3", "Gateway"),
         ]
     )
@@ -631,15 +636,16 @@ def test_every_log_group_is_encrypted_with_retention(synth: Synth) -> None:
 
 
 def test_alarms_on_restarts_key_release_failures_and_canary(synth: Synth) -> None:
-    for metric in ("EnclaveRestarts", "KeyReleaseFailures"):
-        synth.template.has_resource_properties(
-            "AWS::Logs::MetricFilter",
-            {
-                "MetricTransformations": [
-                    Match.object_like({"MetricNamespace": "nitrovault", "MetricName": metric})
-                ]
-            },
-        )
+    # restarts from the parent's metrics (tests/infra/test_metrics_alarms.py), key release from its log
+    synth.template.has_resource_properties(
+        "AWS::Logs::MetricFilter",
+        {
+            "MetricTransformations": [
+                Match.object_like({"MetricNamespace": "nitrovault", "MetricName": "KeyReleaseFailures"})
+            ]
+        },
+    )
+    for metric in ("nitrovault_parent_enclave_restarts_total", "KeyReleaseFailures"):
         synth.template.has_resource_properties(
             "AWS::CloudWatch::Alarm",
             {"Namespace": "nitrovault", "MetricName": metric, "AlarmActions": [Match.any_value()]},

@@ -2,8 +2,8 @@
 conftest): ElastiCache for Valkey with TLS required and at-rest encryption, reachable on 6379 only from
 the enclave hosts, RBAC with a disabled default user, passwords no role but the owner may read (and the
 enclave host role explicitly may not), no IAM authentication anywhere; the hosts' second vsock-proxy on
-vsock port 8002; the AuditGaps and AuditWithheld metric filters and alarms. cdk-nag and cfn-lint run on
-this same synth in test_stack.py."""
+vsock port 8002; the AuditGaps metric filter and alarm (AuditWithheld reads the parent's metrics now:
+tests/infra/test_metrics_alarms.py). cdk-nag and cfn-lint run on this same synth in test_stack.py."""
 
 from __future__ import annotations
 
@@ -386,7 +386,6 @@ def _log_group_id(s: Synth, name: str) -> str:
     ("metric", "pattern", "group"),
     [
         ("AuditGaps", '{ $.kind = "gap" }', "/nitrovault/enclave"),
-        ("AuditWithheld", '"audit-withheld"', "/nitrovault/parent"),
     ],
 )
 def test_audit_metric_filters_and_alarms(synth: Synth, metric: str, pattern: str, group: str) -> None:

@@ -64,7 +64,7 @@ DEFAULT_POLICY = {
 
 
 def without_deny() -> dict[str, Any]:
-    """The model policy minus its explicit Deny: one medium finding (NV-NO-DENY), nothing above."""
+    """The model policy minus its explicit Deny: one medium recommendation (NV-NO-DENY), nothing above."""
     policy = model_policy()
     policy["Statement"] = [s for s in policy["Statement"] if s["Effect"] != "Deny"]
     return policy
@@ -118,6 +118,10 @@ def test_manifest_mismatch_exit_3(tmp_path: Path) -> None:
 def test_fail_on_thresholds(tmp_path: Path, manifest: Path) -> None:
     medium = write(tmp_path / "medium.json", without_deny())
     m = ["--pcr-manifest", str(manifest)]
+    result = review(str(medium), *m, "--format", "json")
+    assert [(f["rule_id"], f["category"]) for f in json.loads(result.stdout)["findings"]] == [
+        ("NV-NO-DENY", "recommendation")
+    ]
     assert review(str(medium), *m).exit_code == 0  # default --fail-on high
     assert review(str(medium), *m, "--fail-on", "high").exit_code == 0
     assert review(str(medium), *m, "--fail-on", "medium").exit_code == 3
@@ -477,3 +481,70 @@ def test_review_is_under_the_policy_group_only(tmp_path: Path) -> None:
     path = write(tmp_path / "policy.json", model_policy())
     assert runner.invoke(app, ["review", str(path)]).exit_code == 2  # no top-level "review" any more
     assert "review" in runner.invoke(app, ["policy", "--help"]).output
+
+
+# -- several accepted measurement sets (an image rollout) -------------------------------------------------
+
+NEXT = {i: hashlib.sha384(f"next-image-pcr{i}".encode()).digest() for i in (0, 1, 2)}
+
+
+def rollout_policy() -> dict[str, Any]:
+    """The model policy with a second release statement for the next image (the builder's encoding)."""
+    policy = model_policy()
+    current = next(s for s in policy["Statement"] if s["Sid"] == "ReleaseToAttestedEnclave")
+    following = json.loads(json.dumps(current))
+    following["Sid"] = "ReleaseToAttestedEnclave2"
+    following["Condition"]["StringEqualsIgnoreCase"] = {
+        f"kms:RecipientAttestation:PCR{i}": v.hex() for i, v in NEXT.items()
+    }
+    policy["Statement"].insert(policy["Statement"].index(current) + 1, following)
+    return policy
+
+
+def test_a_rollout_policy_reviews_clean_against_every_manifest(tmp_path: Path, manifest: Path) -> None:
+    path = write(tmp_path / "policy.json", rollout_policy())
+    following = write(tmp_path / "next.json", {"pcrs": {str(i): v.hex() for i, v in NEXT.items()}})
+    both = ["--pcr-manifest", str(manifest), "--pcr-manifest", str(following)]
+    result = review(str(path), *both, "--format", "json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["findings"] == []
+    sets = doc["keys"][0]["measurement_sets"]
+    assert [(m["statement"], m["kind"], m["manifest"]) for m in sets] == [
+        ("ReleaseToAttestedEnclave", "image", 0), ("ReleaseToAttestedEnclave2", "image", 1),
+    ]
+    assert sets[1]["pcrs"] == {"PCR0": "match", "PCR1": "match", "PCR2": "match"}
+    text = review(str(path), *both)
+    assert text.exit_code == 0 and "accepted measurement sets" in text.output
+    assert "ReleaseToAttestedEnclave2" in text.output and "next.json" in text.output
+    # reviewed against the current image only, the next image's set is an (unreviewed) mismatch
+    one = review(str(path), "--pcr-manifest", str(manifest), "--format", "json")
+    assert one.exit_code == 3
+    assert [(f["rule_id"], f["statement"]) for f in json.loads(one.stdout)["findings"]] == [
+        ("NV-MANIFEST-MISMATCH", "ReleaseToAttestedEnclave2")
+    ]
+
+
+def test_a_debug_set_is_shown_and_fails_the_review(tmp_path: Path) -> None:
+    policy = rollout_policy()
+    debug = next(s for s in policy["Statement"] if s["Sid"] == "ReleaseToAttestedEnclave2")
+    zeros = {f"kms:RecipientAttestation:PCR{i}": "00" * 48 for i in (0, 1, 2)}
+    debug["Condition"]["StringEqualsIgnoreCase"] = zeros
+    path = write(tmp_path / "policy.json", policy)
+    result = review(str(path), "--format", "json")
+    assert result.exit_code == 3
+    doc = json.loads(result.stdout)
+    assert doc["keys"][0]["measurement_sets"][1]["problems"] == ["debug"]
+    assert ("NV-SET-DEBUG", "debug-pcr", "critical") in {
+        (f["rule_id"], f["category"], f["severity"]) for f in doc["findings"]
+    }
+
+
+def test_sarif_carries_each_category_kind(tmp_path: Path) -> None:
+    path = write(tmp_path / "p.json", without_deny())
+    log = json.loads(review(str(path), "--format", "sarif").stdout)
+    (run,) = log["runs"]
+    kinds = {r["id"]: r["properties"]["kind"] for r in run["tool"]["driver"]["rules"]}
+    assert kinds["NV-NO-DENY"] == "recommendation" and kinds["NV-PLAINTEXT-UNATTESTED"] == "exposure"
+    (result,) = run["results"]
+    assert result["properties"]["kind"] == "recommendation" and result["level"] == "warning"

@@ -302,12 +302,34 @@ BAD: dict[str, dict[str, Any]] = {
     ),
     "NV-NO-DENY": policy(release(), deny=False),
     "NV-ROOT-DELEGATION": policy(release(principal={"AWS": f"arn:aws:iam::{ACCT}:root"})),
+    "NV-WILDCARD-ATTESTED": policy(release(principal="*")),  # pinned to the image, but anyone runs it
+    "NV-SET-DEBUG": policy(release({"StringEqualsIgnoreCase": pcr_cond({i: bytes(48) for i in PCRS})})),
+    "NV-SET-MALFORMED": policy(
+        release({"StringEqualsIgnoreCase": {**pcr_cond(), "kms:RecipientAttestation:PCR1": [PCRS[1].hex(),
+                                                                                             "ab" * 48]}})
+    ),
+    "NV-SET-UNSIGNED": policy(
+        release({"StringEqualsIgnoreCase": {**pcr_cond(), "kms:RecipientAttestation:PCR8": "00" * 48}})
+    ),
 }
 BAD["NV-NOTPRINCIPAL"]["Statement"][0].pop("Principal")
 
 #: one close good variant per kind: the same statement written safely (the rule must NOT fire)
 CLOSE: dict[str, dict[str, Any]] = {
-    "NV-WILDCARD-PRINCIPAL": policy(release(principal="*")),  # "*" but pinned to the image
+    # "*" with attestation conditions: not this rule (it is NV-WILDCARD-ATTESTED's)
+    "NV-WILDCARD-PRINCIPAL": policy(release(principal="*")),
+    # "*" whose aws:PrincipalArn condition pins the caller to the enclave role: no other identity qualifies
+    "NV-WILDCARD-ATTESTED": policy(
+        release(
+            {"StringEquals": {**CTX_COND, "aws:PrincipalArn": ENCLAVE}, "StringEqualsIgnoreCase": pcr_cond()},
+            principal="*",
+        )
+    ),
+    "NV-SET-DEBUG": GOOD,
+    "NV-SET-MALFORMED": GOOD,  # one value per PCR, StringEqualsIgnoreCase, 96 hex digits each
+    "NV-SET-UNSIGNED": policy(  # the same set, bound to a signing certificate's PCR8
+        release({"StringEqualsIgnoreCase": {**pcr_cond(), "kms:RecipientAttestation:PCR8": PCR8.hex()}})
+    ),
     "NV-KMS-STAR": policy(
         release(),
         {"Effect": "Allow", "Principal": {"AWS": SEALER}, "Action": "kms:Describe*", "Resource": "*"},
@@ -413,10 +435,11 @@ CLOSE_MANIFEST: dict[str, PcrManifest] = {
 def test_every_rule_has_a_bad_policy_and_a_close_good_variant() -> None:
     assert set(BAD) == set(RULES) == set(CLOSE)
     assert CATEGORIES == (
-        "plaintext-without-attestation", "root-delegation", "wildcard-principal", "pcr-pattern-match",
-        "pcr-malformed", "debug-pcr", "set-operator-misuse", "negated-element", "escalation",
-        "manifest-mismatch", "context-unconstrained", "weak-binding",
-    )  # the reviewer's fixed finding vocabulary, verbatim
+        "plaintext-without-attestation", "root-delegation", "wildcard-principal", "escalation",
+        "weak-binding", "context-unconstrained", "debug-pcr", "pcr-malformed", "pcr-pattern-match",
+        "manifest-mismatch", "malformed-measurement-set", "unsigned-measurement-set", "set-operator-misuse",
+        "negated-element", "recommendation",
+    )  # the reviewer's fixed finding vocabulary, verbatim (docs/review.md, "Categories")
     assert {r.category for r in RULES.values()} <= set(CATEGORIES)
 
 
@@ -456,10 +479,20 @@ def test_unattested_decrypt_is_proved_and_deny_turns_it_into_any_enclave() -> No
     assert (row.unattested, row.foreign_pcrs) == (False, True)
 
 
-def test_unattested_statement_guarded_by_unmodelled_keys_is_reported_unproved() -> None:
+def test_unattested_statement_guarded_by_an_unmodelled_key_is_proved_for_the_value_it_pins() -> None:
+    # (this used to be reported unproved: the probe lacked aws:SourceVpc. A request from that VPC -- the
+    # parent instance itself -- is one a caller can make, so the witness now carries the pinned value.)
     vpc = policy(release({"StringEquals": {"aws:SourceVpc": "vpc-1234"}}), deny=False)
     finding = next(f for f in review_policy(vpc).findings if f.rule_id == "NV-PLAINTEXT-UNATTESTED")
-    assert not finding.proved and finding.severity == "high"
+    assert finding.proved and finding.severity == "high" and "aws:sourcevpc" in finding.message
+    assert "vpc-1234" not in finding.message
+
+
+def test_unattested_statement_guarded_by_an_unmodelled_pattern_is_reported_unproved() -> None:
+    # a pattern pins no value: the reviewer cannot build the request, nor rule it out
+    vpc = policy(release({"StringLike": {"aws:SourceVpc": "vpc-*"}}), deny=False)
+    finding = next(f for f in review_policy(vpc).findings if f.rule_id == "NV-PLAINTEXT-UNATTESTED")
+    assert not finding.proved and finding.severity == "high" and "aws:SourceVpc" in finding.message
 
 
 def test_null_only_and_ifexists_are_proved_bypasses() -> None:
@@ -478,9 +511,12 @@ def test_debug_manifest_is_a_critical_finding() -> None:
     assert finding.severity == "critical" and finding.category == "debug-pcr"
 
 
-def test_manifest_pcr8_unbound_is_weak_binding() -> None:
+def test_manifest_pcr8_unbound_is_a_recommendation() -> None:
     signed = PcrManifest(pcrs={**PCRS, 8: hashlib.sha384(b"cert").digest()})
-    assert rules(review_policy(GOOD, manifest=signed)) == {"NV-MANIFEST-UNBOUND"}
+    (finding,) = review_policy(GOOD, manifest=signed).findings
+    assert (finding.rule_id, finding.category, finding.severity) == (
+        "NV-MANIFEST-UNBOUND", "recommendation", "low"
+    )
 
 
 def test_pcr_values_never_appear_in_findings() -> None:

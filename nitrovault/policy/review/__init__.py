@@ -16,9 +16,14 @@ How a claim is established:
    for every principal and action the reviewer builds the request KMS would build -- with the
    encryption context the statement itself demands, so the check is not vacuous -- and evaluates it
    (a) without an attestation document, (b) with *foreign* PCRs (:data:`PROBE_PCRS`, values no real image
-   has), (c) with the manifest's PCRs. "X can Decrypt without attestation" is reported only as
-   ``proved`` when (a) is allowed; "any enclave can decrypt" when (b) is.
-3. **Comparison** of the bound PCR values with the manifest: match, MISMATCH, or debug zeros.
+   has), (c) with each manifest's PCRs, (d) with the statement's own PCRs. **Whether anyone obtains
+   plaintext without attestation is decided by evaluation, not by shape**
+   (:mod:`~nitrovault.policy.review.exposure`): a statement without attestation conditions is no
+   exposure when a Deny (or any combination of statements) refuses every request it could allow without
+   a document; an exposure is ``proved`` when the evaluator allowed a concrete request, and reported
+   unproved only when the policy depends on keys the reviewer cannot rule out.
+3. **Comparison** of the bound PCR values with the manifests, and the **accepted measurement sets**
+   (one per release statement, :mod:`~nitrovault.policy.review.sets`): debug, malformed, unsigned.
 
 Invariants:
 
@@ -30,7 +35,13 @@ Invariants:
 * ``GenerateRandom`` is not reviewed: it takes no key, so no key policy governs it.
 * Every finding's ``rule_id`` is in :data:`RULES`; its ``category`` is that rule's, one of the reviewer's
   fixed vocabulary (:data:`CATEGORIES`), and its severity is that rule's (raised under the rule's stated
-  condition); severities are :data:`SEVERITIES` (low < medium < high < critical).
+  condition); severities are :data:`SEVERITIES` (low < medium < high < critical). Each category has one
+  kind (:data:`CATEGORY_KINDS`): ``exposure`` (only real or un-ruled-out exposures), ``measurement-set``,
+  ``construction``, ``recommendation`` (defence in depth, never above medium).
+* An account principal or ``"*"`` on a statement that releases key material is a finding even with
+  attestation conditions (attestation proves the code, not who runs it), unless caller conditions
+  (``aws:PrincipalArn``, ``aws:PrincipalAccount``, ``kms:CallerAccount``) rule out, by evaluation, every
+  identity nobody named.
 * Key administrators are the principals of a management statement (disable / schedule deletion, no
   plaintext action). Only their ``PutKeyPolicy`` is break-glass; ``PutKeyPolicy`` to anyone else (an
   administrator that also uses the key included) and ``CreateGrant`` to anyone are escalations.
@@ -54,11 +65,15 @@ Where each part lives (read in this order):
 * :mod:`~nitrovault.policy.review.findings`: :class:`Finding`, :class:`Grant`, :class:`KeyReview`,
   :class:`Review`, and the collector every check reports into.
 * :mod:`~nitrovault.policy.review.reading`: step 1, the static reading of a statement.
-* :mod:`~nitrovault.policy.review.probes`: step 2, the evaluator's requests and :data:`PROBE_PCRS`.
+* :mod:`~nitrovault.policy.review.probes`: step 2, the evaluator's requests, the callers a principal
+  covers, and :data:`PROBE_PCRS`.
+* :mod:`~nitrovault.policy.review.exposure`: step 2's verdict, "is some such request allowed?", decided
+  by evaluation in both directions.
 * :mod:`~nitrovault.policy.review.statements`: statement-level checks (negations, attestation
   conditions, step 3's comparison with the manifest).
 * :mod:`~nitrovault.policy.review.principals`: per-principal checks (escalation, the Grant rows and
   what the proofs show, administrators that can Decrypt).
+* :mod:`~nitrovault.policy.review.sets`: step 3's accepted measurement sets.
 * :mod:`~nitrovault.policy.review.denies`: the defence-in-depth Deny and the at-rest keys exempt from it.
 * :mod:`~nitrovault.policy.review.review`: :func:`review_policy` and :func:`review_template`, running
   the checks in order.
@@ -73,27 +88,42 @@ Example::
     >>> review = review_policy({"Version": "2012-10-17", "Statement": [{"Effect": "Allow",
     ...     "Principal": {"AWS": "arn:aws:iam::111122223333:root"}, "Action": "kms:*", "Resource": "*"}]},
     ...     key="default")
-    >>> sorted({f.category for f in review.findings})
-    ['context-unconstrained', 'escalation', 'plaintext-without-attestation', 'root-delegation']
+    >>> sorted({f.category for f in review.findings})  # doctest: +NORMALIZE_WHITESPACE
+    ['context-unconstrained', 'escalation', 'plaintext-without-attestation', 'recommendation',
+     'root-delegation']
 """
 
 from nitrovault.policy.cfn import TemplateEnv, keys_from_template, render_intrinsics
 from nitrovault.policy.review.catalogue import (
     CATEGORIES,
+    CATEGORY_KINDS,
+    KINDS,
     RULES,
     SEVERITIES,
     SEVERITY_ORDER,
+    Kind,
     Rule,
     Severity,
 )
-from nitrovault.policy.review.findings import Finding, Grant, KeyReview, Review, Verdict, reaching, worst
+from nitrovault.policy.review.findings import (
+    Finding,
+    Grant,
+    KeyReview,
+    MeasurementSet,
+    Review,
+    Verdict,
+    reaching,
+    worst,
+)
 from nitrovault.policy.review.probes import PROBE_PCRS
 from nitrovault.policy.review.reading import ESCALATION_ACTIONS, PLAINTEXT_ACTIONS
 from nitrovault.policy.review.review import review_policy, review_template
 
 __all__ = [
     "CATEGORIES",
+    "CATEGORY_KINDS",
     "ESCALATION_ACTIONS",
+    "KINDS",
     "PLAINTEXT_ACTIONS",
     "PROBE_PCRS",
     "RULES",
@@ -102,6 +132,8 @@ __all__ = [
     "Finding",
     "Grant",
     "KeyReview",
+    "Kind",
+    "MeasurementSet",
     "Review",
     "Rule",
     "Severity",

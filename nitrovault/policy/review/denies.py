@@ -1,5 +1,5 @@
-"""Deny checks: NV-NO-DENY, the defence-in-depth explicit Deny of ``Decrypt`` without an attestation
-document, and the at-rest keys that are exempt from it. Pure.
+"""Deny checks: NV-NO-DENY, the recommended (defence-in-depth) explicit Deny of ``Decrypt`` without an
+attestation document, and the at-rest keys that are exempt from it. Pure.
 
 An **at-rest key** has no attestation condition anywhere, and every ``Allow`` yielding plaintext is
 service-mediated (:func:`~nitrovault.policy.review.reading.service_mediated`, by named non-root
@@ -15,12 +15,14 @@ from nitrovault.policy.evaluate import Policy, Statement
 from nitrovault.policy.review.findings import Collector
 from nitrovault.policy.review.probes import Prober, anyone_arn
 from nitrovault.policy.review.reading import (
+    CALLER_KEYS,
     ESCALATION_ACTIONS,
     PLAINTEXT_ACTIONS,
     SERVICE_MEDIATED_ACTIONS,
     attestation,
     covers,
     full_wildcard,
+    is_attestation_key,
     is_root,
     principals,
     service_mediated,
@@ -30,13 +32,25 @@ __all__ = ["check_deny", "is_at_rest_key"]
 
 
 def check_deny(out: Collector, prober: Prober) -> None:
-    """NV-NO-DENY: a caller from no named account, without attestation, is not explicitly denied."""
-    decision = prober.decide("kms:Decrypt", anyone_arn(), {}, None)
-    if not decision.deny and not is_at_rest_key(prober.policy):
+    """NV-NO-DENY (a recommendation): no Deny refuses every ``Decrypt`` without an attestation document to
+    a caller from no named account. Only a Deny whose conditions are all on attestation or caller keys
+    counts: one that also depends on another key (``aws:SourceVpc``, an encryption context ...) refuses
+    some unattested requests, not all of them."""
+    if is_at_rest_key(prober.policy):
+        return
+    who = anyone_arn()
+    refuses_all = any(
+        d.effect == "Deny"
+        and all(is_attestation_key(c.key) or c.key.lower() in CALLER_KEYS for c in d.conditions)
+        and prober.statement_matches(d, "kms:Decrypt", who, {}, None)
+        for d in prober.policy.statements
+    )
+    if not refuses_all:
         out.add(
             "NV-NO-DENY", "policy",
-            "no explicit Deny of kms:Decrypt without an attestation document (add one for everyone: "
-            'Condition {"Null": {"kms:RecipientAttestation:PCR0": "true"}})',
+            "recommendation: no explicit Deny refuses every kms:Decrypt without an attestation document "
+            '(defence in depth; add one for everyone: Condition {"Null": {"kms:RecipientAttestation:PCR0": '
+            '"true"}})',
         )
 
 

@@ -1,5 +1,6 @@
-"""What a review produces: :class:`Grant` rows, :class:`Finding` s, a :class:`KeyReview` per key and the
-whole :class:`Review`; the :class:`Collector` the checks report into; severity filters. Pure.
+"""What a review produces: :class:`Grant` rows, :class:`MeasurementSet` s, :class:`Finding` s, a
+:class:`KeyReview` per key and the whole :class:`Review`; the :class:`Collector` the checks report into;
+severity filters. Pure.
 """
 
 from __future__ import annotations
@@ -11,7 +12,18 @@ from typing import Any, Literal
 from nitrovault.policy.manifest import PcrManifest
 from nitrovault.policy.review.catalogue import RULES, SEVERITIES, SEVERITY_ORDER, Severity
 
-__all__ = ["Collector", "Finding", "Grant", "KeyReview", "Review", "Verdict", "reaching", "worst"]
+__all__ = [
+    "Collector",
+    "Finding",
+    "Grant",
+    "KeyReview",
+    "MeasurementSet",
+    "Review",
+    "SetKind",
+    "Verdict",
+    "reaching",
+    "worst",
+]
 
 
 @dataclass(frozen=True)
@@ -55,11 +67,12 @@ class Grant:
     actions: tuple[str, ...]
     #: condition operators and keys, e.g. ``StringEqualsIgnoreCase(PCR0,PCR1,PCR2)``; never values
     conditions: str
-    #: PCRn -> "match" / "MISMATCH" / "debug-zeros" / "bound" (no manifest) / "malformed"
+    #: PCRn -> "match" / "MISMATCH" / "debug-zeros" / "unsigned" / "bound" (no manifest) / "malformed"
     measurements: Mapping[str, str]
     verdict: Verdict
-    #: evaluator answers: allowed without attestation / with foreign PCRs / with the manifest's PCRs
-    #: (``manifest_pcrs`` is None without a manifest, and for a ``service-mediated`` row: no enclave there)
+    #: evaluator answers, for some identity the principal covers: allowed without attestation / with
+    #: foreign PCRs / with every manifest's PCRs (``manifest_pcrs`` is None without a manifest, and for a
+    #: ``service-mediated`` row: no enclave there)
     unattested: bool
     foreign_pcrs: bool
     manifest_pcrs: bool | None
@@ -78,18 +91,56 @@ class Grant:
         }
 
 
+SetKind = Literal["image", "signer", "unidentified"]
+
+
+@dataclass(frozen=True)
+class MeasurementSet:
+    """One accepted measurement set: the PCRs one release statement binds (one statement per set is how
+    a policy accepts several images, e.g. the current and the next during a rollout)."""
+
+    statement: str
+    principals: tuple[str, ...]
+    actions: tuple[str, ...]
+    #: ``PCRn`` (``ImageSha384`` is PCR0) -> "bound" (no manifest), "match" / "MISMATCH" (with the set's
+    #: manifest, or the closest), "debug-zeros", "unsigned" (PCR8 zeros), "malformed", "several-values",
+    #: "not-equality"; never a value
+    pcrs: Mapping[str, str]
+    #: "image" (binds PCR0), "signer" (a non-zero PCR8 without PCR0: every image signed with that
+    #: certificate), or "unidentified" (neither)
+    kind: SetKind
+    #: the index (in the order given) of the manifest every bound PCR equals; None: none, or no manifest
+    manifest: int | None
+    #: what is wrong with it, among "debug", "malformed", "unsigned"; empty when nothing is
+    problems: tuple[str, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "statement": self.statement,
+            "principals": list(self.principals),
+            "actions": list(self.actions),
+            "pcrs": dict(self.pcrs),
+            "kind": self.kind,
+            "manifest": self.manifest,
+            "problems": list(self.problems),
+        }
+
+
 @dataclass(frozen=True)
 class KeyReview:
     key: str
     source: str
     grants: tuple[Grant, ...]
     findings: tuple[Finding, ...]
+    #: every accepted measurement set, in statement order
+    measurement_sets: tuple[MeasurementSet, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "key": self.key,
             "source": self.source,
             "grants": [g.as_dict() for g in self.grants],
+            "measurement_sets": [m.as_dict() for m in self.measurement_sets],
             "findings": len(self.findings),
         }
 
@@ -97,7 +148,16 @@ class KeyReview:
 @dataclass(frozen=True)
 class Review:
     keys: tuple[KeyReview, ...]
+    #: the manifest reviewed against (the first, with several)
     manifest: PcrManifest | None = None
+    #: every manifest reviewed against, in order (``manifest`` alone when this is empty)
+    manifests: tuple[PcrManifest, ...] = ()
+
+    @property
+    def all_manifests(self) -> tuple[PcrManifest, ...]:
+        if self.manifests:
+            return self.manifests
+        return (self.manifest,) if self.manifest is not None else ()
 
     @property
     def findings(self) -> tuple[Finding, ...]:

@@ -14,7 +14,9 @@ from nitrovault.policy.conditions import ConditionClause, wildcard_match
 from nitrovault.policy.evaluate import Statement
 
 __all__ = [
+    "CALLER_KEYS",
     "ESCALATION_ACTIONS",
+    "MULTIVALUED_KEYS",
     "PINNING_OPERATORS",
     "PLAINTEXT_ACTIONS",
     "SERVICE_MEDIATED_ACTIONS",
@@ -26,8 +28,10 @@ __all__ = [
     "encryption_context",
     "full_wildcard",
     "has_context_condition",
+    "is_attestation_key",
     "is_root",
     "pcr_index",
+    "pinned_values",
     "principals",
     "read",
     "root_arn",
@@ -60,6 +64,22 @@ _CONTEXT_PREFIX = "kms:encryptioncontext:"
 _PCR_KEY = re.compile(r"kms:recipientattestation:pcr(\d+)", re.IGNORECASE)
 _IMAGE_KEY = "kms:recipientattestation:imagesha384"
 _ROOT_ARN = re.compile(r"arn:([^:]+):iam::([^:]+):root")
+#: Condition keys whose value the evaluator derives from the caller's ARN (``evaluate._derived_context``):
+#: fixed by who calls, so evaluating one caller decides them for that caller.
+CALLER_KEYS = frozenset({"aws:principalarn", "aws:principalaccount", "kms:calleraccount"})
+#: Condition keys a request may carry with several values (IAM User Guide, "Single-valued vs. multivalued
+#: context keys"): a positive operator admits a request whose values merely include the policy's, so
+#: such a key is never *pinned* (:func:`pinned_values`).
+MULTIVALUED_KEYS = frozenset({
+    "aws:calledvia",
+    "aws:principalorgpaths",
+    "aws:principalservicenameslist",
+    "aws:resourceorgpaths",
+    "aws:sourceorgpaths",
+    "aws:tagkeys",
+    "kms:encryptioncontextkeys",
+    "kms:grantoperations",
+})
 _ACCOUNT_ID = re.compile(r"\d{12}")
 #: One regional endpoint of one service, as ``kms:ViaService`` names it (``s3.eu-west-1.amazonaws.com``).
 _VIA_SERVICE = re.compile(r"([a-z0-9-]+)\.[a-z]{2}(?:-[a-z]+)+-\d{1,2}\.amazonaws\.com")
@@ -137,6 +157,44 @@ def attestation(statement: Statement) -> Attestation:
         ops.setdefault(c.operator, []).append(short)
     summary = "; ".join(f"{op}({','.join(keys)})" for op, keys in ops.items()) or "none"
     return Attestation(clauses, bound, summary)
+
+
+def is_attestation_key(key: str) -> bool:
+    """A ``kms:RecipientAttestation:*`` key (absent from every request without an attestation document)."""
+    return key.lower().startswith(_ATTESTATION_PREFIX)
+
+
+def pinned_values(statement: Statement) -> dict[str, str]:
+    """Condition keys (lower-cased) that every request ``statement`` allows carries with exactly one value.
+
+    A clause pins its key when it is a positive ``StringEquals`` (no ``IfExists``, no set operator) with one
+    value, on a single-valued key (not :data:`MULTIVALUED_KEYS`); on an attestation key
+    ``StringEqualsIgnoreCase`` pins too, because KMS writes PCRs as lower-case hex (the pinned value is then
+    lower-cased). ``ImageSha384`` and ``PCR0`` are the same measurement, so pinning one pins the other.
+    Keys bound twice to different values are left out (the statement then matches nothing; the
+    measurement-set checks report it).
+    """
+    seen: dict[str, set[str]] = {}
+    for c in statement.conditions:
+        if c.negated or c.if_exists or c.set_operator is not None or len(set(c.values)) != 1:
+            continue
+        key = c.key.lower()
+        if key in MULTIVALUED_KEYS:
+            continue
+        if is_attestation_key(key):
+            if c.base not in PINNING_OPERATORS:
+                continue
+            value = c.values[0].lower()
+            names = {key}
+            if pcr_index(key) == 0:
+                names = {_IMAGE_KEY, "kms:recipientattestation:pcr0"}
+        elif c.base == "StringEquals":
+            value, names = c.values[0], {key}
+        else:
+            continue
+        for name in names:
+            seen.setdefault(name, set()).add(value)
+    return {k: next(iter(v)) for k, v in seen.items() if len(v) == 1}
 
 
 def pcr_index(key: str) -> int | None:
