@@ -17,6 +17,11 @@ _OBJECT_PREFIXES = RegexAppliesTo(
     regex=r"/^Resource::<WeightsStoreBucket[0-9A-F]+\.Arn>\/(models|enclave|artifacts)\/\*$/g"
 )
 
+_DRAIN_GROUP = RegexAppliesTo(
+    regex=r"/^Resource::arn:aws:autoscaling:[a-z0-9-]+:\d{12}:autoScalingGroup:\*:"
+    r"autoScalingGroupName\/<[A-Za-z0-9]+>$/g"
+)
+
 #: (construct path below the stack, rule id, reason, applies_to)
 SUPPRESSIONS: tuple[tuple[str, str, str, tuple[str | RegexAppliesTo, ...]], ...] = (
     (
@@ -41,6 +46,14 @@ SUPPRESSIONS: tuple[tuple[str, str, str, tuple[str | RegexAppliesTo, ...]], ...]
         "models, the enclave image, the parent's wheelhouse); object keys (model names, versions, builds) "
         "are not known at deploy time.",
         (_OBJECT_PREFIXES,),
+    ),
+    (
+        "EnclaveHost/DrainPolicy/Resource",
+        "AwsSolutions-IAM5",
+        "autoscaling:DescribeAutoScalingInstances supports no resource-level permission (Resource *); "
+        "CompleteLifecycleAction is scoped to this group, whose ARN has a generated id in place of the '*'. "
+        "The lifecycle watcher (parent_app/lifecycle.py) needs exactly these two.",
+        ("Resource::*", _DRAIN_GROUP),
     ),
     (
         "IdentityCanary/Role/DefaultPolicy",

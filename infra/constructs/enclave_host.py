@@ -77,7 +77,6 @@ from aws_cdk import aws_elasticloadbalancingv2 as elbv2
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_logs as logs
 from aws_cdk import aws_s3 as s3
-from cdk_nag import NagPackSuppression, NagSuppressions, RegexAppliesTo
 from constructs import Construct
 
 from infra.constructs.observability import agent_prometheus_section, check_fleet, scrape_config
@@ -574,24 +573,7 @@ class EnclaveHost(Construct):
                 iam.PolicyStatement(actions=["autoscaling:DescribeAutoScalingInstances"], resources=["*"]),
             ],
         )
-        NagSuppressions.add_resource_suppressions(
-            self.drain_policy,
-            [
-                NagPackSuppression(
-                    id="AwsSolutions-IAM5",
-                    reason="autoscaling:DescribeAutoScalingInstances supports no resource-level permission "
-                    "(Resource *); CompleteLifecycleAction is scoped to this group, whose ARN has a "
-                    "generated id in place of the '*'. The lifecycle watcher needs exactly these two.",
-                    applies_to=[
-                        "Resource::*",
-                        RegexAppliesTo(
-                            regex=r"/^Resource::arn:aws:autoscaling:[a-z0-9-]+:\d{12}:autoScalingGroup:\*:"
-                            r"autoScalingGroupName\/<[A-Za-z0-9]+>$/g"
-                        ),
-                    ],
-                )
-            ],
-        )
+        # its two wildcards are excused in infra/nag.py (EnclaveHost/DrainPolicy/Resource)
         endpoint_sg = ec2.SecurityGroup(
             self,
             "AutoScalingEndpointSg",
